@@ -1,0 +1,379 @@
+"""Vectorised checks of routing: one verdict per sample, faults located by region and layer.
+
+Rules, by verdict kind:
+
+- ``malformed``: the routing could not be decoded (bad base64, bad or pickled ``.npy``, a byte
+  count that is not a whole number of ids or of ``[num_layers, top_k]`` blocks);
+- ``missing_routing``: the response carried no routing;
+- ``shape``: the layer or top-k axis disagrees with the geometry;
+- ``row_count``: rows != tokens - 1 - routed_start;
+- ``out_of_range``: an id outside ``[0, num_experts)``;
+- ``all_zero``: every id of a block is 0 (a capture that never happened; with ``top_k == 1``
+  the block ``[0]`` is a valid route and never flagged);
+- ``duplicate_ids``: a block whose k ids are not k distinct experts.
+
+Each bad (token, MoE layer) block is counted under one kind, in the order above. Dense-layer
+blocks are never looked at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .geometry import RoutingGeometry
+from .sample import RoutedSample, WireSample, with_routing
+
+__all__ = [
+    "BLOCK_KINDS",
+    "KINDS",
+    "REGIONS",
+    "CheckReport",
+    "CheckTally",
+    "accept",
+    "check_routed",
+    "check_sample",
+]
+
+KINDS = (
+    "malformed",
+    "missing_routing",
+    "shape",
+    "row_count",
+    "out_of_range",
+    "all_zero",
+    "duplicate_ids",
+)
+BLOCK_KINDS = ("out_of_range", "all_zero", "duplicate_ids")
+REGIONS = ("prompt", "completion")
+
+# Blocks per vectorised step of the duplicate scan: small enough to stay in cache.
+_CHUNK_BLOCKS = 1 << 16
+
+
+@dataclass
+class CheckReport:
+    """The verdict on one sample.
+
+    ``bad[kind]`` counts bad blocks as ``int64 [2, num_layers]``: region (0 prompt,
+    1 completion) by wire layer. ``first[kind]`` is the first offending ``(position, layer)``
+    (token position, wire layer index).
+    """
+
+    sample_id: str
+    kinds: tuple[str, ...] = ()
+    message: str = ""
+    rows: int = 0
+    expected_rows: int = 0
+    prompt_rows: int = 0
+    """Rows checked that lie at prompt positions (the rest are completion positions)."""
+    checked_rows: int = 0
+    bad: dict[str, np.ndarray] = field(default_factory=dict)
+    first: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.kinds
+
+    def bad_blocks(self, kind: str | None = None) -> int:
+        if kind is not None:
+            return int(self.bad[kind].sum()) if kind in self.bad else 0
+        return int(sum(int(v.sum()) for v in self.bad.values()))
+
+    def bad_by_region(self, kind: str) -> dict[str, int]:
+        counts = self.bad.get(kind)
+        if counts is None:
+            return dict.fromkeys(REGIONS, 0)
+        return {r: int(counts[i].sum()) for i, r in enumerate(REGIONS)}
+
+    def bad_layers(self, kind: str) -> list[int]:
+        counts = self.bad.get(kind)
+        return [] if counts is None else [int(i) for i in np.flatnonzero(counts.sum(axis=0))]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "sample_id": self.sample_id,
+            "ok": self.ok,
+            "kinds": list(self.kinds),
+            "rows": self.rows,
+            "expected_rows": self.expected_rows,
+        }
+        if self.message:
+            d["message"] = self.message
+        if self.bad:
+            d["blocks"] = {
+                kind: {
+                    **self.bad_by_region(kind),
+                    "layers": self.bad_layers(kind),
+                    "first": {"position": self.first[kind][0], "layer": self.first[kind][1]},
+                }
+                for kind in self.bad
+            }
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def check_sample(sample: WireSample, geometry: RoutingGeometry) -> CheckReport:
+    """Check one engine sample against the geometry."""
+    return _check_wire(sample, geometry)[0]
+
+
+def accept(sample: WireSample, geometry: RoutingGeometry) -> tuple[CheckReport, RoutedSample | None]:
+    """Check a wire sample; when it is good, also return it as a stored :class:`RoutedSample`
+    (MoE layers, narrow ids), reusing the narrowed array the check built."""
+    report, narrow = _check_wire(sample, geometry)
+    if not report.ok or narrow is None:
+        return report, None
+    return report, with_routing(sample, narrow)
+
+
+def check_routed(sample: RoutedSample, geometry: RoutingGeometry) -> CheckReport:
+    """Re-check a stored sample (``validate``): its routing holds MoE layers only."""
+    expected = sample.expected_rows
+    r = sample.routed
+    report = CheckReport(sample.sample_id, rows=int(r.shape[0]), expected_rows=expected)
+    want = (geometry.num_moe_layers, geometry.top_k)
+    if r.ndim != 3 or tuple(r.shape[1:]) != want:
+        return _fail(report, "shape", f"stored routing has shape {tuple(r.shape)}, "
+                     f"expected [rows, {want[0]}, {want[1]}] (MoE layers x top_k)")
+    kinds = []
+    if r.shape[0] != expected:
+        kinds.append("row_count")
+        report.message = _row_message(sample.sample_id, r.shape[0], expected, sample)
+    _check_blocks(report, r[: min(r.shape[0], expected)], sample, geometry, narrow_out=False)
+    report.kinds = tuple(k for k in KINDS if k in kinds or k in report.bad)
+    if report.kinds and not report.message:
+        report.message = _block_message(report)
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# internals
+
+
+def _fail(report: CheckReport, kind: str, message: str) -> CheckReport:
+    report.kinds = (kind,)
+    report.message = f"sample {report.sample_id!r}: {kind}: {message}"
+    return report
+
+
+def _row_message(sample_id: str, rows: int, expected: int, s: Any) -> str:
+    return (
+        f"sample {sample_id!r}: row_count: {rows} routing rows, expected {expected} "
+        f"(tokens {s.num_tokens} - 1 - routed_start {s.routed_start})"
+    )
+
+
+def _block_message(report: CheckReport) -> str:
+    parts = []
+    for kind in BLOCK_KINDS:
+        if kind not in report.bad:
+            continue
+        pos, layer = report.first[kind]
+        reg = report.bad_by_region(kind)
+        parts.append(
+            f"{kind}: {reg['prompt'] + reg['completion']} blocks "
+            f"(prompt {reg['prompt']}, completion {reg['completion']}; "
+            f"layers {_ranges(report.bad_layers(kind))}), first at position {pos} layer {layer}"
+        )
+    return f"sample {report.sample_id!r}: " + "; ".join(parts)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _check_wire(
+    sample: WireSample, geometry: RoutingGeometry
+) -> tuple[CheckReport, np.ndarray | None]:
+    expected = sample.expected_rows
+    report = CheckReport(sample.sample_id, expected_rows=expected)
+    if sample.fault is not None:
+        return _fail(report, sample.fault.kind, sample.fault.message), None
+    r = sample.routing
+    if r is None:
+        return _fail(report, "missing_routing", "the response carried no routing"), None
+    report.rows = int(r.shape[0]) if r.ndim else 0
+    want = (geometry.num_layers, geometry.top_k)
+    if r.ndim != 3 or tuple(r.shape[1:]) != want:
+        hint = ""
+        if r.ndim == 3 and r.shape[1] == geometry.num_moe_layers != geometry.num_layers:
+            hint = " (the engine sent MoE layers only)"
+        return _fail(report, "shape", f"routing has shape {tuple(r.shape)}, expected "
+                     f"[rows, {want[0]}, {want[1]}] (num_layers x top_k){hint}"), None
+    if not np.issubdtype(r.dtype, np.integer):
+        return _fail(report, "malformed", f"routing dtype {r.dtype} is not an integer type"), None
+    kinds = []
+    if r.shape[0] != expected:
+        kinds.append("row_count")
+        report.message = _row_message(sample.sample_id, r.shape[0], expected, sample)
+    moe = r if geometry.all_moe else r[:, geometry.moe_index(), :]
+    narrow = _check_blocks(report, moe[: min(r.shape[0], expected)], sample, geometry)
+    report.kinds = tuple(k for k in KINDS if k in kinds or k in report.bad)
+    if report.kinds and not report.message:
+        report.message = _block_message(report)
+    return report, narrow
+
+
+def _check_blocks(
+    report: CheckReport,
+    moe: np.ndarray,
+    sample: WireSample | RoutedSample,
+    geometry: RoutingGeometry,
+    narrow_out: bool = True,
+) -> np.ndarray | None:
+    """Check ``[rows, num_moe_layers, top_k]`` ids; fill ``report.bad`` / ``report.first``.
+
+    Returns the ids narrowed to the geometry's dtype (``None`` when ids are out of range).
+    """
+    rows, m, k = moe.shape
+    n_experts = geometry.num_experts
+    report.checked_rows = rows
+    report.prompt_rows = int(np.clip(sample.prompt_len - sample.routed_start, 0, rows))
+    if rows == 0:
+        return moe.astype(geometry.id_dtype) if narrow_out else None
+
+    # Range: one pass. Viewing signed ids as unsigned of the same width maps negatives above
+    # any expert count.
+    unsigned = moe.view(np.dtype(f"u{moe.dtype.itemsize}")) if moe.dtype.kind == "i" else moe
+    in_range = int(unsigned.max()) < n_experts
+    oor_mask = None
+    if not in_range:
+        oor_mask = (unsigned >= n_experts).any(axis=-1)
+
+    # Narrow (the stored form); exact for every in-range block.
+    narrow = moe.astype(geometry.id_dtype, copy=False)
+    if not narrow.flags.c_contiguous:
+        narrow = np.ascontiguousarray(narrow)
+    blocks = narrow.reshape(rows * m, k)
+
+    zero_mask = dup_mask = None
+    if k > 1 and _any_repeat(blocks):
+        zero_mask = ~blocks.any(axis=1)
+        dup_mask = _repeat_mask(blocks) & ~zero_mask
+        zero_mask = zero_mask.reshape(rows, m)
+        dup_mask = dup_mask.reshape(rows, m)
+        if oor_mask is not None:
+            zero_mask &= ~oor_mask
+            dup_mask &= ~oor_mask
+
+    for kind, mask in (("out_of_range", oor_mask), ("all_zero", zero_mask),
+                       ("duplicate_ids", dup_mask)):
+        if mask is None or not mask.any():
+            continue
+        counts = np.zeros((2, geometry.num_layers), dtype=np.int64)
+        p = report.prompt_rows
+        layers = geometry.moe_index()
+        counts[0, layers] = mask[:p].sum(axis=0)
+        counts[1, layers] = mask[p:].sum(axis=0)
+        report.bad[kind] = counts
+        row, j = divmod(int(np.argmax(mask.reshape(-1))), m)
+        report.first[kind] = (sample.routed_start + row, int(layers[j]))
+
+    if not narrow_out or not in_range:
+        return None
+    return narrow
+
+
+def _any_repeat(blocks: np.ndarray) -> bool:
+    """Whether any row of ``blocks [n, k]`` repeats an id: pairwise XOR of columns, bytewise
+    minimum, over cache-sized chunks (no sort)."""
+    n, k = blocks.shape
+    for lo in range(0, n, _CHUNK_BLOCKS):
+        cols = np.ascontiguousarray(blocks[lo : lo + _CHUNK_BLOCKS].T)
+        acc = np.bitwise_xor(cols[0], cols[1])
+        tmp = np.empty_like(acc)
+        for i in range(k):
+            for j in range(i + 1, k):
+                if i == 0 and j == 1:
+                    continue
+                np.bitwise_xor(cols[i], cols[j], out=tmp)
+                np.minimum(acc, tmp, out=acc)
+        if int(acc.min()) == 0:
+            return True
+    return False
+
+
+def _repeat_mask(blocks: np.ndarray) -> np.ndarray:
+    """Per row of ``blocks [n, k]``: True where some id appears twice."""
+    s = np.sort(blocks, axis=1)
+    return (s[:, 1:] == s[:, :-1]).any(axis=1)
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation (validate / ingest / collect tables)
+
+
+@dataclass
+class CheckTally:
+    """Totals over many reports: the table ``validate`` and ``collect`` print."""
+
+    geometry: RoutingGeometry
+    samples: int = 0
+    good: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+    """Checked (token, position) rows per region."""
+    bad: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    all_zero: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+
+    def __post_init__(self) -> None:
+        shape = (2, self.geometry.num_layers)
+        if self.bad.shape != shape:
+            self.bad = np.zeros(shape, np.int64)
+        if self.all_zero.shape != shape:
+            self.all_zero = np.zeros(shape, np.int64)
+
+    def add(self, report: CheckReport) -> None:
+        self.samples += 1
+        self.good += report.ok
+        for kind in report.kinds:
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        self.tokens += (report.prompt_rows, report.checked_rows - report.prompt_rows)
+        for kind, counts in report.bad.items():
+            self.bad += counts
+            if kind == "all_zero":
+                self.all_zero += counts
+
+    @property
+    def blocks(self) -> np.ndarray:
+        """(token, MoE layer) blocks checked per region."""
+        return self.tokens * self.geometry.num_moe_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        layers = list(self.geometry.moe_layers)
+        return {
+            "samples": self.samples,
+            "good": self.good,
+            "rejected": self.samples - self.good,
+            "by_kind": dict(sorted(self.by_kind.items(), key=lambda kv: KINDS.index(kv[0]))),
+            "regions": {
+                region: {
+                    "tokens": int(self.tokens[i]),
+                    "blocks": int(self.blocks[i]),
+                    "bad_blocks": int(self.bad[i].sum()),
+                    "all_zero_blocks": int(self.all_zero[i].sum()),
+                }
+                for i, region in enumerate(REGIONS)
+            },
+            "layers": {
+                str(layer): {
+                    "bad_blocks": [int(self.bad[0, layer]), int(self.bad[1, layer])],
+                    "all_zero_blocks": [int(self.all_zero[0, layer]), int(self.all_zero[1, layer])],
+                }
+                for layer in layers
+                if self.bad[:, layer].any()
+            },
+        }

@@ -1,0 +1,54 @@
+"""Shared output conventions: JSON on stdout, humans on stderr, exit codes.
+
+Exit codes: 0 success, 1 faults found, 2 usage error or unreadable input.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, NoReturn
+
+import orjson
+import typer
+from rich.console import Console
+
+EXIT_OK, EXIT_FAULTS, EXIT_USAGE = 0, 1, 2
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False)
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON object on stdout."""
+    sys.stdout.buffer.write(
+        orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY
+                     | orjson.OPT_NON_STR_KEYS) + b"\n"
+    )
+    sys.stdout.flush()
+
+
+def die(message: str, code: int = EXIT_USAGE, as_json: bool = False) -> NoReturn:
+    """Report an error (as JSON on stdout with ``--json``) and exit."""
+    if as_json:
+        emit_json({"error": message, "exit_code": code})
+    else:
+        stderr.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def progress(enabled: bool = True):  # noqa: ANN201 - rich.progress.Progress
+    """A progress bar on stderr, shown only on a terminal."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not (enabled and stderr.is_terminal),
+        transient=False,
+    )

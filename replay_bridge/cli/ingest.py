@@ -1,0 +1,1 @@
+"""``replay-bridge ingest``: offline conversion of dumped engine traffic (in progress)."""

@@ -1,0 +1,236 @@
+"""Routing geometry: which layers route, how many experts, how many ids per block."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+__all__ = ["GeometryError", "GeometryMismatch", "RoutingGeometry", "list_presets"]
+
+
+class GeometryError(ValueError):
+    """A model config from which no routing geometry can be read."""
+
+
+class GeometryMismatch(ValueError):
+    """Two geometries (rollout vs trainer, shard vs model) disagree."""
+
+
+@dataclass(frozen=True)
+class RoutingGeometry:
+    """The shape of one token's routing.
+
+    ``num_layers`` counts every hidden layer: engines return one block per hidden layer, dense
+    layers included (their blocks are never captured and hold zeros). ``moe_layers`` are the
+    indices, on that wire axis, of the layers that route.
+    """
+
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    top_k: int
+    num_experts: int
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        moe = tuple(int(i) for i in self.moe_layers)
+        object.__setattr__(self, "moe_layers", moe)
+        if self.num_layers <= 0:
+            raise GeometryError(f"num_layers must be positive, got {self.num_layers}")
+        if not moe:
+            raise GeometryError("a routing geometry needs at least one MoE layer")
+        if list(moe) != sorted(set(moe)) or moe[0] < 0 or moe[-1] >= self.num_layers:
+            raise GeometryError(
+                f"moe_layers must be sorted, unique and in [0, {self.num_layers}): {list(moe)}"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise GeometryError(
+                f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
+            )
+        if self.num_experts > 65536:
+            raise GeometryError(f"num_experts={self.num_experts} exceeds uint16 ids")
+
+    # ---- derived -------------------------------------------------------------------------
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        """Narrowest unsigned dtype holding every expert id."""
+        return np.dtype(np.uint8) if self.num_experts <= 256 else np.dtype(np.uint16)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    @property
+    def dense_layers(self) -> tuple[int, ...]:
+        moe = set(self.moe_layers)
+        return tuple(i for i in range(self.num_layers) if i not in moe)
+
+    @property
+    def all_moe(self) -> bool:
+        return self.num_moe_layers == self.num_layers
+
+    @property
+    def wire_ids_per_token(self) -> int:
+        """Ids per token on the wire: every hidden layer."""
+        return self.num_layers * self.top_k
+
+    @property
+    def ids_per_token(self) -> int:
+        """Ids per token as stored: MoE layers only."""
+        return self.num_moe_layers * self.top_k
+
+    def moe_index(self) -> np.ndarray:
+        """The MoE layer indices as an ``intp`` array (for fancy indexing the wire axis)."""
+        return np.asarray(self.moe_layers, dtype=np.intp)
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "num_layers": self.num_layers,
+            "moe_layers": list(self.moe_layers),
+            "top_k": self.top_k,
+            "num_experts": self.num_experts,
+            "id_dtype": self.id_dtype.name,
+        }
+        if self.name:
+            d["name"] = self.name
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RoutingGeometry:
+        """Inverse of :meth:`to_dict`; rejects a dict whose ``id_dtype`` disagrees."""
+        try:
+            g = cls(
+                num_layers=int(d["num_layers"]),
+                moe_layers=tuple(int(i) for i in d["moe_layers"]),
+                top_k=int(d["top_k"]),
+                num_experts=int(d["num_experts"]),
+                name=d.get("name"),
+            )
+        except (KeyError, TypeError) as e:
+            raise GeometryError(f"incomplete geometry record {dict(d)!r}: {e}") from None
+        if "id_dtype" in d and np.dtype(d["id_dtype"]) != g.id_dtype:
+            raise GeometryError(
+                f"id_dtype {d['id_dtype']} does not fit num_experts={g.num_experts}"
+            )
+        return g
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], name: str | None = None) -> RoutingGeometry:
+        """Read a Hugging Face ``config.json`` (as a dict).
+
+        Covers Qwen3-MoE / Qwen2-MoE (``mlp_only_layers``, ``decoder_sparse_step``), Mixtral
+        (``num_local_experts``), DeepSeek-V2/V3 and GLM-4-MoE (``n_routed_experts``,
+        ``first_k_dense_replace``, ``moe_layer_freq``), and multimodal wrappers that nest the
+        language model under ``text_config``.
+        """
+        cfg = dict(config)
+        if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), Mapping):
+            cfg = dict(cfg["text_config"])
+        model_type = cfg.get("model_type", "?")
+        if "num_hidden_layers" not in cfg:
+            raise GeometryError(f"config ({model_type}) has no num_hidden_layers")
+        num_layers = int(cfg["num_hidden_layers"])
+        num_experts = next(
+            (cfg[k] for k in ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+             if cfg.get(k)),
+            None,
+        )
+        top_k = next(
+            (cfg[k] for k in ("num_experts_per_tok", "moe_topk", "moe_k") if cfg.get(k)), None
+        )
+        if not num_experts or not top_k:
+            raise GeometryError(
+                f"config ({model_type}) is not a routed MoE: no expert count or top-k "
+                "(looked for num_experts / n_routed_experts / num_local_experts and "
+                "num_experts_per_tok)"
+            )
+        layers = range(num_layers)
+        if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:
+            # DeepSeek-V2/V3, GLM-4-MoE: dense prefix, then every moe_layer_freq-th layer.
+            first = int(cfg.get("first_k_dense_replace") or 0)
+            freq = int(cfg.get("moe_layer_freq") or 1)
+            moe = [i for i in layers if i >= first and i % freq == 0]
+        else:
+            # Qwen2/Qwen3-MoE; Mixtral has neither field and routes in every layer.
+            dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+            step = int(cfg.get("decoder_sparse_step") or 1)
+            moe = [i for i in layers if i not in dense and (i + 1) % step == 0]
+        return cls(num_layers, tuple(moe), int(top_k), int(num_experts), name=name)
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> RoutingGeometry:
+        """Read ``config.json`` from a model directory (or the file itself)."""
+        p = Path(path)
+        cfg_path = p / "config.json" if p.is_dir() else p
+        try:
+            config = json.loads(cfg_path.read_bytes())
+        except FileNotFoundError:
+            raise GeometryError(f"no config.json at {cfg_path}") from None
+        except ValueError as e:
+            raise GeometryError(f"{cfg_path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise GeometryError(f"{cfg_path} does not hold a JSON object")
+        return cls.from_hf_config(config, name=p.name if p.is_dir() else p.parent.name)
+
+    @classmethod
+    def from_preset(cls, name: str) -> RoutingGeometry:
+        """A named preset from ``configs/models`` (``qwen3-30b-a3b``, ``deepseek-v3``, ...)."""
+        presets = _preset_files()
+        if name not in presets:
+            raise GeometryError(
+                f"unknown model preset {name!r}; known presets: {', '.join(sorted(presets))}"
+            )
+        doc = yaml.safe_load(presets[name].read_text())
+        return cls.from_hf_config(doc["config"], name=name)
+
+    @classmethod
+    def resolve(cls, model: str | Path) -> RoutingGeometry:
+        """A model directory, a ``config.json`` path, or a preset name."""
+        p = Path(model)
+        if p.exists():
+            return cls.from_model_dir(p)
+        if str(model) in _preset_files():
+            return cls.from_preset(str(model))
+        raise GeometryError(
+            f"{model!r} is neither a model directory, a config.json, nor a preset "
+            f"({', '.join(sorted(_preset_files()))})"
+        )
+
+    # ---- comparison ----------------------------------------------------------------------
+
+    def require_same(self, other: RoutingGeometry, what: str = "geometries") -> None:
+        """Raise :class:`GeometryMismatch` naming every field that differs."""
+        diffs = [
+            f"{f}: {getattr(self, f)} vs {getattr(other, f)}"
+            for f in ("num_layers", "moe_layers", "top_k", "num_experts")
+            if getattr(self, f) != getattr(other, f)
+        ]
+        if diffs:
+            raise GeometryMismatch(f"{what} differ: " + "; ".join(diffs))
+
+    def describe(self) -> str:
+        dense = self.num_layers - self.num_moe_layers
+        extra = f", {dense} dense" if dense else ""
+        label = f"{self.name}: " if self.name else ""
+        return (
+            f"{label}{self.num_layers} layers ({self.num_moe_layers} MoE{extra}), "
+            f"top-{self.top_k} of {self.num_experts} experts, {self.id_dtype.name} ids"
+        )
+
+
+def _preset_files() -> dict[str, Path]:
+    root = resources.files("replay_bridge") / "presets"
+    return {Path(str(f)).stem: Path(str(f)) for f in root.iterdir() if str(f).endswith(".yaml")}
+
+
+def list_presets() -> list[str]:
+    return sorted(_preset_files())

@@ -1,0 +1,130 @@
+"""The two sample types: what an engine returned (:class:`WireSample`) and what is stored
+and replayed (:class:`RoutedSample`).
+
+A ``WireSample`` carries the routing exactly as decoded from the engine: every hidden layer,
+in the wire's dtype, possibly faulty. Only :func:`replay_bridge.checks.check_sample` decides
+whether it is good; only a good one becomes a ``RoutedSample`` (MoE layers only, in the
+geometry's narrow id dtype, engine order of the k ids kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .geometry import RoutingGeometry
+
+__all__ = ["DecodeFault", "RoutedSample", "WireSample", "to_routed", "with_routing"]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFault:
+    """Why a response's routing could not be decoded: kind ``malformed``, ``missing_routing``
+    or ``shape``, and a message that names the rule broken."""
+
+    kind: str
+    message: str
+
+
+@dataclass(slots=True)
+class _SampleFields:
+    sample_id: str
+    tokens: np.ndarray
+    """Prompt + completion token ids, ``int32``."""
+    prompt_len: int
+    routed_start: int = 0
+    """First token position that has a routing row (SGLang ``routed_experts_start_len``)."""
+    group_id: str | None = None
+    policy_version: int | None = None
+    logprobs: np.ndarray | None = None
+    """Rollout log-probs of the completion tokens, ``float32 [completion_len]``."""
+    engine: str | None = None
+    finish_reason: str | None = None
+    weight_versions: list[dict[str, Any]] | None = None
+    """Policy versions that produced the completion: ``[{"version", "start", "end"}, ...]``."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def completion_len(self) -> int:
+        return self.num_tokens - self.prompt_len
+
+    @property
+    def expected_rows(self) -> int:
+        """Rows an engine returns: every position but the last, from ``routed_start`` on."""
+        return max(self.num_tokens - 1 - self.routed_start, 0)
+
+
+@dataclass(slots=True)
+class WireSample(_SampleFields):
+    """One sample as an engine returned it; its routing is unchecked.
+
+    ``routing`` is ``[rows, num_layers, top_k]`` over every hidden layer in the dtype the engine
+    sent (a view of the decoded bytes where possible), or ``None`` when ``fault`` says why
+    there is none.
+    """
+
+    routing: np.ndarray | None = None
+    fault: DecodeFault | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Engine fields kept for diagnostics (not stored)."""
+
+
+@dataclass(slots=True)
+class RoutedSample(_SampleFields):
+    """A checked sample: ``routed`` is ``[rows, num_moe_layers, top_k]`` in the geometry's id
+    dtype, engine order of the k ids kept. Row ``r`` is the routing of token position
+    ``routed_start + r``."""
+
+    routed: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0), np.uint8))
+
+    @property
+    def rows(self) -> int:
+        return int(self.routed.shape[0])
+
+    def full_routing(self, pad: np.ndarray | None = None) -> np.ndarray:
+        """Routing for every token position ``[num_tokens, moe_layers, top_k]``.
+
+        Positions before ``routed_start`` and the last position have no rollout routing; they
+        take ``pad`` rows (``[moe_layers, top_k]``) when given, else ``-1`` in an ``int32``
+        array.
+        """
+        n, (_, m, k) = self.num_tokens, self.routed.shape
+        if pad is None:
+            out = np.full((n, m, k), -1, dtype=np.int32)
+        else:
+            out = np.empty((n, m, k), dtype=np.result_type(self.routed.dtype, pad.dtype))
+            out[:] = pad
+        out[self.routed_start : self.routed_start + self.rows] = self.routed
+        return out
+
+
+def to_routed(sample: WireSample, geometry: RoutingGeometry) -> RoutedSample:
+    """Keep the MoE layers of a *checked* wire sample, narrowed to the geometry's id dtype."""
+    if sample.routing is None:
+        raise ValueError(f"sample {sample.sample_id!r} has no routing")
+    r = sample.routing
+    if not geometry.all_moe:
+        r = r[:, geometry.moe_index(), :]
+    return with_routing(sample, r.astype(geometry.id_dtype, copy=False))
+
+
+def with_routing(sample: WireSample, routed: np.ndarray) -> RoutedSample:
+    """A :class:`RoutedSample` with ``sample``'s fields and the given stored routing."""
+    return RoutedSample(
+        sample_id=sample.sample_id,
+        tokens=sample.tokens,
+        prompt_len=sample.prompt_len,
+        routed_start=sample.routed_start,
+        group_id=sample.group_id,
+        policy_version=sample.policy_version,
+        logprobs=sample.logprobs,
+        engine=sample.engine,
+        finish_reason=sample.finish_reason,
+        weight_versions=sample.weight_versions,
+        routed=routed,
+    )
