@@ -1,0 +1,1 @@
+"""Megatron-core router replay hook: rollout routing replayed exactly in every parallel layout."""
