@@ -1,0 +1,176 @@
+"""SGLang: native ``/generate`` (single and batched) and the OpenAI endpoints (``sglext``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..geometry import RoutingGeometry
+from ..sample import DecodeFault, WireSample
+from . import _assemble as A
+from ._payload import Payloads
+
+_MISSING = (
+    "the response carries no routed_experts (server without --enable-return-routed-experts, "
+    "request without return_routed_experts, or a router that dropped the field)"
+)
+
+
+def routing_from_value(
+    value: Any, dtype_name: Any, payloads: Payloads, geometry: RoutingGeometry, expected_rows: int
+) -> np.ndarray | DecodeFault:
+    """An SGLang ``routed_experts`` value (base64 of raw ids, or a JSON list) as blocks."""
+    if value is None:
+        return DecodeFault("missing_routing", _MISSING)
+    if isinstance(value, list):
+        try:
+            arr = np.asarray(value, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError):
+            return DecodeFault("malformed", "routed_experts is a list but not a regular array of ints")
+        return A.flat_to_blocks(arr.reshape(-1).tobytes(), "<i8", geometry, expected_rows)
+    dtype = A.SGLANG_DTYPES.get(str(dtype_name or "int32"))
+    if dtype is None:
+        return DecodeFault("malformed", f"unknown routed_experts_dtype {dtype_name!r}")
+    try:
+        raw = payloads.decode(value)
+    except ValueError as e:
+        return DecodeFault("malformed", f"routed_experts: {e}")
+    return A.flat_to_blocks(raw, dtype, geometry, expected_rows)
+
+
+def decode_generate(
+    request: dict[str, Any], response: Any, payloads: Payloads, geometry: RoutingGeometry,
+    sample_id: str, group_id: str | None = None, policy_version: int | None = None,
+) -> list[WireSample]:
+    """``POST /generate``: one sample per response item (``<sample_id>/<i>`` when batched)."""
+    engine = "sglang"
+    inputs = request.get("input_ids")
+    batched = isinstance(response, list)
+    items = response if batched else [response]
+    prompts: list[Any]
+    if batched:
+        if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], list):
+            prompts = [None]
+        else:
+            prompts = inputs
+        if len(items) % len(prompts):
+            msg = f"batched response has {len(items)} items for {len(prompts)} prompts"
+            return [A.failed(f"{sample_id}/{i}", "malformed", msg, engine, group_id,
+                             policy_version) for i in range(len(items))]
+        per_prompt = len(items) // len(prompts)
+    else:
+        prompts, per_prompt = [inputs], 1
+    out = []
+    for i, item in enumerate(items):
+        sid = f"{sample_id}/{i}" if batched else sample_id
+        out.append(_generate_item(request, item, prompts[i // per_prompt], payloads, geometry,
+                                  sid, group_id, policy_version, engine))
+    return out
+
+
+def _generate_item(
+    request: dict[str, Any], item: Any, prompt_ids: Any, payloads: Payloads,
+    geometry: RoutingGeometry, sid: str, group_id: str | None, policy_version: int | None,
+    engine: str,
+) -> WireSample:
+    if not isinstance(item, dict):
+        return A.failed(sid, "malformed", f"response item is {type(item).__name__}, expected an "
+                        "object", engine, group_id, policy_version)
+    meta = item.get("meta_info") or {}
+    try:
+        prompt = A.token_array(
+            prompt_ids if prompt_ids is not None else item.get("prompt_token_ids"), "prompt ids")
+        output = A.token_array(item.get("output_ids", meta.get("output_ids")), "output_ids")
+    except ValueError as e:
+        return A.failed(sid, "malformed", str(e), engine, group_id, policy_version)
+    if prompt.size == 0:
+        return A.failed(sid, "malformed", "no prompt token ids (request input_ids or response "
+                        "prompt_token_ids)", engine, group_id, policy_version)
+    start = A.start_offset(request, "routed_experts_start_len", int(prompt.size))
+    if isinstance(start, str):
+        return A.failed(sid, "malformed", start, engine, group_id, policy_version, prompt)
+    expected = max(int(prompt.size + output.size) - 1 - start, 0)
+    routing = routing_from_value(meta.get("routed_experts"), meta.get("routed_experts_dtype"),
+                                 payloads, geometry, expected)
+    return A.build(
+        sample_id=sid, prompt=prompt, output=output, start=start, routing=routing,
+        engine=engine, group_id=group_id, policy_version=policy_version,
+        logprobs=A.logprob_array(meta.get("output_token_logprobs")),
+        finish=A.finish_reason(meta.get("finish_reason")),
+        weight_versions=A.weight_versions(meta, int(output.size)),
+        extra={k: meta[k] for k in ("id", "cached_tokens") if k in meta},
+    )
+
+
+def decode_openai(
+    request: dict[str, Any], response: Any, payloads: Payloads, geometry: RoutingGeometry,
+    sample_id: str, group_id: str | None = None, policy_version: int | None = None,
+) -> list[WireSample]:
+    """``/v1/completions`` and ``/v1/chat/completions`` with ``sglext``.
+
+    Routing comes from ``choices[i].meta_info.routed_experts`` when the request set
+    ``return_meta_info``, else from the response-level ``sglext.routed_experts``, which SGLang
+    fills for the first choice only: later choices without ``meta_info`` get ``missing_routing``.
+    """
+    engine = "sglang-openai"
+    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+        return [A.failed(sample_id, "malformed", "response has no choices list", engine,
+                         group_id, policy_version)]
+    choices = sorted(response["choices"], key=lambda c: c.get("index", 0)
+                     if isinstance(c, dict) else 0)
+    many = len(choices) > 1 or int(request.get("n", 1) or 1) > 1
+    sglext = response.get("sglext") or {}
+    out = []
+    for pos, choice in enumerate(choices):
+        idx = choice.get("index", pos) if isinstance(choice, dict) else pos
+        sid = f"{sample_id}/{idx}" if many else sample_id
+        if not isinstance(choice, dict):
+            out.append(A.failed(sid, "malformed", "choice is not an object", engine, group_id,
+                                policy_version))
+            continue
+        meta = choice.get("meta_info") or {}
+        prompt_ids = request.get("prompt")
+        if not (isinstance(prompt_ids, list) and prompt_ids and isinstance(prompt_ids[0], int)):
+            prompt_ids = (choice.get("prompt_token_ids") or response.get("prompt_token_ids")
+                          or meta.get("prompt_token_ids") or sglext.get("prompt_token_ids"))
+        output_ids = next((v for v in (choice.get("token_ids"), choice.get("output_ids"),
+                                       meta.get("output_ids")) if v is not None), None)
+        try:
+            prompt = A.token_array(prompt_ids, "prompt token ids")
+            output = A.token_array(output_ids, "completion token ids")
+        except ValueError as e:
+            out.append(A.failed(sid, "malformed", str(e), engine, group_id, policy_version))
+            continue
+        if prompt.size == 0:
+            out.append(A.failed(sid, "malformed", "no prompt token ids (send the prompt as "
+                                "token ids)", engine, group_id, policy_version))
+            continue
+        start = A.start_offset(request, "routed_experts_start_len", int(prompt.size))
+        if isinstance(start, str):
+            out.append(A.failed(sid, "malformed", start, engine, group_id, policy_version, prompt))
+            continue
+        expected = max(int(prompt.size + output.size) - 1 - start, 0)
+        if "routed_experts" in meta:
+            value, dtype = meta.get("routed_experts"), meta.get("routed_experts_dtype")
+        elif pos == 0:
+            value, dtype = sglext.get("routed_experts"), sglext.get("routed_experts_dtype")
+        else:
+            value, dtype = None, None
+        routing = routing_from_value(value, dtype, payloads, geometry, expected)
+        if value is None and pos > 0:
+            routing = DecodeFault(
+                "missing_routing",
+                f"choice {idx} has no routing: SGLang's sglext carries the first choice's only; "
+                "request return_meta_info, or one request per sample",
+            )
+        lp = choice.get("logprobs") or {}
+        lp_values = lp.get("token_logprobs") or lp.get("content") if isinstance(lp, dict) else None
+        out.append(A.build(
+            sample_id=sid, prompt=prompt, output=output, start=start, routing=routing,
+            engine=engine, group_id=group_id, policy_version=policy_version,
+            logprobs=A.logprob_array(lp_values or meta.get("output_token_logprobs")),
+            finish=A.finish_reason(choice.get("finish_reason") or meta.get("finish_reason")),
+            weight_versions=A.weight_versions(meta or sglext, int(output.size)),
+        ))
+    return out
