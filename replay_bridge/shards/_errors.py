@@ -1,0 +1,16 @@
+"""The one error type of the shard layer."""
+
+from __future__ import annotations
+
+__all__ = ["ShardError"]
+
+
+class ShardError(Exception):
+    """A shard directory, manifest, shard or quarantine file that cannot be trusted or read.
+
+    ``file`` names the offending file (relative to the shard directory) when there is one.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file

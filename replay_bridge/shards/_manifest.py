@@ -1,0 +1,247 @@
+"""``manifest.json``: the list of complete shards and quarantine chunks of a directory.
+
+The manifest is untrusted input when read: every field is type-checked, every file name must
+be a plain ``shard-NNNNNN.arrow`` / ``quarantine-NNNNNN.jsonl`` inside the directory, and the
+totals must add up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..geometry import GeometryError, RoutingGeometry
+from ._atomic import atomic_write
+from ._errors import ShardError
+from ._schema import FORMAT_VERSION
+
+__all__ = [
+    "MANIFEST",
+    "Manifest",
+    "QuarantineEntry",
+    "ShardEntry",
+    "member_path",
+    "quarantine_name",
+    "shard_name",
+]
+
+MANIFEST = "manifest.json"
+FORMAT = "routing-replay-shards"
+SHARD_RE = re.compile(r"shard-(\d{6,9})\.arrow")
+QUARANTINE_RE = re.compile(r"quarantine-(\d{6,9})\.jsonl")
+OUTCOMES = ("stored", "rejected", "failed")
+_MAX_MANIFEST_BYTES = 256 << 20
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.arrow"
+
+
+def quarantine_name(index: int) -> str:
+    return f"quarantine-{index:06d}.jsonl"
+
+
+def member_path(directory: Path, name: object, pattern: re.Pattern[str]) -> Path:
+    """The path of a file the manifest names, refusing anything that could leave the
+    directory: other names, separators, ``..``, absolute paths, symlinks."""
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise ShardError(
+            f"{MANIFEST} names {name!r}, which is not a {pattern.pattern!r} file inside the "
+            "shard directory", file=MANIFEST)
+    path = directory / name
+    if path.is_symlink():
+        raise ShardError(f"{name} is a symlink; shard files must be regular files", file=name)
+    root = os.path.realpath(directory)
+    if os.path.dirname(os.path.realpath(path)) != root:
+        raise ShardError(f"{name} resolves outside the shard directory", file=name)
+    return path
+
+
+@dataclass
+class ShardEntry:
+    file: str
+    rows: int
+    """Samples (Arrow rows)."""
+    tokens: int
+    routed_rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class QuarantineEntry:
+    file: str
+    records: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """What a shard directory holds. ``outcomes`` counts samples stored, rejected
+    (quarantined) and failed (never came back)."""
+
+    geometry: RoutingGeometry
+    compression: str = "zstd"
+    shards: list[ShardEntry] = field(default_factory=list)
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    format_version: int = FORMAT_VERSION
+
+    # ---- derived -------------------------------------------------------------------------
+
+    @property
+    def samples(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    @property
+    def routed_rows(self) -> int:
+        return sum(s.routed_rows for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def quarantined(self) -> int:
+        return sum(q.records for q in self.quarantine)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "shards": len(self.shards),
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "routed_rows": self.routed_rows,
+            "bytes": self.bytes,
+            "quarantined": self.quarantined,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "geometry": self.geometry.to_dict(),
+            "compression": self.compression,
+            "shards": [vars(s) for s in self.shards],
+            "quarantine": [vars(q) for q in self.quarantine],
+            "totals": self.totals(),
+            "outcomes": dict(self.outcomes),
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    # ---- io ------------------------------------------------------------------------------
+
+    def write(self, directory: Path) -> None:
+        """Rewrite ``manifest.json`` atomically."""
+        atomic_write(directory / MANIFEST, orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2))
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        """Read and check ``manifest.json``; :class:`ShardError` on anything off."""
+        path = directory / MANIFEST
+        if not directory.is_dir():
+            raise ShardError(f"{directory} is not a directory")
+        if not path.is_file() or path.is_symlink():
+            raise ShardError(f"{directory} is not a shard directory: no {MANIFEST}", file=MANIFEST)
+        if path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise ShardError(f"{MANIFEST} is implausibly large", file=MANIFEST)
+        try:
+            doc = orjson.loads(path.read_bytes())
+        except orjson.JSONDecodeError as e:
+            raise ShardError(f"{MANIFEST} is not valid JSON: {e}", file=MANIFEST) from None
+        return cls.from_dict(doc, directory)
+
+    @classmethod
+    def from_dict(cls, doc: Any, directory: Path) -> Manifest:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ShardError(f"{MANIFEST} is not a {FORMAT} manifest", file=MANIFEST)
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardError(f"{MANIFEST}: unsupported format_version {version!r} "
+                             f"(this reader knows {FORMAT_VERSION})", file=MANIFEST)
+        try:
+            geometry = RoutingGeometry.from_dict(_get(doc, "geometry", dict))
+        except (GeometryError, ValueError) as e:
+            raise ShardError(f"{MANIFEST}: bad geometry: {e}", file=MANIFEST) from None
+        shards = [
+            ShardEntry(
+                file=_name(directory, e, SHARD_RE),
+                rows=_count(e, "rows"), tokens=_count(e, "tokens"),
+                routed_rows=_count(e, "routed_rows"), bytes=_count(e, "bytes"),
+                sha256=_sha(e),
+            )
+            for e in _get(doc, "shards", list)
+        ]
+        quarantine = [
+            QuarantineEntry(file=_name(directory, e, QUARANTINE_RE), records=_count(e, "records"),
+                            bytes=_count(e, "bytes"), sha256=_sha(e))
+            for e in _get(doc, "quarantine", list)
+        ]
+        outcomes = _get(doc, "outcomes", dict)
+        m = cls(
+            geometry=geometry,
+            compression=str(doc.get("compression", "")),
+            shards=shards,
+            quarantine=quarantine,
+            outcomes={k: _count(outcomes, k) for k in OUTCOMES},
+        )
+        for group in (shards, quarantine):
+            names = [e.file for e in group]
+            if len(set(names)) != len(names):
+                raise ShardError(f"{MANIFEST} lists a file twice", file=MANIFEST)
+        totals = _get(doc, "totals", dict)
+        for key, value in m.totals().items():
+            if _count(totals, key) != value:
+                raise ShardError(
+                    f"{MANIFEST}: totals.{key} is {totals[key]} but the listed files add up to "
+                    f"{value}", file=MANIFEST)
+        if m.outcomes["stored"] != m.samples:
+            raise ShardError(f"{MANIFEST}: outcomes.stored is {m.outcomes['stored']} but the "
+                             f"shards hold {m.samples} samples", file=MANIFEST)
+        if m.outcomes["rejected"] + m.outcomes["failed"] != m.quarantined:
+            raise ShardError(
+                f"{MANIFEST}: outcomes rejected {m.outcomes['rejected']} + failed "
+                f"{m.outcomes['failed']} != {m.quarantined} quarantine records", file=MANIFEST)
+        return m
+
+
+def _get(doc: dict[str, Any], key: str, kind: type) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind):
+        raise ShardError(f"{MANIFEST}: {key!r} must be a {kind.__name__}, got {value!r:.80}",
+                         file=MANIFEST)
+    return value
+
+
+def _count(entry: Any, key: str) -> int:
+    value = entry.get(key) if isinstance(entry, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ShardError(f"{MANIFEST}: {key!r} must be a non-negative integer in {entry!r:.120}",
+                         file=MANIFEST)
+    return value
+
+
+def _sha(entry: dict[str, Any]) -> str:
+    value = entry.get("sha256")
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ShardError(f"{MANIFEST}: bad sha256 {value!r:.80} for {entry.get('file')!r:.80}",
+                         file=MANIFEST)
+    return value
+
+
+def _name(directory: Path, entry: Any, pattern: re.Pattern[str]) -> str:
+    if not isinstance(entry, dict):
+        raise ShardError(f"{MANIFEST}: file entry {entry!r:.80} is not an object", file=MANIFEST)
+    name = entry.get("file")
+    member_path(directory, name, pattern)
+    return name

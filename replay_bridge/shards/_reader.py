@@ -1,0 +1,221 @@
+"""Read a shard directory: by sample id, in storage order, or as Arrow record batches."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from ..geometry import RoutingGeometry
+from ..sample import RoutedSample
+from ._atomic import sha256_file
+from ._errors import ShardError
+from ._manifest import QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry, ShardEntry, member_path
+from ._quarantine import read_chunk
+from ._scan import open_ipc, scan_shard
+from ._schema import list_parts, samples_from_batch
+
+__all__ = ["ShardReader", "verify_file"]
+
+Verify = bool | Literal["lazy"]
+
+
+def verify_file(directory: Path, entry: ShardEntry | QuarantineEntry) -> Path:
+    """Check a listed file's size and sha256 against the manifest; return its path."""
+    pattern = SHARD_RE if isinstance(entry, ShardEntry) else QUARANTINE_RE
+    path = member_path(directory, entry.file, pattern)
+    _check_size(path, entry)
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise ShardError(f"{entry.file}: cannot read: {e.strerror or e}", file=entry.file) from None
+    if digest != entry.sha256:
+        raise ShardError(f"{entry.file}: sha256 {digest[:16]}... does not match the manifest "
+                         f"({entry.sha256[:16]}...): the file is corrupted", file=entry.file)
+    return path
+
+
+def _check_size(path: Path, entry: ShardEntry | QuarantineEntry) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ShardError(f"{entry.file}: listed in the manifest but missing",
+                         file=entry.file) from None
+    if size != entry.bytes:
+        what = "truncated" if size < entry.bytes else "longer than listed"
+        raise ShardError(f"{entry.file}: {size} bytes, the manifest says {entry.bytes} "
+                         f"({what})", file=entry.file)
+
+
+class _Shard:
+    """One listed shard file, opened (memory-mapped) on first use."""
+
+    def __init__(self, directory: Path, entry: ShardEntry, geometry: RoutingGeometry) -> None:
+        self.entry = entry
+        self.path = member_path(directory, entry.file, SHARD_RE)
+        self.geometry = geometry
+        self.verified = False
+        self._reader: ipc.RecordBatchFileReader | None = None
+
+    def verify(self, directory: Path) -> None:
+        if not self.verified:
+            verify_file(directory, self.entry)
+            self.verified = True
+
+    @property
+    def reader(self) -> ipc.RecordBatchFileReader:
+        if self._reader is None:
+            self._reader = open_ipc(self.path, self.entry.file, self.geometry)
+        return self._reader
+
+    def batch(self, i: int) -> pa.RecordBatch:
+        try:
+            return self.reader.get_batch(i)
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{self.entry.file}: unreadable record batch {i} ({e})",
+                             file=self.entry.file) from None
+
+
+class ShardReader:
+    """A read-only view of a shard directory.
+
+    ``verify=True`` checks the sha256 of every listed file on open, ``"lazy"`` before a shard's
+    first record batch is read, ``False`` never (sizes are always checked). The id index is
+    built from the ``sample_id`` columns on open. Uncompressed shards are memory-mapped and
+    :meth:`routing` returns views of the file; compressed ones are decompressed one record batch
+    at a time (the last ``cache_batches`` are kept).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], verify: Verify = True,
+                 cache_batches: int = 4) -> None:
+        if verify not in (True, False, "lazy"):
+            raise ValueError(f"verify must be True, False or 'lazy', got {verify!r}")
+        self.dir = Path(directory)
+        self._verify = verify
+        self.manifest = Manifest.read(self.dir)
+        self.geometry: RoutingGeometry = self.manifest.geometry
+        self._shards = [_Shard(self.dir, e, self.geometry) for e in self.manifest.shards]
+        self._cache: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
+        self._cache_size = max(int(cache_batches), 1)
+        self._ids: list[str] = []
+        locs: list[np.ndarray] = []
+        for si, shard in enumerate(self._shards):
+            _check_size(shard.path, shard.entry)
+            if verify is True:
+                shard.verify(self.dir)
+            scan = scan_shard(shard.path, shard.entry.file, self.geometry, what="tokens")
+            if scan.rows != shard.entry.rows or scan.tokens != shard.entry.tokens:
+                raise ShardError(
+                    f"{shard.entry.file}: holds {scan.rows} samples / {scan.tokens} tokens, the "
+                    f"manifest says {shard.entry.rows} / {shard.entry.tokens}",
+                    file=shard.entry.file)
+            self._ids.extend(scan.ids)
+            batch = np.repeat(np.arange(len(scan.batch_rows), dtype=np.int32), scan.batch_rows)
+            row = np.arange(scan.rows, dtype=np.int32) - np.repeat(
+                np.cumsum([0, *scan.batch_rows[:-1]], dtype=np.int32), scan.batch_rows)
+            locs.append(np.stack([np.full(scan.rows, si, np.int32), batch, row], axis=1))
+        self._loc = np.concatenate(locs) if locs else np.empty((0, 3), np.int32)
+        self._index = dict(zip(self._ids, range(len(self._ids))))
+        if len(self._index) != len(self._ids):
+            raise ShardError(_duplicates_message(self._ids, self._loc, self._shards))
+
+    # ---- lookup --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self._index
+
+    def sample_ids(self) -> list[str]:
+        """Every stored id, in storage order."""
+        return list(self._ids)
+
+    def _locate(self, sample_id: str) -> tuple[int, int, int]:
+        try:
+            i = self._index[sample_id]
+        except (KeyError, TypeError):
+            raise KeyError(f"sample {sample_id!r} is not stored in {self.dir}") from None
+        s, b, r = self._loc[i]
+        return int(s), int(b), int(r)
+
+    def _batch(self, si: int, bi: int) -> pa.RecordBatch:
+        key = (si, bi)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        shard = self._shards[si]
+        if self._verify:
+            shard.verify(self.dir)
+        batch = shard.batch(bi)
+        self._cache[key] = batch
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return batch
+
+    def routing(self, sample_id: str) -> np.ndarray:
+        """``[rows, num_moe_layers, top_k]`` ids of one sample: a read-only view, no copy."""
+        si, bi, row = self._locate(sample_id)
+        offsets, values = list_parts(self._batch(si, bi).column("routed"))
+        a, b = int(offsets[row]), int(offsets[row + 1])
+        g = self.geometry
+        if (b - a) % g.ids_per_token:
+            raise ShardError(f"{self._shards[si].entry.file}: sample {sample_id!r} has {b - a} "
+                             f"routing ids, not whole [{g.num_moe_layers}, {g.top_k}] rows",
+                             file=self._shards[si].entry.file)
+        return values[a:b].reshape(-1, g.num_moe_layers, g.top_k)
+
+    def __getitem__(self, sample_id: str) -> RoutedSample:
+        si, bi, row = self._locate(sample_id)
+        batch = self._batch(si, bi).slice(row, 1)
+        return samples_from_batch(batch, self.geometry, self._shards[si].entry.file)[0]
+
+    def get(self, sample_id: str, default: Any = None) -> RoutedSample | Any:
+        return self[sample_id] if sample_id in self._index else default
+
+    # ---- iteration -----------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[tuple[int, pa.RecordBatch]]:
+        for si, shard in enumerate(self._shards):
+            if self._verify:
+                shard.verify(self.dir)
+            for bi in range(shard.reader.num_record_batches):
+                yield si, shard.batch(bi)
+
+    def iter_batches(self) -> Iterator[pa.RecordBatch]:
+        """Every record batch, in storage order (the shard schema, metadata included)."""
+        for _, batch in self._batches():
+            yield batch
+
+    def __iter__(self) -> Iterator[RoutedSample]:
+        for si, batch in self._batches():
+            yield from samples_from_batch(batch, self.geometry, self._shards[si].entry.file)
+
+    def quarantined(self) -> Iterator[dict[str, Any]]:
+        """Quarantine records (rejected and failed samples), oldest first."""
+        for entry in self.manifest.quarantine:
+            path = (verify_file(self.dir, entry) if self._verify
+                    else member_path(self.dir, entry.file, QUARANTINE_RE))
+            yield from read_chunk(path, entry.file)
+
+    def __repr__(self) -> str:
+        return (f"ShardReader({str(self.dir)!r}: {len(self)} samples in {len(self._shards)} "
+                f"shards, {self.geometry.describe()})")
+
+
+def _duplicates_message(ids: list[str], loc: np.ndarray, shards: list[_Shard]) -> str:
+    seen: dict[str, int] = {}
+    dups = []
+    for i, sid in enumerate(ids):
+        if sid in seen:
+            dups.append((sid, shards[loc[seen[sid], 0]].entry.file, shards[loc[i, 0]].entry.file))
+        else:
+            seen[sid] = i
+    shown = "; ".join(f"{s!r} in {a} and {b}" for s, a, b in dups[:5])
+    return f"{len(dups)} sample ids stored twice: {shown}"

@@ -1,0 +1,81 @@
+"""Open one shard file and read what indexing needs (ids, counts) without the routing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from ..geometry import GeometryMismatch, RoutingGeometry
+from ._errors import ShardError
+from ._schema import FORMAT_VERSION, geometry_from_schema
+
+__all__ = ["ShardScan", "open_ipc", "scan_shard"]
+
+
+@dataclass
+class ShardScan:
+    ids: list[str] = field(default_factory=list)
+    batch_rows: list[int] = field(default_factory=list)
+    rows: int = 0
+    tokens: int = 0
+    routed_rows: int = 0
+
+
+def open_ipc(path: Path, name: str, geometry: RoutingGeometry,
+             options: ipc.IpcReadOptions | None = None) -> ipc.RecordBatchFileReader:
+    """Memory-map and open an IPC file whose schema must carry ``geometry``."""
+    try:
+        reader = ipc.open_file(pa.memory_map(str(path)), options=options)
+    except FileNotFoundError:
+        raise ShardError(f"{name}: missing", file=name) from None
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{name}: not a readable Arrow IPC file ({e})", file=name) from None
+    got, version = geometry_from_schema(reader.schema, name, projected=options is not None)
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{name}: format_version {version}, expected {FORMAT_VERSION}",
+                         file=name)
+    try:
+        geometry.require_same(got, f"{name} schema geometry and manifest geometry")
+    except GeometryMismatch as e:
+        raise ShardError(str(e), file=name) from None
+    return reader
+
+
+def scan_shard(path: Path, name: str, geometry: RoutingGeometry, *,
+               what: str = "all") -> ShardScan:
+    """Sample ids per batch and row / token / routing-row counts of one shard: ``what`` is
+    ``"ids"``, ``"tokens"`` (ids and token counts) or ``"all"`` (also routing rows)."""
+    schema_reader = open_ipc(path, name, geometry)
+    names = schema_reader.schema.names
+    cols = {"ids": ["sample_id"], "tokens": ["sample_id", "tokens"],
+            "all": ["sample_id", "tokens", "routed"]}[what]
+    opts = ipc.IpcReadOptions(included_fields=[names.index(c) for c in cols])
+    reader = open_ipc(path, name, geometry, options=opts)
+    scan = ShardScan()
+    per_row = geometry.ids_per_token
+    try:
+        for i in range(reader.num_record_batches):
+            b = reader.get_batch(i)
+            ids = b.column(0).to_pylist()
+            if None in ids:
+                raise ShardError(f"{name}: batch {i} has a null sample_id", file=name)
+            scan.ids.extend(ids)
+            scan.batch_rows.append(b.num_rows)
+            if what != "ids":
+                t = np.asarray(b.column(1).offsets)
+                scan.tokens += int(t[-1] - t[0])
+            if what == "all":
+                r = b.column(2)
+                n_ids = int(np.asarray(r.offsets)[-1] - np.asarray(r.offsets)[0])
+                if n_ids % per_row:
+                    raise ShardError(f"{name}: batch {i} holds {n_ids} routing ids, not a "
+                                     f"whole number of {per_row}-id rows", file=name)
+                scan.routed_rows += n_ids // per_row
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{name}: unreadable record batch ({e})", file=name) from None
+    scan.rows = len(scan.ids)
+    return scan

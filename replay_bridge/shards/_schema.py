@@ -1,0 +1,189 @@
+"""The Arrow schema of a shard: one row per sample, geometry in the schema metadata.
+
+Routing is a flat ``list<uint8|uint16>`` column holding ``[rows, num_moe_layers, top_k]`` ids
+row-major per sample, so all routing of a record batch is one contiguous values buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from ..geometry import GeometryError, RoutingGeometry
+from ..sample import RoutedSample
+from ._errors import ShardError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "geometry_from_schema",
+    "samples_from_batch",
+    "schema_for",
+    "to_record_batch",
+]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "routing_replay"
+LAYOUT = "routed: [rows, num_moe_layers, top_k] row-major, MoE layers only, engine order"
+
+_COLUMNS = (
+    "sample_id", "group_id", "policy_version", "tokens", "prompt_len", "routed_start",
+    "routed", "logprobs", "engine", "finish_reason", "weight_versions",
+)
+
+
+def _id_type(geometry: RoutingGeometry) -> pa.DataType:
+    return pa.uint8() if geometry.id_dtype == np.uint8 else pa.uint16()
+
+
+def schema_for(geometry: RoutingGeometry) -> pa.Schema:
+    """The schema of every shard of this geometry (metadata included)."""
+    meta = {"format_version": FORMAT_VERSION, **geometry.to_dict(), "layout": LAYOUT}
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("group_id", pa.string()),
+            pa.field("policy_version", pa.int64()),
+            pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+            pa.field("prompt_len", pa.int32(), nullable=False),
+            pa.field("routed_start", pa.int32(), nullable=False),
+            pa.field("routed", pa.list_(_id_type(geometry)), nullable=False),
+            pa.field("logprobs", pa.list_(pa.float32())),
+            pa.field("engine", pa.string()),
+            pa.field("finish_reason", pa.string()),
+            pa.field("weight_versions", pa.string()),
+        ],
+        metadata={METADATA_KEY: orjson.dumps(meta).decode()},
+    )
+
+
+def geometry_from_schema(schema: pa.Schema, where: str, *, projected: bool = False
+                         ) -> tuple[RoutingGeometry, int]:
+    """Rebuild ``(geometry, format_version)`` from a shard's schema; :class:`ShardError`
+    naming ``where`` when the metadata is absent or unusable."""
+    raw = (schema.metadata or {}).get(METADATA_KEY.encode())
+    if raw is None:
+        raise ShardError(f"{where}: schema has no {METADATA_KEY!r} metadata", file=where)
+    try:
+        meta = orjson.loads(raw)
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        geometry = RoutingGeometry.from_dict(meta)
+        version = int(meta["format_version"])
+    except (ValueError, KeyError, TypeError, GeometryError) as e:
+        raise ShardError(f"{where}: bad {METADATA_KEY!r} schema metadata: {e}", file=where) from None
+    if projected:  # a reader that selected some columns sees only those
+        return geometry, version
+    missing = [c for c in _COLUMNS if schema.get_field_index(c) < 0]
+    if missing:
+        raise ShardError(f"{where}: schema lacks columns {missing}", file=where)
+    want = _id_type(geometry)
+    got = schema.field("routed").type
+    if not pa.types.is_list(got) or got.value_type != want:
+        raise ShardError(f"{where}: routed column is {got}, expected list<{want}>", file=where)
+    return geometry, version
+
+
+# ---- samples -> record batch --------------------------------------------------------------
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    if out[-1] > np.iinfo(np.int32).max:
+        raise ValueError("record batch exceeds 2**31 list values; write smaller batches")
+    return out.astype(np.int32)
+
+
+def _list_array(parts: Sequence[np.ndarray], dtype: np.dtype, mask: np.ndarray | None = None
+                ) -> pa.ListArray:
+    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    values = np.concatenate([p.reshape(-1) for p in parts]).astype(dtype, copy=False) \
+        if parts else np.empty(0, dtype)
+    return pa.ListArray.from_arrays(
+        pa.array(_offsets(lengths)), pa.array(values),
+        mask=None if mask is None or not mask.any() else pa.array(mask),
+    )
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+def to_record_batch(samples: Sequence[RoutedSample], geometry: RoutingGeometry,
+                    schema: pa.Schema) -> pa.RecordBatch:
+    """One record batch of samples (already checked against the geometry by the writer)."""
+    no_lp = np.fromiter((s.logprobs is None for s in samples), dtype=bool, count=len(samples))
+    empty_f = np.empty(0, np.float32)
+    columns = [
+        pa.array([s.sample_id for s in samples], pa.string()),
+        pa.array([s.group_id for s in samples], pa.string()),
+        pa.array([s.policy_version for s in samples], pa.int64()),
+        _list_array([s.tokens for s in samples], np.dtype(np.int32)),
+        pa.array([s.prompt_len for s in samples], pa.int32()),
+        pa.array([s.routed_start for s in samples], pa.int32()),
+        _list_array([s.routed for s in samples], geometry.id_dtype),
+        _list_array([empty_f if s.logprobs is None else np.asarray(s.logprobs) for s in samples],
+                    np.dtype(np.float32), mask=no_lp),
+        pa.array([s.engine for s in samples], pa.string()),
+        pa.array([s.finish_reason for s in samples], pa.string()),
+        pa.array([_json_or_none(s.weight_versions) for s in samples], pa.string()),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+# ---- record batch -> samples --------------------------------------------------------------
+
+
+def list_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, values)`` of a list column as NumPy arrays; ``values`` is a zero-copy view
+    of the batch's one contiguous values buffer, indexed by the absolute offsets."""
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=True)
+    return offsets, values
+
+
+def samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where: str
+                       ) -> list[RoutedSample]:
+    """Every row of a batch as a :class:`RoutedSample` (arrays are views of the batch)."""
+    n = batch.num_rows
+    per_row = geometry.ids_per_token
+    m, k = geometry.num_moe_layers, geometry.top_k
+    ids = batch.column("sample_id").to_pylist()
+    groups = batch.column("group_id").to_pylist()
+    versions = batch.column("policy_version").to_pylist()
+    prompt = batch.column("prompt_len").to_numpy(zero_copy_only=False)
+    start = batch.column("routed_start").to_numpy(zero_copy_only=False)
+    engines = batch.column("engine").to_pylist()
+    finish = batch.column("finish_reason").to_pylist()
+    wv = batch.column("weight_versions").to_pylist()
+    t_off, t_val = list_parts(batch.column("tokens"))
+    r_off, r_val = list_parts(batch.column("routed"))
+    lp_col = batch.column("logprobs")
+    lp_off, lp_val = list_parts(lp_col)
+    lp_valid = lp_col.is_valid().to_numpy(zero_copy_only=False)
+    out = []
+    for i in range(n):
+        a, b = int(r_off[i]), int(r_off[i + 1])
+        if (b - a) % per_row:
+            raise ShardError(
+                f"{where}: sample {ids[i]!r} has {b - a} routing ids, not a whole number of "
+                f"[{m}, {k}] rows", file=where)
+        out.append(RoutedSample(
+            sample_id=ids[i],
+            tokens=t_val[t_off[i]:t_off[i + 1]],
+            prompt_len=int(prompt[i]),
+            routed_start=int(start[i]),
+            group_id=groups[i],
+            policy_version=versions[i],
+            logprobs=lp_val[lp_off[i]:lp_off[i + 1]] if lp_valid[i] else None,
+            engine=engines[i],
+            finish_reason=finish[i],
+            weight_versions=None if wv[i] is None else orjson.loads(wv[i]),
+            routed=r_val[a:b].reshape(-1, m, k),
+        ))
+    return out

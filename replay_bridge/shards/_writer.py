@@ -1,0 +1,332 @@
+"""Append checked samples to a shard directory, crash-safely."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from ..checks import CheckReport
+from ..geometry import RoutingGeometry
+from ..sample import RoutedSample, WireSample
+from ._atomic import TMP_SUFFIX, HashingFile, atomic_write, fsync_dir, sha256_file
+from ._errors import ShardError
+from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
+                        ShardEntry, quarantine_name, shard_name)
+from ._quarantine import encode_records, failure_record, read_chunk, rejection_record
+from ._schema import schema_for, to_record_batch
+from ._scan import scan_shard
+
+__all__ = ["COMPRESSIONS", "ShardStats", "ShardWriter"]
+
+COMPRESSIONS = ("zstd", "lz4", "none")
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """Counts of a writer's directory: samples stored (sealed or pending), quarantined
+    (rejected), failed; tokens stored; bytes of sealed shard files."""
+
+    stored: int
+    quarantined: int
+    failed: int
+    tokens: int
+    bytes: int
+    shards: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _codec(compression: str | None, level: int | None) -> pa.Codec | None:
+    name = "none" if compression is None else str(compression).lower()
+    if name not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    if name == "none":
+        return None
+    return pa.Codec(name, compression_level=level) if level is not None else pa.Codec(name)
+
+
+class ShardWriter:
+    """Write :class:`RoutedSample` s as Arrow IPC shards plus ``manifest.json``.
+
+    Samples go to ``shard-NNNNNN.arrow.tmp`` in record batches of about ``batch_bytes`` of
+    routing; a shard is sealed (footer, fsync, rename) every ``samples_per_shard`` samples, on
+    :meth:`flush` and on :meth:`close`, and the manifest is rewritten atomically after each
+    seal. A writer killed at any instant leaves only complete shards; samples of the open shard
+    are not stored (``stored_ids`` of a resumed writer says which are). Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        geometry: RoutingGeometry,
+        *,
+        samples_per_shard: int = 1024,
+        compression: str | None = "zstd",
+        compression_level: int | None = None,
+        batch_bytes: int = 8 << 20,
+        resume: bool = False,
+    ) -> None:
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.dir = Path(out_dir)
+        self.geometry = geometry
+        self.samples_per_shard = int(samples_per_shard)
+        self.batch_bytes = max(int(batch_bytes), 1)
+        self._codec = _codec(compression, compression_level)
+        self._options = ipc.IpcWriteOptions(compression=self._codec)
+        self._schema = schema_for(geometry)
+        self._ids: set[str] = set()
+        self._batch: list[RoutedSample] = []
+        self._batch_bytes = 0
+        self._open_rows = 0
+        self._open_tokens = 0
+        self._open_routed_rows = 0
+        self._sink: HashingFile | None = None
+        self._ipc: ipc.RecordBatchFileWriter | None = None
+        self._records: list[dict[str, Any]] = []
+        self._pending_tokens = 0
+        self._closed = False
+        comp = "none" if self._codec is None else self._codec.name
+        if (self.dir / MANIFEST).exists():
+            if not resume:
+                raise ShardError(f"{self.dir} already holds shards; pass resume=True to append")
+            self._manifest = Manifest.read(self.dir)
+            self._manifest.geometry.require_same(geometry, "resumed shard geometry and writer")
+            self._manifest.compression = comp
+            self._recover()
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            strays = [p.name for p in self.dir.iterdir()
+                      if SHARD_RE.fullmatch(p.name) or QUARANTINE_RE.fullmatch(p.name)]
+            if strays:
+                raise ShardError(f"{self.dir} holds shard files but no {MANIFEST}: {strays[:3]}")
+            self._manifest = Manifest(geometry=geometry, compression=comp)
+            self._manifest.write(self.dir)
+
+    # ---- resume --------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Drop temp files, adopt complete files renamed before the manifest caught up, and
+        load the stored ids."""
+        for p in self.dir.iterdir():
+            if p.name.endswith(TMP_SUFFIX) and (
+                SHARD_RE.fullmatch(p.name[: -len(TMP_SUFFIX)])
+                or QUARANTINE_RE.fullmatch(p.name[: -len(TMP_SUFFIX)])
+                or p.name == MANIFEST + TMP_SUFFIX
+            ):
+                p.unlink()
+        m = self._manifest
+        listed = {e.file for e in m.shards} | {q.file for q in m.quarantine}
+        for p in sorted(self.dir.iterdir()):
+            if p.name in listed or p.is_symlink():
+                continue
+            if SHARD_RE.fullmatch(p.name):
+                scan = scan_shard(p, p.name, m.geometry)
+                m.shards.append(ShardEntry(p.name, scan.rows, scan.tokens, scan.routed_rows,
+                                           p.stat().st_size, sha256_file(p)))
+                m.outcomes["stored"] += scan.rows
+            elif QUARANTINE_RE.fullmatch(p.name):
+                recs = list(read_chunk(p, p.name))
+                m.quarantine.append(QuarantineEntry(p.name, len(recs), p.stat().st_size,
+                                                    sha256_file(p)))
+                for r in recs:
+                    key = "failed" if r.get("outcome") == "failed" else "rejected"
+                    m.outcomes[key] += 1
+        for e in m.shards:
+            path = self.dir / e.file
+            if not path.is_file() or path.stat().st_size != e.bytes:
+                raise ShardError(f"{e.file}: missing or not {e.bytes} bytes; run validate",
+                                 file=e.file)
+            ids = scan_shard(path, e.file, m.geometry, what="ids").ids
+            dup = self._ids.intersection(ids)
+            if dup:
+                raise ShardError(f"{e.file}: sample ids stored twice: {sorted(dup)[:5]}",
+                                 file=e.file)
+            self._ids.update(ids)
+        m.write(self.dir)
+
+    # ---- public --------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def stored_ids(self) -> frozenset[str]:
+        """Ids stored in sealed shards or pending in the open one."""
+        return frozenset(self._ids)
+
+    @property
+    def stats(self) -> ShardStats:
+        m = self._manifest
+        return ShardStats(
+            stored=m.samples + self._open_rows + len(self._batch),
+            quarantined=m.outcomes["rejected"] + sum(r["outcome"] == "rejected"
+                                                     for r in self._records),
+            failed=m.outcomes["failed"] + sum(r["outcome"] == "failed" for r in self._records),
+            tokens=m.tokens + self._open_tokens + self._pending_tokens,
+            bytes=m.bytes,
+            shards=len(m.shards),
+        )
+
+    def add(self, sample: RoutedSample) -> None:
+        """Queue a checked sample; :class:`ValueError` on a duplicate id or a routing array
+        that does not fit the geometry."""
+        self._check_open()
+        routed = self._conform(sample)
+        if routed is not sample.routed:
+            sample = RoutedSample(**{f: getattr(sample, f) for f in _FIELDS}, routed=routed)
+        self._ids.add(sample.sample_id)
+        self._batch.append(sample)
+        self._batch_bytes += routed.nbytes
+        self._pending_tokens += sample.num_tokens
+        if self._batch_bytes >= self.batch_bytes:
+            self._write_batch()
+        if self._open_rows + len(self._batch) >= self.samples_per_shard:
+            self.flush()
+
+    def quarantine(self, report: CheckReport, sample: WireSample | RoutedSample | None = None,
+                   note: str | None = None) -> None:
+        """Keep a rejected sample: its report and, when decodable, its tokens and routing."""
+        self._check_open()
+        self._records.append(rejection_record(report, sample, note))
+
+    def record_failure(self, sample_id: str, error: BaseException | str) -> None:
+        """Record a sample that never came back from the engine."""
+        self._check_open()
+        self._records.append(failure_record(sample_id, error))
+
+    def flush(self) -> None:
+        """Seal the open shard and the pending quarantine records; rewrite the manifest."""
+        self._check_open()
+        if self._batch:
+            self._write_batch()
+        m = self._manifest
+        changed = False
+        if self._ipc is not None:
+            entry = self._seal()
+            m.shards.append(entry)
+            m.outcomes["stored"] += entry.rows
+            changed = True
+        if self._records:
+            name = quarantine_name(self._next_index(m.quarantine))
+            data = encode_records(self._records)
+            sha = atomic_write(self.dir / name, data)
+            m.quarantine.append(QuarantineEntry(name, len(self._records), len(data), sha))
+            for r in self._records:
+                m.outcomes["failed" if r["outcome"] == "failed" else "rejected"] += 1
+            self._records = []
+            changed = True
+        if changed:
+            m.write(self.dir)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._abort_open()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if et is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - the original exception is the one to report
+            pass
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"shard writer for {self.dir} is closed")
+
+    def _conform(self, s: RoutedSample) -> np.ndarray:
+        g = self.geometry
+        if not isinstance(s, RoutedSample):
+            raise TypeError(f"ShardWriter.add takes a RoutedSample, got {type(s).__name__}")
+        if not isinstance(s.sample_id, str) or not s.sample_id:
+            raise ValueError(f"sample id must be a non-empty string, got {s.sample_id!r}")
+        if s.sample_id in self._ids:
+            raise ValueError(f"sample {s.sample_id!r} is already stored in {self.dir}")
+        r = np.asarray(s.routed)
+        want = (g.num_moe_layers, g.top_k)
+        if r.ndim != 3 or tuple(r.shape[1:]) != want:
+            raise ValueError(
+                f"sample {s.sample_id!r}: routing shape {tuple(r.shape)} does not fit the shard "
+                f"geometry [rows, {want[0]}, {want[1]}] (MoE layers x top_k)")
+        if r.dtype != g.id_dtype:
+            if r.dtype.kind not in "iu":
+                raise ValueError(f"sample {s.sample_id!r}: routing dtype {r.dtype} is not integer")
+            if r.size and (int(r.min()) < 0 or int(r.max()) >= g.num_experts):
+                raise ValueError(f"sample {s.sample_id!r}: expert ids outside "
+                                 f"[0, {g.num_experts})")
+            r = r.astype(g.id_dtype)
+        t = np.asarray(s.tokens)
+        if t.ndim != 1 or (t.size and t.dtype.kind not in "iu"):
+            raise ValueError(f"sample {s.sample_id!r}: tokens must be a 1-D integer array")
+        if not 0 <= s.routed_start <= s.prompt_len <= t.size:
+            raise ValueError(
+                f"sample {s.sample_id!r}: need 0 <= routed_start ({s.routed_start}) <= "
+                f"prompt_len ({s.prompt_len}) <= tokens ({t.size})")
+        return r
+
+    def _write_batch(self) -> None:
+        batch = to_record_batch(self._batch, self.geometry, self._schema)
+        if self._ipc is None:
+            idx = self._next_index(self._manifest.shards)
+            tmp = self.dir / (shard_name(idx) + TMP_SUFFIX)
+            if tmp.exists():
+                tmp.unlink()
+            self._sink = HashingFile(tmp)
+            self._ipc = ipc.new_file(self._sink, self._schema, options=self._options)
+        self._ipc.write_batch(batch)
+        self._open_rows += batch.num_rows
+        self._open_tokens += self._pending_tokens
+        self._open_routed_rows += sum(s.rows for s in self._batch)
+        self._batch, self._batch_bytes, self._pending_tokens = [], 0, 0
+
+    def _seal(self) -> ShardEntry:
+        assert self._ipc is not None and self._sink is not None
+        self._ipc.close()
+        self._sink.sync()
+        self._sink.close()
+        idx = self._next_index(self._manifest.shards)
+        name = shard_name(idx)
+        os.replace(self.dir / (name + TMP_SUFFIX), self.dir / name)
+        fsync_dir(self.dir)
+        entry = ShardEntry(name, self._open_rows, self._open_tokens, self._open_routed_rows,
+                           self._sink.size, self._sink.hexdigest)
+        self._ipc = self._sink = None
+        self._open_rows = self._open_tokens = self._open_routed_rows = 0
+        return entry
+
+    def _abort_open(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+        self._ipc = self._sink = None
+
+    @staticmethod
+    def _next_index(entries: list[Any]) -> int:
+        if not entries:
+            return 0
+        return max(int(e.file.split("-")[1].split(".")[0]) for e in entries) + 1
+
+
+_FIELDS = ("sample_id", "tokens", "prompt_len", "routed_start", "group_id", "policy_version",
+           "logprobs", "engine", "finish_reason", "weight_versions")

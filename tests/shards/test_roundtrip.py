@@ -1,0 +1,219 @@
+"""Writer -> reader round trips: identical arrays, dtypes, shapes and order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.sample import RoutedSample
+from replay_bridge.shards import ShardError, ShardReader, ShardWriter
+
+from .conftest import make_sample
+
+
+def assert_same(a: RoutedSample, b: RoutedSample) -> None:
+    assert a.sample_id == b.sample_id
+    assert b.routed.dtype == a.routed.dtype
+    assert b.routed.shape == a.routed.shape
+    np.testing.assert_array_equal(a.routed, b.routed)
+    assert b.tokens.dtype == np.int32
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.prompt_len, a.routed_start) == (b.prompt_len, b.routed_start)
+    assert (a.group_id, a.policy_version, a.engine, a.finish_reason) == (
+        b.group_id, b.policy_version, b.engine, b.finish_reason)
+    assert a.weight_versions == b.weight_versions
+    if a.logprobs is None:
+        assert b.logprobs is None
+    else:
+        assert b.logprobs.dtype == np.float32
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
+def test_round_trip_in_order_and_by_id(tmp_path, tiny, samples, compression):
+    with ShardWriter(tmp_path / "d", tiny, samples_per_shard=5, batch_bytes=64,
+                     compression=compression) as w:
+        for s in samples:
+            w.add(s)
+    r = ShardReader(tmp_path / "d")
+    assert r.geometry == tiny
+    assert len(r) == len(samples)
+    assert r.sample_ids() == [s.sample_id for s in samples]
+    assert [e.file for e in r.manifest.shards] == [
+        "shard-000000.arrow", "shard-000001.arrow", "shard-000002.arrow"]
+    for a, b in zip(samples, r, strict=True):
+        assert_same(a, b)
+    for s in reversed(samples):
+        assert_same(s, r[s.sample_id])
+        view = r.routing(s.sample_id)
+        assert view.dtype == np.uint8 and view.shape == s.routed.shape
+        np.testing.assert_array_equal(view, s.routed)
+    batches = list(r.iter_batches())
+    assert sum(b.num_rows for b in batches) == len(samples)
+    assert r.manifest.tokens == sum(s.num_tokens for s in samples)
+
+
+def test_uncompressed_routing_is_a_view_of_the_mapped_file(tmp_path, tiny, samples):
+    with ShardWriter(tmp_path / "d", tiny, compression="none") as w:
+        for s in samples:
+            w.add(s)
+    r = ShardReader(tmp_path / "d")
+    a, b = r.routing("s003"), r.routing("s004")
+    assert not a.flags.owndata and not a.flags.writeable
+    # both are windows on one contiguous buffer: b starts where a ends
+    assert b.__array_interface__["data"][0] == a.__array_interface__["data"][0] + a.nbytes
+
+
+def test_missing_id_is_a_key_error_naming_it(tmp_path, tiny, samples):
+    with ShardWriter(tmp_path / "d", tiny) as w:
+        w.add(samples[0])
+    r = ShardReader(tmp_path / "d")
+    with pytest.raises(KeyError, match="nope"):
+        r["nope"]
+    with pytest.raises(KeyError, match="nope"):
+        r.routing("nope")
+    assert "nope" not in r and samples[0].sample_id in r
+
+
+def test_duplicate_id_refused_in_one_run_and_across_resume(tmp_path, tiny, samples):
+    with ShardWriter(tmp_path / "d", tiny, samples_per_shard=2) as w:
+        w.add(samples[0])
+        with pytest.raises(ValueError, match="s000"):
+            w.add(samples[0])
+        w.add(samples[1])
+    with ShardWriter(tmp_path / "d", tiny, resume=True) as w:
+        assert w.stored_ids == {"s000", "s001"}
+        with pytest.raises(ValueError, match="already stored"):
+            w.add(samples[1])
+    assert len(ShardReader(tmp_path / "d")) == 2
+
+
+def test_geometry_shape_mismatch_refused(tmp_path, tiny, samples):
+    other = RoutingGeometry(4, (0, 1, 2, 3), 3, 8)
+    bad = make_sample(other, "bad", 10)
+    with ShardWriter(tmp_path / "d", tiny) as w:
+        with pytest.raises(ValueError, match=r"'bad'.*\[rows, 4, 2\]"):
+            w.add(bad)
+        wide = samples[0]
+        wide.routed = wide.routed.astype(np.int32)
+        w.add(wide)  # integer ids that fit are narrowed
+        oor = samples[1]
+        oor.routed = oor.routed.astype(np.int32) + 8
+        with pytest.raises(ValueError, match="outside"):
+            w.add(oor)
+    r = ShardReader(tmp_path / "d")
+    assert r.routing("s000").dtype == np.uint8 and len(r) == 1
+
+
+def test_existing_dir_needs_resume_and_same_geometry(tmp_path, tiny, samples):
+    with ShardWriter(tmp_path / "d", tiny) as w:
+        w.add(samples[0])
+    with pytest.raises(ShardError, match="resume"):
+        ShardWriter(tmp_path / "d", tiny)
+    with pytest.raises(ValueError, match="top_k"):
+        ShardWriter(tmp_path / "d", RoutingGeometry(4, (0, 1, 2, 3), 3, 8), resume=True)
+
+
+def test_resume_continues_numbering_and_cleans_temp_files(tmp_path, tiny, samples):
+    d = tmp_path / "d"
+    with ShardWriter(d, tiny, samples_per_shard=3) as w:
+        for s in samples[:6]:
+            w.add(s)
+    (d / "shard-000002.arrow.tmp").write_bytes(b"half a shard")
+    (d / "manifest.json.tmp").write_bytes(b"{")
+    with ShardWriter(d, tiny, samples_per_shard=3, resume=True) as w:
+        assert w.stored_ids == {s.sample_id for s in samples[:6]}
+        assert not (d / "shard-000002.arrow.tmp").exists()
+        assert not (d / "manifest.json.tmp").exists()
+        for s in samples[6:]:
+            w.add(s)
+        assert w.stats.stored == len(samples)
+    r = ShardReader(d)
+    assert [e.file for e in r.manifest.shards] == [f"shard-{i:06d}.arrow" for i in range(4)]
+    for a, b in zip(samples, r, strict=True):
+        assert_same(a, b)
+
+
+def test_resume_adopts_a_complete_shard_the_manifest_missed(tmp_path, tiny, samples):
+    d = tmp_path / "d"
+    with ShardWriter(d, tiny, samples_per_shard=3) as w:
+        for s in samples[:3]:
+            w.add(s)
+        before = (d / "manifest.json").read_bytes()
+        for s in samples[3:6]:
+            w.add(s)
+    # the writer died between the shard's rename and the manifest's
+    (d / "manifest.json").write_bytes(before)
+    with ShardWriter(d, tiny, resume=True) as w:
+        assert w.stored_ids == {s.sample_id for s in samples[:6]}
+    r = ShardReader(d)
+    assert len(r) == 6 and r.manifest.outcomes["stored"] == 6
+
+
+def test_quarantine_and_failures_round_trip(tmp_path, tiny, samples):
+    from replay_bridge.checks import accept
+    from replay_bridge.sample import WireSample
+    from replay_bridge.shards import decode_routing
+
+    s = samples[2]
+    wire = WireSample(sample_id="q1", tokens=s.tokens, prompt_len=s.prompt_len,
+                      routing=np.zeros((s.num_tokens - 1, 4, 2), np.int32))
+    report, routed = accept(wire, tiny)
+    assert routed is None and "all_zero" in report.kinds
+    with ShardWriter(tmp_path / "d", tiny) as w:
+        w.add(samples[0])
+        w.quarantine(report, wire, note="prefill capture missing")
+        w.record_failure("q2", TimeoutError("engine timed out"))
+        assert w.stats.quarantined == 1 and w.stats.failed == 1
+    r = ShardReader(tmp_path / "d")
+    assert r.manifest.outcomes == {"stored": 1, "rejected": 1, "failed": 1}
+    recs = list(r.quarantined())
+    assert [x["sample_id"] for x in recs] == ["q1", "q2"]
+    q1, q2 = recs
+    assert q1["outcome"] == "rejected" and q1["kinds"] == ["all_zero"]
+    assert q1["report"]["kinds"] == ["all_zero"] and q1["note"] == "prefill capture missing"
+    assert q1["sample"]["tokens"] == s.tokens.tolist()
+    np.testing.assert_array_equal(decode_routing(q1), wire.routing)
+    assert decode_routing(q1).dtype == np.int32
+    assert q2["outcome"] == "failed" and "TimeoutError" in q2["message"]
+
+
+_GEOMETRIES = st.sampled_from([
+    RoutingGeometry(6, (2, 3, 4, 5), 4, 256),          # leading dense layers, uint8 edge
+    RoutingGeometry(5, (1, 2, 3, 4), 2, 300),          # uint16 ids
+    RoutingGeometry(3, (0, 2), 1, 16),                 # top_k 1, interleaved dense
+    RoutingGeometry(61, tuple(range(3, 61)), 8, 256),  # DeepSeek-V3 shape
+])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(geometry=_GEOMETRIES,
+       lengths=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+       per_shard=st.integers(1, 4), starts=st.integers(0, 3),
+       compression=st.sampled_from(["zstd", "lz4", "none"]), data=st.data())
+def test_round_trip_property(tmp_path_factory, geometry, lengths, per_shard, starts, compression,
+                             data):
+    d = tmp_path_factory.mktemp("prop") / "d"
+    samples = []
+    for i, n in enumerate(lengths):
+        prompt = data.draw(st.integers(0, n))
+        start = min(starts, prompt)
+        s = make_sample(geometry, f"id-{i}", n, prompt_len=prompt, routed_start=start, seed=i,
+                        logprobs=bool(i % 2))
+        if geometry.num_experts > 256:  # make sure ids above 255 round-trip
+            s.routed[..., 0] = geometry.num_experts - 1 - (np.arange(s.rows) % 7)[:, None]
+        samples.append(s)
+    with ShardWriter(d, geometry, samples_per_shard=per_shard, compression=compression,
+                     batch_bytes=data.draw(st.sampled_from([1, 1 << 20]))) as w:
+        for s in samples:
+            w.add(s)
+    r = ShardReader(d)
+    assert r.geometry == geometry
+    assert r.geometry.id_dtype == (np.uint16 if geometry.num_experts > 256 else np.uint8)
+    for a, b in zip(samples, r, strict=True):
+        assert_same(a, b)
+    for s in samples[::-1]:
+        np.testing.assert_array_equal(r.routing(s.sample_id), s.routed)
