@@ -358,7 +358,7 @@ class CheckTally:
             "samples": self.samples,
             "good": self.good,
             "rejected": self.samples - self.good,
-            "by_kind": dict(sorted(self.by_kind.items(), key=lambda kv: KINDS.index(kv[0]))),
+            "by_kind": dict(sorted(self.by_kind.items(), key=lambda kv: _kind_order(kv[0]))),
             "regions": {
                 region: {
                     "tokens": int(self.tokens[i]),
@@ -377,3 +377,7 @@ class CheckTally:
                 if self.bad[:, layer].any()
             },
         }
+
+
+def _kind_order(kind: str) -> int:
+    return KINDS.index(kind) if kind in KINDS else len(KINDS)

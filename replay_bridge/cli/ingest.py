@@ -1,1 +1,89 @@
-"""``replay-bridge ingest``: offline conversion of dumped engine traffic (in progress)."""
+"""``replay-bridge ingest``: offline conversion of dumped engine traffic into shards."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._app import app
+from ._output import EXIT_FAULTS, EXIT_OK, die, emit_json, progress, stderr
+from ._tables import check_table, verdict_table
+
+
+@app.command()
+def ingest(
+    responses: Path = typer.Argument(..., help="JSONL of {sample_id, request, response} lines."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Model directory, config.json, or preset name."),
+    engine: str = typer.Option(..., "--engine", "-e", help="sglang | sglang-openai | vllm"),
+    out: Path = typer.Option(..., "--out", "-o", help="Shard directory to create."),
+    append: bool = typer.Option(False, "--append",
+                                help="Add to an existing shard directory instead of a new one."),
+    compression: Optional[str] = typer.Option(None, help="zstd | lz4 | none (default: zstd)."),
+    samples_per_shard: int = typer.Option(1024, min=1, help="Samples per shard file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Decode, check and store dumped engine responses; faulty samples go to quarantine.
+
+    Exit 0 when every sample was stored, 1 when some were rejected, 2 on unreadable input.
+    """
+    from ..geometry import GeometryError, RoutingGeometry
+    from ..ingest import ingest as run_ingest
+    from ..shards import ShardError
+    from ..wire import ENGINES
+
+    if engine not in ENGINES:
+        die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
+    if not responses.is_file():
+        die(f"no such file: {responses}", as_json=as_json)
+    try:
+        geometry = RoutingGeometry.resolve(model)
+    except GeometryError as e:
+        die(str(e), as_json=as_json)
+    if out.exists() and any(out.iterdir()) and not append:
+        die(f"{out} exists and is not empty; pass --append to add to it", as_json=as_json)
+
+    size = os.path.getsize(responses)
+    options: dict = {"samples_per_shard": samples_per_shard, "resume": append}
+    if compression is not None:
+        options["compression"] = compression
+    t0 = time.perf_counter()
+    with progress(enabled=not as_json) as bar:
+        task = bar.add_task("ingest", total=size, status="")
+
+        def on_line(lineno: int, offset: int) -> None:
+            if lineno % 64 == 0:
+                bar.update(task, completed=offset, status=f"{lineno} lines")
+
+        try:
+            result = run_ingest(responses, geometry, engine, out, writer_options=options,
+                                on_line=on_line)
+        except (ShardError, OSError) as e:
+            die(f"cannot write {out}: {e}", as_json=as_json)
+        bar.update(task, completed=size, status=f"{result.lines} lines")
+    seconds = time.perf_counter() - t0
+
+    code = EXIT_OK if result.rejected == 0 else EXIT_FAULTS
+    if as_json:
+        emit_json({
+            "out": str(out),
+            "geometry": geometry.to_dict(),
+            "engine": engine,
+            "seconds": round(seconds, 3),
+            "totals": result.totals(),
+            "check": result.tally.to_dict(),
+            "samples": result.samples,
+        })
+    else:
+        stderr.print(
+            f"[bold]{result.stored}[/] stored, [bold]{result.rejected}[/] rejected of "
+            f"{len(result.samples)} samples from {result.lines} lines in {seconds:.2f} s -> {out}"
+        )
+        if result.rejected:
+            stderr.print(verdict_table(result.samples))
+        stderr.print(check_table(result.tally))
+    raise typer.Exit(code)

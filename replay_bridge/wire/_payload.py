@@ -55,16 +55,23 @@ class Payloads:
             raise ValueError(f"invalid base64 ({len(text)} chars): {e}") from None
 
 
-def split(body: bytes | bytearray | memoryview, key: bytes = b'"routed_experts"') -> tuple[bytes, Payloads]:
-    """Split ``body`` into a skeleton and the string payloads of every ``key``."""
-    buf = bytes(body) if not isinstance(body, bytes) else body
+def split(
+    body: bytes | bytearray | memoryview | Any, start: int = 0, end: int | None = None,
+    key: bytes = b'"routed_experts"',
+) -> tuple[bytes, Payloads]:
+    """Split ``body[start:end]`` into a skeleton and the string payloads of every ``key``.
+
+    ``body`` is ``bytes`` or anything with ``bytes``-like ``find`` and indexing (an ``mmap``):
+    payloads stay views of it.
+    """
+    buf = bytes(body) if isinstance(body, (bytearray, memoryview)) else body
     mv = memoryview(buf)
-    n = len(buf)
+    n = len(buf) if end is None else end
     parts: list[bytes | memoryview] = []
     payloads = Payloads()
-    pos = last = 0
+    pos = last = start
     while True:
-        i = buf.find(key, pos)
+        i = buf.find(key, pos, n)
         if i < 0:
             break
         j = i + len(key)
@@ -79,17 +86,17 @@ def split(body: bytes | bytearray | memoryview, key: bytes = b'"routed_experts"'
         if j >= n or buf[j] != 0x22:  # '"': null / list forms are left to the parser
             pos = j
             continue
-        start = j + 1
-        end = buf.find(b'"', start)
-        if end < 0:
+        first = j + 1
+        close = buf.find(b'"', first, n)
+        if close < 0:
             break
-        parts.append(mv[last:start])
+        parts.append(mv[last:first])
         parts.append(b"#%d" % len(payloads.views))
-        payloads.views.append(mv[start:end])
-        last = pos = end
+        payloads.views.append(mv[first:close])
+        last = pos = close
     if not payloads.views:
-        return buf, payloads
-    parts.append(mv[last:])
+        return bytes(mv[start:n]) if (start or n != len(buf) or not isinstance(buf, bytes)) else buf, payloads
+    parts.append(mv[last:n])
     return b"".join(parts), payloads
 
 

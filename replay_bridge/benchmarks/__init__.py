@@ -1,0 +1,1 @@
+"""Benchmarks behind ``replay-bridge bench``: each returns a JSON-ready dict."""

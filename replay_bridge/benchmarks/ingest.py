@@ -1,0 +1,110 @@
+"""``bench ingest``: ingest vs the base64 floor vs a typical peer chain, side by side."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pybase64
+
+from ..geometry import RoutingGeometry
+from ..ingest import ingest
+from ..shards import ShardReader
+from .traffic import write_sglang_jsonl
+
+
+def _floor(payloads: list[bytes]) -> float:
+    t0 = time.perf_counter()
+    for p in payloads:
+        pybase64.b64decode(p, validate=True)
+    return time.perf_counter() - t0
+
+
+def _peer_chain(path: Path, out: Path, geometry: RoutingGeometry) -> float:
+    """Today's usual chain: orjson -> str -> b64decode -> torch.frombuffer(bytearray) ->
+    sort-based duplicate check + range check -> torch.save of int32, one file per sample."""
+    import orjson
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    layers, k, e = geometry.num_layers, geometry.top_k, geometry.num_experts
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:
+        for line in f:
+            obj = orjson.loads(line)
+            text = obj["response"]["meta_info"]["routed_experts"]
+            raw = pybase64.b64decode(text)
+            t = torch.frombuffer(bytearray(raw), dtype=torch.int32).reshape(-1, layers, k)
+            s = t.sort(dim=-1).values
+            bad = bool((s[..., 1:] == s[..., :-1]).any()) or int(t.min()) < 0 or int(t.max()) >= e
+            if not bad:
+                torch.save(t, out / f"{obj['sample_id']}.pt")
+    return time.perf_counter() - t0
+
+
+def run(tokens: int = 400_000, model: str = "qwen3-30b-a3b", prompt_len: int = 512,
+        completion_len: int = 1536, repeats: int = 3, peer: bool = True,
+        workdir: Path | None = None) -> dict[str, Any]:
+    geometry = RoutingGeometry.resolve(model)
+    seq = prompt_len + completion_len
+    samples = -(-tokens // seq)
+    root = Path(tempfile.mkdtemp(prefix="rb-bench-ingest-", dir=workdir))
+    try:
+        path = root / "responses.jsonl"
+        payloads = write_sglang_jsonl(path, geometry, samples, prompt_len, completion_len)
+        rows = samples * (seq - 1)
+        floor_s, ingest_s, peer_s = [], [], []
+        shard_bytes = stored_tokens = 0
+        for r in range(repeats):
+            floor_s.append(_floor(payloads))
+            out = root / f"shards-{r}"
+            t0 = time.perf_counter()
+            result = ingest(path, geometry, "sglang", out)
+            ingest_s.append(time.perf_counter() - t0)
+            if result.stored != samples:
+                raise RuntimeError(f"bench ingest stored {result.stored} of {samples} samples")
+            reader = ShardReader(out)
+            shard_bytes = int(reader.manifest.bytes)
+            stored_tokens = int(reader.manifest.tokens)
+            del reader
+            shutil.rmtree(out)
+            if peer:
+                peer_s.append(_peer_chain(path, root / f"peer-{r}", geometry))
+                shutil.rmtree(root / f"peer-{r}")
+        floor, ours = statistics.median(floor_s), statistics.median(ingest_s)
+        int32_per_token = geometry.wire_ids_per_token * 4
+        out: dict[str, Any] = {
+            "benchmark": "ingest",
+            "geometry": geometry.describe(),
+            "samples": samples,
+            "tokens": samples * seq,
+            "routing_rows": rows,
+            "jsonl_bytes": path.stat().st_size,
+            "base64_bytes": sum(len(p) for p in payloads),
+            "repeats": repeats,
+            "floor_b64decode_s": round(floor, 4),
+            "ingest_s": round(ours, 4),
+            "ingest_over_floor": round(ours / floor, 3),
+            "ingest_tokens_per_s": round(samples * seq / ours),
+            "shard_bytes_per_token": round(shard_bytes / stored_tokens, 2),
+            "int32_bytes_per_token": int32_per_token,
+            "shard_over_int32": round(shard_bytes / stored_tokens / int32_per_token, 4),
+            "runs_s": {"floor": floor_s, "ingest": ingest_s},
+        }
+        if peer:
+            p = statistics.median(peer_s)
+            out["peer_chain_s"] = round(p, 4)
+            out["peer_over_ingest"] = round(p / ours, 3)
+            out["runs_s"]["peer"] = peer_s
+        out["targets"] = {
+            "ingest_over_floor<=2": out["ingest_over_floor"] <= 2.0,
+            "peer_over_ingest>=2": (out.get("peer_over_ingest", 0) >= 2.0) if peer else None,
+            "shard_over_int32<=0.25": out["shard_over_int32"] <= 0.25,
+        }
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

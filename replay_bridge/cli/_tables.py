@@ -1,0 +1,51 @@
+"""Rich tables shared by ``ingest``, ``validate`` and ``collect``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from ..checks import REGIONS, CheckTally
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.2f}%" if whole else "-"
+
+
+def check_table(tally: CheckTally, title: str = "routing checks") -> Table:
+    """Tokens, (token, MoE layer) blocks, bad blocks and all-zero blocks, by region, then by
+    layer for the layers that have faults."""
+    t = Table(title=title, title_justify="left")
+    for col in ("region", "tokens", "blocks", "bad blocks", "of which all-zero", "bad %"):
+        t.add_column(col, justify="right" if col != "region" else "left")
+    for i, region in enumerate(REGIONS):
+        bad, zero = int(tally.bad[i].sum()), int(tally.all_zero[i].sum())
+        t.add_row(region, f"{int(tally.tokens[i]):,}", f"{int(tally.blocks[i]):,}", f"{bad:,}",
+                  f"{zero:,}", _pct(bad, int(tally.blocks[i])))
+    bad, zero = int(tally.bad.sum()), int(tally.all_zero.sum())
+    t.add_row("total", f"{int(tally.tokens.sum()):,}", f"{int(tally.blocks.sum()):,}",
+              f"{bad:,}", f"{zero:,}", _pct(bad, int(tally.blocks.sum())), style="bold")
+    faulty = [layer for layer in tally.geometry.moe_layers if tally.bad[:, layer].any()]
+    if faulty:
+        t.add_section()
+        for layer in faulty:
+            p, c = int(tally.bad[0, layer]), int(tally.bad[1, layer])
+            zp, zc = int(tally.all_zero[0, layer]), int(tally.all_zero[1, layer])
+            t.add_row(f"layer {layer}", "", "", f"{p:,} / {c:,}", f"{zp:,} / {zc:,}",
+                      "prompt / completion")
+    return t
+
+
+def verdict_table(samples: list[dict[str, Any]], limit: int = 20) -> Table:
+    """The first rejected samples with their kinds and messages."""
+    t = Table(title="rejected samples", title_justify="left")
+    t.add_column("sample")
+    t.add_column("kinds")
+    t.add_column("reason", overflow="fold")
+    rejected = [s for s in samples if not s["stored"]]
+    for s in rejected[:limit]:
+        t.add_row(str(s["sample_id"]), ", ".join(s["kinds"]), s.get("message", ""))
+    if len(rejected) > limit:
+        t.add_row(f"... {len(rejected) - limit} more", "", "")
+    return t
