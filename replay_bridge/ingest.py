@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +107,48 @@ def _line_samples(
     )
 
 
+class _WriterThread:
+    """Runs a :class:`ShardWriter` on its own thread, fed through a bounded queue, so that
+    compression, hashing and disk writes overlap decoding and checking (both release the GIL).
+
+    The thread is the writer's only user. An error on the thread is raised on the caller's
+    next ``submit`` or at ``close``.
+    """
+
+    _STOP = object()
+
+    def __init__(self, writer: ShardWriter, depth: int = 16) -> None:
+        self.writer = writer
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is self._STOP:
+                return
+            if self._error is not None:
+                continue
+            method, args = item
+            try:
+                method(*args)
+            except BaseException as e:  # surfaced on the caller's thread
+                self._error = e
+
+    def submit(self, method: Callable[..., Any], *args: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put((method, args))
+
+    def close(self) -> None:
+        self._q.put(self._STOP)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def ingest(
     path: str | Path,
     geometry: RoutingGeometry,
@@ -121,32 +165,36 @@ def ingest(
     """
     result = IngestResult(tally=CheckTally(geometry))
     with ShardWriter(out_dir, geometry, **(writer_options or {})) as writer:
-        for lineno, buf, start, end in iter_lines(path):
-            result.lines += 1
-            for ws in _line_samples(buf, start, end, lineno, engine, geometry):
-                report, routed = accept(ws, geometry)
-                verdict: dict[str, Any] = {"sample_id": ws.sample_id, "stored": False,
-                                           "kinds": list(report.kinds)}
-                if routed is not None:
-                    try:
-                        writer.add(routed)
-                    except ValueError as e:  # duplicate id
-                        report = CheckReport(ws.sample_id, kinds=("duplicate_sample_id",),
-                                             message=f"sample {ws.sample_id!r}: {e}")
+        seen = set(writer.stored_ids)
+        background = _WriterThread(writer)
+        try:
+            for lineno, buf, start, end in iter_lines(path):
+                result.lines += 1
+                for ws in _line_samples(buf, start, end, lineno, engine, geometry):
+                    report, routed = accept(ws, geometry)
+                    verdict: dict[str, Any] = {"sample_id": ws.sample_id, "stored": False,
+                                               "kinds": list(report.kinds)}
+                    if routed is not None and ws.sample_id in seen:
+                        report = CheckReport(
+                            ws.sample_id, kinds=("duplicate_sample_id",),
+                            message=f"sample {ws.sample_id!r}: duplicate_sample_id: already "
+                                    "stored in this directory or earlier in the input")
                         verdict["kinds"] = ["duplicate_sample_id"]
-                        verdict["message"] = report.message
-                    else:
+                    elif routed is not None:
+                        seen.add(ws.sample_id)
+                        background.submit(writer.add, routed)
                         verdict["stored"] = True
                         result.stored += 1
                         result.tokens_stored += ws.num_tokens
-                if not verdict["stored"]:
-                    result.rejected += 1
-                    if report.message:
+                    else:
+                        background.submit(writer.quarantine, report, ws)
+                    if not verdict["stored"]:
+                        result.rejected += 1
                         verdict["message"] = report.message
-                    if report.kinds != ("duplicate_sample_id",):
-                        writer.quarantine(report, ws)
-                result.tally.add(report)
-                result.samples.append(verdict)
-            if on_line is not None:
-                on_line(lineno, end)
+                    result.tally.add(report)
+                    result.samples.append(verdict)
+                if on_line is not None:
+                    on_line(lineno, end)
+        finally:
+            background.close()
     return result

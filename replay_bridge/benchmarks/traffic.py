@@ -15,16 +15,19 @@ from ..geometry import RoutingGeometry
 def valid_routing(rng: np.random.Generator, rows: int, geometry: RoutingGeometry) -> np.ndarray:
     """``int32 [rows, num_layers, top_k]``: k distinct ids per MoE block, zeros for dense layers.
 
-    Ids are ``(base + j * stride) % E`` with an odd stride, distinct for ``k <= E`` when ``E`` is a
-    power of two; other expert counts fall back to stride 1.
+    Each block is a random base plus cumulative random gaps (k distinct ids, about as much
+    entropy as a random k-subset), in one of 64 random orders, so that compression figures are
+    not flattered by structure real routing lacks.
     """
     e, k, layers = geometry.num_experts, geometry.top_k, geometry.num_layers
-    base = rng.integers(0, e, size=(rows, layers, 1), dtype=np.int64)
-    if e & (e - 1) == 0:
-        stride = 2 * rng.integers(0, max(e // 2, 1), size=(rows, layers, 1), dtype=np.int64) + 1
-    else:
-        stride = np.ones((rows, layers, 1), dtype=np.int64)
-    ids = ((base + np.arange(k, dtype=np.int64) * stride) % e).astype(np.int32)
+    max_gap = max((e - 1) // k, 1)
+    base = rng.integers(0, e, size=(rows * layers, 1), dtype=np.int32)
+    gaps = rng.integers(1, max_gap + 1, size=(rows * layers, k), dtype=np.int32)
+    gaps[:, 0] = 0
+    ids = (base + np.cumsum(gaps, axis=1, dtype=np.int32)) % e
+    orders = np.stack([rng.permutation(k) for _ in range(64)])
+    pick = orders[rng.integers(0, 64, size=rows * layers)]
+    ids = np.take_along_axis(ids, pick, axis=1).reshape(rows, layers, k)
     if not geometry.all_moe:
         ids[:, list(geometry.dense_layers), :] = 0
     return ids
