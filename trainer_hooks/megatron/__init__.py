@@ -1,1 +1,58 @@
-"""Megatron-core router replay hook: rollout routing replayed exactly in every parallel layout."""
+"""Megatron-core router replay hook: rollout routing replayed exactly in every parallel layout.
+
+Build a :class:`RoutingReplay` over the model (every guard runs there), lay out each
+micro-batch with :meth:`RoutingReplay.prepare`, wrap the forward step once, and run each pass
+inside :meth:`RoutingReplay.replaying`::
+
+    replay = RoutingReplay(model_chunks, reader.geometry, source=reader, packing=Packing.thd(2))
+    forward_step = replay.wrap_forward_step(forward_step)
+    mbs = [replay.prepare(ids) for ids in micro_batch_sample_ids]
+    with replay.replaying(mbs):
+        forward_backward_func(forward_step_func=forward_step, ..., num_microbatches=len(mbs))
+    log(replay.metrics())
+
+``cpu_compat`` (CPU shims for tests) is not imported here and is never needed at runtime.
+"""
+
+from ._flag import (
+    ReplayOptions,
+    add_routing_replay_args,
+    build_routing_replay,
+    options_from_args,
+    options_from_config,
+)
+from ._layout import (
+    COMPLETION,
+    PAD,
+    PROMPT,
+    HostRouting,
+    LayoutError,
+    MissingSample,
+    Packing,
+    RankSlice,
+    layout_routing,
+)
+from ._replay import MicroBatchRouting, ReplayStateError, RoutingReplay
+from ._routers import ReplayConfigError, model_geometry
+
+__all__ = [
+    "COMPLETION",
+    "PAD",
+    "PROMPT",
+    "HostRouting",
+    "LayoutError",
+    "MicroBatchRouting",
+    "MissingSample",
+    "Packing",
+    "RankSlice",
+    "ReplayConfigError",
+    "ReplayOptions",
+    "ReplayStateError",
+    "RoutingReplay",
+    "add_routing_replay_args",
+    "build_routing_replay",
+    "layout_routing",
+    "model_geometry",
+    "options_from_args",
+    "options_from_config",
+]

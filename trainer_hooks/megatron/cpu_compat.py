@@ -16,7 +16,10 @@ What is patched, and why (megatron-core 0.16.x with torch built without CUDA):
 - ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` become stand-ins: the ``alltoall``
   dispatcher and shared experts create side streams;
 - ``moe_utils.te_general_gemm = None`` when Transformer Engine is absent: megatron-core 0.16.x
-  names it in the router's gating without importing it (``NameError``; fixed in 0.17).
+  names it in the router's gating without importing it (``NameError``; fixed in 0.17);
+- ``torch.cuda.synchronize`` becomes a no-op, and the pipeline schedules' module-level ``torch``
+  a proxy whose ``zeros(..., device="cuda")`` allocates on the CPU: the schedules count tokens
+  in a tensor made on ``"cuda"`` by name, and pipeline send/receive synchronises the device.
 
 Use it as a context manager or as an explicit pair::
 
@@ -104,6 +107,23 @@ def _null_fork(self: Any, name: str = "") -> Iterator[None]:
     yield
 
 
+class _SchedulesTorch:
+    """``torch`` as the pipeline schedules see it: ``device="cuda"`` in ``zeros`` means CPU."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
+def _synchronize(device: Any = None) -> None:
+    return None
+
+
 def _get_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8)
 
@@ -138,6 +158,7 @@ class CpuShims:
     def apply(self) -> CpuShims:
         if self._active:
             raise RuntimeError("these CPU shims are already applied")
+        from megatron.core.pipeline_parallel import schedules
         from megatron.core.tensor_parallel import random as tp_random
         from megatron.core.transformer.moe import moe_utils
 
@@ -145,6 +166,8 @@ class CpuShims:
         self._set(torch.cuda, "Stream", _StreamStandIn)
         self._set(torch.cuda, "current_stream", _current_stream)
         self._set(torch.cuda, "stream", _stream)
+        self._set(torch.cuda, "synchronize", _synchronize)
+        self._set(schedules, "torch", _SchedulesTorch())
         self._set(tp_random.CudaRNGStatesTracker, "fork", _null_fork)
         self._set(tp_random, "_get_cuda_rng_state", _get_rng_state)
         self._set(tp_random, "_set_cuda_rng_state", _set_rng_state)

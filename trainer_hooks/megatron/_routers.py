@@ -1,0 +1,146 @@
+"""Find a model's local MoE routers and refuse configurations where replay cannot be exact."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from replay_bridge.geometry import RoutingGeometry
+
+__all__ = ["ReplayConfigError", "RouterSlot", "find_routers", "model_geometry"]
+
+
+class ReplayConfigError(RuntimeError):
+    """A model or configuration under which routing replay would be wrong or silently off."""
+
+
+@dataclass(eq=False)
+class RouterSlot:
+    """One local router: its model chunk, wire layer index and megatron ``RouterReplay``."""
+
+    chunk: int
+    layer: int
+    """Wire (0-based, global) layer index."""
+    moe_index: int
+    """Position of ``layer`` in the geometry's ``moe_layers``."""
+    local_index: int
+    """Position among this rank's routers (the layer axis of a micro-batch's ids)."""
+    name: str
+    router: torch.nn.Module
+    replay: Any
+    region: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _is_mtp(name: str) -> bool:
+    return "mtp" in name.split(".")
+
+
+def model_geometry(config: Any) -> RoutingGeometry:
+    """The routing geometry a megatron ``TransformerConfig`` describes (``moe_layer_freq`` as an
+    int or a 0/1 list; multi-token-prediction layers are not on the wire)."""
+    n = int(config.num_layers)
+    freq = getattr(config, "moe_layer_freq", 1)
+    if isinstance(freq, int):
+        moe = tuple(i for i in range(n) if i % freq == 0)
+    else:
+        pattern = list(freq)
+        if len(pattern) != n:
+            raise ReplayConfigError(
+                f"moe_layer_freq has {len(pattern)} entries for {n} layers: {pattern}"
+            )
+        moe = tuple(i for i, f in enumerate(pattern) if f)
+    if not config.num_moe_experts:
+        raise ReplayConfigError("the model config has no num_moe_experts: not an MoE model")
+    return RoutingGeometry(n, moe, int(config.moe_router_topk), int(config.num_moe_experts))
+
+
+def _check_config(config: Any, allow_token_dropping: bool) -> None:
+    if not getattr(config, "moe_enable_routing_replay", False):
+        raise ReplayConfigError(
+            "routing replay is not enabled in the model config: build the model with "
+            "TransformerConfig(moe_enable_routing_replay=True) (--moe-enable-routing-replay); "
+            "without it the routers have no RouterReplay and route natively"
+        )
+    if getattr(config, "moe_router_fusion", False):
+        raise ReplayConfigError(
+            "moe_router_fusion=True: megatron-core's fused top-k path returns before router "
+            "replay, so replay would silently do nothing; set moe_router_fusion=False"
+        )
+    if getattr(config, "moe_expert_capacity_factor", None) is not None and not allow_token_dropping:
+        raise ReplayConfigError(
+            f"moe_expert_capacity_factor={config.moe_expert_capacity_factor}: token dropping "
+            "still applies after replay, so replayed routes can be dropped; unset it, or pass "
+            "allow_token_dropping=True to accept inexact replay"
+        )
+    if getattr(config, "moe_router_load_balancing_type", "aux_loss") == "sinkhorn":
+        raise ReplayConfigError("sinkhorn routing bypasses router replay")
+
+
+def find_routers(
+    chunks: Sequence[torch.nn.Module],
+    geometry: RoutingGeometry,
+    allow_token_dropping: bool = False,
+) -> tuple[list[RouterSlot], Any]:
+    """This rank's replayable routers in layer order, after every guard; and the model config.
+
+    Multi-token-prediction routers are left out (they have no rollout routing). Raises
+    :class:`ReplayConfigError` or ``GeometryMismatch`` naming what is wrong.
+    """
+    from megatron.core.transformer.moe.router import TopKRouter
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    found: list[tuple[int, str, Any]] = []
+    chunk_layers: list[set[int]] = []
+    all_replays: set[int] = set()
+    config = None
+    for c, chunk in enumerate(chunks):
+        layers: set[int] = set()
+        for name, mod in chunk.named_modules():
+            if isinstance(mod, TransformerLayer) and not _is_mtp(name):
+                layers.add(int(mod.layer_number) - 1)
+            if isinstance(mod, TopKRouter):
+                config = mod.config
+                if getattr(mod, "router_replay", None) is not None:
+                    all_replays.add(id(mod.router_replay))
+                if not _is_mtp(name):
+                    found.append((c, name, mod))
+        chunk_layers.append(layers)
+    if config is None:
+        raise ReplayConfigError("the model has no MoE router (TopKRouter) on this rank")
+    _check_config(config, allow_token_dropping)
+
+    model_geometry(config).require_same(geometry, "the routing shards and the model")
+
+    slots: list[RouterSlot] = []
+    moe_pos = {l: i for i, l in enumerate(geometry.moe_layers)}
+    for c, layers in enumerate(chunk_layers):
+        expected = sorted(l for l in layers if l in moe_pos)
+        here = sorted((int(r.layer_number) - 1, n, r) for cc, n, r in found if cc == c)
+        got = [l for l, _, _ in here]
+        if got != expected:
+            raise ReplayConfigError(
+                f"model chunk {c} on this rank holds layers {sorted(layers)} with routers at "
+                f"{got}, but the geometry's MoE layers there are {expected} "
+                f"({len(got)} routers, expected {len(expected)})"
+            )
+        for layer, name, router in here:
+            if router.router_replay is None:
+                raise ReplayConfigError(f"router {name} has no RouterReplay")
+            slots.append(
+                RouterSlot(c, layer, moe_pos[layer], len(slots), name, router, router.router_replay)
+            )
+    if not slots:
+        raise ReplayConfigError("no MoE layer of the geometry is built on this rank")
+
+    strays = [r for r in RouterReplay.global_router_replay_instances if id(r) not in all_replays]
+    if strays:
+        raise ReplayConfigError(
+            f"{len(strays)} RouterReplay instance(s) in this process belong to no router of this "
+            "model (left over from another model built earlier): call "
+            "RouterReplay.clear_global_router_replay_instances() before building the model"
+        )
+    return slots, config
