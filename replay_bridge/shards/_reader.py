@@ -37,7 +37,8 @@ def verify_file(directory: Path, entry: ShardEntry | QuarantineEntry) -> Path:
         raise ShardError(f"{entry.file}: cannot read: {e.strerror or e}", file=entry.file) from None
     if digest != entry.sha256:
         raise ShardError(f"{entry.file}: sha256 {digest[:16]}... does not match the manifest "
-                         f"({entry.sha256[:16]}...): the file is corrupted", file=entry.file)
+                         f"({entry.sha256[:16]}...): the file is corrupted", file=entry.file,
+                         kind="checksum")
     return path
 
 
@@ -46,11 +47,11 @@ def _check_size(path: Path, entry: ShardEntry | QuarantineEntry) -> None:
         size = path.stat().st_size
     except FileNotFoundError:
         raise ShardError(f"{entry.file}: listed in the manifest but missing",
-                         file=entry.file) from None
+                         file=entry.file, kind="missing") from None
     if size != entry.bytes:
         what = "truncated" if size < entry.bytes else "longer than listed"
         raise ShardError(f"{entry.file}: {size} bytes, the manifest says {entry.bytes} "
-                         f"({what})", file=entry.file)
+                         f"({what})", file=entry.file, kind="size")
 
 
 class _Shard:
@@ -76,7 +77,9 @@ class _Shard:
 
     def batch(self, i: int) -> pa.RecordBatch:
         try:
-            return self.reader.get_batch(i)
+            batch = self.reader.get_batch(i)
+            batch.validate(full=True)
+            return batch
         except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{self.entry.file}: unreadable record batch {i} ({e})",
                              file=self.entry.file) from None
@@ -114,7 +117,7 @@ class ShardReader:
                 raise ShardError(
                     f"{shard.entry.file}: holds {scan.rows} samples / {scan.tokens} tokens, the "
                     f"manifest says {shard.entry.rows} / {shard.entry.tokens}",
-                    file=shard.entry.file)
+                    file=shard.entry.file, kind="counts")
             self._ids.extend(scan.ids)
             batch = np.repeat(np.arange(len(scan.batch_rows), dtype=np.int32), scan.batch_rows)
             row = np.arange(scan.rows, dtype=np.int32) - np.repeat(
@@ -123,7 +126,8 @@ class ShardReader:
         self._loc = np.concatenate(locs) if locs else np.empty((0, 3), np.int32)
         self._index = dict(zip(self._ids, range(len(self._ids))))
         if len(self._index) != len(self._ids):
-            raise ShardError(_duplicates_message(self._ids, self._loc, self._shards))
+            raise ShardError(_duplicates_message(self._ids, self._loc, self._shards),
+                             kind="duplicate_id")
 
     # ---- lookup --------------------------------------------------------------------------
 

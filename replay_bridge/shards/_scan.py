@@ -31,7 +31,7 @@ def open_ipc(path: Path, name: str, geometry: RoutingGeometry,
     try:
         reader = ipc.open_file(pa.memory_map(str(path)), options=options)
     except FileNotFoundError:
-        raise ShardError(f"{name}: missing", file=name) from None
+        raise ShardError(f"{name}: missing", file=name, kind="missing") from None
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{name}: not a readable Arrow IPC file ({e})", file=name) from None
     got, version = geometry_from_schema(reader.schema, name, projected=options is not None)
@@ -41,7 +41,7 @@ def open_ipc(path: Path, name: str, geometry: RoutingGeometry,
     try:
         geometry.require_same(got, f"{name} schema geometry and manifest geometry")
     except GeometryMismatch as e:
-        raise ShardError(str(e), file=name) from None
+        raise ShardError(str(e), file=name, kind="geometry") from None
     return reader
 
 
@@ -60,6 +60,7 @@ def scan_shard(path: Path, name: str, geometry: RoutingGeometry, *,
     try:
         for i in range(reader.num_record_batches):
             b = reader.get_batch(i)
+            b.validate(full=True)
             ids = b.column(0).to_pylist()
             if None in ids:
                 raise ShardError(f"{name}: batch {i} has a null sample_id", file=name)

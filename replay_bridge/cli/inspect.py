@@ -1,0 +1,67 @@
+"""``replay-bridge inspect``: totals, storage cost and expert load of a shard directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._app import app
+from ._output import EXIT_OK, die, emit_json, progress, stdout
+
+
+@app.command()
+def inspect(
+    directory: Path = typer.Argument(..., help="Shard directory (holds manifest.json)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write an expert-load heatmap PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Samples, tokens, quarantined; bytes per token (and vs int32); expert load per MoE layer.
+
+    Exit 0, or 2 when DIR is not a readable shard directory (checksums: see ``validate``).
+    """
+    from rich.table import Table
+
+    from ..inspection import inspect_dir, plot_load
+    from ..shards import Manifest, ShardError
+
+    try:
+        total = Manifest.read(directory).samples
+        with progress(enabled=not as_json) as bar:
+            task = bar.add_task("inspect", total=total, status="")
+            result = inspect_dir(directory, on_samples=lambda n: bar.advance(task, n))
+    except ShardError as e:
+        die(f"{directory}: {e}", as_json=as_json)
+    plotted = None
+    if plot is not None:
+        try:
+            plotted = str(plot_load(result, plot))
+        except ImportError:
+            die("--plot needs matplotlib: pip install 'routing-replay-bridge[plot]'",
+                as_json=as_json)
+        except OSError as e:
+            die(f"cannot write {plot}: {e}", as_json=as_json)
+    if as_json:
+        emit_json({**result.to_dict(), "plot": plotted})
+        raise typer.Exit(EXIT_OK)
+
+    m, g = result.manifest, result.geometry
+    stdout.print(f"[bold]{directory}[/]: {g.describe()}, {m.compression} compression")
+    stdout.print(
+        f"{m.samples:,} samples, {m.tokens:,} tokens in {len(m.shards)} shards; "
+        f"{m.outcomes['rejected']:,} rejected and {m.outcomes['failed']:,} failed in quarantine")
+    stdout.print(
+        f"{m.bytes:,} bytes: {result.bytes_per_token:.1f} B/token, "
+        f"{result.bytes_per_token / result.int32_bytes_per_token:.3f}x the "
+        f"{result.int32_bytes_per_token} B/token of int32 wire routing")
+    t = Table(title="expert load per MoE layer", title_justify="left")
+    for col in ("layer", "max/mean", "min/mean", "cv", "hottest expert", "share", "idle"):
+        t.add_column(col, justify="right")
+    for row in result.layer_summary():
+        t.add_row(str(row["layer"]), f"{row['max_over_mean']:.2f}", f"{row['min_over_mean']:.2f}",
+                  f"{row['cv']:.2f}", str(row["hottest_expert"]),
+                  f"{100 * row['hottest_share']:.2f}%", str(row["idle_experts"]))
+    stdout.print(t)
+    if plotted:
+        stdout.print(f"heatmap: {plotted}")
