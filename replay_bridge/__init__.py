@@ -1,1 +1,31 @@
+"""routing-replay-bridge: carry MoE routing from RL rollouts to the trainer.
+
+The public surface; everything else lives in private modules behind it.
+"""
+
+from .checks import KINDS, CheckReport, CheckTally, accept, check_routed, check_sample
+from .geometry import GeometryError, GeometryMismatch, RoutingGeometry
+from .sample import DecodeFault, RoutedSample, WireSample
+from .shards import ShardError, ShardReader, ShardWriter
+from .wire import decode_response
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "KINDS",
+    "CheckReport",
+    "CheckTally",
+    "DecodeFault",
+    "GeometryError",
+    "GeometryMismatch",
+    "RoutedSample",
+    "RoutingGeometry",
+    "ShardError",
+    "ShardReader",
+    "ShardWriter",
+    "WireSample",
+    "accept",
+    "check_routed",
+    "check_sample",
+    "decode_response",
+]

@@ -32,8 +32,8 @@ def check_table(tally: CheckTally, title: str = "routing checks") -> Table:
         for layer in faulty:
             p, c = int(tally.bad[0, layer]), int(tally.bad[1, layer])
             zp, zc = int(tally.all_zero[0, layer]), int(tally.all_zero[1, layer])
-            t.add_row(f"layer {layer}", "", "", f"{p:,} / {c:,}", f"{zp:,} / {zc:,}",
-                      "prompt / completion")
+            t.add_row(f"layer {layer}", "", "", f"{p:,} / {c:,}", f"{zp:,} / {zc:,}", "")
+        t.caption = "layer rows: prompt / completion"
     return t
 
 

@@ -1,0 +1,26 @@
+# Two entry points: `make demo` and `make test`. Both set up .venv first (scripts/setup.sh).
+.PHONY: setup vllm-env demo test test-fast bench clean
+
+setup:
+	bash scripts/setup.sh
+
+vllm-env:
+	bash scripts/vllm_env.sh
+
+demo: setup
+	bash scripts/demo_offline.sh
+
+# The whole suite, the real-vLLM integration test included.
+test: setup vllm-env
+	.venv/bin/pytest -q
+
+# Everything but the real-vLLM test (it needs the 3.4 GB .venv-vllm).
+test-fast: setup
+	.venv/bin/pytest -q -m "not vllm"
+
+bench: setup
+	.venv/bin/replay-bridge bench ingest
+	.venv/bin/replay-bridge bench shards
+
+clean:
+	rm -rf out .pytest_cache .hypothesis
