@@ -1,0 +1,60 @@
+"""Injected faults, each reproducing one seen in the field (see docs/protocol.md).
+
+A worker (``serve --fault``) or the PD router (``route --fault``) applies them to the routing it
+is about to send:
+
+- ``prefill-zero-rows``: the prompt rows are all zero in every layer (the prefill capture never
+  reached the host buffer; the bug fixed by SGLang PR #23885).
+- ``drop-routed-experts``: the ``routed_experts`` field is lost (a router that drops the request
+  flag, or a server started without the feature).
+- ``no-merge``: the router returns decode's rows unmerged (sglang-router 0.3.2), so the prompt
+  rows are decode's zeros. Router only.
+- ``duplicate-ids``: every third row from the first completion row on (from row 0 when there
+  is no completion row) repeats its first id in the second slot, in every MoE layer (seen with
+  CUDA graphs).
+- ``extra-row``: one row too many (a copy of the last row appended).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["FAULTS", "ROUTER_FAULTS", "WORKER_FAULTS", "apply_rows_fault", "check_fault"]
+
+FAULTS = ("prefill-zero-rows", "drop-routed-experts", "no-merge", "duplicate-ids", "extra-row")
+WORKER_FAULTS = tuple(f for f in FAULTS if f != "no-merge")
+ROUTER_FAULTS = FAULTS
+
+
+def check_fault(fault: str | None, allowed: tuple[str, ...], top_k: int | None = None) -> None:
+    """Raise ``ValueError`` for a fault this component cannot inject."""
+    if fault is None:
+        return
+    if fault not in allowed:
+        raise ValueError(f"unknown fault {fault!r} here; choose one of: {', '.join(allowed)}")
+    if fault == "duplicate-ids" and top_k is not None and top_k < 2:
+        raise ValueError("duplicate-ids needs top_k >= 2")
+
+
+def apply_rows_fault(
+    fault: str | None, rows: np.ndarray, prompt_rows: int, moe_layers: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Return ``rows`` (``[n, num_layers, top_k]``) with a rows-level fault applied.
+
+    ``prompt_rows`` is how many leading rows cover prompt positions (``prompt_len - start``).
+    Faults that are not about rows (``drop-routed-experts``, ``no-merge``) leave it unchanged.
+    """
+    if fault not in ("prefill-zero-rows", "duplicate-ids", "extra-row"):
+        return rows
+    out = np.array(rows, dtype=np.int32, copy=True)
+    n = out.shape[0]
+    if fault == "prefill-zero-rows":
+        out[: max(0, min(prompt_rows, n))] = 0
+    elif fault == "duplicate-ids":
+        layers = np.asarray(moe_layers if moe_layers is not None else range(out.shape[1]))
+        first = prompt_rows if 0 <= prompt_rows < n else 0
+        picked = np.arange(first, n, 3)
+        out[np.ix_(picked, layers, [1])] = out[np.ix_(picked, layers, [0])]
+    elif fault == "extra-row" and n:
+        out = np.concatenate([out, out[-1:]], axis=0)
+    return out
