@@ -10,6 +10,7 @@ from ._app import app, bench_app
 
 # Command modules: importing one registers its commands.
 from . import ingest as _ingest  # noqa: E402,F401
+from . import serve as _serve  # noqa: E402,F401
 from . import bench_ingest as _bench_ingest  # noqa: E402,F401
 
 __all__ = ["app", "bench_app", "main"]
