@@ -113,7 +113,7 @@ def find_routers(
         raise ReplayConfigError("the model has no MoE router (TopKRouter) on this rank")
     _check_config(config, allow_token_dropping)
 
-    model_geometry(config).require_same(geometry, "the routing shards and the model")
+    geometry.require_same(model_geometry(config), "the routing shards and the model")
 
     slots: list[RouterSlot] = []
     moe_pos = {l: i for i, l in enumerate(geometry.moe_layers)}
