@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -149,3 +150,71 @@ def weight_versions(meta: dict[str, Any], completion_len: int) -> list[dict[str,
     if version is None:
         return None
     return [{"version": version, "start": 0, "end": completion_len}]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Per-response fields every sample of it shares."""
+
+    engine: str
+    group_id: str | None = None
+    policy_version: int | None = None
+
+    def failed(self, sample_id: str, kind: str, message: str,
+               prompt: np.ndarray | None = None) -> WireSample:
+        return failed(sample_id, kind, message, self.engine, self.group_id,
+                      self.policy_version, prompt)
+
+
+def request_prompt(request: dict[str, Any], key: str = "prompt") -> list[int] | None:
+    """The request's prompt when it was sent as token ids (not text)."""
+    ids = request.get(key)
+    if isinstance(ids, list) and ids and isinstance(ids[0], int):
+        return ids
+    return None
+
+
+def align(
+    ctx: Context, sample_id: str, request: dict[str, Any], prompt_ids: Any, output_ids: Any,
+    start_key: str,
+) -> tuple[np.ndarray, np.ndarray, int] | WireSample:
+    """Prompt and completion token arrays and the row offset, or the ``malformed`` sample."""
+    try:
+        prompt = token_array(prompt_ids, "prompt token ids")
+        output = token_array(output_ids, "completion token ids")
+    except ValueError as e:
+        return ctx.failed(sample_id, "malformed", str(e))
+    if prompt.size == 0:
+        return ctx.failed(sample_id, "malformed", "no prompt token ids: send the prompt as token "
+                          "ids, or ask the engine to return them")
+    start = start_offset(request, start_key, int(prompt.size))
+    if isinstance(start, str):
+        return ctx.failed(sample_id, "malformed", start, prompt)
+    return prompt, output, start
+
+
+def choices(
+    ctx: Context, request: dict[str, Any], response: Any, sample_id: str
+) -> Iterator[tuple[int, str, dict[str, Any] | WireSample]]:
+    """``(position, sample_id, choice)`` for each OpenAI choice; a ``malformed`` sample in place
+    of a choice that is not an object. Ids get ``/<index>`` when there are several choices."""
+    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
+        yield 0, sample_id, ctx.failed(sample_id, "malformed", "response has no choices list")
+        return
+    items = response["choices"]
+    many = len(items) > 1 or int(request.get("n", 1) or 1) > 1
+    for pos, choice in enumerate(items):
+        idx = choice.get("index", pos) if isinstance(choice, dict) else pos
+        sid = f"{sample_id}/{idx}" if many else sample_id
+        if isinstance(choice, dict):
+            yield pos, sid, choice
+        else:
+            yield pos, sid, ctx.failed(sid, "malformed", "choice is not an object")
+
+
+def choice_logprobs(choice: dict[str, Any]) -> np.ndarray | None:
+    """OpenAI ``logprobs``: completions (``token_logprobs``) or chat (``content``)."""
+    lp = choice.get("logprobs")
+    if not isinstance(lp, dict):
+        return None
+    return logprob_array(lp.get("token_logprobs") or lp.get("content"))

@@ -78,18 +78,13 @@ def _generate_item(
         return A.failed(sid, "malformed", f"response item is {type(item).__name__}, expected an "
                         "object", engine, group_id, policy_version)
     meta = item.get("meta_info") or {}
-    try:
-        prompt = A.token_array(
-            prompt_ids if prompt_ids is not None else item.get("prompt_token_ids"), "prompt ids")
-        output = A.token_array(item.get("output_ids", meta.get("output_ids")), "output_ids")
-    except ValueError as e:
-        return A.failed(sid, "malformed", str(e), engine, group_id, policy_version)
-    if prompt.size == 0:
-        return A.failed(sid, "malformed", "no prompt token ids (request input_ids or response "
-                        "prompt_token_ids)", engine, group_id, policy_version)
-    start = A.start_offset(request, "routed_experts_start_len", int(prompt.size))
-    if isinstance(start, str):
-        return A.failed(sid, "malformed", start, engine, group_id, policy_version, prompt)
+    ctx = A.Context(engine, group_id, policy_version)
+    aligned = A.align(ctx, sid, request,
+                      prompt_ids if prompt_ids is not None else item.get("prompt_token_ids"),
+                      item.get("output_ids", meta.get("output_ids")), "routed_experts_start_len")
+    if isinstance(aligned, WireSample):
+        return aligned
+    prompt, output, start = aligned
     expected = max(int(prompt.size + output.size) - 1 - start, 0)
     routing = routing_from_value(meta.get("routed_experts"), meta.get("routed_experts_dtype"),
                                  payloads, geometry, expected)
@@ -113,64 +108,49 @@ def decode_openai(
     ``return_meta_info``, else from the response-level ``sglext.routed_experts``, which SGLang
     fills for the first choice only: later choices without ``meta_info`` get ``missing_routing``.
     """
-    engine = "sglang-openai"
-    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
-        return [A.failed(sample_id, "malformed", "response has no choices list", engine,
-                         group_id, policy_version)]
-    choices = sorted(response["choices"], key=lambda c: c.get("index", 0)
-                     if isinstance(c, dict) else 0)
-    many = len(choices) > 1 or int(request.get("n", 1) or 1) > 1
-    sglext = response.get("sglext") or {}
+    ctx = A.Context("sglang-openai", group_id, policy_version)
+    sglext = (response.get("sglext") if isinstance(response, dict) else None) or {}
     out = []
-    for pos, choice in enumerate(choices):
-        idx = choice.get("index", pos) if isinstance(choice, dict) else pos
-        sid = f"{sample_id}/{idx}" if many else sample_id
-        if not isinstance(choice, dict):
-            out.append(A.failed(sid, "malformed", "choice is not an object", engine, group_id,
-                                policy_version))
+    for pos, sid, choice in A.choices(ctx, request, response, sample_id):
+        if isinstance(choice, WireSample):
+            out.append(choice)
             continue
         meta = choice.get("meta_info") or {}
-        prompt_ids = request.get("prompt")
-        if not (isinstance(prompt_ids, list) and prompt_ids and isinstance(prompt_ids[0], int)):
-            prompt_ids = (choice.get("prompt_token_ids") or response.get("prompt_token_ids")
-                          or meta.get("prompt_token_ids") or sglext.get("prompt_token_ids"))
+        prompt_ids = A.request_prompt(request) or (
+            choice.get("prompt_token_ids") or response.get("prompt_token_ids")
+            or meta.get("prompt_token_ids") or sglext.get("prompt_token_ids"))
         output_ids = next((v for v in (choice.get("token_ids"), choice.get("output_ids"),
                                        meta.get("output_ids")) if v is not None), None)
-        try:
-            prompt = A.token_array(prompt_ids, "prompt token ids")
-            output = A.token_array(output_ids, "completion token ids")
-        except ValueError as e:
-            out.append(A.failed(sid, "malformed", str(e), engine, group_id, policy_version))
+        aligned = A.align(ctx, sid, request, prompt_ids, output_ids, "routed_experts_start_len")
+        if isinstance(aligned, WireSample):
+            out.append(aligned)
             continue
-        if prompt.size == 0:
-            out.append(A.failed(sid, "malformed", "no prompt token ids (send the prompt as "
-                                "token ids)", engine, group_id, policy_version))
-            continue
-        start = A.start_offset(request, "routed_experts_start_len", int(prompt.size))
-        if isinstance(start, str):
-            out.append(A.failed(sid, "malformed", start, engine, group_id, policy_version, prompt))
-            continue
+        prompt, output, start = aligned
         expected = max(int(prompt.size + output.size) - 1 - start, 0)
         if "routed_experts" in meta:
-            value, dtype = meta.get("routed_experts"), meta.get("routed_experts_dtype")
+            routing = routing_from_value(meta.get("routed_experts"),
+                                         meta.get("routed_experts_dtype"), payloads, geometry,
+                                         expected)
         elif pos == 0:
-            value, dtype = sglext.get("routed_experts"), sglext.get("routed_experts_dtype")
+            routing = routing_from_value(sglext.get("routed_experts"),
+                                         sglext.get("routed_experts_dtype"), payloads, geometry,
+                                         expected)
         else:
-            value, dtype = None, None
-        routing = routing_from_value(value, dtype, payloads, geometry, expected)
-        if value is None and pos > 0:
             routing = DecodeFault(
                 "missing_routing",
-                f"choice {idx} has no routing: SGLang's sglext carries the first choice's only; "
+                f"{sid} has no routing: SGLang's sglext carries the first choice's only; "
                 "request return_meta_info, or one request per sample",
             )
-        lp = choice.get("logprobs") or {}
-        lp_values = lp.get("token_logprobs") or lp.get("content") if isinstance(lp, dict) else None
         out.append(A.build(
             sample_id=sid, prompt=prompt, output=output, start=start, routing=routing,
-            engine=engine, group_id=group_id, policy_version=policy_version,
-            logprobs=A.logprob_array(lp_values or meta.get("output_token_logprobs")),
+            engine=ctx.engine, group_id=group_id, policy_version=policy_version,
+            logprobs=_first_present(A.choice_logprobs(choice),
+                                    A.logprob_array(meta.get("output_token_logprobs"))),
             finish=A.finish_reason(choice.get("finish_reason") or meta.get("finish_reason")),
             weight_versions=A.weight_versions(meta or sglext, int(output.size)),
         ))
     return out
+
+
+def _first_present(*arrays: np.ndarray | None) -> np.ndarray | None:
+    return next((a for a in arrays if a is not None), None)

@@ -17,7 +17,7 @@ _MISSING = ("choice carries no routed_experts (server started without "
 
 
 def _routing(choice: dict[str, Any], response: dict[str, Any], payloads: Payloads,
-             prompt_rows: int) -> np.ndarray | DecodeFault:
+             ) -> np.ndarray | DecodeFault:
     value = choice.get("routed_experts")
     if value is None:
         return DecodeFault("missing_routing", _MISSING)
@@ -43,43 +43,24 @@ def decode_completions(
     sample_id: str, group_id: str | None = None, policy_version: int | None = None,
 ) -> list[WireSample]:
     """One sample per choice, ``<sample_id>/<index>`` when there are several."""
-    engine = "vllm"
-    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
-        return [A.failed(sample_id, "malformed", "response has no choices list", engine,
-                         group_id, policy_version)]
-    choices = response["choices"]
-    many = len(choices) > 1 or int(request.get("n", 1) or 1) > 1
+    ctx = A.Context("vllm", group_id, policy_version)
     out = []
-    for pos, choice in enumerate(choices):
-        idx = choice.get("index", pos) if isinstance(choice, dict) else pos
-        sid = f"{sample_id}/{idx}" if many else sample_id
-        if not isinstance(choice, dict):
-            out.append(A.failed(sid, "malformed", "choice is not an object", engine, group_id,
-                                policy_version))
+    for _, sid, choice in A.choices(ctx, request, response, sample_id):
+        if isinstance(choice, WireSample):
+            out.append(choice)
             continue
-        prompt_ids = request.get("prompt")
-        if not (isinstance(prompt_ids, list) and prompt_ids and isinstance(prompt_ids[0], int)):
-            prompt_ids = choice.get("prompt_token_ids") or response.get("prompt_token_ids")
-        try:
-            prompt = A.token_array(prompt_ids, "prompt token ids")
-            output = A.token_array(choice.get("token_ids"), "choices[].token_ids")
-        except ValueError as e:
-            out.append(A.failed(sid, "malformed", str(e), engine, group_id, policy_version))
+        prompt_ids = A.request_prompt(request) or (
+            choice.get("prompt_token_ids") or response.get("prompt_token_ids"))
+        aligned = A.align(ctx, sid, request, prompt_ids, choice.get("token_ids"),
+                          "routed_experts_prompt_start")
+        if isinstance(aligned, WireSample):
+            out.append(aligned)
             continue
-        if prompt.size == 0:
-            out.append(A.failed(sid, "malformed", "no prompt token ids (send token ids and "
-                                "return_token_ids)", engine, group_id, policy_version))
-            continue
-        start = A.start_offset(request, "routed_experts_prompt_start", int(prompt.size))
-        if isinstance(start, str):
-            out.append(A.failed(sid, "malformed", start, engine, group_id, policy_version, prompt))
-            continue
-        lp = choice.get("logprobs")
-        lp_values = (lp.get("token_logprobs") or lp.get("content")) if isinstance(lp, dict) else None
+        prompt, output, start = aligned
         out.append(A.build(
             sample_id=sid, prompt=prompt, output=output, start=start,
-            routing=_routing(choice, response, payloads, int(prompt.size) - start),
-            engine=engine, group_id=group_id, policy_version=policy_version,
-            logprobs=A.logprob_array(lp_values), finish=A.finish_reason(choice.get("finish_reason")),
+            routing=_routing(choice, response, payloads), engine=ctx.engine,
+            group_id=group_id, policy_version=policy_version,
+            logprobs=A.choice_logprobs(choice), finish=A.finish_reason(choice.get("finish_reason")),
         ))
     return out
