@@ -1,0 +1,183 @@
+"""Crafted manifests, symlinks, truncated and corrupted files: clear errors, never a crash,
+never a read outside the shard directory."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from replay_bridge.shards import ShardError, ShardReader
+
+from .helpers import edit_manifest, run_cli, write_dir
+
+
+@pytest.fixture
+def shard_dir(tmp_path, tiny, samples):
+    return write_dir(tmp_path / "d", tiny, samples, samples_per_shard=5)
+
+
+def _set_first_file(name):
+    def fn(doc):
+        doc["shards"][0]["file"] = name
+    return fn
+
+
+@pytest.mark.parametrize("name", [
+    "../../etc/passwd", "/etc/passwd", "shard-000000.arrow/../../x", "sub/shard-000000.arrow",
+    "shard-1.arrow", "", 7, None,
+])
+def test_manifest_naming_a_file_outside_the_directory_is_refused(shard_dir, name):
+    edit_manifest(shard_dir, _set_first_file(name))
+    with pytest.raises(ShardError, match="not a .* file inside the shard directory") as e:
+        ShardReader(shard_dir)
+    assert e.value.kind == "unsafe_path"
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 2 and "inside the shard directory" in doc["error"]
+
+
+def test_quarantine_entry_outside_the_directory_is_refused(tmp_path, tiny, samples):
+    d = tmp_path / "d"
+    from replay_bridge.checks import CheckReport
+    from replay_bridge.shards import ShardWriter
+
+    with ShardWriter(d, tiny) as w:
+        w.add(samples[0])
+        w.quarantine(CheckReport("x", kinds=("all_zero",), message="m"))
+    edit_manifest(d, lambda doc: doc["quarantine"][0].update(file="../outside.jsonl"))
+    with pytest.raises(ShardError, match="outside.jsonl"):
+        ShardReader(d)
+
+
+def test_symlinked_shard_is_refused(shard_dir, tmp_path):
+    outside = tmp_path / "outside.arrow"
+    os.replace(shard_dir / "shard-000001.arrow", outside)
+    os.symlink(outside, shard_dir / "shard-000001.arrow")
+    with pytest.raises(ShardError, match="shard-000001.arrow is a symlink"):
+        ShardReader(shard_dir)
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 2 and "symlink" in doc["error"]
+
+
+def test_wrong_sha256_is_reported_by_name(shard_dir):
+    edit_manifest(shard_dir, lambda doc: doc["shards"][1].update(sha256="0" * 64))
+    with pytest.raises(ShardError, match="shard-000001.arrow: sha256 .* does not match"):
+        ShardReader(shard_dir)
+    reader = ShardReader(shard_dir, verify="lazy")  # the index needs no checksum
+    with pytest.raises(ShardError, match="shard-000001.arrow"):
+        reader.routing("s007")
+    assert reader.routing("s000").shape[1:] == (4, 2)
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 1
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [("shard-000001.arrow", "checksum")]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rows", 4, r"shard-000000.arrow: holds 5 samples / \d+ tokens, the manifest says 4"),
+    ("tokens", 1, r"shard-000000.arrow: holds 5 samples / \d+ tokens, the manifest says 5 / 1"),
+])
+def test_wrong_per_shard_counts(shard_dir, field, value, message):
+    def fn(doc):
+        delta = value - doc["shards"][0][field]
+        doc["shards"][0][field] = value
+        key = "samples" if field == "rows" else field
+        doc["totals"][key] += delta
+        if field == "rows":
+            doc["outcomes"]["stored"] += delta
+    edit_manifest(shard_dir, fn)
+    with pytest.raises(ShardError, match=message):
+        ShardReader(shard_dir)
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 1
+    assert {f["kind"] for f in doc["faults"]} == {"counts"}
+    assert {f["file"] for f in doc["faults"]} == {"shard-000000.arrow"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["totals"].update(samples=99), "totals.samples is 99"),
+    (lambda d: d["outcomes"].update(stored=3), "outcomes.stored is 3"),
+    (lambda d: d["shards"][0].update(rows=-1), "'rows' must be a non-negative integer"),
+    (lambda d: d.update(format_version=99), "unsupported format_version 99"),
+    (lambda d: d["shards"].append(dict(d["shards"][0])), "lists a file twice"),
+    (lambda d: d.update(geometry={"num_layers": 4}), "bad geometry"),
+])
+def test_inconsistent_manifest_is_refused(shard_dir, edit, message):
+    edit_manifest(shard_dir, edit)
+    with pytest.raises(ShardError, match=message):
+        ShardReader(shard_dir)
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 2 and message.split()[0].strip("'") in doc["error"]
+
+
+def test_geometry_mismatch_between_manifest_and_shard(shard_dir):
+    def fn(doc):
+        doc["geometry"]["num_experts"] = 16
+    edit_manifest(shard_dir, fn)
+    with pytest.raises(ShardError, match="shard-000000.arrow schema geometry and manifest "
+                       "geometry differ: num_experts: 16 vs 8") as e:
+        ShardReader(shard_dir)
+    assert e.value.kind == "geometry"
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 1
+    assert {f["kind"] for f in doc["faults"]} == {"geometry"}
+    assert len(doc["faults"]) == 3  # every shard named
+
+
+def test_truncated_shard_reported_by_name(shard_dir):
+    p = shard_dir / "shard-000001.arrow"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(ShardError, match=r"shard-000001.arrow: \d+ bytes, the manifest says "
+                       r"\d+ \(truncated\)"):
+        ShardReader(shard_dir)
+    code, doc, out = run_cli("validate", shard_dir, "--json")
+    assert code == 1
+    kinds = {(f["file"], f["kind"]) for f in doc["faults"]}
+    assert ("shard-000001.arrow", "size") in kinds
+    assert ("shard-000001.arrow", "unreadable") in kinds
+    assert doc["shards"] == {"listed": 3, "bad": 1}
+    assert doc["samples"] == 7  # the other two shards were still checked
+    code, _, out = run_cli("validate", shard_dir)
+    assert code == 1 and "shard-000001.arrow" in out and "faults found" in out
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_corrupted_shard_reported_by_name(tmp_path, tiny, samples, compression):
+    d = write_dir(tmp_path / "d", tiny, samples, samples_per_shard=5, compression=compression)
+    p = d / "shard-000002.arrow"
+    data = bytearray(p.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 64):
+        data[i] ^= 0xA5
+    p.write_bytes(bytes(data))
+    code, doc, _ = run_cli("validate", d, "--json")
+    assert code == 1
+    assert all(f["file"] == "shard-000002.arrow" for f in doc["faults"])
+    assert "checksum" in {f["kind"] for f in doc["faults"]}
+    with pytest.raises(ShardError, match="shard-000002.arrow"):
+        ShardReader(d)
+    # without checksums the reader still never crashes: an error or (flipped ids) data
+    try:
+        r = ShardReader(d, verify=False)
+        for _ in r:
+            pass
+    except ShardError as e:
+        assert e.file == "shard-000002.arrow"
+
+
+def test_missing_shard_and_garbage_manifest(shard_dir):
+    (shard_dir / "shard-000000.arrow").unlink()
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 1 and doc["faults"][0]["kind"] == "missing"
+    with pytest.raises(ShardError, match="shard-000000.arrow: listed in the manifest but missing"):
+        ShardReader(shard_dir)
+    (shard_dir / "manifest.json").write_bytes(b"{not json")
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 2 and "not valid JSON" in doc["error"]
+
+
+def test_not_a_shard_directory(tmp_path):
+    code, doc, _ = run_cli("validate", tmp_path, "--json")
+    assert code == 2 and "not a shard directory" in doc["error"]
+    code, doc, _ = run_cli("validate", tmp_path / "nope", "--json")
+    assert code == 2
+    code, doc, _ = run_cli("inspect", tmp_path, "--json")
+    assert code == 2 and "not a shard directory" in doc["error"]
