@@ -22,9 +22,15 @@ _FAULT_HELP = ("inject a fault: prefill-zero-rows, drop-routed-experts, duplicat
                " (route also: no-merge)")
 
 
-def _import_server(as_json: bool) -> Any:
+def _import_server(as_json: bool, engine: bool = True) -> Any:
     try:
         from .. import server
+
+        if not engine:
+            import aiohttp  # noqa: F401 - the router needs only aiohttp
+            return server
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError as e:
         die(f"the reference engine needs the 'server' extra "
             f"(pip install 'routing-replay-bridge[server]'): {e}", EXIT_USAGE, as_json)
@@ -127,7 +133,7 @@ def route_cmd(
     as_json: bool = typer.Option(False, "--json", help="print {url, ...} once listening"),
 ) -> None:
     """A PD router that merges prefill and decode routing like SGLang's gateway."""
-    server = _import_server(as_json)
+    server = _import_server(as_json, engine=False)
     if fault is not None and fault not in server.ROUTER_FAULTS:
         die(f"--fault must be one of {', '.join(server.ROUTER_FAULTS)}, got {fault!r}",
             EXIT_USAGE, as_json)

@@ -21,14 +21,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ._encoding import encode_int32
+from ._encoding import BOOTSTRAP_PORT, encode_int32
 from ._faults import WORKER_FAULTS, apply_rows_fault, check_fault
 from ._model import Engine, Generation, SamplingSpec
 
 __all__ = ["ROLES", "RequestError", "WorkerConfig", "make_worker_app"]
 
 ROLES = ("unified", "prefill", "decode")
-BOOTSTRAP_PORT = 8998
 _MAX_SEED = 2**63
 
 

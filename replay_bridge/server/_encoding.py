@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pybase64
 
-__all__ = ["decode_int32", "encode_int32", "splice"]
+__all__ = ["BOOTSTRAP_PORT", "decode_int32", "encode_int32", "splice"]
+
+# The bootstrap_port a PD router adds to requests (SGLang's default disaggregation port).
+BOOTSTRAP_PORT = 8998
 
 
 def encode_int32(rows: np.ndarray) -> str:

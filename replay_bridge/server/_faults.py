@@ -9,9 +9,9 @@ is about to send:
   flag, or a server started without the feature).
 - ``no-merge``: the router returns decode's rows unmerged (sglang-router 0.3.2), so the prompt
   rows are decode's zeros. Router only.
-- ``duplicate-ids``: every third row from the first completion row on (from row 0 when there
-  is no completion row) repeats its first id in the second slot, in every MoE layer (seen with
-  CUDA graphs).
+- ``duplicate-ids``: every third row from the first completion row on holds the block's
+  largest id in its first two slots, in every MoE layer (seen with CUDA graphs, which run
+  decode steps only: a prefill worker's prompt rows are left alone); never an all-zero block.
 - ``extra-row``: one row too many (a copy of the last row appended).
 """
 
@@ -52,9 +52,9 @@ def apply_rows_fault(
         out[: max(0, min(prompt_rows, n))] = 0
     elif fault == "duplicate-ids":
         layers = np.asarray(moe_layers if moe_layers is not None else range(out.shape[1]))
-        first = prompt_rows if 0 <= prompt_rows < n else 0
-        picked = np.arange(first, n, 3)
-        out[np.ix_(picked, layers, [1])] = out[np.ix_(picked, layers, [0])]
+        picked = np.arange(max(prompt_rows, 0), n, 3)
+        sel = np.ix_(picked, layers)
+        out[sel + (slice(0, 2),)] = out[sel].max(axis=-1, keepdims=True)
     elif fault == "extra-row" and n:
         out = np.concatenate([out, out[-1:]], axis=0)
     return out

@@ -15,13 +15,14 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncContextManager, TypeVar
+from typing import TYPE_CHECKING, AsyncContextManager, TypeVar
 
 from aiohttp import web
 
-from ._app import WorkerConfig, make_worker_app
-from ._model import Engine
 from ._router import RouterConfig, make_router_app
+
+if TYPE_CHECKING:
+    from ._model import Engine
 
 __all__ = ["PDUrls", "in_background", "serve_app", "serve_pd", "serve_router", "serve_worker"]
 
@@ -54,6 +55,8 @@ async def serve_app(app: web.Application, host: str = "127.0.0.1",
 
 
 def _engine(model: str | Path | Engine, dtype: str) -> Engine:
+    from ._model import Engine
+
     return model if isinstance(model, Engine) else Engine(model, dtype=dtype)
 
 
@@ -69,6 +72,8 @@ async def serve_worker(
     port: int = 0,
 ) -> AsyncIterator[str]:
     """One worker of ``role`` serving a model directory (or an already loaded :class:`Engine`)."""
+    from ._app import WorkerConfig, make_worker_app
+
     engine = await asyncio.to_thread(_engine, model, dtype)
     app = make_worker_app(engine, WorkerConfig(role=role, fault=fault,
                                                weight_version=weight_version))

@@ -20,8 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ._app import BOOTSTRAP_PORT
-from ._encoding import decode_int32, encode_int32, splice
+from ._encoding import BOOTSTRAP_PORT, decode_int32, encode_int32, splice
 from ._faults import ROUTER_FAULTS, apply_rows_fault, check_fault
 
 __all__ = ["RouterConfig", "make_router_app"]

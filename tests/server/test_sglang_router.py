@@ -1,0 +1,101 @@
+"""Our prefill/decode pair behind SGLang's own mini load balancer (sglang-router 0.3.2).
+
+It sends the same request to both workers with bootstrap fields added and returns decode's
+response unmerged: the prompt rows are decode's zeros (the ``no-merge`` fault, for real).
+Needs ``.venv-sglang-router`` (``scripts/sglang_router_env.sh``) or ``SGLANG_ROUTER_PYTHON``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import post, routing
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = os.environ.get("SGLANG_ROUTER_PYTHON") or str(ROOT / ".venv-sglang-router/bin/python")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(PYTHON).exists(),
+                       reason=f"sglang-router not installed ({PYTHON}); "
+                              "run scripts/sglang_router_env.sh"),
+]
+
+PROMPT = [12, 200, 31, 4, 88, 150]
+N_NEW = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mini_lb(pd):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--mini-lb",
+         "--prefill", pd.prefill, "8998", "--decode", pd.decode,
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    pytest.fail(f"sglang-router mini load balancer did not start: {err[-2000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _req(**over):
+    return {"input_ids": PROMPT, "return_routed_experts": True, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": N_NEW, "temperature": 1.0, "sampling_seed": 9},
+            **over}
+
+
+def test_mini_lb_returns_decodes_unmerged_rows(mini_lb, pd, unified, engine):
+    status, r = post(mini_lb + "/generate", _req())
+    assert status == 200
+    ref = post(unified + "/generate", _req())[1]
+    merged = post(pd.router + "/generate", _req())[1]
+    assert r["output_ids"] == ref["output_ids"] == merged["output_ids"]
+    rows = routing(r["meta_info"]["routed_experts"])
+    full = engine.forward_routing(PROMPT + r["output_ids"])[:-1]
+    assert rows.shape == full.shape
+    assert not rows[: len(PROMPT)].any()  # no merge: decode's zero prompt rows
+    np.testing.assert_array_equal(rows[len(PROMPT):], full[len(PROMPT):])
+    np.testing.assert_array_equal(routing(merged["meta_info"]["routed_experts"]), full)
+    assert len(r["meta_info"]["output_token_logprobs"]) == N_NEW
+
+
+def test_mini_lb_batched_and_completions(mini_lb):
+    status, r = post(mini_lb + "/generate", _req(input_ids=[PROMPT, PROMPT[:3]]))
+    assert status == 200 and isinstance(r, list) and len(r) == 2
+    assert not routing(r[1]["meta_info"]["routed_experts"])[:3].any()
+    status, c = post(mini_lb + "/v1/completions", {
+        "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "return_routed_experts": True})
+    assert status == 200
+    rows = routing(c["sglext"]["routed_experts"])
+    assert rows.shape[0] == len(PROMPT) + 4 - 1 and not rows[: len(PROMPT)].any()
