@@ -312,25 +312,49 @@ async def _completions(request: web.Request) -> web.Response:
     w = request.app[_WORKER]
     try:
         body = await _read_json(request)
-        if body.get("stream"):
-            raise RequestError("streaming /v1/completions is not supported by this engine")
-        gen_body, n, n_prompts = _completion_to_generate(body)
-        items, _ = w.items(gen_body)
-        gens = await asyncio.gather(*(w.run(it) for it in items))
+        return await _openai(w, body, chat=False)
     except (RequestError, ValueError) as e:
         return _error(str(e))
+
+
+async def _chat_completions(request: web.Request) -> web.Response:
+    w = request.app[_WORKER]
+    try:
+        body = await _read_json(request)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise RequestError("a chat request needs a list of messages")
+        prompt = w.engine.chat_prompt(body["messages"])
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+            body["max_tokens"] = body["max_completion_tokens"]
+        if body.get("logprobs") is False:
+            body["logprobs"] = None
+        return await _openai(w, {**body, "prompt": prompt}, chat=True)
+    except (RequestError, ValueError) as e:
+        return _error(str(e))
+
+
+async def _openai(w: _Worker, body: dict[str, Any], *, chat: bool) -> web.Response:
+    """An OpenAI-style (chat) completion: one ``/generate`` item per prompt and choice."""
+    if body.get("stream"):
+        raise RequestError("streaming OpenAI-style requests are not supported by this engine")
+    gen_body, n, n_prompts = _completion_to_generate(body)
+    items, _ = w.items(gen_body)
+    gens = await asyncio.gather(*(w.run(it) for it in items))
     rets = [w.body(it, g) for it, g in zip(items, gens)]
+    want_logprobs = body.get("logprobs") is not None
     choices = []
-    for idx, (it, ret) in enumerate(zip(items, rets)):
+    for idx, ret in enumerate(rets):
         meta = ret["meta_info"]
         finish = meta["finish_reason"] or {}
-        choice: dict[str, Any] = {
-            "index": idx,
-            "text": ret.get("text", ""),
-            "logprobs": _openai_logprobs(w.engine, ret) if body.get("logprobs") is not None else None,
-            "finish_reason": finish.get("type"),
-            "matched_stop": finish.get("matched"),
-        }
+        choice: dict[str, Any] = {"index": idx}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": ret.get("text", "")}
+            choice["logprobs"] = _chat_logprobs(w.engine, ret) if want_logprobs else None
+        else:
+            choice["text"] = ret.get("text", "")
+            choice["logprobs"] = _openai_logprobs(w.engine, ret) if want_logprobs else None
+        choice["finish_reason"] = finish.get("type")
+        choice["matched_stop"] = finish.get("matched")
         if body.get("return_token_ids"):
             choice["token_ids"] = ret["output_ids"]
         if body.get("return_meta_info"):
@@ -340,7 +364,7 @@ async def _completions(request: web.Request) -> web.Response:
     completion_tokens = sum(r["meta_info"]["completion_tokens"] for r in rets)
     out: dict[str, Any] = {
         "id": rets[0]["meta_info"]["id"],
-        "object": "text_completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": body.get("model") or w.config.model_name,
         "choices": choices,
@@ -414,6 +438,12 @@ def _completion_to_generate(body: dict[str, Any]) -> tuple[dict[str, Any], int, 
 def _get(body: dict[str, Any], key: str, default: Any) -> Any:
     value = body.get(key)
     return default if value is None else value
+
+
+def _chat_logprobs(engine: Engine, ret: dict[str, Any]) -> dict[str, Any]:
+    pairs = ret["meta_info"].get("output_token_logprobs") or []
+    return {"content": [{"token": engine.token_text(tok) or str(tok), "logprob": lp,
+                         "bytes": None, "top_logprobs": []} for lp, tok, _ in pairs]}
 
 
 def _openai_logprobs(engine: Engine, ret: dict[str, Any]) -> dict[str, Any]:
@@ -506,6 +536,7 @@ def make_worker_app(engine: Engine, config: WorkerConfig) -> web.Application:
     app.on_cleanup.append(_shutdown_executor)
     app.router.add_post("/generate", _generate)
     app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/health", _health)
     app.router.add_get("/health_generate", _health_generate)
     app.router.add_get("/get_model_info", _get_model_info)

@@ -68,15 +68,21 @@ async def serve_worker(
     dtype: str = "bfloat16",
     fault: str | None = None,
     weight_version: str = "default",
+    return_routed_experts: bool = True,
     host: str = "127.0.0.1",
     port: int = 0,
 ) -> AsyncIterator[str]:
-    """One worker of ``role`` serving a model directory (or an already loaded :class:`Engine`)."""
+    """One worker of ``role`` serving a model directory (or an already loaded :class:`Engine`).
+
+    ``return_routed_experts=False`` serves like SGLang without
+    ``--enable-return-routed-experts``: requests for routing get none, and no error.
+    """
     from ._app import WorkerConfig, make_worker_app
 
     engine = await asyncio.to_thread(_engine, model, dtype)
-    app = make_worker_app(engine, WorkerConfig(role=role, fault=fault,
-                                               weight_version=weight_version))
+    app = make_worker_app(engine, WorkerConfig(
+        role=role, fault=fault, weight_version=weight_version,
+        return_routed_experts=return_routed_experts))
     async with serve_app(app, host, port) as url:
         yield url
 

@@ -211,6 +211,16 @@ class Engine:
             raise ValueError("this model has no tokenizer: send input_ids")
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a chat, rendered with the model's chat template."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template: use /generate or /v1/completions")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
     def decode(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:
             return None

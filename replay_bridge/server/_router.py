@@ -187,6 +187,10 @@ async def _apply_fault(r: _Router, meta: dict[str, Any], start_len: int,
 
 
 async def _completions(request: web.Request) -> web.StreamResponse:
+    return await _openai(request, request.path.lstrip("/"))
+
+
+async def _openai(request: web.Request, endpoint: str) -> web.StreamResponse:
     r = request.app[_ROUTER]
     try:
         body = orjson.loads(await request.read())
@@ -196,8 +200,8 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         return _json({"error": {"message": "the request body must be a JSON object"}}, 400)
     sent = r.with_bootstrap(body, None)
     if body.get("stream"):
-        return await _stream(request, r, "v1/completions", sent)
-    (p_status, p_raw), (d_status, d_raw) = await _post_both(r, "v1/completions", sent)
+        return await _stream(request, r, endpoint, sent)
+    (p_status, p_raw), (d_status, d_raw) = await _post_both(r, endpoint, sent)
     if p_status != 200:
         return web.Response(body=p_raw, status=p_status, content_type="application/json")
     if d_status != 200:
@@ -269,6 +273,7 @@ def make_router_app(config: RouterConfig) -> web.Application:
     app.on_cleanup.append(_close)
     app.router.add_post("/generate", _generate)
     app.router.add_post("/v1/completions", _completions)
+    app.router.add_post("/v1/chat/completions", _completions)
     app.router.add_get("/health", _health)
     for path in ("/get_model_info", "/model_info", "/get_server_info", "/v1/models"):
         app.router.add_get(path, _proxy_prefill_get)

@@ -114,3 +114,12 @@ def test_router_health(pd):
 
     with urllib.request.urlopen(pd.router + "/health", timeout=30) as resp:
         assert resp.status == 200
+
+
+def test_router_chat_completions_merge(pd, unified):
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+            "temperature": 0.0, "return_routed_experts": True}
+    ref = post(unified + "/v1/chat/completions", body)[1]
+    r = post(pd.router + "/v1/chat/completions", body)[1]
+    assert r["choices"][0]["message"] == ref["choices"][0]["message"]
+    assert r["sglext"]["routed_experts"] == ref["sglext"]["routed_experts"]

@@ -171,3 +171,60 @@ def test_health_and_info(unified):
         info = json.loads(resp.read())
     assert info["routed_experts_geometry"]["num_layers"] == 4
     assert info["is_generation"] is True
+
+
+def test_chat_completions(unified, engine):
+    messages = [{"role": "user", "content": "what is 12 plus 30?"}]
+    status, r = post(unified + "/v1/chat/completions", {
+        "messages": messages, "max_tokens": 4, "temperature": 0, "logprobs": True,
+        "return_routed_experts": True, "return_token_ids": True})
+    assert status == 200 and r["object"] == "chat.completion"
+    prompt = engine.chat_prompt(messages)
+    assert r["prompt_token_ids"] == prompt
+    choice = r["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert len(choice["logprobs"]["content"]) == len(choice["token_ids"])
+    np.testing.assert_array_equal(routing(r["sglext"]["routed_experts"]),
+                                  _forward(engine, prompt + choice["token_ids"]))
+
+
+def test_bad_requests_are_refused_with_the_rule(unified):
+    cases = [
+        ({"input_ids": [1, 2, 100000]}, "outside the vocabulary"),
+        ({"input_ids": []}, "input_ids"),
+        ({"sampling_params": {}}, "input_ids or text"),
+        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
+        ({"input_ids": [[1, 2], [3]], "rid": ["a"]}, "rid has 1 entries for 2 prompts"),
+    ]
+    for body, needle in cases:
+        status, r = post(unified + "/generate", body)
+        assert status == 400, body
+        assert needle in r["error"]["message"], (needle, r)
+
+
+def test_a_server_without_the_feature_returns_no_routing(engine):
+    from replay_bridge.server import in_background, serve_worker
+
+    with in_background(serve_worker(engine, return_routed_experts=False)) as url:
+        status, r = post(url + "/generate", _req())
+    assert status == 200 and len(r["output_ids"]) == 12
+    assert "routed_experts" not in r["meta_info"]
+
+
+def test_concurrent_requests_keep_their_own_routing(unified, pd, engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [[int(t) for t in np.random.default_rng(i).integers(3, 500, 5 + i)]
+               for i in range(6)]
+    jobs = [(url, p) for p in prompts for url in (unified, pd.router)]
+
+    def run(job):
+        url, prompt = job
+        return post(url + "/generate", _req(input_ids=prompt,
+                                            sampling_params={"max_new_tokens": 6}))[1]
+
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        results = list(ex.map(run, jobs))
+    for (_, prompt), r in zip(jobs, results):
+        np.testing.assert_array_equal(routing(r["meta_info"]["routed_experts"]),
+                                      _forward(engine, prompt + r["output_ids"]))
