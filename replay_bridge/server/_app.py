@@ -74,16 +74,30 @@ class _Worker:
     # ---- one sequence --------------------------------------------------------------------
 
     async def run(self, item: _Item, on_token: Any = None) -> Generation:
+        """Generate one sequence in the engine thread.
+
+        The weight version in force when each token was sampled is recorded, so a version
+        update during generation splits ``weight_versions`` into spans.
+        """
         role = self.config.role
         spec = item.spec
         if role == "prefill":
             spec = replace(spec, max_new_tokens=min(spec.max_new_tokens, 1))
+        versions: list[str] = []
+
+        def token(tok: int, lp: float) -> None:
+            versions.append(self.config.weight_version)
+            if on_token is not None:
+                on_token(tok, lp)
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
+        gen = await loop.run_in_executor(
             self.executor,
             lambda: self.engine.generate(item.prompt, spec, capture_prompt=role != "decode",
-                                         on_token=on_token),
+                                         on_token=token),
         )
+        gen.extra["versions"] = versions
+        return gen
 
     def meta_info(self, item: _Item, gen: Generation, *, final: bool = True) -> dict[str, Any]:
         n_out = len(gen.output_ids)
@@ -94,7 +108,8 @@ class _Worker:
             "completion_tokens": n_out,
             "cached_tokens": 0,
             "weight_version": self.config.weight_version,
-            "weight_versions": [{"version": self.config.weight_version, "start": 0, "end": n_out}],
+            "weight_versions": _spans(gen.extra.get("versions"), n_out,
+                                      self.config.weight_version),
             "e2e_latency": gen.latency_s,
         }
         if item.return_logprob:
@@ -197,6 +212,19 @@ class _Worker:
                                                  option=orjson.OPT_SORT_KEYS)).digest()
             return int.from_bytes(digest[:8], "little") % _MAX_SEED
         return None
+
+
+def _spans(versions: list[str] | None, n_out: int, current: str) -> list[dict[str, Any]]:
+    """Run-length spans ``{"version", "start", "end"}`` over the output tokens."""
+    if not versions or len(versions) != n_out:
+        return [{"version": current, "start": 0, "end": n_out}]
+    spans: list[dict[str, Any]] = []
+    for i, v in enumerate(versions):
+        if spans and spans[-1]["version"] == v:
+            spans[-1]["end"] = i + 1
+        else:
+            spans.append({"version": v, "start": i, "end": i + 1})
+    return spans
 
 
 def _per_item(value: Any, n: int, name: str) -> list[Any]:

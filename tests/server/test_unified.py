@@ -228,3 +228,28 @@ def test_concurrent_requests_keep_their_own_routing(unified, pd, engine):
     for (_, prompt), r in zip(jobs, results):
         np.testing.assert_array_equal(routing(r["meta_info"]["routed_experts"]),
                                       _forward(engine, prompt + r["output_ids"]))
+
+
+def test_weight_version_update_mid_generation_splits_the_spans(engine):
+    import json
+    import urllib.request
+
+    from replay_bridge.server import in_background, serve_worker
+
+    with in_background(serve_worker(engine, weight_version="v1")) as url:
+        body = _req(stream=True, sampling_params={"max_new_tokens": 200, "ignore_eos": True})
+        req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            first = resp.readline()
+            assert first.startswith(b"data: ")
+            status, ok = post(url + "/update_weight_version", {"new_version": "v2"})
+            assert status == 200 and ok["success"]
+            chunks = [c[6:] for c in resp.read().decode().split("\n\n") if c.startswith("data: ")]
+        final = json.loads(chunks[-2])
+    meta = final["meta_info"]
+    spans = meta["weight_versions"]
+    assert meta["weight_version"] == "v2"
+    assert [s["version"] for s in spans] == ["v1", "v2"]
+    assert spans[0]["start"] == 0 and spans[0]["end"] == spans[1]["start"] > 0
+    assert spans[1]["end"] == meta["completion_tokens"] == 200
