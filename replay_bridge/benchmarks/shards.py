@@ -84,6 +84,7 @@ def bench_shards(
     preset: str = "qwen3-30b-a3b",
     variants: tuple[tuple[str, str, int | None], ...] = DEFAULT_VARIANTS,
     samples_per_shard: int = 64,
+    batch_bytes: int | None = None,
     repeats: int = 3,
     lookups: int = 200,
     seed: int = 0,
@@ -100,6 +101,7 @@ def bench_shards(
     load = expert_load(np.concatenate([s.routed.reshape(-1) for s in samples]), geometry)
     ratio = load.max(axis=1) / load.mean(axis=1)
     rng = np.random.default_rng(seed + 1)
+    extra = {} if batch_bytes is None else {"batch_bytes": batch_bytes}
     root = Path(tempfile.mkdtemp(prefix="bench-shards-", dir=workdir))
     results = []
     try:
@@ -111,7 +113,8 @@ def bench_shards(
                 shutil.rmtree(d, ignore_errors=True)
                 t = time.perf_counter()
                 with ShardWriter(d, geometry, samples_per_shard=samples_per_shard,
-                                 compression=compression, compression_level=level) as w:
+                                 compression=compression, compression_level=level,
+                                 **extra) as w:
                     for s in samples:
                         w.add(s)
                 return time.perf_counter() - t
@@ -164,7 +167,9 @@ def bench_shards(
                                    "mean": round(float(ratio.mean()), 2),
                                    "max": round(float(ratio.max()), 2)},
         },
-        "settings": {"samples_per_shard": samples_per_shard, "repeats": repeats,
+        "settings": {"samples_per_shard": samples_per_shard,
+                     "batch_bytes": batch_bytes or ShardWriter.DEFAULT_BATCH_BYTES,
+                     "repeats": repeats,
                      "lookups": lookups, "timing": "best of repeats; files in page cache"},
         "targets": {"bytes_per_token_max": target, "read_routing_gb_s_min": 1.0},
         "results": results,

@@ -149,7 +149,16 @@ def list_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 def samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where: str
                        ) -> list[RoutedSample]:
-    """Every row of a batch as a :class:`RoutedSample` (arrays are views of the batch)."""
+    """Every row of a batch as a :class:`RoutedSample` (arrays are views of the batch);
+    :class:`ShardError` naming ``where`` when a value breaks the schema's rules."""
+    try:
+        return _samples_from_batch(batch, geometry, where)
+    except (ValueError, TypeError, KeyError, pa.ArrowException) as e:
+        raise ShardError(f"{where}: malformed row: {type(e).__name__}: {e}", file=where) from None
+
+
+def _samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where: str
+                        ) -> list[RoutedSample]:
     n = batch.num_rows
     per_row = geometry.ids_per_token
     m, k = geometry.num_moe_layers, geometry.top_k

@@ -59,9 +59,12 @@ class ShardWriter:
     Samples go to ``shard-NNNNNN.arrow.tmp`` in record batches of about ``batch_bytes`` of
     routing; a shard is sealed (footer, fsync, rename) every ``samples_per_shard`` samples, on
     :meth:`flush` and on :meth:`close`, and the manifest is rewritten atomically after each
-    seal. A writer killed at any instant leaves only complete shards; samples of the open shard
+    seal. ``batch_bytes`` trades compressed random lookups (one record batch is decompressed
+    per lookup) against per-batch overhead. A writer killed at any instant leaves only complete shards; samples of the open shard
     are not stored (``stored_ids`` of a resumed writer says which are). Not thread-safe.
     """
+
+    DEFAULT_BATCH_BYTES = 2 << 20
 
     def __init__(
         self,
@@ -71,7 +74,7 @@ class ShardWriter:
         samples_per_shard: int = 1024,
         compression: str | None = "zstd",
         compression_level: int | None = None,
-        batch_bytes: int = 8 << 20,
+        batch_bytes: int | None = None,
         resume: bool = False,
     ) -> None:
         if samples_per_shard < 1:
@@ -79,7 +82,7 @@ class ShardWriter:
         self.dir = Path(out_dir)
         self.geometry = geometry
         self.samples_per_shard = int(samples_per_shard)
-        self.batch_bytes = max(int(batch_bytes), 1)
+        self.batch_bytes = max(int(batch_bytes or self.DEFAULT_BATCH_BYTES), 1)
         self._codec = _codec(compression, compression_level)
         self._options = ipc.IpcWriteOptions(compression=self._codec)
         self._schema = schema_for(geometry)

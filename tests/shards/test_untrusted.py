@@ -181,3 +181,66 @@ def test_not_a_shard_directory(tmp_path):
     assert code == 2
     code, doc, _ = run_cli("inspect", tmp_path, "--json")
     assert code == 2 and "not a shard directory" in doc["error"]
+
+
+def _rewrite_shard(d, name, fn):
+    """Replace a shard by a table edited with plain pyarrow; keep the manifest consistent so
+    only the contents are wrong."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    path = d / name
+    with ipc.open_file(pa.memory_map(str(path))) as f:
+        table = f.read_all()
+    table = fn(table)
+    with ipc.new_file(str(path), table.schema) as w:
+        w.write_table(table)
+    data = path.read_bytes()
+
+    def fix(doc):
+        e = next(e for e in doc["shards"] if e["file"] == name)
+        doc["totals"]["bytes"] += len(data) - e["bytes"]
+        e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    edit_manifest(d, fix)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("weight_versions", "{not json", "malformed row"),
+    ("prompt_len", None, "malformed row"),
+])
+def test_malformed_values_in_a_shard(shard_dir, column, value, message):
+    import pyarrow as pa
+
+    def fn(table):
+        i = table.schema.get_field_index(column)
+        col = table.column(i).to_pylist()
+        col[1] = value
+        field = table.schema.field(i).with_nullable(True)
+        return table.set_column(i, field, pa.array(col, field.type)).replace_schema_metadata(
+            table.schema.metadata)
+    _rewrite_shard(shard_dir, "shard-000001.arrow", fn)
+    r = ShardReader(shard_dir)
+    with pytest.raises(ShardError, match=f"shard-000001.arrow: {message}"):
+        r["s006"]
+    assert r["s005"].sample_id == "s005"
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 1
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [("shard-000001.arrow", "unreadable")]
+
+
+def test_routing_not_a_whole_number_of_rows(shard_dir):
+    import pyarrow as pa
+
+    def fn(table):
+        i = table.schema.get_field_index("routed")
+        col = table.column(i).to_pylist()
+        col[0] = col[0][:-1]
+        return table.set_column(i, table.schema.field(i), pa.array(col, table.schema.field(i).type))
+    _rewrite_shard(shard_dir, "shard-000000.arrow", fn)
+    r = ShardReader(shard_dir)
+    with pytest.raises(ShardError, match=r"shard-000000.arrow: sample 's000' has \d+ routing ids"):
+        r.routing("s000")
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 1 and doc["faults"][0]["file"] == "shard-000000.arrow"
