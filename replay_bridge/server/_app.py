@@ -60,6 +60,7 @@ class _Item:
     start_len: int
     return_routed: bool
     return_logprob: bool
+    logprob_start: int = 0
     prompt_from_text: bool = False
 
 
@@ -93,8 +94,11 @@ class _Worker:
         loop = asyncio.get_running_loop()
         gen = await loop.run_in_executor(
             self.executor,
-            lambda: self.engine.generate(item.prompt, spec, capture_prompt=role != "decode",
-                                         on_token=token),
+            lambda: self.engine.generate(
+                item.prompt, spec, capture_prompt=role != "decode", on_token=token,
+                # A decode worker never ran the prompt: it has no prompt log-probs.
+                input_logprob_start=item.logprob_start
+                if item.return_logprob and role != "decode" else None),
         )
         gen.extra["versions"] = versions
         return gen
@@ -113,6 +117,10 @@ class _Worker:
             "e2e_latency": gen.latency_s,
         }
         if item.return_logprob:
+            inputs = gen.extra.get("input_logprobs") or []
+            meta["input_token_logprobs"] = [
+                [lp, tok, None] for lp, tok in zip(inputs, item.prompt[item.logprob_start:])
+            ]
             meta["output_token_logprobs"] = [
                 [lp, tok, None] for lp, tok in zip(gen.logprobs, gen.output_ids)
             ]
@@ -172,6 +180,9 @@ class _Worker:
         rids = _per_item(body.get("rid"), n, "rid")
         rooms = _per_item(body.get("bootstrap_room"), n, "bootstrap_room")
         logprob = _per_item(body.get("return_logprob", False), n, "return_logprob")
+        lp_start = body.get("logprob_start_len", -1)
+        if not isinstance(lp_start, int) or isinstance(lp_start, bool) or lp_start < -1:
+            raise RequestError(f"logprob_start_len must be an integer >= -1, got {lp_start!r}")
         start = body.get("routed_experts_start_len", 0) or 0
         if not isinstance(start, int) or isinstance(start, bool):
             raise RequestError(f"routed_experts_start_len must be an integer, got {start!r}")
@@ -186,6 +197,9 @@ class _Worker:
                     f"item {i}: routed_experts_start_len={start} must be in "
                     f"[0, prompt_len={len(prompt)}]"
                 )
+            if lp_start >= len(prompt):
+                raise RequestError(f"item {i}: logprob_start_len={lp_start} must be below "
+                                   f"prompt_len={len(prompt)}")
             spec = _spec(sps[i], i)
             spec = replace(spec, seed=self._seed(spec.seed, rooms[i], prompt, sps[i]))
             items.append(_Item(
@@ -195,6 +209,8 @@ class _Worker:
                 start_len=start,
                 return_routed=bool(body.get("return_routed_experts", False)),
                 return_logprob=bool(logprob[i]),
+                # SGLang's default -1: the last prompt token only.
+                logprob_start=len(prompt) - 1 if lp_start == -1 else lp_start,
                 prompt_from_text=from_text,
             ))
         return items, batched

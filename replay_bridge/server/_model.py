@@ -138,11 +138,14 @@ class Engine:
         *,
         capture_prompt: bool = True,
         on_token: Callable[[int, float], None] | None = None,
+        input_logprob_start: int | None = None,
     ) -> Generation:
         """Generate with a KV cache, capturing routing of every forwarded position.
 
         ``capture_prompt=False`` runs the prompt forward without recording it (a decode worker
         that got the prompt's KV cache from elsewhere): those rows stay zero.
+        ``input_logprob_start`` asks for the log-probabilities of the prompt tokens from that
+        position on (``extra["input_logprobs"]``; ``None`` for position 0, which has no context).
         """
         import time
 
@@ -167,7 +170,9 @@ class Engine:
             try:
                 cache = DynamicCache(config=self.model.config)
                 cap.enabled = capture_prompt
-                logits = self._step(prompt, cache)
+                first = 1 if input_logprob_start is None else max(input_logprob_start, 1)
+                prompt_logits = self._step(prompt, cache, keep=len(prompt) - first + 1)
+                logits = prompt_logits[-1]
                 cap.enabled = True
                 pos = len(prompt)
                 out: list[int] = []
@@ -185,12 +190,12 @@ class Engine:
                     if len(out) == max_new:
                         break
                     cap.cursor = pos
-                    logits = self._step([tok], cache)
+                    logits = self._step([tok], cache)[-1]
                     pos += 1
             finally:
                 self._capture = None
         rows = len(prompt) + len(out) - 1
-        return Generation(
+        result = Generation(
             prompt_len=len(prompt),
             output_ids=out,
             logprobs=lps,
@@ -198,11 +203,18 @@ class Engine:
             finish_reason=finish,
             latency_s=time.perf_counter() - t0,
         )
+        if input_logprob_start is not None:
+            logp = torch.log_softmax(prompt_logits[:-1], dim=-1)
+            targets = torch.tensor(prompt[first:], dtype=torch.long)
+            picked = logp[torch.arange(len(targets)), targets].tolist()
+            result.extra["input_logprobs"] = ([None] if input_logprob_start == 0 else []) + picked
+        return result
 
-    def _step(self, ids: list[int], cache: Any) -> torch.Tensor:
+    def _step(self, ids: list[int], cache: Any, keep: int = 1) -> torch.Tensor:
+        """Forward ``ids`` through the cache; float32 logits of the last ``keep`` positions."""
         out = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[0, -1].float()
+                         logits_to_keep=keep)
+        return out.logits[0].float()
 
     # ---- text ----------------------------------------------------------------------------
 

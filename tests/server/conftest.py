@@ -44,7 +44,7 @@ def post_stream(url: str, body: Any) -> list[Any]:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         raw = r.read().decode()
-    chunks = [c[len("data: "):] for c in raw.split("\n\n") if c.startswith("data: ")]
+    chunks = [line[len("data: "):] for line in raw.split("\n") if line.startswith("data: ")]
     assert chunks[-1] == "[DONE]"
     return [json.loads(c) for c in chunks[:-1]]
 

@@ -99,3 +99,15 @@ def test_mini_lb_batched_and_completions(mini_lb):
     assert status == 200
     rows = routing(c["sglext"]["routed_experts"])
     assert rows.shape[0] == len(PROMPT) + 4 - 1 and not rows[: len(PROMPT)].any()
+
+
+def test_mini_lb_streams_with_logprobs(mini_lb, pd):
+    from .conftest import post_stream
+
+    chunks = post_stream(mini_lb + "/generate", _req(stream=True, logprob_start_len=0))
+    final = chunks[-1]["meta_info"]
+    # mini_lb prepends prefill's prompt log-probs to every decode chunk.
+    assert [t for _, t, _ in final["input_token_logprobs"]] == PROMPT
+    assert len(final["output_token_logprobs"]) == N_NEW
+    rows = routing(final["routed_experts"])
+    assert rows.shape[0] == len(PROMPT) + N_NEW - 1 and not rows[: len(PROMPT)].any()

@@ -245,7 +245,8 @@ def test_weight_version_update_mid_generation_splits_the_spans(engine):
             assert first.startswith(b"data: ")
             status, ok = post(url + "/update_weight_version", {"new_version": "v2"})
             assert status == 200 and ok["success"]
-            chunks = [c[6:] for c in resp.read().decode().split("\n\n") if c.startswith("data: ")]
+            chunks = [line[6:] for line in resp.read().decode().split("\n")
+                      if line.startswith("data: ")]
         final = json.loads(chunks[-2])
     meta = final["meta_info"]
     spans = meta["weight_versions"]
@@ -253,3 +254,24 @@ def test_weight_version_update_mid_generation_splits_the_spans(engine):
     assert [s["version"] for s in spans] == ["v1", "v2"]
     assert spans[0]["start"] == 0 and spans[0]["end"] == spans[1]["start"] > 0
     assert spans[1]["end"] == meta["completion_tokens"] == 200
+
+
+def test_input_token_logprobs(unified, engine):
+    import torch
+
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([PROMPT])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(PROMPT) - 1),
+                                              torch.tensor(PROMPT[1:])].tolist()
+    r = post(unified + "/generate", _req(return_logprob=True, logprob_start_len=0))[1]
+    got = r["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in got] == PROMPT
+    assert got[0][0] is None
+    np.testing.assert_allclose([lp for lp, _, _ in got[1:]], expected, rtol=1e-4, atol=1e-5)
+    # SGLang's default (-1): only the last prompt token.
+    last = post(unified + "/generate", _req(return_logprob=True))[1]["meta_info"]
+    assert len(last["input_token_logprobs"]) == 1
+    np.testing.assert_allclose(last["input_token_logprobs"][0][0], expected[-1], rtol=1e-4)
+    status, err = post(unified + "/generate", _req(return_logprob=True,
+                                                   logprob_start_len=len(PROMPT)))
+    assert status == 400 and "logprob_start_len" in err["error"]["message"]
