@@ -15,11 +15,10 @@ exits non-zero on a mismatch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-import argparse
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,6 +55,10 @@ def main(layout: str, ckpt: Path, cpu: bool) -> int:
     rank = dist.get_rank()
     sizes = {"ep2": dict(expert_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2)}
     parallel_state.initialize_model_parallel(**sizes[layout])
+    if not cpu:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(1234)  # attention forks this RNG
 
     if rank == 0:
         make_hf_model(seed=3, mlp_only_layers=[0]).save_pretrained(ckpt)
