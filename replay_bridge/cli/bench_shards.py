@@ -30,7 +30,8 @@ def bench_shards_cmd(
 
     try:
         result = bench_shards(tokens=tokens, preset=model, samples_per_shard=samples_per_shard,
-                              batch_bytes=batch_bytes, repeats=repeats, lookups=lookups, workdir=workdir)
+                              batch_bytes=batch_bytes, repeats=repeats, lookups=lookups,
+                              workdir=workdir)
     except GeometryError as e:
         die(str(e), as_json=True)
     emit_json(result)

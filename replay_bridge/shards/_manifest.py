@@ -154,27 +154,27 @@ class Manifest:
         if not directory.is_dir():
             raise ShardError(f"{directory} is not a directory")
         if not path.is_file() or path.is_symlink():
-            raise ShardError(f"{directory} is not a shard directory: no {MANIFEST}", file=MANIFEST, kind="manifest")
+            raise _bad(f"{directory} is not a shard directory: no {MANIFEST}")
         if path.stat().st_size > _MAX_MANIFEST_BYTES:
-            raise ShardError(f"{MANIFEST} is implausibly large", file=MANIFEST, kind="manifest")
+            raise _bad(f"{MANIFEST} is implausibly large")
         try:
             doc = orjson.loads(path.read_bytes())
         except orjson.JSONDecodeError as e:
-            raise ShardError(f"{MANIFEST} is not valid JSON: {e}", file=MANIFEST, kind="manifest") from None
+            raise _bad(f"{MANIFEST} is not valid JSON: {e}") from None
         return cls.from_dict(doc, directory)
 
     @classmethod
     def from_dict(cls, doc: Any, directory: Path) -> Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ShardError(f"{MANIFEST} is not a {FORMAT} manifest", file=MANIFEST, kind="manifest")
+            raise _bad(f"{MANIFEST} is not a {FORMAT} manifest")
         version = doc.get("format_version")
         if version != FORMAT_VERSION:
-            raise ShardError(f"{MANIFEST}: unsupported format_version {version!r} "
-                             f"(this reader knows {FORMAT_VERSION})", file=MANIFEST, kind="manifest")
+            raise _bad(f"{MANIFEST}: unsupported format_version {version!r} "
+                             f"(this reader knows {FORMAT_VERSION})")
         try:
             geometry = RoutingGeometry.from_dict(_get(doc, "geometry", dict))
         except (GeometryError, ValueError) as e:
-            raise ShardError(f"{MANIFEST}: bad geometry: {e}", file=MANIFEST, kind="manifest") from None
+            raise _bad(f"{MANIFEST}: bad geometry: {e}") from None
         shards = [
             ShardEntry(
                 file=_name(directory, e, SHARD_RE),
@@ -200,50 +200,51 @@ class Manifest:
         for group in (shards, quarantine):
             names = [e.file for e in group]
             if len(set(names)) != len(names):
-                raise ShardError(f"{MANIFEST} lists a file twice", file=MANIFEST, kind="manifest")
+                raise _bad(f"{MANIFEST} lists a file twice")
         totals = _get(doc, "totals", dict)
         for key, value in m.totals().items():
             if _count(totals, key) != value:
-                raise ShardError(
+                raise _bad(
                     f"{MANIFEST}: totals.{key} is {totals[key]} but the listed files add up to "
-                    f"{value}", file=MANIFEST, kind="manifest")
+                    f"{value}")
         if m.outcomes["stored"] != m.samples:
-            raise ShardError(f"{MANIFEST}: outcomes.stored is {m.outcomes['stored']} but the "
-                             f"shards hold {m.samples} samples", file=MANIFEST, kind="manifest")
+            raise _bad(f"{MANIFEST}: outcomes.stored is {m.outcomes['stored']} but the "
+                             f"shards hold {m.samples} samples")
         if m.outcomes["rejected"] + m.outcomes["failed"] != m.quarantined:
-            raise ShardError(
+            raise _bad(
                 f"{MANIFEST}: outcomes rejected {m.outcomes['rejected']} + failed "
-                f"{m.outcomes['failed']} != {m.quarantined} quarantine records", file=MANIFEST, kind="manifest")
+                f"{m.outcomes['failed']} != {m.quarantined} quarantine records")
         return m
+
+
+def _bad(message: str) -> ShardError:
+    return ShardError(message, file=MANIFEST, kind="manifest")
 
 
 def _get(doc: dict[str, Any], key: str, kind: type) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind):
-        raise ShardError(f"{MANIFEST}: {key!r} must be a {kind.__name__}, got {value!r:.80}",
-                         file=MANIFEST, kind="manifest")
+        raise _bad(f"{MANIFEST}: {key!r} must be a {kind.__name__}, got {value!r:.80}")
     return value
 
 
 def _count(entry: Any, key: str) -> int:
     value = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ShardError(f"{MANIFEST}: {key!r} must be a non-negative integer in {entry!r:.120}",
-                         file=MANIFEST, kind="manifest")
+        raise _bad(f"{MANIFEST}: {key!r} must be a non-negative integer in {entry!r:.120}")
     return value
 
 
 def _sha(entry: dict[str, Any]) -> str:
     value = entry.get("sha256")
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise ShardError(f"{MANIFEST}: bad sha256 {value!r:.80} for {entry.get('file')!r:.80}",
-                         file=MANIFEST, kind="manifest")
+        raise _bad(f"{MANIFEST}: bad sha256 {value!r:.80} for {entry.get('file')!r:.80}")
     return value
 
 
 def _name(directory: Path, entry: Any, pattern: re.Pattern[str]) -> str:
     if not isinstance(entry, dict):
-        raise ShardError(f"{MANIFEST}: file entry {entry!r:.80} is not an object", file=MANIFEST, kind="manifest")
+        raise _bad(f"{MANIFEST}: file entry {entry!r:.80} is not an object")
     name = entry.get("file")
     member_path(directory, name, pattern)
     return name

@@ -75,7 +75,8 @@ def geometry_from_schema(schema: pa.Schema, where: str, *, projected: bool = Fal
         geometry = RoutingGeometry.from_dict(meta)
         version = int(meta["format_version"])
     except (ValueError, KeyError, TypeError, GeometryError) as e:
-        raise ShardError(f"{where}: bad {METADATA_KEY!r} schema metadata: {e}", file=where) from None
+        raise ShardError(f"{where}: bad {METADATA_KEY!r} schema metadata: {e}",
+                         file=where) from None
     if projected:  # a reader that selected some columns sees only those
         return geometry, version
     missing = [c for c in _COLUMNS if schema.get_field_index(c) < 0]
@@ -111,7 +112,9 @@ def _list_array(parts: Sequence[np.ndarray], dtype: np.dtype, mask: np.ndarray |
 
 
 def _json_or_none(value: Any) -> str | None:
-    return None if value is None else orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    if value is None:
+        return None
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
 def to_record_batch(samples: Sequence[RoutedSample], geometry: RoutingGeometry,

@@ -60,8 +60,9 @@ class ShardWriter:
     routing; a shard is sealed (footer, fsync, rename) every ``samples_per_shard`` samples, on
     :meth:`flush` and on :meth:`close`, and the manifest is rewritten atomically after each
     seal. ``batch_bytes`` trades compressed random lookups (one record batch is decompressed
-    per lookup) against per-batch overhead. A writer killed at any instant leaves only complete shards; samples of the open shard
-    are not stored (``stored_ids`` of a resumed writer says which are). Not thread-safe.
+    per lookup) against per-batch overhead. A writer killed at any instant leaves only complete
+    shards; samples of the open shard are not stored (``stored_ids`` of a resumed writer says
+    which are). Not thread-safe: use it from one thread.
     """
 
     DEFAULT_BATCH_BYTES = 2 << 20

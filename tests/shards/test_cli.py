@@ -102,7 +102,8 @@ def test_validate_warns_about_leftovers_but_passes(tmp_path, tiny, samples):
     d = write_dir(tmp_path / "d", tiny, samples[:3])
     (d / "shard-000001.arrow.tmp").write_bytes(b"partial")
     code, doc, _ = run_cli("validate", d, "--json")
-    assert code == 0 and len(doc["warnings"]) == 1 and "shard-000001.arrow.tmp" in doc["warnings"][0]
+    assert code == 0 and len(doc["warnings"]) == 1
+    assert "shard-000001.arrow.tmp" in doc["warnings"][0]
 
 
 def test_inspect_totals_bytes_and_expert_load(tmp_path, tiny, samples):

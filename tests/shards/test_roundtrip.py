@@ -189,7 +189,8 @@ _GEOMETRIES = st.sampled_from([
 ])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(geometry=_GEOMETRIES,
        lengths=st.lists(st.integers(1, 40), min_size=1, max_size=8),
        per_shard=st.integers(1, 4), starts=st.integers(0, 3),
@@ -215,5 +216,6 @@ def test_round_trip_property(tmp_path_factory, geometry, lengths, per_shard, sta
     assert r.geometry.id_dtype == (np.uint16 if geometry.num_experts > 256 else np.uint8)
     for a, b in zip(samples, r, strict=True):
         assert_same(a, b)
-    for s in samples[::-1]:
+    for s in samples[::-1]:  # by id, across and within record batches
         np.testing.assert_array_equal(r.routing(s.sample_id), s.routed)
+        assert_same(s, r[s.sample_id])
