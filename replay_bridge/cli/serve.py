@@ -18,8 +18,8 @@ import typer
 from ._app import app
 from ._output import EXIT_USAGE, die, emit_json, stderr
 
-_FAULT_HELP = ("inject a fault: prefill-zero-rows, drop-routed-experts, duplicate-ids, extra-row"
-               " (route also: no-merge)")
+_FAULT_HELP = ("inject a fault: prefill-zero-rows, drop-routed-experts, duplicate-ids, extra-row;"
+               " serve only: stale-prompt-rows; route only: no-merge")
 
 
 def _import_server(as_json: bool, engine: bool = True) -> Any:

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from ._encoding import BOOTSTRAP_PORT, encode_int32
-from ._faults import WORKER_FAULTS, apply_rows_fault, check_fault
+from ._faults import WORKER_FAULTS, apply_rows_fault, check_fault, stale_rows
 from ._model import Engine, Generation, SamplingSpec
 
 __all__ = ["ROLES", "RequestError", "WorkerConfig", "make_worker_app"]
@@ -71,6 +71,7 @@ class _Worker:
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     )
+    last_routing: Any = None  # the previous request's capture (for stale-prompt-rows)
 
     # ---- one sequence --------------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class _Worker:
                 if item.return_logprob and role != "decode" else None),
         )
         gen.extra["versions"] = versions
+        gen.extra["earlier_routing"], self.last_routing = self.last_routing, gen.routing
         return gen
 
     def meta_info(self, item: _Item, gen: Generation, *, final: bool = True) -> dict[str, Any]:
@@ -126,7 +128,10 @@ class _Worker:
             ]
         if final and self._returns_routing(item, gen):
             rows = gen.routing[item.start_len :]
-            rows = apply_rows_fault(self.config.fault, rows, gen.prompt_len - item.start_len,
+            prompt_rows = gen.prompt_len - item.start_len
+            if self.config.fault == "stale-prompt-rows":
+                rows = stale_rows(rows, prompt_rows, gen.extra.get("earlier_routing"))
+            rows = apply_rows_fault(self.config.fault, rows, prompt_rows,
                                     self.engine.geometry.moe_layers)
             meta["routed_experts"] = encode_int32(rows)
         return meta

@@ -13,17 +13,22 @@ is about to send:
   largest id in its first two slots, in every MoE layer (seen with CUDA graphs, which run
   decode steps only: a prefill worker's prompt rows are left alone); never an all-zero block.
 - ``extra-row``: one row too many (a copy of the last row appended).
+- ``stale-prompt-rows``: the prompt rows hold routing left in the capture buffer by earlier
+  requests (valid ids of other tokens; what a long-running SGLang decode worker returns, and
+  what a host-tier prefix-cache hit can leave). Invisible to per-block checks. Worker only.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FAULTS", "ROUTER_FAULTS", "WORKER_FAULTS", "apply_rows_fault", "check_fault"]
+__all__ = ["FAULTS", "ROUTER_FAULTS", "WORKER_FAULTS", "apply_rows_fault", "check_fault",
+           "stale_rows"]
 
-FAULTS = ("prefill-zero-rows", "drop-routed-experts", "no-merge", "duplicate-ids", "extra-row")
+FAULTS = ("prefill-zero-rows", "drop-routed-experts", "no-merge", "duplicate-ids", "extra-row",
+          "stale-prompt-rows")
 WORKER_FAULTS = tuple(f for f in FAULTS if f != "no-merge")
-ROUTER_FAULTS = FAULTS
+ROUTER_FAULTS = tuple(f for f in FAULTS if f != "stale-prompt-rows")
 
 
 def check_fault(fault: str | None, allowed: tuple[str, ...], top_k: int | None = None) -> None:
@@ -57,4 +62,20 @@ def apply_rows_fault(
         out[sel + (slice(0, 2),)] = out[sel].max(axis=-1, keepdims=True)
     elif fault == "extra-row" and n:
         out = np.concatenate([out, out[-1:]], axis=0)
+    return out
+
+
+def stale_rows(rows: np.ndarray, prompt_rows: int, earlier: np.ndarray | None) -> np.ndarray:
+    """``rows`` with its first ``prompt_rows`` rows taken from ``earlier`` routing.
+
+    Only rows that ``earlier`` really captured (not all zero) are used, repeated cyclically to
+    cover the prompt; with nothing earlier the prompt rows are a fresh buffer's zeros.
+    """
+    out = np.array(rows, dtype=np.int32, copy=True)
+    k = max(0, min(prompt_rows, out.shape[0]))
+    captured = None if earlier is None else earlier[earlier.reshape(len(earlier), -1).any(axis=1)]
+    if captured is None or not len(captured):
+        out[:k] = 0
+    else:
+        out[:k] = np.resize(captured, (k, *out.shape[1:]))
     return out

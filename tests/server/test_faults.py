@@ -130,3 +130,24 @@ def test_extra_row(engine, reference, where):
     np.testing.assert_array_equal(rows[:good], ref[:good])
     np.testing.assert_array_equal(rows[-1], rows[-2])
     assert _check(r).kinds == ("row_count",)
+
+
+def test_stale_prompt_rows_look_valid_but_are_another_requests(engine, reference):
+    with in_background(serve_worker(engine, fault="stale-prompt-rows")) as url:
+        fresh = post(url + "/generate", _req(input_ids=[5, 6, 7]))[1]
+        assert not routing(fresh["meta_info"]["routed_experts"])[:3].any()  # a fresh buffer
+        r = post(url + "/generate", _req())[1]
+    rows = routing(r["meta_info"]["routed_experts"])
+    ref = routing(reference["meta_info"]["routed_experts"])
+    # The buffer held the first request's real routing; its rows now sit at our prompt rows.
+    earlier = engine.forward_routing([5, 6, 7] + fresh["output_ids"])[:-1]
+    np.testing.assert_array_equal(rows[:P], np.resize(earlier, (P, 4, 2)))
+    np.testing.assert_array_equal(rows[P:], ref[P:])
+    assert (rows[:P] != ref[:P]).any()
+    assert _check(r).ok  # invisible to per-block checks: only replay agreement can tell
+
+
+def test_stale_prompt_rows_is_refused_by_the_router(pd):
+    with pytest.raises(ValueError, match="stale-prompt-rows"):
+        with in_background(serve_router(pd.prefill, pd.decode, fault="stale-prompt-rows")):
+            pass
