@@ -1,0 +1,190 @@
+"""Drive a collection: prompts in, every sample's outcome into a shard directory.
+
+Memory stays bounded whatever the number of prompts: prompts are read lazily, at most
+``concurrency`` requests are in flight, and finished answers wait in a queue of ``queue_size``
+entries; a full queue stops new requests (backpressure). Decoding, checking and writing run on
+one worker thread, off the event loop; the shard writer is only ever touched from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..checks import CheckReport, CheckTally
+from ..shards import ShardWriter
+from ._client import Exchange, RolloutClient, SampleResult
+from ._prompts import Prompt, sample_ids_for
+
+__all__ = ["CollectSummary", "collect"]
+
+
+@dataclass
+class CollectSummary:
+    """Totals of one collection, and (when asked for) one verdict per sample in the form
+    ``ingest --json`` prints: ``{"sample_id", "stored", "kinds", ["message" | "error"]}``."""
+
+    tally: CheckTally
+    prompts: int = 0
+    prompts_skipped: int = 0
+    samples: int = 0
+    stored: int = 0
+    rejected: int = 0
+    failed: int = 0
+    tokens: int = 0
+    tokens_stored: int = 0
+    seconds: float = 0.0
+    retries: int = 0
+    verdicts: list[dict[str, Any]] | None = None
+    peak_rss_bytes: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def totals(self) -> dict[str, Any]:
+        return {
+            "prompts": self.prompts,
+            "prompts_skipped": self.prompts_skipped,
+            "samples": self.samples,
+            "stored": self.stored,
+            "rejected": self.rejected,
+            "failed": self.failed,
+            "tokens": self.tokens,
+            "tokens_stored": self.tokens_stored,
+            "by_kind": dict(self.by_kind),
+            "retries": self.retries,
+            "seconds": round(self.seconds, 3),
+            "samples_per_s": round(self.samples / self.seconds, 2) if self.seconds else None,
+            "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None,
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+
+def _peak_rss() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _Sink:
+    """Store results (runs on the worker thread only)."""
+
+    def __init__(self, client: RolloutClient, writer: ShardWriter, summary: CollectSummary,
+                 on_result: Callable[[CollectSummary, list[SampleResult]], None] | None) -> None:
+        self.client, self.writer, self.summary, self.on_result = client, writer, summary, on_result
+
+    def __call__(self, exchanges: list[Exchange]) -> None:
+        results = self.client.finish(exchanges)
+        s = self.summary
+        for r in results:
+            verdict: dict[str, Any] = {"sample_id": r.sample_id, "stored": False, "kinds": []}
+            s.samples += 1
+            s.tokens += r.num_tokens
+            if r.outcome == "failed":
+                s.failed += 1
+                verdict["error"] = r.error
+                self.writer.record_failure(r.sample_id, r.error or "failed")
+            else:
+                assert r.report is not None
+                report = r.report
+                if r.sample is not None:
+                    try:
+                        self.writer.add(r.sample)
+                    except ValueError as e:  # the id is stored already
+                        report = CheckReport(r.sample_id, kinds=("duplicate_sample_id",),
+                                             message=f"sample {r.sample_id!r}: {e}")
+                    else:
+                        verdict["stored"] = True
+                        s.stored += 1
+                        s.tokens_stored += r.sample.num_tokens
+                if not verdict["stored"]:
+                    s.rejected += 1
+                    verdict["kinds"] = list(report.kinds)
+                    if report.message:
+                        verdict["message"] = report.message
+                    for k in report.kinds:
+                        s.by_kind[k] = s.by_kind.get(k, 0) + 1
+                    if report.kinds != ("duplicate_sample_id",):
+                        self.writer.quarantine(report, r.wire)
+                s.tally.add(report)
+            if s.verdicts is not None:
+                s.verdicts.append(verdict)
+        if self.on_result is not None:
+            self.on_result(s, results)
+
+
+async def collect(
+    client: RolloutClient,
+    prompts: Iterable[Prompt],
+    writer: ShardWriter,
+    *,
+    samples_per_prompt: int = 1,
+    queue_size: int | None = None,
+    keep_verdicts: bool = False,
+    on_result: Callable[[CollectSummary, list[SampleResult]], None] | None = None,
+) -> CollectSummary:
+    """Collect ``samples_per_prompt`` samples of every prompt into ``writer``.
+
+    Sample ids already in ``writer.stored_ids`` (a resumed directory) are not asked for again;
+    a prompt whose samples are all stored is skipped. Every other sample ends stored, rejected
+    (quarantined with its report) or failed (recorded with its last error). The writer is
+    flushed but not closed. ``on_result(summary, results)`` runs on the worker thread after
+    each prompt's results are stored.
+    """
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    summary = CollectSummary(tally=CheckTally(client.geometry),
+                             verdicts=[] if keep_verdicts else None)
+    stored = writer.stored_ids
+    loop = asyncio.get_running_loop()
+    workers = max(1, math.ceil(client.concurrency / client.calls_per_prompt(samples_per_prompt)))
+    queue: asyncio.Queue[list[Exchange] | None] = asyncio.Queue(maxsize=queue_size or workers)
+    source: Iterator[Prompt] = iter(prompts)
+    sink = _Sink(client, writer, summary, on_result)
+    t0 = time.perf_counter()
+
+    async def produce() -> None:
+        for prompt in source:  # one event loop: next() is never entered twice at once
+            summary.prompts += 1
+            ids = [i for i in sample_ids_for(prompt.prompt_id, samples_per_prompt)
+                   if i not in stored]
+            if not ids:
+                summary.prompts_skipped += 1
+                continue
+            await queue.put(await client.fetch(prompt, sample_ids=ids))
+
+    async def consume(pool: ThreadPoolExecutor) -> None:
+        while (item := await queue.get()) is not None:
+            await loop.run_in_executor(pool, sink, item)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-bridge-store") as pool:
+        failing = True
+        consumer = asyncio.ensure_future(consume(pool))
+        producers = [asyncio.ensure_future(produce()) for _ in range(workers)]
+        try:
+            # A consumer that fails (disk full, ...) must stop the producers too.
+            produced = asyncio.gather(*producers)
+            await asyncio.wait([consumer, produced], return_when=asyncio.FIRST_COMPLETED)
+            if consumer.done():
+                consumer.result()
+                raise RuntimeError("the store worker stopped before the prompts ran out")
+            produced.result()
+            await queue.put(None)
+            await consumer
+            failing = False
+        finally:
+            for task in (*producers, consumer):
+                task.cancel()
+            await asyncio.gather(*producers, consumer, return_exceptions=True)
+            # Seal what was stored so far, also when stopping on an error or a cancel.
+            try:
+                await loop.run_in_executor(pool, writer.flush)
+            except Exception:
+                if not failing:
+                    raise
+    summary.seconds = time.perf_counter() - t0
+    summary.retries = client.retries
+    summary.peak_rss_bytes = _peak_rss()
+    return summary

@@ -1,0 +1,145 @@
+"""A light responder that speaks the engines' wire formats with synthetic routing.
+
+For load tests and ``bench collect``: no model runs; completions and routing are deterministic
+functions of the tokens, so a test can recompute what must have been stored
+(:func:`synthetic_routing`). Run it in its own process with
+``python -m replay_bridge.client._loopback --engine sglang --model tiny-qwen3-moe --port P``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+from typing import Any
+
+import numpy as np
+import orjson
+import pybase64
+from aiohttp import web
+
+from ..geometry import RoutingGeometry
+
+__all__ = ["loopback_app", "synthetic_completion", "synthetic_routing"]
+
+VOCAB = 50_000
+
+
+def synthetic_completion(prompt: np.ndarray, n: int, choice: int = 0) -> np.ndarray:
+    """``n`` completion token ids for ``prompt`` (choice ``choice`` of a group)."""
+    seed = int(prompt.sum()) * 31 + int(prompt.shape[0]) * 7 + choice * 1009
+    return ((seed + np.arange(1, n + 1, dtype=np.int64) * 7919) % VOCAB).astype(np.int32)
+
+
+def synthetic_routing(tokens: np.ndarray, geometry: RoutingGeometry, start: int = 0) -> np.ndarray:
+    """Routing of positions ``[start, len(tokens) - 1)`` as ``int32 [rows, num_layers, top_k]``:
+    k distinct ids per MoE layer block, zeros for dense layers."""
+    t = np.asarray(tokens, np.int64)[start : max(len(tokens) - 1, start)]
+    pos = np.arange(start, start + t.shape[0], dtype=np.int64)
+    e, k, layers = geometry.num_experts, geometry.top_k, geometry.num_layers
+    base = (t[:, None] * 13 + pos[:, None] * 7 + np.arange(layers)[None, :] * 5) % e
+    ids = (base[:, :, None] + np.arange(k)[None, None, :]) % e
+    out = ids.astype(np.int32)
+    dense = list(geometry.dense_layers)
+    if dense:
+        out[:, dense, :] = 0
+    return out
+
+
+def _npy_b64(a: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return pybase64.b64encode(buf.getvalue()).decode()
+
+
+def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) -> web.Application:
+    """An aiohttp app answering ``/generate`` (``sglang``) or ``/v1/completions`` (``vllm``,
+    ``sglang-openai``) with synthetic completions and routing, after ``delay`` seconds."""
+    wire_dtype = np.uint8 if geometry.num_experts <= 256 else np.uint16
+
+    def one(prompt: np.ndarray, max_new: int, start: int, choice: int) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+        out = synthetic_completion(prompt, max_new, choice)
+        return out, synthetic_routing(np.concatenate([prompt, out]), geometry, start)
+
+    async def generate(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if delay:
+            await asyncio.sleep(delay)
+        sp = body.get("sampling_params") or {}
+        max_new = int(sp.get("max_new_tokens", 16))
+        start = int(body.get("routed_experts_start_len", 0) or 0)
+        inputs = body["input_ids"]
+        batched = bool(inputs) and isinstance(inputs[0], list)
+        items = []
+        for i, ids in enumerate(inputs if batched else [inputs]):
+            prompt = np.asarray(ids, np.int32)
+            out, routing = one(prompt, max_new, start, i)
+            meta: dict[str, Any] = {
+                "id": f"loop-{i}",
+                "prompt_tokens": int(prompt.size),
+                "completion_tokens": int(out.size),
+                "finish_reason": {"type": "length", "length": max_new},
+                "output_token_logprobs": [[-1.0, int(t), None] for t in out],
+            }
+            if body.get("return_routed_experts"):
+                meta["routed_experts"] = pybase64.b64encode(routing.tobytes()).decode()
+            items.append({"output_ids": out.tolist(), "meta_info": meta})
+        return web.Response(body=orjson.dumps(items if batched else items[0]),
+                            content_type="application/json")
+
+    async def completions(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if delay:
+            await asyncio.sleep(delay)
+        prompt = np.asarray(body["prompt"], np.int32)
+        max_new = int(body.get("max_tokens", 16))
+        n = int(body.get("n", 1) or 1)
+        start_key = "routed_experts_prompt_start" if engine == "vllm" \
+            else "routed_experts_start_len"
+        start = int(body.get(start_key, 0) or 0)
+        choices = []
+        resp: dict[str, Any] = {"id": "cmpl-loop", "object": "text_completion"}
+        for i in range(n):
+            out, routing = one(prompt, max_new, start, i)
+            c: dict[str, Any] = {
+                "index": i, "text": "", "finish_reason": "length",
+                "token_ids": out.tolist(), "prompt_token_ids": prompt.tolist(),
+                "logprobs": {"token_logprobs": [-1.0] * int(out.size)},
+            }
+            if engine == "vllm":
+                c["routed_experts"] = _npy_b64(routing.astype(wire_dtype))
+            elif i == 0 and body.get("return_routed_experts"):
+                resp["sglext"] = {"routed_experts":
+                                  pybase64.b64encode(routing.tobytes()).decode()}
+            choices.append(c)
+        resp["choices"] = choices
+        return web.Response(body=orjson.dumps(resp), content_type="application/json")
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_get("/health", health)
+    if engine == "sglang":
+        app.router.add_post("/generate", generate)
+    else:
+        app.router.add_post("/v1/completions", completions)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--engine", default="sglang", choices=["sglang", "sglang-openai", "vllm"])
+    ap.add_argument("--model", default="tiny-qwen3-moe", help="geometry: preset or model dir")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--delay", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    geometry = RoutingGeometry.resolve(args.model)
+    web.run_app(loopback_app(args.engine, geometry, delay=args.delay), host=args.host,
+                port=args.port, print=None, access_log=None, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()
