@@ -80,17 +80,14 @@ def pair(request, megatron_cpu, tmp_path_factory):
     return request.param, hf, path
 
 
-@torch.no_grad()
-def test_logits_and_routing_match_transformers(pair, router_replay_instances):
+def _check_against_transformers(hf, mg, ids: torch.Tensor) -> float:
+    """Assert equal logits, top-k ids and routing weights; return the max |logit diff|."""
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
-    variant, hf, path = pair
-    mg = build_qwen3_moe_gpt(path).eval()
     routers = _moe_layers(mg)
     assert [i for i, _ in routers] == [
         i for i, moe in enumerate(moe_layer_pattern(hf.config)) if moe
     ]
-
     weights: dict[int, torch.Tensor] = {}
     hooks = [
         router.register_forward_hook(lambda m, a, out, i=i: weights.__setitem__(i, out[0]))
@@ -98,7 +95,6 @@ def test_logits_and_routing_match_transformers(pair, router_replay_instances):
     ]
     for _, router in routers:
         router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
-    ids = _tokens()
     try:
         mg_logits = _megatron_logits(mg, ids)
     finally:
@@ -107,9 +103,8 @@ def test_logits_and_routing_match_transformers(pair, router_replay_instances):
     hf_logits, hf_routing = _hf_forward(hf, ids)
 
     diff = (mg_logits - hf_logits).abs().max().item()
-    print(f"\n{variant}: max |logit diff| = {diff:.3g} (max |logit| {hf_logits.abs().max():.3g})")
-    assert mg_logits.shape == hf_logits.shape == (BATCH, SEQ, TINY["vocab_size"])
-    assert diff <= LOGIT_ATOL
+    assert mg_logits.shape == hf_logits.shape == (BATCH, SEQ, hf.config.vocab_size)
+    assert diff <= LOGIT_ATOL, f"max |logit diff| {diff}"
 
     assert sorted(hf_routing) == [i for i, _ in routers]
     for i, router in routers:
@@ -118,9 +113,35 @@ def test_logits_and_routing_match_transformers(pair, router_replay_instances):
         recorded = router.router_replay.get_recorded_indices()
         mg_ids = recorded.reshape(SEQ, BATCH, -1).transpose(0, 1)
         assert torch.equal(mg_ids, hf_ids), f"layer {i}: top-k ids differ"
-        dense_hf = torch.zeros(BATCH, SEQ, TINY["num_experts"]).scatter(-1, hf_ids, hf_weights)
+        dense_hf = torch.zeros(BATCH, SEQ, hf.config.num_experts).scatter(-1, hf_ids, hf_weights)
         dense_mg = weights[i].reshape(SEQ, BATCH, -1).transpose(0, 1)
         assert torch.allclose(dense_mg, dense_hf, atol=1e-6), f"layer {i}: routing weights differ"
+    return diff
+
+
+@torch.no_grad()
+def test_logits_and_routing_match_transformers(pair, router_replay_instances):
+    variant, hf, path = pair
+    mg = build_qwen3_moe_gpt(path).eval()
+    diff = _check_against_transformers(hf, mg, _tokens())
+    print(f"\n{variant}: max |logit diff| = {diff:.3g}")
+
+
+@torch.no_grad()
+def test_the_demo_checkpoint_converts(megatron_cpu, tmp_path, router_replay_instances):
+    """`replay-bridge make-tiny-model` (bf16 on disk), loaded in fp32 by both sides."""
+    from transformers import AutoModelForCausalLM
+
+    from replay_bridge.server import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "tiny")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    mg = build_qwen3_moe_gpt(path, dtype=torch.float32).eval()
+    assert mg.decoder.layers[0].mlp.router.weight.dtype == torch.float32
+    ids = torch.randint(0, hf.config.vocab_size, (BATCH, SEQ),
+                        generator=torch.Generator().manual_seed(5))
+    diff = _check_against_transformers(hf, mg, ids)
+    print(f"\nmake-tiny-model checkpoint: max |logit diff| = {diff:.3g}")
 
 
 @torch.no_grad()
