@@ -270,3 +270,36 @@ def test_rope_theta_from_old_and_new_config_layouts(megatron_cpu, router_replay_
     ):
         mg = build_gpt_model(cfg, megatron_config_from_hf(cfg))
         assert mg.rotary_pos_emb.inv_freq[1].item() == pytest.approx(5e5 ** (-2 / 32))
+
+
+def test_converted_model_trains_under_replay(megatron_cpu, tmp_path, router_replay_instances):
+    """Backward through a converted model with replayed routes: only replayed experts learn."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    mg = build_qwen3_moe_gpt(save_hf_model(make_hf_model(seed=2), tmp_path), routing_replay=True)
+    gen = torch.Generator().manual_seed(3)
+    rows = SEQ * BATCH
+    targets = []
+    for _, router in _moe_layers(mg):
+        # distinct ids per row drawn from experts 0..6: expert 7 receives no token
+        ids = torch.stack([torch.randperm(7, generator=gen)[:2] for _ in range(rows)])
+        router.router_replay.set_target_indices(ids)
+        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        targets.append(ids)
+    tokens = _tokens()
+    logits = _megatron_logits(mg, tokens)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
+    )
+    loss.backward()
+    RouterReplay.clear_global_indices()
+
+    for (_, router), layer in zip(_moe_layers(mg), [l for l in mg.decoder.layers
+                                                     if hasattr(l.mlp, "router")]):
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+        experts = layer.mlp.experts.local_experts
+        used = experts[0].linear_fc1.weight.grad
+        assert used is not None and used.abs().sum() > 0
+        idle = experts[7].linear_fc1.weight.grad
+        assert idle is None or idle.abs().sum() == 0
+    assert torch.isfinite(loss)
