@@ -301,8 +301,9 @@ def _hf_tensor(name: str, model: torch.nn.Module, src: _Source) -> torch.Tensor:
         return src.get("model.embed_tokens.weight")
     if name == "decoder.final_layernorm.weight":
         return src.get("model.norm.weight")
-    if name == "output_layer.weight":
-        return src.get("lm_head.weight")
+    if name == "output_layer.weight":  # a tied model's last pipeline stage holds a copy
+        tied = model.share_embeddings_and_output_weights
+        return src.get("model.embed_tokens.weight" if tied else "lm_head.weight")
     match = _LAYER_PARAM.fullmatch(name)
     if match is None:
         raise KeyError(f"no Qwen3-MoE source for megatron parameter {name!r}")
