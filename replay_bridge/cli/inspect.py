@@ -55,10 +55,17 @@ def inspect(
         f"{m.bytes:,} bytes: {result.bytes_per_token:.1f} B/token, "
         f"{result.bytes_per_token / result.int32_bytes_per_token:.3f}x the "
         f"{result.int32_bytes_per_token} B/token of int32 wire routing")
+    rows = result.layer_summary()
+    ratios = sorted(r["max_over_mean"] for r in rows)
+    worst = max(rows, key=lambda r: r["max_over_mean"])
+    stdout.print(
+        f"expert load max/mean over {len(rows)} MoE layers: min {ratios[0]:.2f}, median "
+        f"{ratios[len(ratios) // 2]:.2f}, max {ratios[-1]:.2f} (layer {worst['layer']}, "
+        f"expert {worst['hottest_expert']})")
     t = Table(title="expert load per MoE layer", title_justify="left")
     for col in ("layer", "max/mean", "min/mean", "cv", "hottest expert", "share", "idle"):
         t.add_column(col, justify="right")
-    for row in result.layer_summary():
+    for row in rows:
         t.add_row(str(row["layer"]), f"{row['max_over_mean']:.2f}", f"{row['min_over_mean']:.2f}",
                   f"{row['cv']:.2f}", str(row["hottest_expert"]),
                   f"{100 * row['hottest_share']:.2f}%", str(row["idle_experts"]))
