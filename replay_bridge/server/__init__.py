@@ -9,16 +9,17 @@ injected faults. Needs the ``server`` extra (torch, transformers, aiohttp).
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._app import ROLES, WorkerConfig, make_worker_app
+    from ._app import make_worker_app
     from ._faults import FAULTS, ROUTER_FAULTS, WORKER_FAULTS
     from ._launch import PDUrls, in_background, serve_app, serve_pd, serve_router, serve_worker
     from ._model import Engine, Generation, SamplingSpec
     from ._router import RouterConfig, make_router_app
+    from ._worker import ROLES, WorkerConfig
     from .tiny_model import make_tiny_model
 
 # Imported on first use, so that a router process never loads torch.
 _HOMES = {
-    "ROLES": "_app", "WorkerConfig": "_app", "make_worker_app": "_app",
+    "ROLES": "_worker", "WorkerConfig": "_worker", "make_worker_app": "_app",
     "FAULTS": "_faults", "ROUTER_FAULTS": "_faults", "WORKER_FAULTS": "_faults",
     "PDUrls": "_launch", "in_background": "_launch", "serve_app": "_launch",
     "serve_pd": "_launch", "serve_router": "_launch", "serve_worker": "_launch",
