@@ -28,7 +28,9 @@ __all__ = ["CollectSummary", "collect"]
 @dataclass
 class CollectSummary:
     """Totals of one collection, and (when asked for) one verdict per sample in the form
-    ``ingest --json`` prints: ``{"sample_id", "stored", "kinds", ["message" | "error"]}``."""
+    ``ingest --json`` prints, ``{"sample_id", "stored", "kinds", ["message"]}``, plus
+    ``"outcome"``: ``stored``, ``rejected`` (kinds say why) or ``failed`` (no answer after the
+    retry budget; the message is the last error)."""
 
     tally: CheckTally
     prompts: int = 0
@@ -44,6 +46,8 @@ class CollectSummary:
     verdicts: list[dict[str, Any]] | None = None
     peak_rss_bytes: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    first_rejected: list[dict[str, Any]] = field(default_factory=list)
+    """The first (up to 20) verdicts of samples not stored."""
 
     def totals(self) -> dict[str, Any]:
         return {
@@ -79,12 +83,14 @@ class _Sink:
         results = self.client.finish(exchanges)
         s = self.summary
         for r in results:
-            verdict: dict[str, Any] = {"sample_id": r.sample_id, "stored": False, "kinds": []}
+            verdict: dict[str, Any] = {"sample_id": r.sample_id, "stored": False, "kinds": [],
+                                       "outcome": "rejected"}
             s.samples += 1
             s.tokens += r.num_tokens
             if r.outcome == "failed":
                 s.failed += 1
-                verdict["error"] = r.error
+                verdict["outcome"] = "failed"
+                verdict["message"] = r.error
                 self.writer.record_failure(r.sample_id, r.error or "failed")
             else:
                 assert r.report is not None
@@ -97,6 +103,7 @@ class _Sink:
                                              message=f"sample {r.sample_id!r}: {e}")
                     else:
                         verdict["stored"] = True
+                        verdict["outcome"] = "stored"
                         s.stored += 1
                         s.tokens_stored += r.sample.num_tokens
                 if not verdict["stored"]:
@@ -111,6 +118,8 @@ class _Sink:
                 s.tally.add(report)
             if s.verdicts is not None:
                 s.verdicts.append(verdict)
+            if not verdict["stored"] and len(s.first_rejected) < 20:
+                s.first_rejected.append(verdict)
         if self.on_result is not None:
             self.on_result(s, results)
 

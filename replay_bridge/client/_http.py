@@ -165,10 +165,9 @@ class Transport:
                     retryable=False)
             if resp.status >= 400:
                 raise HTTPError(resp.status, url, await resp.content.read(4096))
-            if length is not None:
-                return await resp.read()
+            # Chunks as received (no intermediate joins), one copy at the end.
             chunks, size = [], 0
-            async for chunk in resp.content.iter_chunked(1 << 20):
+            async for chunk, _ in resp.content.iter_chunks():
                 size += len(chunk)
                 if size > cap:
                     raise ResponseTooLarge(

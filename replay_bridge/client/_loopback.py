@@ -33,13 +33,23 @@ def synthetic_completion(prompt: np.ndarray, n: int, choice: int = 0) -> np.ndar
 
 def synthetic_routing(tokens: np.ndarray, geometry: RoutingGeometry, start: int = 0) -> np.ndarray:
     """Routing of positions ``[start, len(tokens) - 1)`` as ``int32 [rows, num_layers, top_k]``:
-    k distinct ids per MoE layer block, zeros for dense layers."""
-    t = np.asarray(tokens, np.int64)[start : max(len(tokens) - 1, start)]
-    pos = np.arange(start, start + t.shape[0], dtype=np.int64)
+    k distinct ids per MoE layer block from a hash of (token, position, layer), so that
+    compression is not flattered by structure; zeros for dense layers."""
+    t = np.asarray(tokens, np.uint64)[start : max(len(tokens) - 1, start)]
+    pos = np.arange(start, start + t.shape[0], dtype=np.uint64)
     e, k, layers = geometry.num_experts, geometry.top_k, geometry.num_layers
-    base = (t[:, None] * 13 + pos[:, None] * 7 + np.arange(layers)[None, :] * 5) % e
-    ids = (base[:, :, None] + np.arange(k)[None, None, :]) % e
-    out = ids.astype(np.int32)
+    x = (t[:, None] * np.uint64(0x9E3779B97F4A7C15) + pos[:, None] * np.uint64(0xBF58476D1CE4E5B9)
+         + np.arange(layers, dtype=np.uint64)[None, :] * np.uint64(0x94D049BB133111EB))
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0xD6E8FEB86659FD93)
+    x ^= x >> np.uint64(29)
+    max_gap = np.uint64(max((e - 1) // k, 1))
+    ids = np.empty((t.shape[0], layers, k), np.int64)
+    ids[:, :, 0] = (x % np.uint64(e)).astype(np.int64)
+    for j in range(1, k):  # k gaps in [1, max_gap]: the k ids stay distinct modulo e
+        gap = (x >> np.uint64(8 + 6 * j)) % max_gap + np.uint64(1)
+        ids[:, :, j] = ids[:, :, j - 1] + gap.astype(np.int64)
+    out = (ids % e).astype(np.int32)
     dense = list(geometry.dense_layers)
     if dense:
         out[:, dense, :] = 0

@@ -1,0 +1,182 @@
+"""``bench collect``: the client's CPU time per token against the ingest floor.
+
+A light responder (:mod:`._loopback`) runs in its own process, so only the client's work is
+timed: receiving the answers, decoding, checking and storing (``time.process_time`` of this
+process, every thread included). The floor is pybase64 ``b64decode`` of the same routing
+payloads given as bytes: no client can do less than decode them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pybase64
+
+from ..checks import accept
+from ..geometry import RoutingGeometry
+from ..shards import ShardWriter
+from ..wire import decode_response
+from ._client import RolloutClient
+from ._collect import collect
+from ._prompts import Prompt
+from ._requests import SamplingParams
+
+__all__ = ["run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_responder(engine: str, model: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replay_bridge.client._loopback", "--engine", engine,
+         "--model", model, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"responder exited: {err[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("responder did not come up within 60 s")
+
+
+def _payloads(engine: str, body: bytes) -> list[bytes]:
+    obj = orjson.loads(body)
+    if engine == "vllm":
+        return [c["routed_experts"].encode() for c in obj["choices"]]
+    items = obj if isinstance(obj, list) else [obj]
+    return [i["meta_info"]["routed_experts"].encode() for i in items]
+
+
+def _cpu(fn: Any, *args: Any) -> float:
+    t = time.process_time()
+    fn(*args)
+    return time.process_time() - t
+
+
+def run(
+    *, model: str, engine: str, prompts: int, prompt_len: int, max_new_tokens: int,
+    concurrency: int, repeats: int, workdir: Path | None = None, floor_samples: int = 32,
+) -> dict[str, Any]:
+    geometry = RoutingGeometry.resolve(model)
+    rng = np.random.default_rng(0)
+    prompt_list = [Prompt(f"b{i:06d}", rng.integers(0, 50_000, prompt_len).tolist())
+                   for i in range(prompts)]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    proc, url = _start_responder(engine, model)
+    tmp = tempfile.TemporaryDirectory(dir=workdir)
+    try:
+        rounds = []
+        for r in range(repeats):
+            out = Path(tmp.name) / f"round-{r}"
+            writer = ShardWriter(out, geometry)
+
+            async def go(w: ShardWriter = writer) -> Any:
+                async with RolloutClient(url, engine, geometry, params=params,
+                                         concurrency=concurrency) as client:
+                    return await collect(client, prompt_list, w)
+
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            summary = asyncio.run(go())
+            writer.close()
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            if summary.stored != prompts:
+                raise RuntimeError(f"round {r}: {summary.stored} of {prompts} stored: "
+                                   f"{summary.totals()}")
+            rounds.append({"cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
+                           "tokens": summary.tokens,
+                           "cpu_ns_per_token": cpu / summary.tokens * 1e9,
+                           "tokens_per_s": summary.tokens / wall})
+
+        # The same answers again, kept whole, for the floor and the per-stage split.
+        sub = prompt_list[:floor_samples]
+
+        async def fetch_all() -> list[tuple[dict[str, Any], bytes]]:
+            async with RolloutClient(url, engine, geometry, params=params,
+                                     concurrency=concurrency) as client:
+                exchanges = await asyncio.gather(*(client.fetch(p) for p in sub))
+            return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
+
+        bodies = asyncio.run(fetch_all())
+        payloads = [p for _, body in bodies for p in _payloads(engine, body)]
+        sub_tokens = sum(len(p.input_ids) + max_new_tokens for p in sub)
+        def b64_floor() -> None:
+            for p in payloads:  # decode and discard, as ``bench ingest``'s discard floor
+                pybase64.b64decode(p, validate=True)
+
+        floor = min(_cpu(b64_floor) for _ in range(5))
+
+        wires: list[Any] = []
+        decode = min(_cpu(lambda: wires.__setitem__(slice(None), [
+            w for i, (req, body) in enumerate(bodies)
+            for w in decode_response(engine, req, body, geometry, f"s{i}")])) for _ in range(3))
+        accepted: list[Any] = []
+        check = min(_cpu(lambda: accepted.__setitem__(slice(None), [
+            accept(w, geometry)[1] for w in wires])) for _ in range(3))
+        store_dir = Path(tmp.name) / "stages"
+
+        def store() -> None:
+            with ShardWriter(store_dir, geometry, resume=store_dir.exists()) as w:
+                for s in accepted:
+                    w.add(s)
+
+        stored = _cpu(store)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        tmp.cleanup()
+
+    per_tok = statistics.median(x["cpu_ns_per_token"] for x in rounds)
+    floor_ns = floor / sub_tokens * 1e9
+    stages = {"decode": decode / sub_tokens * 1e9, "check": check / sub_tokens * 1e9,
+              "store": stored / sub_tokens * 1e9}
+    stages["receive_and_rest"] = per_tok - sum(stages.values())
+    wire_bytes = sum(len(p) for p in payloads) / sub_tokens
+    return {
+        "bench": "collect",
+        "model": model,
+        "geometry": geometry.to_dict(),
+        "engine": engine,
+        "prompts": prompts,
+        "tokens_per_sample": prompt_len + max_new_tokens,
+        "concurrency": concurrency,
+        "routing_b64_bytes_per_token": round(wire_bytes, 1),
+        "client_cpu_ns_per_token": round(per_tok, 1),
+        "floor_b64decode_ns_per_token": round(floor_ns, 1),
+        "ratio_client_vs_floor": round(per_tok / floor_ns, 2),
+        "stages_ns_per_token": {k: round(v, 1) for k, v in stages.items()},
+        "wall_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in rounds)),
+        "rounds": rounds,
+        "cpus": os.cpu_count(),
+        "note": "client CPU = time.process_time of the collecting process (all threads) over "
+                "the whole collection; the responder runs in another process. Floor = pybase64 "
+                "b64decode of the same payloads (bytes) on the first samples; stages measured "
+                "offline on those samples; receive_and_rest = total - stages.",
+    }
+
