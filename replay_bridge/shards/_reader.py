@@ -75,6 +75,9 @@ class _Shard:
             self._reader = open_ipc(self.path, self.entry.file, self.geometry)
         return self._reader
 
+    def release(self) -> None:
+        self._reader = None
+
     def batch(self, i: int) -> pa.RecordBatch:
         try:
             batch = self.reader.get_batch(i)
@@ -207,6 +210,18 @@ class ShardReader:
             path = (verify_file(self.dir, entry) if self._verify
                     else member_path(self.dir, entry.file, QUARANTINE_RE))
             yield from read_chunk(path, entry.file)
+
+    def close(self) -> None:
+        """Drop the cached batches and memory maps (views handed out stay valid)."""
+        self._cache.clear()
+        for shard in self._shards:
+            shard.release()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (f"ShardReader({str(self.dir)!r}: {len(self)} samples in {len(self._shards)} "

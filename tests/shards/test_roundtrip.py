@@ -219,3 +219,17 @@ def test_round_trip_property(tmp_path_factory, geometry, lengths, per_shard, sta
     for s in samples[::-1]:  # by id, across and within record batches
         np.testing.assert_array_equal(r.routing(s.sample_id), s.routed)
         assert_same(s, r[s.sample_id])
+
+
+def test_reader_sees_a_consistent_snapshot_while_a_writer_appends(tmp_path, tiny, samples):
+    d = tmp_path / "d"
+    w = ShardWriter(d, tiny, samples_per_shard=3)
+    for s in samples[:4]:
+        w.add(s)  # one sealed shard, one sample in the open one
+    with ShardReader(d) as r:
+        assert r.sample_ids() == ["s000", "s001", "s002"]
+        for s in samples[4:]:
+            w.add(s)
+        w.close()
+        assert len(r) == 3 and r.routing("s002").shape == samples[2].routed.shape
+    assert len(ShardReader(d)) == len(samples)
