@@ -122,9 +122,11 @@ class ShardReader:
                     f"manifest says {shard.entry.rows} / {shard.entry.tokens}",
                     file=shard.entry.file, kind="counts")
             self._ids.extend(scan.ids)
-            batch = np.repeat(np.arange(len(scan.batch_rows), dtype=np.int32), scan.batch_rows)
-            row = np.arange(scan.rows, dtype=np.int32) - np.repeat(
-                np.cumsum([0, *scan.batch_rows[:-1]], dtype=np.int32), scan.batch_rows)
+            counts = np.asarray(scan.batch_rows, dtype=np.int64)
+            batch = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
+            starts = np.cumsum(counts) - counts
+            row = (np.arange(scan.rows, dtype=np.int64) - np.repeat(starts, counts)).astype(
+                np.int32)
             locs.append(np.stack([np.full(scan.rows, si, np.int32), batch, row], axis=1))
         self._loc = np.concatenate(locs) if locs else np.empty((0, 3), np.int32)
         self._index = dict(zip(self._ids, range(len(self._ids))))

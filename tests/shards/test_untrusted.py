@@ -244,3 +244,21 @@ def test_routing_not_a_whole_number_of_rows(shard_dir):
         r.routing("s000")
     code, doc, _ = run_cli("validate", shard_dir, "--json")
     assert code == 1 and doc["faults"][0]["file"] == "shard-000000.arrow"
+
+
+def test_empty_shard_file_with_matching_manifest_is_read(shard_dir):
+    """A crafted, schema-valid shard without rows: no crash, just no samples from it."""
+    _rewrite_shard(shard_dir, "shard-000001.arrow", lambda t: t.slice(0, 0))
+
+    def fix(doc):
+        e = doc["shards"][1]
+        doc["totals"]["samples"] -= e["rows"]
+        doc["outcomes"]["stored"] -= e["rows"]
+        doc["totals"]["tokens"] -= e["tokens"]
+        doc["totals"]["routed_rows"] -= e["routed_rows"]
+        e.update(rows=0, tokens=0, routed_rows=0)
+    edit_manifest(shard_dir, fix)
+    r = ShardReader(shard_dir)
+    assert len(r) == 7 and "s005" not in r
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 0, doc["faults"]
