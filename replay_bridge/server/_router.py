@@ -114,9 +114,13 @@ async def _post_both(r: _Router, endpoint: str, body: dict[str, Any]
     assert r.session is not None
 
     async def post(url: str) -> tuple[int, bytes]:
-        async with r.session.post(f"{url}/{endpoint}", data=orjson.dumps(body),
-                                  headers={"Content-Type": "application/json"}) as resp:
-            return resp.status, await resp.read()
+        try:
+            async with r.session.post(f"{url}/{endpoint}", data=orjson.dumps(body),
+                                      headers={"Content-Type": "application/json"}) as resp:
+                return resp.status, await resp.read()
+        except aiohttp.ClientError as e:
+            message = f"worker {url} did not answer /{endpoint}: {type(e).__name__}: {e}"
+            return 502, orjson.dumps({"error": {"message": message, "code": 502}})
 
     p, d = await asyncio.gather(post(r.prefill), post(r.decode))
     return p, d

@@ -123,3 +123,17 @@ def test_router_chat_completions_merge(pd, unified):
     r = post(pd.router + "/v1/chat/completions", body)[1]
     assert r["choices"][0]["message"] == ref["choices"][0]["message"]
     assert r["sglext"]["routed_experts"] == ref["sglext"]["routed_experts"]
+
+
+def test_router_names_an_unreachable_worker(pd):
+    import socket
+
+    from replay_bridge.server import in_background, serve_router
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with in_background(serve_router(pd.prefill, dead)) as router:
+        status, r = post(router + "/generate", _req())
+    assert status == 502
+    assert dead in r["error"]["message"]
