@@ -173,7 +173,7 @@ class Manifest:
                              f"(this reader knows {FORMAT_VERSION})")
         try:
             geometry = RoutingGeometry.from_dict(_get(doc, "geometry", dict))
-        except (GeometryError, ValueError) as e:
+        except (GeometryError, ValueError, TypeError) as e:
             raise _bad(f"{MANIFEST}: bad geometry: {e}") from None
         shards = [
             ShardEntry(

@@ -100,6 +100,8 @@ def test_wrong_per_shard_counts(shard_dir, field, value, message):
     (lambda d: d.update(format_version=99), "unsupported format_version 99"),
     (lambda d: d["shards"].append(dict(d["shards"][0])), "lists a file twice"),
     (lambda d: d.update(geometry={"num_layers": 4}), "bad geometry"),
+    (lambda d: d["geometry"].update(id_dtype="not-a-dtype"), "bad geometry"),
+    (lambda d: d["geometry"].update(moe_layers="xyz"), "bad geometry"),
 ])
 def test_inconsistent_manifest_is_refused(shard_dir, edit, message):
     edit_manifest(shard_dir, edit)
@@ -262,3 +264,94 @@ def test_empty_shard_file_with_matching_manifest_is_read(shard_dir):
     assert len(r) == 7 and "s005" not in r
     code, doc, _ = run_cli("validate", shard_dir, "--json")
     assert code == 0, doc["faults"]
+
+
+# ---- fuzzing: whatever the bytes, a ShardError or data, never another exception ---------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from replay_bridge.validate import validate_dir  # noqa: E402
+
+_FUZZ = settings(max_examples=40, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _read_everything(d):
+    try:
+        r = ShardReader(d, verify=False)
+        for _ in r:
+            pass
+        for sid in r.sample_ids():
+            r.routing(sid)
+            r[sid]
+        list(r.quarantined())
+    except ShardError as e:
+        assert str(e)
+    try:
+        validate_dir(d)
+    except ShardError as e:
+        assert str(e)
+
+
+@pytest.fixture(scope="module")
+def fuzz_src(tmp_path_factory):
+    from replay_bridge.geometry import RoutingGeometry
+
+    from .conftest import make_sample
+    g = RoutingGeometry.from_preset("tiny-qwen3-moe")
+    out = {}
+    for comp in ("zstd", "none"):
+        d = tmp_path_factory.mktemp("fuzz") / comp
+        write_dir(d, g, [make_sample(g, f"s{i}", 30, seed=i) for i in range(6)],
+                  samples_per_shard=3, batch_bytes=100, compression=comp)
+        out[comp] = d
+    return out
+
+
+@_FUZZ
+@given(comp=st.sampled_from(["zstd", "none"]),
+       flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
+                      min_size=1, max_size=6))
+def test_fuzzed_shard_bytes(tmp_path_factory, fuzz_src, comp, flips):
+    import shutil
+    d = tmp_path_factory.mktemp("f") / "d"
+    shutil.copytree(fuzz_src[comp], d)
+    p = d / "shard-000000.arrow"
+    data = bytearray(p.read_bytes())
+    for where, value in flips:
+        data[int(where * len(data))] = value
+    p.write_bytes(bytes(data))
+    _read_everything(d)
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 2**40) | st.text(max_size=12),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c,
+                                                                         max_size=3),
+                     max_leaves=6)
+
+
+@_FUZZ
+@given(path=st.lists(st.sampled_from(["shards", 0, 1, "file", "rows", "tokens", "bytes",
+                                      "geometry", "moe_layers", "top_k", "totals", "outcomes",
+                                      "quarantine", "sha256", "format_version"]),
+                     min_size=1, max_size=3),
+       value=_JSON)
+def test_fuzzed_manifest_values(tmp_path_factory, fuzz_src, path, value):
+    import shutil
+    d = tmp_path_factory.mktemp("m") / "d"
+    shutil.copytree(fuzz_src["zstd"], d)
+
+    def fn(doc):
+        node = doc
+        for key in path[:-1]:
+            try:
+                node = node[key]
+            except (KeyError, IndexError, TypeError):
+                return
+        try:
+            node[path[-1]] = value
+        except (IndexError, TypeError):
+            pass
+    edit_manifest(d, fn)
+    _read_everything(d)
