@@ -137,3 +137,16 @@ def test_router_names_an_unreachable_worker(pd):
         status, r = post(router + "/generate", _req())
     assert status == 502
     assert dead in r["error"]["message"]
+
+
+def test_bfloat16_pd_pair_agrees_with_a_bfloat16_unified_worker(tiny_model_dir):
+    from replay_bridge.server import Engine, in_background, serve_pd, serve_worker
+
+    engine16 = Engine(tiny_model_dir, dtype="bfloat16")
+    with in_background(serve_worker(engine16)) as unified16, \
+            in_background(serve_pd(engine16)) as pd16:
+        for seed in (1, 2, 3):
+            ref = post(unified16 + "/generate", _req(seed=seed))[1]
+            r = post(pd16.router + "/generate", _req(seed=seed))[1]
+            assert r["output_ids"] == ref["output_ids"]
+            assert r["meta_info"]["routed_experts"] == ref["meta_info"]["routed_experts"]
