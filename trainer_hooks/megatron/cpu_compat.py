@@ -17,6 +17,11 @@ What is patched, and why (megatron-core 0.16.x with torch built without CUDA):
   dispatcher and shared experts create side streams;
 - ``moe_utils.te_general_gemm = None`` when Transformer Engine is absent: megatron-core 0.16.x
   names it in the router's gating without importing it (``NameError``; fixed in 0.17);
+- rotary embeddings' ``get_pos_emb_on_this_cp_rank`` (context parallel) builds its index in
+  pinned memory and moves it with ``.cuda()``: replaced by the same selection on the CPU;
+- the ``alltoall`` dispatcher's ``maybe_move_tensor_to_cpu`` turns only GPU tensors into NumPy
+  split sizes; on a CPU the sizes stay tensors, which gloo's ``all_to_all_single`` rejects:
+  replaced by a version that also converts CPU tensors;
 - ``torch.cuda.synchronize`` becomes a no-op, and the pipeline schedules' module-level ``torch``
   a proxy whose ``zeros(..., device="cuda")`` allocates on the CPU: the schedules count tokens
   in a tensor made on ``"cuda"`` by name, and pipeline send/receive synchronises the device.
@@ -120,6 +125,23 @@ class _SchedulesTorch:
         return torch.zeros(*args, **kwargs)
 
 
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group: Any) -> torch.Tensor:
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    shape = pos_emb.shape
+    pos_emb = pos_emb.view(*shape[:seq_dim], 2 * cp_size, -1, *shape[seq_dim + 1 :])
+    pos_emb = pos_emb.index_select(seq_dim, idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2 :])
+
+
+def _move_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    if torch.is_tensor(tensor):
+        tensor = tensor.cpu()
+        if as_numpy:
+            tensor = tensor.numpy()
+    return tensor
+
+
 def _synchronize(device: Any = None) -> None:
     return None
 
@@ -158,9 +180,10 @@ class CpuShims:
     def apply(self) -> CpuShims:
         if self._active:
             raise RuntimeError("these CPU shims are already applied")
+        from megatron.core.models.common.embeddings import rotary_pos_embedding
         from megatron.core.pipeline_parallel import schedules
         from megatron.core.tensor_parallel import random as tp_random
-        from megatron.core.transformer.moe import moe_utils
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
         self._set(torch.cuda, "current_device", _current_device)
         self._set(torch.cuda, "Stream", _StreamStandIn)
@@ -168,6 +191,8 @@ class CpuShims:
         self._set(torch.cuda, "stream", _stream)
         self._set(torch.cuda, "synchronize", _synchronize)
         self._set(schedules, "torch", _SchedulesTorch())
+        self._set(token_dispatcher, "maybe_move_tensor_to_cpu", _move_to_cpu)
+        self._set(rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", _pos_emb_on_this_cp_rank)
         self._set(tp_random.CudaRNGStatesTracker, "fork", _null_fork)
         self._set(tp_random, "_get_cuda_rng_state", _get_rng_state)
         self._set(tp_random, "_set_cuda_rng_state", _set_rng_state)
