@@ -1,5 +1,5 @@
 # Two entry points: `make demo` and `make test`. Both set up .venv first (scripts/setup.sh).
-.PHONY: setup vllm-env demo test test-fast bench clean
+.PHONY: setup vllm-env sglang-router-env demo test test-fast bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -7,11 +7,14 @@ setup:
 vllm-env:
 	bash scripts/vllm_env.sh
 
+sglang-router-env:
+	bash scripts/sglang_router_env.sh
+
 demo: setup
 	bash scripts/demo_offline.sh
 
 # The whole suite, the real-vLLM integration test included.
-test: setup vllm-env
+test: setup vllm-env sglang-router-env
 	.venv/bin/pytest -q
 
 # Everything but the real-vLLM test (it needs the 3.4 GB .venv-vllm).
