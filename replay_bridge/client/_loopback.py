@@ -72,8 +72,12 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
         out = synthetic_completion(prompt, max_new, choice)
         return out, synthetic_routing(np.concatenate([prompt, out]), geometry, start)
 
+    served = 0  # single requests: each gets its own completion, as sampling would
+
     async def generate(request: web.Request) -> web.Response:
+        nonlocal served
         body = orjson.loads(await request.read())
+        served += 1
         if delay:
             await asyncio.sleep(delay)
         sp = body.get("sampling_params") or {}
@@ -84,7 +88,9 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
         items = []
         for i, ids in enumerate(inputs if batched else [inputs]):
             prompt = np.asarray(ids, np.int32)
-            out, routing = one(prompt, max_new, start, i)
+            seed = sp.get("sampling_seed")
+            choice = i if batched else (served if seed is None else int(seed))
+            out, routing = one(prompt, max_new, start, choice)
             meta: dict[str, Any] = {
                 "id": f"loop-{i}",
                 "prompt_tokens": int(prompt.size),
@@ -99,6 +105,7 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
                             content_type="application/json")
 
     async def completions(request: web.Request) -> web.Response:
+        nonlocal served
         body = orjson.loads(await request.read())
         if delay:
             await asyncio.sleep(delay)
@@ -108,10 +115,12 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
         start_key = "routed_experts_prompt_start" if engine == "vllm" \
             else "routed_experts_start_len"
         start = int(body.get(start_key, 0) or 0)
+        served += 1
+        first = served * 1000 if body.get("seed") is None else int(body["seed"])
         choices = []
         resp: dict[str, Any] = {"id": "cmpl-loop", "object": "text_completion"}
         for i in range(n):
-            out, routing = one(prompt, max_new, start, i)
+            out, routing = one(prompt, max_new, start, first + i)
             c: dict[str, Any] = {
                 "index": i, "text": "", "finish_reason": "length",
                 "token_ids": out.tolist(), "prompt_token_ids": prompt.tolist(),

@@ -37,6 +37,9 @@ class SamplingParams:
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
+    seed: int | None = None
+    """When set, sample ``i`` of a prompt is drawn with seed ``seed + i`` (SGLang
+    ``sampling_seed``, OpenAI ``seed``; vLLM's one request per group gets ``seed``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,17 +67,22 @@ def plan(
     ids = list(input_ids)
     path = ENGINE_PATHS[engine]
     if engine == "sglang":
-        sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-              "top_p": params.top_p, **params.extra}
-        return [EngineCall(path, {
-            "input_ids": ids,
-            "sampling_params": sp,
-            "return_routed_experts": True,
-            "routed_experts_start_len": routed_start,
-            "return_logprob": True,
-        }, (sid,)) for sid in sample_ids]
+        def generate(i: int) -> dict[str, Any]:
+            sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                  "top_p": params.top_p, **params.extra}
+            if params.seed is not None:
+                sp["sampling_seed"] = params.seed + i
+            return {
+                "input_ids": ids,
+                "sampling_params": sp,
+                "return_routed_experts": True,
+                "routed_experts_start_len": routed_start,
+                "return_logprob": True,
+            }
 
-    def openai(n: int) -> dict[str, Any]:
+        return [EngineCall(path, generate(i), (sid,)) for i, sid in enumerate(sample_ids)]
+
+    def openai(n: int, i: int = 0) -> dict[str, Any]:
         p: dict[str, Any] = {
             "prompt": ids,
             "max_tokens": params.max_new_tokens,
@@ -87,11 +95,13 @@ def plan(
         }
         if model is not None:
             p["model"] = model
+        if params.seed is not None:
+            p["seed"] = params.seed + i
         if engine == "sglang-openai":
             p["return_routed_experts"] = True
         p[START_FIELD[engine]] = routed_start
         return p
 
     if engine == "sglang-openai":
-        return [EngineCall(path, openai(1), (sid,)) for sid in sample_ids]
+        return [EngineCall(path, openai(1, i), (sid,)) for i, sid in enumerate(sample_ids)]
     return [EngineCall(path, openai(len(sample_ids)), tuple(sample_ids))]
