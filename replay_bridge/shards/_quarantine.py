@@ -108,12 +108,17 @@ def read_chunk(path: Path, name: str) -> Iterator[dict[str, Any]]:
 
 
 def decode_routing(record: dict[str, Any]) -> np.ndarray | None:
-    """The routing array a quarantine record carries, if any (a copy; never pickled)."""
+    """The routing array a quarantine record carries, if any (a copy; never pickled);
+    ``ValueError`` when the record's routing is malformed."""
     r = (record.get("sample") or {}).get("routing")
     if not r:
         return None
-    dtype = np.dtype(r["dtype"])
-    if dtype.kind not in "iu":
-        raise ValueError(f"quarantine routing dtype {dtype} is not an integer type")
-    return np.frombuffer(pybase64.b64decode(r["data"], validate=True), dtype=dtype).reshape(
-        r["shape"]).copy()
+    try:
+        dtype = np.dtype(r["dtype"])
+        if dtype.kind not in "iu":
+            raise ValueError(f"dtype {dtype} is not an integer type")
+        raw = pybase64.b64decode(r["data"], validate=True)
+        return np.frombuffer(raw, dtype=dtype).reshape([int(n) for n in r["shape"]]).copy()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"quarantine record {record.get('sample_id')!r}: malformed routing: {e}") from None

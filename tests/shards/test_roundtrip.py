@@ -233,3 +233,18 @@ def test_reader_sees_a_consistent_snapshot_while_a_writer_appends(tmp_path, tiny
         w.close()
         assert len(r) == 3 and r.routing("s002").shape == samples[2].routed.shape
     assert len(ShardReader(d)) == len(samples)
+
+
+def test_decode_routing_refuses_malformed_records():
+    from replay_bridge.shards import decode_routing
+
+    ok = {"sample_id": "a", "sample": {"routing": {"dtype": "<i4", "shape": [1, 2],
+                                                   "data": "AQAAAAIAAAA="}}}
+    np.testing.assert_array_equal(decode_routing(ok), [[1, 2]])
+    assert decode_routing({"sample_id": "b"}) is None
+    for bad in ({"dtype": "|O", "shape": [1], "data": ""},
+                {"dtype": "<i4", "shape": [3], "data": "AQAAAAIAAAA="},
+                {"dtype": "<i4", "shape": [2], "data": "not base64!"},
+                {"shape": [2], "data": "AQAAAAIAAAA="}):
+        with pytest.raises(ValueError, match="'x': malformed routing"):
+            decode_routing({"sample_id": "x", "sample": {"routing": bad}})
