@@ -9,8 +9,9 @@ and CUDA.
 CPU, where gloo rejects the split sizes alltoall passes); every rank
 forwards the same tokens and compares logits and per-layer top-k ids with transformers.
 ``pp2``: pipeline parallel 2 (two layers a stage, the first dense); a forward-only pipeline
-schedule; the last stage compares logits with transformers. Prints one JSON line per rank and
-exits non-zero on a mismatch.
+schedule; the last stage compares logits with transformers. ``pp2-tied``: the same with tied
+embeddings (the last stage's output layer holds a copy of the embedding; GPUs only). Prints one
+JSON line per rank and exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def main(layout: str, ckpt: Path, cpu: bool) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())))
         device = torch.device("cuda", torch.cuda.current_device())
     rank = dist.get_rank()
-    sizes = {"ep2": dict(expert_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2)}
+    sizes = {"ep2": dict(expert_model_parallel_size=2), "pp2": dict(pipeline_model_parallel_size=2),
+             "pp2-tied": dict(pipeline_model_parallel_size=2)}
     parallel_state.initialize_model_parallel(**sizes[layout])
     if not cpu:
         from megatron.core import tensor_parallel
@@ -61,7 +63,8 @@ def main(layout: str, ckpt: Path, cpu: bool) -> int:
         tensor_parallel.model_parallel_cuda_manual_seed(1234)  # attention forks this RNG
 
     if rank == 0:
-        make_hf_model(seed=3, mlp_only_layers=[0]).save_pretrained(ckpt)
+        tied = layout.endswith("-tied")
+        make_hf_model(seed=3, mlp_only_layers=[0], tie_word_embeddings=tied).save_pretrained(ckpt)
     dist.barrier()
 
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).to(device).eval()
@@ -100,7 +103,7 @@ def main(layout: str, ckpt: Path, cpu: bool) -> int:
     if hasattr(model.decoder.layers[-1].mlp, "local_expert_indices"):
         result["local_experts"] = list(model.decoder.layers[-1].mlp.local_expert_indices)
     with torch.no_grad():
-        if layout == "pp2":
+        if layout.startswith("pp2"):
             def step(data_iterator, m):
                 out = m(input_ids=ids, position_ids=pos, attention_mask=mask)
                 return out, lambda o: (o.sum() * 0.0, {"logits": o.detach().clone()})
@@ -136,7 +139,7 @@ def main(layout: str, ckpt: Path, cpu: bool) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("layout", choices=["ep2", "pp2"])
+    parser.add_argument("layout", choices=["ep2", "pp2", "pp2-tied"])
     parser.add_argument("ckpt", type=Path)
     parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()

@@ -17,14 +17,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
+_CPU = ("cpu", [pytest.mark.slow])
+_CUDA = ("cuda", [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                       reason="needs 2 CUDA GPUs")])
+# megatron-core sets up a tied output layer on a later pipeline stage with .cuda(): GPUs only
 CASES = [
     pytest.param(layout, backend, marks=marks, id=f"{layout}-{backend}")
-    for layout in ("ep2", "pp2")
-    for backend, marks in (
-        ("cpu", [pytest.mark.slow]),
-        ("cuda", [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                                       reason="needs 2 CUDA GPUs")]),
+    for layout, backends in (
+        ("ep2", (_CPU, _CUDA)), ("pp2", (_CPU, _CUDA)), ("pp2-tied", (_CUDA,))
     )
+    for backend, marks in backends
 ]
 
 

@@ -162,7 +162,9 @@ def test_replaying_transformers_routing_keeps_its_weights(pair, router_replay_in
 
 
 @torch.no_grad()
-def test_fused_state_dict_loads_like_the_checkpoint(megatron_cpu, tmp_path, router_replay_instances):
+def test_fused_state_dict_loads_like_the_checkpoint(
+    megatron_cpu, tmp_path, router_replay_instances
+):
     hf = make_hf_model(seed=5, mlp_only_layers=[1])
     path = save_hf_model(hf, tmp_path)
     state = hf.state_dict()

@@ -185,10 +185,11 @@ def build_gpt_model(
     cfg = _as_dict(hf_config)
     if config is None:
         config = megatron_config_from_hf(cfg)
+    stage = dict(ignore_virtual=False, vp_stage=vp_stage)
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        pre_process = parallel_state.is_pipeline_first_stage(**stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post_process = parallel_state.is_pipeline_last_stage(**stage)
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage
     )
@@ -341,7 +342,7 @@ def load_hf_qwen3_moe(
     model = _unwrap(model)
     config = model.config
     if config.tensor_model_parallel_size != 1 or (config.expert_tensor_parallel_size or 1) != 1:
-        raise ValueError("tensor parallelism is not supported by this loader (tp and etp must be 1)")
+        raise ValueError("tensor parallelism is not supported (tp and etp must be 1)")
     weights = source if isinstance(source, Mapping) else _SafetensorsDir(source)
     src = _Source(weights)
     for name, param in model.named_parameters():
@@ -362,7 +363,9 @@ def load_hf_qwen3_moe(
         unused = sorted(set(weights) - src.used - ignorable)
         if unused:
             shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
-            raise ValueError(f"{len(unused)} checkpoint tensors have no place in the model: {shown}")
+            raise ValueError(
+                f"{len(unused)} checkpoint tensors have no place in the model: {shown}"
+            )
 
 
 def build_qwen3_moe_gpt(
