@@ -66,6 +66,7 @@ def _upload(host: HostRouting, device: torch.device) -> MicroBatchRouting:
 class _Pass:
     micro_batches: list[MicroBatchRouting]
     forward_only: bool
+    measure: bool = True
     forwards: dict[int, int] = field(default_factory=dict)
 
 
@@ -158,11 +159,16 @@ class RoutingReplay:
 
     @contextlib.contextmanager
     def replaying(
-        self, micro_batches: Sequence[MicroBatchRouting], *, forward_only: bool = False
+        self,
+        micro_batches: Sequence[MicroBatchRouting],
+        *,
+        forward_only: bool = False,
+        measure: bool = True,
     ) -> Iterator[RoutingReplay]:
         """One pass (a log-prob pass with ``forward_only=True``, or a training step) over
         ``micro_batches`` in schedule order. Forwards of each model chunk take them in turn;
-        on exit every router's targets, backward queue and action are cleared."""
+        on exit every router's targets, backward queue and action are cleared. ``measure``:
+        count agreement in this pass (when the replay was built with ``agreement=True``)."""
         if self._closed:
             raise ReplayStateError("this RoutingReplay is closed")
         if self._pass is not None:
@@ -173,7 +179,7 @@ class RoutingReplay:
                     f"micro-batch {i} was laid out for layers {mb.host.layers}, this rank's "
                     f"routers are at {self.layers}"
                 )
-        self._pass = _Pass(list(micro_batches), forward_only)
+        self._pass = _Pass(list(micro_batches), forward_only, measure)
         try:
             yield self
         finally:
@@ -252,7 +258,7 @@ class RoutingReplay:
             if p.forward_only:
                 s.replay.replay_backward_list.clear()
             s.replay.set_router_replay_action(self._fwd)
-            s.region = mb.region
+            s.region = mb.region if p.measure else None
         return mb
 
     def _begin_backward(self, chunk: int, mb: MicroBatchRouting, grad: torch.Tensor) -> None:

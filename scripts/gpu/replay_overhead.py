@@ -1,0 +1,221 @@
+"""Overhead of the router replay hook on a training step, replay on vs off in the same run.
+
+A megatron-core MoE GPTModel that fills a GPU (default: 8 layers, hidden 2048, 64 experts
+top-8, expert FFN 768, sequence 4096, bf16 through ``Float16Module``, all-to-all dispatcher).
+The rollout routing replayed is the model's own native routing (recorded first with replay
+off), so every arm sends the same tokens to the same experts and the timing difference is the
+hook's alone. Arms are interleaved (off, on, on-without-agreement, rotated every round) and
+the figures are medians. A step is: lay out and upload the micro-batch's routing (replay arms),
+forward and backward through Megatron's schedule. Host syncs are counted per arm with
+``torch.cuda.set_sync_debug_mode("warn")``.
+
+Prints one JSON object (and writes it to ``--out``)::
+
+    python scripts/gpu/replay_overhead.py --out overhead.json
+    python scripts/gpu/replay_overhead.py --cpu --tiny        # logic check on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from replay_bridge.sample import RoutedSample  # noqa: E402
+from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry  # noqa: E402
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.module import Float16Module
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    bf16 = not args.cpu
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        ffn_hidden_size=args.ffn, moe_ffn_hidden_size=args.ffn, num_moe_experts=args.experts,
+        moe_router_topk=args.topk, moe_token_dispatcher_type="alltoall",
+        moe_enable_routing_replay=True, moe_aux_loss_coeff=0.0, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=args.cpu, moe_router_dtype="fp32",
+    )
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    torch.manual_seed(0)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab,
+                     max_sequence_length=args.seq, position_embedding_type="rope").to(device)
+    if bf16:
+        model = Float16Module(config, model)
+    return model, config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="a small model (logic check)")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--ffn", type=int, default=768)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--topk", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.tiny:
+        args.layers, args.hidden, args.heads, args.ffn = 2, 64, 4, 64
+        args.experts, args.topk, args.seq, args.vocab, args.rounds = 8, 2, 64, 128, 3
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from trainer_hooks.megatron import cpu_compat
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29731")
+    if args.cpu:
+        cpu_compat.apply()
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        device = torch.device("cpu")
+    else:
+        cpu_compat.apply_te_gemm_fix()  # megatron-core 0.16.x without Transformer Engine
+        torch.cuda.set_device(0)
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        device = torch.device("cuda", 0)
+    ps.initialize_model_parallel()
+    if not args.cpu:
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
+    model, config = build(args, device)
+    geo = model_geometry(config)
+    sync = (lambda: torch.cuda.synchronize()) if not args.cpu else (lambda: None)
+
+    rng = np.random.default_rng(0)
+    s = args.seq
+    tokens = torch.from_numpy(rng.integers(0, args.vocab, (1, s))).to(device)
+    pos = torch.arange(s, device=device)[None]
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), 1)[None, None]
+
+    def forward_step(data_iterator: Any, model: Any) -> Any:
+        out = model(tokens, pos, mask)
+
+        def loss_func(output: torch.Tensor) -> Any:
+            loss = output.float().pow(2).mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    # Record the model's own routing (replay off) and store it as the rollout's.
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    native: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(
+        lambda mod, i, o, l=int(m.layer_number) - 1: native.__setitem__(l, o[1].detach()))
+        for m in model.modules() if isinstance(m, TopKRouter)]
+    fb = get_forward_backward_func()
+    with torch.no_grad():
+        fb(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+           num_microbatches=1, seq_length=s, micro_batch_size=1, forward_only=True)
+    for h in hooks:
+        h.remove()
+    routed = np.stack([
+        np.sort(native[l].float().topk(geo.top_k, dim=-1).indices.cpu().numpy(), -1)
+        for l in geo.moe_layers], axis=1)[:-1].astype(geo.id_dtype)
+    sample = RoutedSample(sample_id="bench-0", tokens=tokens[0].cpu().numpy().astype(np.int32),
+                          prompt_len=s // 4, routed=routed)
+
+    replay_a = RoutingReplay(model, geo, packing=Packing.bshd(s))
+    fwd = replay_a.wrap_forward_step(forward_step)
+
+    def step(arm: str) -> float:
+        model.zero_grad(set_to_none=True)
+        sync()
+        t0 = time.perf_counter()
+        if arm == "off":
+            fb(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+               num_microbatches=1, seq_length=s, micro_batch_size=1, forward_only=False)
+        else:
+            mb = replay_a.prepare([sample])
+            with replay_a.replaying([mb], measure=arm == "on"):
+                fb(forward_step_func=fwd, data_iterator=iter([None]), model=[model],
+                   num_microbatches=1, seq_length=s, micro_batch_size=1, forward_only=False)
+        sync()
+        return time.perf_counter() - t0
+
+    arms = ["off", "on", "on_no_agreement"]
+    for _ in range(args.warmup):
+        for a in arms:
+            step(a)
+    replay_a.metrics()  # drop warm-up counts
+    times: dict[str, list[float]] = {a: [] for a in arms}
+    for r in range(args.rounds):
+        order = arms[r % 3:] + arms[: r % 3]
+        for a in order:
+            times[a].append(step(a))
+    metrics = replay_a.metrics()
+
+    # Host syncs per step, by arm (megatron's all-to-all dispatcher syncs on its own).
+    syncs: dict[str, int] = {}
+    if not args.cpu:
+        for a in arms:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    step(a)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs[a] = sum("synchroniz" in str(x.message) for x in w)
+
+    # Host-side layout and upload alone.
+    t0 = time.perf_counter()
+    for _ in range(20):
+        replay_a.layout([sample])
+    layout_ms = (time.perf_counter() - t0) / 20 * 1e3
+
+    med = {a: statistics.median(v) * 1e3 for a, v in times.items()}
+    result = dict(
+        device=torch.cuda.get_device_name(0) if not args.cpu else "cpu",
+        torch=torch.__version__,
+        model=dict(layers=args.layers, hidden=args.hidden, experts=args.experts,
+                   top_k=args.topk, ffn=args.ffn, seq=args.seq,
+                   dtype="bf16" if not args.cpu else "fp32", dispatcher="alltoall"),
+        rounds=args.rounds,
+        median_ms=med,
+        min_ms={a: min(v) * 1e3 for a, v in times.items()},
+        overhead_pct=100.0 * (med["on"] / med["off"] - 1.0),
+        overhead_no_agreement_pct=100.0 * (med["on_no_agreement"] / med["off"] - 1.0),
+        host_layout_ms=layout_ms,
+        host_syncs_per_step=syncs,
+        agreement=dict(exact=metrics.get("routing_replay/exact"),
+                       overlap=metrics.get("routing_replay/overlap"),
+                       tokens=metrics.get("routing_replay/tokens")),
+        step_ms=times and {a: [round(x * 1e3, 2) for x in v] for a, v in times.items()},
+    )
+    replay_a.close()
+    text = json.dumps(result, indent=1)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
