@@ -1,0 +1,109 @@
+"""End-to-end fixtures: the reference engine's tiny model, an independent transformers
+reference, and helpers to run the light responder and the CLI in their own processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not healthy within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def cli(*args: str) -> list[str]:
+    """argv for the replay-bridge CLI in a child process."""
+    return [sys.executable, "-c", "from replay_bridge.cli import main; main()", *args]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture
+def responder() -> Iterator[callable]:
+    """Start light responders (own processes); all are stopped at the end of the test."""
+    procs: list[subprocess.Popen] = []
+
+    def start(engine: str = "sglang", model: str = "tiny-qwen3-moe", delay: float = 0.0) -> str:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "replay_bridge.client._loopback", "--engine", engine,
+             "--model", model, "--port", str(port), "--delay", str(delay)], env=child_env())
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        return url
+
+    yield start
+    for p in procs:
+        stop(p)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("transformers", reason="the reference engine needs the 'server' extra")
+    from replay_bridge.server import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@lru_cache(maxsize=2)
+def _hf_model(model_dir: str):  # noqa: ANN202
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def transformers_routing(model_dir: Path, tokens: np.ndarray, top_k: int = 2) -> np.ndarray:
+    """Top-k expert ids of every token position and MoE layer from a plain transformers
+    forward pass (``output_router_logits``), float32: ``[len(tokens), layers, top_k]``."""
+    import torch
+
+    model = _hf_model(str(model_dir))
+    with torch.inference_mode():
+        out = model(torch.tensor([np.asarray(tokens).tolist()]), output_router_logits=True)
+    return np.stack([torch.topk(logits.float(), top_k, dim=-1).indices.numpy()
+                     for logits in out.router_logits], axis=1)
