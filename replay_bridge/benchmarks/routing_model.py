@@ -16,6 +16,7 @@ from ..geometry import RoutingGeometry
 __all__ = ["RoutingModel"]
 
 _CHUNK_TOKENS = 1 << 14
+_TABLE_BINS = 1 << 16
 
 
 class RoutingModel:
@@ -32,15 +33,12 @@ class RoutingModel:
         p = np.empty((m, e))
         np.put_along_axis(p, perms, np.broadcast_to(weights / weights.sum(), (m, e)), axis=1)
         self.popularity = p
-        self._alias_prob, self._alias = _alias_tables(p)
+        self._table = _inverse_cdf_table(p)
 
     def _draw(self, shape: tuple[int, ...], layer: np.ndarray) -> np.ndarray:
         """Experts drawn by popularity; ``layer`` (broadcast to ``shape``) picks the table."""
-        e = self.geometry.num_experts
-        j = (self.rng.random(shape, dtype=np.float32) * e).astype(np.int32)
-        np.minimum(j, e - 1, out=j)
-        keep = self.rng.random(shape, dtype=np.float32) < self._alias_prob[layer, j]
-        return np.where(keep, j, self._alias[layer, j])
+        u = self.rng.integers(0, _TABLE_BINS, size=shape, dtype=np.int32)
+        return self._table[layer, u]
 
     def routing(self, rows: int) -> np.ndarray:
         g = self.geometry
@@ -87,20 +85,13 @@ class RoutingModel:
             todo = np.unique(todo[rows])
 
 
-def _alias_tables(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Walker alias tables per row of ``p [layers, experts]`` (setup only, not per draw)."""
+def _inverse_cdf_table(p: np.ndarray) -> np.ndarray:
+    """``int32 [layers, _TABLE_BINS]``: the expert at each quantile of each layer's popularity
+    (a draw is one gather; quantisation moves each probability by at most 1 / _TABLE_BINS)."""
     m, e = p.shape
-    prob = np.zeros((m, e), dtype=np.float32)
-    alias = np.zeros((m, e), dtype=np.int32)
-    for layer in range(m):
-        scaled = p[layer] * e
-        small = [i for i in range(e) if scaled[i] < 1.0]
-        large = [i for i in range(e) if scaled[i] >= 1.0]
-        while small and large:
-            s, g = small.pop(), large.pop()
-            prob[layer, s], alias[layer, s] = scaled[s], g
-            scaled[g] -= 1.0 - scaled[s]
-            (small if scaled[g] < 1.0 else large).append(g)
-        for i in small + large:
-            prob[layer, i], alias[layer, i] = 1.0, i
-    return prob, alias
+    cdf = np.cumsum(p, axis=1)
+    cdf[:, -1] = 1.0
+    shifted = (cdf + np.arange(m)[:, None]).reshape(-1)  # one sorted array for all layers
+    q = (np.arange(_TABLE_BINS) + 0.5) / _TABLE_BINS
+    idx = np.searchsorted(shifted, (q[None, :] + np.arange(m)[:, None]).reshape(-1))
+    return (idx.reshape(m, _TABLE_BINS) - np.arange(m)[:, None] * e).astype(np.int32)
