@@ -119,6 +119,7 @@ def _completion_to_generate(body: dict[str, Any]) -> tuple[dict[str, Any], int, 
             "top_p": _get(body, "top_p", 1.0),
             "top_k": _get(body, "top_k", -1),
             "stop_token_ids": body.get("stop_token_ids") or [],
+            "stop": body.get("stop"),
             "ignore_eos": bool(body.get("ignore_eos", False)),
         }
         # Distinct seeds per choice that both PD workers agree on.

@@ -260,6 +260,9 @@ def _per_item(value: Any, n: int, name: str) -> list[Any]:
 def _spec(sp: Any, i: int) -> SamplingSpec:
     if not isinstance(sp, dict):
         raise RequestError(f"item {i}: sampling_params must be an object")
+    if sp.get("stop"):
+        raise RequestError(f"item {i}: stop strings are not supported by this engine; "
+                           "use stop_token_ids")
     try:
         stop_ids = sp.get("stop_token_ids") or ()
         seed = sp.get("sampling_seed", sp.get("seed"))

@@ -195,11 +195,14 @@ def test_bad_requests_are_refused_with_the_rule(unified):
         ({"sampling_params": {}}, "input_ids or text"),
         ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens"),
         ({"input_ids": [[1, 2], [3]], "rid": ["a"]}, "rid has 1 entries for 2 prompts"),
+        ({"input_ids": [1, 2], "sampling_params": {"stop": ["\n"]}}, "stop_token_ids"),
     ]
     for body, needle in cases:
         status, r = post(unified + "/generate", body)
         assert status == 400, body
         assert needle in r["error"]["message"], (needle, r)
+    status, r = post(unified + "/v1/completions", {"prompt": [1, 2], "stop": ["x"]})
+    assert status == 400 and "stop_token_ids" in r["error"]["message"]
 
 
 def test_a_server_without_the_feature_returns_no_routing(engine):
