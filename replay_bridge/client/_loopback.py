@@ -64,7 +64,8 @@ def _npy_b64(a: np.ndarray) -> str:
 
 def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) -> web.Application:
     """An aiohttp app answering ``/generate`` (``sglang``) or ``/v1/completions`` (``vllm``,
-    ``sglang-openai``) with synthetic completions and routing, after ``delay`` seconds."""
+    ``sglang-openai``) with synthetic completions and routing, after ``delay`` seconds.
+    ``GET /stats`` counts requests served, in flight now and at most."""
     wire_dtype = np.uint8 if geometry.num_experts <= 256 else np.uint16
 
     def one(prompt: np.ndarray, max_new: int, start: int, choice: int) -> tuple[np.ndarray,
@@ -138,8 +139,26 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application(client_max_size=1 << 30)
+    stats = {"served": 0, "in_flight": 0, "peak_in_flight": 0}
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "POST":
+            return await handler(request)
+        stats["in_flight"] += 1
+        stats["peak_in_flight"] = max(stats["peak_in_flight"], stats["in_flight"])
+        try:
+            return await handler(request)
+        finally:
+            stats["in_flight"] -= 1
+            stats["served"] += 1
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    app = web.Application(client_max_size=1 << 30, middlewares=[count])
     app.router.add_get("/health", health)
+    app.router.add_get("/stats", get_stats)
     if engine == "sglang":
         app.router.add_post("/generate", generate)
     else:

@@ -1,0 +1,121 @@
+"""A collection survives what production throws at it: the collector SIGKILLed and resumed,
+the engine killed and restarted mid-run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from replay_bridge.client._loopback import synthetic_routing
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.shards import ShardReader
+
+from .conftest import child_env, cli, free_port, stop, wait_healthy
+
+TINY = RoutingGeometry.from_preset("tiny-qwen3-moe")
+
+
+def write_prompts(path: Path, n: int, first: int = 1) -> Path:
+    path.write_text("".join(
+        json.dumps({"prompt_id": f"p{i:04d}", "input_ids": [first + i % 7, 2, 3, i % 400]}) + "\n"
+        for i in range(n)))
+    return path
+
+
+def stored_count(out: Path) -> int:
+    try:
+        return int(json.loads((out / "manifest.json").read_text())["outcomes"]["stored"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early with {proc.returncode}: "
+                                 f"{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.01)
+    raise TimeoutError("condition not reached")
+
+
+def test_sigkill_then_resume_loses_nothing_and_stores_nothing_twice(responder, tmp_path: Path):
+    url = responder("sglang", delay=0.03)
+    n = 400
+    prompts = write_prompts(tmp_path / "p.jsonl", n)
+    out = tmp_path / "out"
+    args = ["collect", "--endpoint", url, "--engine", "sglang", "--prompts", str(prompts),
+            "--model", "tiny-qwen3-moe", "--out", str(out), "--max-new-tokens", "6",
+            "--concurrency", "8", "--samples-per-shard", "16", "--json"]
+    proc = subprocess.Popen(cli(*args), env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: stored_count(out) >= 48, 60, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        stop(proc)
+    assert proc.returncode == -signal.SIGKILL
+    kept = stored_count(out)
+    assert 48 <= kept < n, "the kill must land mid-collection"
+
+    done = subprocess.run(cli(*args, "--resume"), env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    totals = json.loads(done.stdout)["totals"]
+    assert totals["prompts_skipped"] >= kept  # what was sealed is not asked for again
+    assert totals["stored"] == n - totals["prompts_skipped"]
+
+    reader = ShardReader(out)
+    ids = reader.sample_ids()
+    assert len(ids) == len(set(ids)) == n
+    assert set(ids) == {f"p{i:04d}" for i in range(n)}
+    for s in reader:
+        np.testing.assert_array_equal(s.routed, synthetic_routing(s.tokens, TINY))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outcomes"] == {"stored": n, "rejected": 0, "failed": 0}
+
+
+@pytest.mark.slow
+def test_engine_killed_and_restarted_mid_collection(tiny_model: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = cli("serve", "--model", str(tiny_model), "--port", str(port), "--dtype", "float32")
+    n = 40
+    prompts = write_prompts(tmp_path / "p.jsonl", n, first=10)
+    out = tmp_path / "out"
+    engine = subprocess.Popen(serve, env=child_env(), stderr=subprocess.DEVNULL)
+    collector = None
+    try:
+        wait_healthy(url, engine)
+        collector = subprocess.Popen(
+            cli("collect", "--endpoint", url, "--engine", "sglang", "--prompts", str(prompts),
+                "--model", str(tiny_model), "--out", str(out), "--max-new-tokens", "24",
+                "--concurrency", "2", "--samples-per-shard", "4", "--retries", "80",
+                "--max-retry-delay", "0.5", "--json"),
+            env=child_env(), stdout=subprocess.PIPE, text=True)
+        wait_for(lambda: stored_count(out) >= 8, 120, collector)
+        engine.send_signal(signal.SIGKILL)
+        engine.wait(10)
+        killed_at = stored_count(out)
+        time.sleep(1.0)  # the collector is now retrying against a dead port
+        engine = subprocess.Popen(serve, env=child_env(), stderr=subprocess.DEVNULL)
+        stdout, _ = collector.communicate(timeout=300)
+    finally:
+        if collector is not None:
+            stop(collector)
+        stop(engine)
+    assert collector.returncode == 0, stdout
+    doc = json.loads(stdout)
+    assert killed_at < n
+    assert doc["totals"]["stored"] == n and doc["totals"]["failed"] == 0
+    assert doc["totals"]["retries"] > 0
+    reader = ShardReader(out)
+    assert sorted(reader.sample_ids()) == [f"p{i:04d}" for i in range(n)]
