@@ -32,7 +32,7 @@ def inspect(
             task = bar.add_task("inspect", total=total, status="")
             result = inspect_dir(directory, on_samples=lambda n: bar.advance(task, n))
     except ShardError as e:
-        die(f"{directory}: {e}", as_json=as_json)
+        die(str(e) if str(directory) in str(e) else f"{directory}: {e}", as_json=as_json)
     plotted = None
     if plot is not None:
         try:

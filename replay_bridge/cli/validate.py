@@ -32,13 +32,13 @@ def validate(
 
         total = Manifest.read(directory).samples
     except ShardError as e:
-        die(f"{directory}: {e}", as_json=as_json)
+        die(str(e) if str(directory) in str(e) else f"{directory}: {e}", as_json=as_json)
     with progress(enabled=not as_json) as bar:
         task = bar.add_task("validate", total=total, status="")
         try:
             report = validate_dir(directory, on_samples=lambda n: bar.advance(task, n))
         except ShardError as e:
-            die(f"{directory}: {e}", as_json=as_json)
+            die(str(e) if str(directory) in str(e) else f"{directory}: {e}", as_json=as_json)
     code = EXIT_OK if report.ok else EXIT_FAULTS
     if as_json:
         emit_json(report.to_dict())
