@@ -18,6 +18,7 @@ Prints one JSON object (and writes it to ``--out``)::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -53,6 +54,8 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
         hidden_dropout=0.0, attention_dropout=0.0, bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=args.cpu, moe_router_dtype="fp32",
+        **(dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=1) if args.recompute else {}),
     )
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
     torch.manual_seed(0)
@@ -75,7 +78,8 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=32768)
-    ap.add_argument("--rounds", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--recompute", action="store_true", help="full activation recompute")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -165,11 +169,16 @@ def main() -> None:
             step(a)
     replay_a.metrics()  # drop warm-up counts
     times: dict[str, list[float]] = {a: [] for a in arms}
+    gc.collect()
+    gc.disable()
     for r in range(args.rounds):
         order = arms[r % 3:] + arms[: r % 3]
         for a in order:
             times[a].append(step(a))
+    gc.enable()
     metrics = replay_a.metrics()
+    ratios = {a: statistics.median(x / y for x, y in zip(times[a], times["off"]))
+              for a in arms[1:]}
 
     # Host syncs per step, by arm (megatron's all-to-all dispatcher syncs on its own).
     syncs: dict[str, int] = {}
@@ -200,13 +209,13 @@ def main() -> None:
         rounds=args.rounds,
         median_ms=med,
         min_ms={a: min(v) * 1e3 for a, v in times.items()},
+        recompute=args.recompute,
         overhead_pct=100.0 * (med["on"] / med["off"] - 1.0),
         overhead_no_agreement_pct=100.0 * (med["on_no_agreement"] / med["off"] - 1.0),
+        paired_overhead_pct={a: 100.0 * (r - 1.0) for a, r in ratios.items()},
         host_layout_ms=layout_ms,
         host_syncs_per_step=syncs,
-        agreement=dict(exact=metrics.get("routing_replay/exact"),
-                       overlap=metrics.get("routing_replay/overlap"),
-                       tokens=metrics.get("routing_replay/tokens")),
+        agreement={k.removeprefix("routing_replay/"): v for k, v in metrics.items()},
         step_ms=times and {a: [round(x * 1e3, 2) for x in v] for a, v in times.items()},
     )
     replay_a.close()

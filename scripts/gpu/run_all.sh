@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the router replay hook in one call on a 2-GPU machine:
-# the multi-rank layouts over NCCL, then the overhead benchmark on GPU 0.
+# the multi-rank layouts over NCCL (when 2 GPUs are present), then the overhead benchmark on
+# GPU 0, without and with full activation recompute.
 # Expects megatron-core 0.16.1 (and pyarrow, orjson, pybase64 for replay_bridge) as cp312
 # wheels in .whl/ (carried); writes results under $OUT (or ./out/gpu).
 set -uo pipefail
@@ -24,4 +25,6 @@ if [ "$NGPU" -ge 2 ]; then
 fi
 timeout 240 python3 scripts/gpu/replay_overhead.py --out "$OUT/overhead.json" "$@" \
     2>&1 | grep -v -i "warn" | tee "$OUT/overhead.log" || rc=1
+timeout 240 python3 scripts/gpu/replay_overhead.py --recompute --out "$OUT/overhead_recompute.json" "$@" \
+    2>&1 | grep -v -i "warn" | tee "$OUT/overhead_recompute.log" || rc=1
 exit $rc

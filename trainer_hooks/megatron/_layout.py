@@ -274,10 +274,10 @@ def layout_routing(
             [s.routed for s in samples]
         )
         ids[has] = table[src[has][:, None], slots[None, :]]
-        if validate:
-            _validate(ids, has, samples, s_of, p_of, layers, geometry.num_experts)
     if not has.all():
         ids[~has] = pad_ids(gidx[~has], layers, geometry.top_k, geometry.num_experts, dtype)
+    if validate and has.any():
+        _validate(ids, samples, s_of, p_of, layers, geometry.num_experts)
     region = np.where(has, np.where(p_of < plen[s_of], PROMPT, COMPLETION), PAD).astype(np.int8)
     return HostRouting(
         ids=ids,
@@ -290,25 +290,34 @@ def layout_routing(
 
 def _validate(
     ids: np.ndarray,
-    has: np.ndarray,
     samples: Sequence[RoutedSample],
     s_of: np.ndarray,
     p_of: np.ndarray,
     layers: Sequence[int],
     num_experts: int,
 ) -> None:
-    """Raise on the first out-of-range or repeated id, naming sample, position and layer."""
-    blocks = ids[has]
-    oor = (blocks >= num_experts).any(axis=-1)
-    srt = np.sort(blocks, axis=-1)
-    dup = (srt[..., 1:] == srt[..., :-1]).any(axis=-1)
-    for bad, rule in ((oor, f"an expert id outside [0, {num_experts})"),
-                      (dup, "a repeated expert id (top-k ids must be distinct)")):
-        if bad.any():
-            t, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
-            tok = np.flatnonzero(has)[t]
-            raise LayoutError(
-                f"sample {samples[int(s_of[tok])].sample_id!r}, token position {int(p_of[tok])}, "
-                f"layer {layers[j]}: {rule}: {blocks[t, j].tolist()} "
-                f"({int(bad.sum())} bad blocks in this micro-batch on this rank)"
-            )
+    """Raise on the first out-of-range or repeated id, naming sample, position and layer.
+    Pad rows are in range and distinct by construction, so the whole array is checked."""
+    if int(ids.max(initial=0)) >= num_experts:
+        bad, rule = (ids >= num_experts).any(axis=-1), f"an expert id outside [0, {num_experts})"
+    else:
+        bad, rule = _repeats(ids), "a repeated expert id (top-k ids must be distinct)"
+        if not bad.any():
+            return
+    t, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    raise LayoutError(
+        f"sample {samples[int(s_of[t])].sample_id!r}, token position {int(p_of[t])}, "
+        f"layer {layers[j]}: {rule}: {ids[t, j].tolist()} "
+        f"({int(bad.sum())} bad blocks in this micro-batch on this rank)"
+    )
+
+
+def _repeats(blocks: np.ndarray) -> np.ndarray:
+    """``bool [tokens, layers]``: blocks whose k ids are not distinct."""
+    k = blocks.shape[-1]
+    cols = [blocks[..., i] for i in range(k)]
+    dup = np.zeros(blocks.shape[:-1], dtype=bool)
+    for i in range(k - 1):  # k(k-1)/2 vector compares over all blocks; k is small
+        for j in range(i + 1, k):
+            dup |= cols[i] == cols[j]
+    return dup
