@@ -1,0 +1,18 @@
+"""``replay-bridge demo``: the whole trip on one machine, and the mismatch that replay removes.
+
+A tiny Qwen3-MoE checkpoint is served by the reference engine in prefill/decode mode (bf16) or by
+vLLM; N prompts x G samples come back with routing and log-probs, are checked and stored as
+shards, and validated; the same weights are loaded into a megatron-core ``GPTModel`` (fp32) and
+trained for a few GRPO-style steps twice from identical weights, rollout routing replay off and
+on. Measured: routing agreement with the rollout per MoE layer, and the rollout-vs-trainer
+log-prob mismatch (k3 KL, mean and max absolute difference).
+
+Each step is its own module (``engines``, ``rollouts``, ``batches``, ``grpo``, ``trainer``,
+``mismatch``, ``weights``, ``plot``), driven by ``recipe.run_demo`` from a YAML config
+(``default.yaml``).
+"""
+
+from .config import ConfigError, DemoConfig, load_config
+from .recipe import DemoResult, run_demo
+
+__all__ = ["ConfigError", "DemoConfig", "DemoResult", "load_config", "run_demo"]

@@ -1,0 +1,115 @@
+"""Rollout-vs-trainer mismatch: the routing the trainer's routers actually used against the
+rollout's ids, and the log-prob difference on completion tokens.
+
+Routing: a forward hook on every router reads its routing map (``bool [tokens, experts]``, the
+experts each token was actually sent to) and compares it with the rollout's ids laid out for
+that micro-batch (:class:`~trainer_hooks.megatron.HostRouting`). A (token, MoE layer) block
+agrees when the two sets of k experts are equal; ``overlap`` is ``|used ∩ rollout| / k``.
+Only positions that have rollout routing count (pad rows and the last position do not).
+
+Log-probs: ``r = logp_trainer - logp_rollout`` over completion tokens; ``k3 = mean(exp(r) - 1 -
+r)`` estimates KL(rollout ‖ trainer) from tokens the rollout engine sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer_hooks.megatron import COMPLETION, PROMPT, HostRouting
+
+__all__ = ["RoutingMeter", "logp_mismatch", "moe_routers"]
+
+_REGIONS = {"prompt": PROMPT, "completion": COMPLETION}
+
+
+def moe_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
+    """(0-based layer index, router) of a megatron GPTModel's MoE layers, in layer order."""
+    inner = model
+    while not hasattr(inner, "decoder") and hasattr(inner, "module"):
+        inner = inner.module
+    return [(int(layer.layer_number) - 1, layer.mlp.router) for layer in inner.decoder.layers
+            if hasattr(layer.mlp, "router")]
+
+
+class RoutingMeter:
+    """Counts, per MoE layer and region, blocks whose used experts equal the rollout's.
+
+    Call :meth:`expect` with each micro-batch's laid-out rollout routing before its forward;
+    forwards without an expectation (or after :meth:`close`) are not counted.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], top_k: int) -> None:
+        routers = moe_routers(model)
+        found = tuple(layer for layer, _ in routers)
+        if found != tuple(layers):
+            raise ValueError(f"the model's routers are at layers {found}, expected {tuple(layers)}")
+        self.layers = tuple(layers)
+        self.top_k = top_k
+        # [layer, region (prompt, completion, pad), (blocks, exact, overlap ids)]
+        self.counts = torch.zeros(len(layers), 3, 3, dtype=torch.int64)
+        self._ids: torch.Tensor | None = None
+        self._region: torch.Tensor | None = None
+        self._hooks = [r.register_forward_hook(self._hook(i)) for i, (_, r) in enumerate(routers)]
+
+    def expect(self, host: HostRouting) -> None:
+        if host.layers != self.layers:
+            raise ValueError(f"routing laid out for layers {host.layers}, meter has {self.layers}")
+        self._ids = torch.from_numpy(host.ids.astype(np.int64))
+        self._region = torch.from_numpy(host.region.astype(np.int64))
+
+    def _hook(self, index: int) -> Any:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            if self._ids is None or self._region is None:
+                return
+            routing_map = output[1].detach()
+            if routing_map.shape[0] != self._ids.shape[0]:
+                raise ValueError(f"router {self.layers[index]} saw {routing_map.shape[0]} tokens, "
+                                 f"the laid-out rollout routing has {self._ids.shape[0]}")
+            hits = routing_map.to(torch.bool).gather(1, self._ids[:, index, :]).sum(1)
+            exact = (hits == self.top_k) & (routing_map.sum(1) == self.top_k)
+            stats = torch.stack((torch.ones_like(hits), exact.long(), hits.long()), 1)
+            self.counts[index].index_add_(0, self._region, stats)
+
+        return hook
+
+    def read(self, reset: bool = True) -> dict[str, Any]:
+        """``{"blocks", "exact", "overlap", "prompt": {...}, "completion": {...},
+        "layers": {layer: {...}}}`` over positions with rollout routing."""
+        c = self.counts.double()
+        k = float(self.top_k)
+
+        def figures(block: torch.Tensor) -> dict[str, float]:
+            n = float(block[..., 0].sum())
+            return {"blocks": int(n),
+                    "exact": float(block[..., 1].sum()) / n if n else float("nan"),
+                    "overlap": float(block[..., 2].sum()) / (n * k) if n else float("nan")}
+
+        data = c[:, [PROMPT, COMPLETION], :]
+        out: dict[str, Any] = figures(data)
+        for name, r in _REGIONS.items():
+            out[name] = figures(c[:, r, :])
+        out["layers"] = {layer: figures(data[i]) for i, layer in enumerate(self.layers)}
+        if reset:
+            self.counts.zero_()
+        return out
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._ids = self._region = None
+
+
+def logp_mismatch(r: np.ndarray) -> dict[str, float]:
+    """k3 KL, mean and max ``|r|`` of ``r = logp_trainer - logp_rollout``."""
+    r = np.asarray(r, np.float64)
+    if r.size == 0:
+        return {"tokens": 0, "k3_kl": float("nan"), "mean_abs": float("nan"),
+                "max_abs": float("nan")}
+    return {"tokens": int(r.size), "k3_kl": float(np.mean(np.expm1(r) - r)),
+            "mean_abs": float(np.abs(r).mean()), "max_abs": float(np.abs(r).max())}
+
