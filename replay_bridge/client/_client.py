@@ -141,7 +141,7 @@ class RolloutClient:
         ids = list(sample_ids) if sample_ids is not None else sample_ids_for(prompt.prompt_id,
                                                                               samples)
         calls = plan(self.engine, prompt.input_ids, ids, params or self.params,
-                     model=self.model, routed_start=routed_start)
+                     model=self.model, routed_start=routed_start, messages=prompt.messages)
         version = prompt.policy_version if prompt.policy_version is not None \
             else self.policy_version
         return list(await asyncio.gather(*(self._send(c, prompt.prompt_id, version)

@@ -18,11 +18,14 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """One prompt: its id (also the GRPO group id of its samples) and its token ids."""
+    """One prompt: its id (also the GRPO group id of its samples) and its token ids, or chat
+    ``messages`` (OpenAI chat endpoints only; the server applies the chat template and returns
+    the prompt's token ids)."""
 
     prompt_id: str
-    input_ids: Sequence[int]
+    input_ids: Sequence[int] = ()
     policy_version: int | None = None
+    messages: Sequence[dict[str, Any]] | None = None
 
 
 def sample_ids_for(prompt_id: str, samples: int) -> list[str]:
@@ -65,8 +68,8 @@ def _token_list(value: Any, where: str) -> list[int]:
 def read_prompts(
     path: str | Path, *, tokenizer: str | Path | None = None
 ) -> Iterator[Prompt]:
-    """Prompts from JSONL lines ``{"prompt_id", "input_ids"}`` or ``{"prompt_id", "text"}``,
-    read lazily. Text is tokenized with the tokenizer in the model directory ``tokenizer``
+    """Prompts from JSONL lines ``{"prompt_id", "input_ids"}``, ``{"prompt_id", "text"}`` or
+    ``{"prompt_id", "messages"}`` (chat), read lazily. Text is tokenized with the tokenizer in the model directory ``tokenizer``
     (loaded on the first text line). Raises :class:`PromptError` naming the line on bad input,
     including a repeated ``prompt_id``."""
     encode: Tokenize | None = None
@@ -94,6 +97,15 @@ def read_prompts(
             seen.add(pid)
             if "input_ids" in obj:
                 ids = _token_list(obj["input_ids"], where)
+            elif "messages" in obj:
+                msgs = obj["messages"]
+                if not isinstance(msgs, list) or not msgs or not all(
+                        isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+                    raise PromptError(f"{where}: messages must be a non-empty list of "
+                                      '{"role", "content"} objects')
+                version = obj.get("policy_version")
+                yield Prompt(pid, (), version if isinstance(version, int) else None, msgs)
+                continue
             elif isinstance(obj.get("text"), str):
                 if tokenizer is None:
                     raise PromptError(f"{where}: a text prompt needs the model's tokenizer "
@@ -102,6 +114,6 @@ def read_prompts(
                     encode = tokenizer_for(tokenizer)
                 ids = _token_list(encode(obj["text"]), where)
             else:
-                raise PromptError(f"{where}: needs input_ids or text")
+                raise PromptError(f"{where}: needs input_ids, text or messages")
             version = obj.get("policy_version")
             yield Prompt(pid, ids, version if isinstance(version, int) else None)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._prompts import PromptError
+
 __all__ = ["ENGINE_PATHS", "EngineCall", "SamplingParams", "plan"]
 
 ENGINE_PATHS = {
@@ -22,6 +24,7 @@ ENGINE_PATHS = {
     "sglang-openai": "/v1/completions",
     "vllm": "/v1/completions",
 }
+CHAT_PATH = "/v1/chat/completions"
 START_FIELD = {
     "sglang": "routed_experts_start_len",
     "sglang-openai": "routed_experts_start_len",
@@ -60,12 +63,20 @@ def plan(
     *,
     model: str | None = None,
     routed_start: int = 0,
+    messages: Sequence[dict[str, Any]] | None = None,
 ) -> list[EngineCall]:
-    """The requests that return one routed sample per id in ``sample_ids``."""
+    """The requests that return one routed sample per id in ``sample_ids``; with ``messages``,
+    chat completions (``sglang-openai`` and ``vllm`` only)."""
     if engine not in ENGINE_PATHS:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINE_PATHS)}")
     ids = list(input_ids)
     path = ENGINE_PATHS[engine]
+    if messages is not None:
+        if engine == "sglang":
+            raise PromptError("chat prompts (messages) need --engine sglang-openai or vllm")
+        if routed_start:
+            raise PromptError("a chat prompt cannot skip routing rows; continue with token ids")
+        path = CHAT_PATH
     if engine == "sglang":
         def generate(i: int) -> dict[str, Any]:
             sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
@@ -84,15 +95,19 @@ def plan(
 
     def openai(n: int, i: int = 0) -> dict[str, Any]:
         p: dict[str, Any] = {
-            "prompt": ids,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "n": n,
-            "logprobs": 0,
             "return_token_ids": True,
             **params.extra,
         }
+        if messages is not None:
+            p["messages"] = list(messages)
+            p["logprobs"] = True
+        else:
+            p["prompt"] = ids
+            p["logprobs"] = 0
         if model is not None:
             p["model"] = model
         if params.seed is not None:

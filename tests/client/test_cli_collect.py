@@ -152,3 +152,33 @@ def test_text_prompts_use_the_model_tokenizer(responder: str, tmp_path: Path) ->
     sample = ShardReader(tmp_path / "o")["t0"]
     want = AutoTokenizer.from_pretrained(str(model))("the quick brown fox")["input_ids"]
     assert sample.tokens[: sample.prompt_len].tolist() == want
+
+
+def test_prompt_file_forms(tmp_path: Path) -> None:
+    from replay_bridge.client import PromptError, read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt_id": 1, "input_ids": [4, 5]}\n\n'
+                    '{"prompt_id": "c", "messages": [{"role": "user", "content": "hi"}]}\n')
+    a, b = read_prompts(path)
+    assert (a.prompt_id, list(a.input_ids), a.messages) == ("1", [4, 5], None)
+    assert b.messages == [{"role": "user", "content": "hi"}] and not b.input_ids
+    for bad, rule in [('{"prompt_id": "a/b", "input_ids": [1]}', "must not contain '/'"),
+                      ('{"input_ids": [1]}', "needs a prompt_id"),
+                      ('{"prompt_id": "x"}', "needs input_ids, text or messages"),
+                      ('{"prompt_id": "x", "messages": []}', "messages must be"),
+                      ('[1, 2]', "expected a JSON object"),
+                      ('{"prompt_id": "1", "input_ids": [1]}\n{"prompt_id": 1, "input_ids": [2]}',
+                       ":2: prompt_id '1' repeats")]:
+        path.write_text(bad + "\n")
+        with pytest.raises(PromptError, match=rule):
+            list(read_prompts(path))
+
+
+def test_chat_prompts_need_an_openai_engine(responder: str, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt_id": "c", "messages": [{"role": "user", "content": "hi"}]}\n')
+    code, out = run("collect", "--endpoint", responder, "--engine", "sglang", "--prompts",
+                    str(prompts), "--model", "tiny-qwen3-moe", "--out", str(tmp_path / "o"),
+                    "--json")
+    assert code == 2 and "need --engine sglang-openai or vllm" in json.loads(out)["error"]

@@ -189,3 +189,23 @@ def test_fault_rejects_affected_samples_and_stores_the_rest(
         if kind == "all_zero":  # PR #23885: every prompt position, every layer
             prompt_rows = rec["report"]["rows"] - (NEW - 1)
             assert blocks["prompt"] == prompt_rows * GEOMETRY.num_moe_layers
+
+
+def test_chat_prompts_through_pd(clean_pd: PDUrls, tiny_model: Path, tmp_path: Path) -> None:
+    """/v1/chat/completions: the server applies the chat template; the prompt's token ids come
+    back with the answer and the routing covers them."""
+    messages = [{"role": "user", "content": "which experts did you use?"}]
+    items = [Prompt("chat0", messages=messages), Prompt("chat1", messages=messages[:1] * 2)]
+
+    async def go() -> Any:
+        writer = ShardWriter(tmp_path / "out", GEOMETRY)
+        async with RolloutClient(clean_pd.router, "sglang-openai", GEOMETRY, params=PARAMS) as c:
+            summary = await collect(c, items, writer, samples_per_prompt=2, keep_verdicts=True)
+        writer.close()
+        return summary
+
+    summary = asyncio.run(go())
+    assert summary.stored == 4, summary.first_rejected
+    reader = ShardReader(tmp_path / "out")
+    assert_matches_transformers(tiny_model, reader, {"chat0/0", "chat0/1", "chat1/0", "chat1/1"})
+    assert reader["chat1/0"].prompt_len > reader["chat0/0"].prompt_len > 5

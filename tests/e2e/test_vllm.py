@@ -60,6 +60,7 @@ def write_prompts(path: Path) -> Path:
     lines = [{"prompt_id": f"v{i}", "input_ids": [7 + i, 40, 300 + i, 5, 99, 12 + 3 * i][: 3 + i]}
              for i in range(4)]
     lines.append({"prompt_id": "text0", "text": "routing replay on a real engine"})
+    lines.append({"prompt_id": "chat0", "messages": [{"role": "user", "content": "hello"}]})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
 
@@ -87,9 +88,10 @@ def test_vllm_routing_equals_transformers(eager_server: str, model: Path, tmp_pa
     out = tmp_path / "out"
     code, doc = run_collect(eager_server, model, write_prompts(tmp_path / "p.jsonl"), out)
     assert code == 0, doc["samples"]
-    assert doc["totals"]["stored"] == doc["totals"]["samples"] == 5 * 3
+    assert doc["totals"]["stored"] == doc["totals"]["samples"] == 6 * 3
     reader = ShardReader(out)
-    assert len(reader) == 15
+    assert len(reader) == 18
+    assert reader["chat0/0"].prompt_len > 3  # the chat template's tokens, as vLLM returned them
     for s in reader:
         ref = transformers_routing(model, s.tokens)
         assert s.routed_start == 0 and s.rows == s.num_tokens - 1
@@ -128,11 +130,11 @@ def test_vllm_without_enforce_eager_is_all_zero_and_rejected(model: Path, tmp_pa
     finally:
         stop(proc)
     assert code == 1
-    assert doc["totals"]["samples"] == 15 and doc["totals"]["stored"] == 0
+    assert doc["totals"]["samples"] == 18 and doc["totals"]["stored"] == 0
     assert all(v["kinds"] == ["all_zero"] for v in doc["samples"])
     regions = doc["check"]["regions"]
     assert regions["prompt"]["all_zero_blocks"] == regions["prompt"]["blocks"] > 0
     assert regions["completion"]["all_zero_blocks"] == regions["completion"]["blocks"] > 0
     assert len(ShardReader(tmp_path / "out")) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["outcomes"] == {"stored": 0, "rejected": 15, "failed": 0}
+    assert manifest["outcomes"] == {"stored": 0, "rejected": 18, "failed": 0}
