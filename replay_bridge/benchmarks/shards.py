@@ -14,6 +14,7 @@ from ..geometry import RoutingGeometry
 from ..inspection import expert_load
 from ..sample import RoutedSample
 from ..shards import ShardReader, ShardWriter
+from ..shards._reader import default_read_threads
 from .routing_model import RoutingModel
 
 __all__ = ["DEFAULT_VARIANTS", "bench_shards", "synthetic_samples"]
@@ -60,12 +61,12 @@ def _best(fn, repeats: int) -> float:  # noqa: ANN001
     return min(fn() for _ in range(repeats))
 
 
-def _read_all(directory: Path) -> float:
+def _read_all(directory: Path, threads: int | None = None) -> float:
     """Open (no checksums) and read every shard's routing as NumPy arrays, touching each."""
     t0 = time.perf_counter()
     reader = ShardReader(directory, verify=False)
     acc = 0
-    for batch in reader.iter_batches():
+    for batch in reader.iter_batches(threads=threads):
         values = batch.column("routed").values.to_numpy(zero_copy_only=True)
         acc |= int(values.max())
     return time.perf_counter() - t0
@@ -121,6 +122,7 @@ def bench_shards(
 
             write_s = _best(write, repeats)
             read_s = _best(lambda d=d: _read_all(d), repeats)
+            read1_s = _best(lambda d=d: _read_all(d, threads=1), repeats)
             t = time.perf_counter()
             reader = ShardReader(d, verify=True)
             verify_open_s = time.perf_counter() - t
@@ -140,6 +142,7 @@ def bench_shards(
                 "ratio_to_int32": round(size / n_tokens / int32_per_token, 4),
                 "write_mb_s": round(routing_bytes / write_s / 1e6, 1),
                 "read_routing_gb_s": round(routing_bytes / read_s / 1e9, 3),
+                "read_routing_1thread_gb_s": round(routing_bytes / read1_s / 1e9, 3),
                 "open_with_sha256_s": round(verify_open_s, 3),
                 "lookup_random_per_s": round(lookups / random_s, 1),
                 "lookup_random_gb_s": round(picked_bytes / random_s / 1e9, 3),
@@ -168,6 +171,7 @@ def bench_shards(
                                    "max": round(float(ratio.max()), 2)},
         },
         "settings": {"samples_per_shard": samples_per_shard,
+                     "read_threads": default_read_threads(),
                      "batch_bytes": batch_bytes or ShardWriter.DEFAULT_BATCH_BYTES,
                      "repeats": repeats,
                      "lookups": lookups, "timing": "best of repeats; files in page cache"},

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from ._quarantine import read_chunk
 from ._scan import open_ipc, scan_shard
 from ._schema import list_parts, samples_from_batch
 
-__all__ = ["ShardReader", "verify_file"]
+__all__ = ["ShardReader", "default_read_threads", "verify_file"]
 
 Verify = bool | Literal["lazy"]
 
@@ -190,20 +191,48 @@ class ShardReader:
 
     # ---- iteration -----------------------------------------------------------------------
 
-    def _batches(self) -> Iterator[tuple[int, pa.RecordBatch]]:
+    def _jobs(self) -> Iterator[tuple[int, int]]:
+        """``(shard, batch)`` in storage order; each shard is verified and opened here, on
+        the caller's thread, before its first batch is handed out."""
         for si, shard in enumerate(self._shards):
             if self._verify:
                 shard.verify(self.dir)
             for bi in range(shard.reader.num_record_batches):
-                yield si, shard.batch(bi)
+                yield si, bi
 
-    def iter_batches(self) -> Iterator[pa.RecordBatch]:
-        """Every record batch, in storage order (the shard schema, metadata included)."""
-        for _, batch in self._batches():
+    def _batches(self, threads: int | None) -> Iterator[tuple[int, pa.RecordBatch]]:
+        if threads is None:  # mapped, uncompressed batches cost nothing to read: no threads
+            threads = 1 if self.manifest.compression == "none" else default_read_threads()
+        n = max(int(threads), 1)
+        if n == 1:
+            for si, bi in self._jobs():
+                yield si, self._shards[si].batch(bi)
+            return
+        # Decompression releases the GIL: read ahead on a few threads, yield in order.
+        ex = ThreadPoolExecutor(n, thread_name_prefix="shard-read")
+        pending: deque[tuple[int, Future[pa.RecordBatch]]] = deque()
+        jobs = self._jobs()
+        try:
+            for si, bi in jobs:
+                pending.append((si, ex.submit(self._shards[si].batch, bi)))
+                if len(pending) > 2 * n:
+                    si0, fut = pending.popleft()
+                    yield si0, fut.result()
+            while pending:
+                si0, fut = pending.popleft()
+                yield si0, fut.result()
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+
+    def iter_batches(self, threads: int | None = None) -> Iterator[pa.RecordBatch]:
+        """Every record batch, in storage order (the shard schema, metadata included).
+        ``threads`` read ahead and decompress in parallel (default: up to 4 CPUs for
+        compressed shards, none for uncompressed ones)."""
+        for _, batch in self._batches(threads):
             yield batch
 
     def __iter__(self) -> Iterator[RoutedSample]:
-        for si, batch in self._batches():
+        for si, batch in self._batches(None):
             yield from samples_from_batch(batch, self.geometry, self._shards[si].entry.file)
 
     def quarantined(self) -> Iterator[dict[str, Any]]:
@@ -228,6 +257,15 @@ class ShardReader:
     def __repr__(self) -> str:
         return (f"ShardReader({str(self.dir)!r}: {len(self)} samples in {len(self._shards)} "
                 f"shards, {self.geometry.describe()})")
+
+
+def default_read_threads() -> int:
+    """Read-ahead threads of `iter_batches`: the CPUs this process may use, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
 
 def _duplicates_message(ids: list[str], loc: np.ndarray, shards: list[_Shard]) -> str:

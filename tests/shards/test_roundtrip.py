@@ -248,3 +248,37 @@ def test_decode_routing_refuses_malformed_records():
                 {"shape": [2], "data": "AQAAAAIAAAA="}):
         with pytest.raises(ValueError, match="'x': malformed routing"):
             decode_routing({"sample_id": "x", "sample": {"routing": bad}})
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_iteration_order_with_read_ahead_threads(tmp_path, tiny, samples, threads):
+    d = write_dir_small(tmp_path / "d", tiny, samples)
+    r = ShardReader(d)
+    ids = [b.column("sample_id").to_pylist() for b in r.iter_batches(threads=threads)]
+    assert sum(ids, []) == [s.sample_id for s in samples]
+    for a, b in zip(samples, r, strict=True):
+        assert_same(a, b)
+    it = r.iter_batches(threads=threads)
+    next(it)
+    it.close()  # stopping early neither hangs nor leaks a running thread pool
+
+
+def test_read_ahead_surfaces_a_bad_shard_by_name(tmp_path, tiny, samples):
+    d = write_dir_small(tmp_path / "d", tiny, samples)
+    import json
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"][2]["sha256"] = "f" * 64  # the file no longer matches its manifest entry
+    (d / "manifest.json").write_text(json.dumps(m))
+    r = ShardReader(d, verify="lazy")
+    seen = []
+    with pytest.raises(ShardError, match="shard-000002.arrow: sha256"):
+        for b in r.iter_batches(threads=2):
+            seen.extend(b.column("sample_id").to_pylist())
+    assert set(seen) <= {s.sample_id for s in samples[:10]}
+
+
+def write_dir_small(d, geometry, samples):
+    with ShardWriter(d, geometry, samples_per_shard=5, batch_bytes=40) as w:
+        for s in samples:
+            w.add(s)
+    return d
