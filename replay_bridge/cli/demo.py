@@ -133,7 +133,7 @@ def demo(
     t0 = time.perf_counter()
 
     def progress(message: str) -> None:
-        stderr.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {message}")
+        stderr.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {message}", soft_wrap=True)
 
     try:
         fresh_shard_dir(cfg.out_dir / "shards")
