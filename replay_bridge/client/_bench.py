@@ -31,7 +31,7 @@ from ..wire import decode_response
 from ._client import RolloutClient
 from ._collect import collect
 from ._prompts import Prompt
-from ._requests import SamplingParams
+from ._requests import ENGINE_PATHS, SamplingParams
 
 __all__ = ["run"]
 
@@ -61,6 +61,36 @@ def _start_responder(engine: str, model: str) -> tuple[subprocess.Popen[bytes], 
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("responder did not come up within 60 s")
+
+
+def _raw_receive_cpu(url: str, calls: list[tuple[str, dict[str, Any]]]) -> float:
+    """CPU seconds to read the answers to ``calls`` with blocking ``recv_into`` on one
+    keep-alive socket into a preallocated buffer: the kernel's copy, no HTTP library."""
+    host, port = url.removeprefix("http://").split(":")
+    cpu = 0.0
+    buf = bytearray(1 << 20)
+    with socket.create_connection((host, int(port))) as sock:
+        for path, payload in calls:
+            data = orjson.dumps(payload)
+            head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                    f"\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+            sock.sendall(head + data)
+            n, end = 0, -1
+            while end < 0:  # the answer's head (not timed: the engine is still working)
+                n += sock.recv_into(memoryview(buf)[n:])
+                end = buf.find(b"\r\n\r\n", 0, n)
+            length = next(int(line.split(b":")[1]) for line in bytes(buf[:end]).split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            total = end + 4 + length
+            if len(buf) < total:
+                buf.extend(bytes(total - len(buf)))
+            view = memoryview(buf)
+            t = time.process_time()
+            while n < total:
+                n += sock.recv_into(view[n:total])
+            cpu += time.process_time() - t
+            del view
+    return cpu
 
 
 def _payloads(engine: str, body: bytes) -> list[bytes]:
@@ -111,6 +141,27 @@ def run(
                            "cpu_ns_per_token": cpu / summary.tokens * 1e9,
                            "tokens_per_s": summary.tokens / wall})
 
+        # Receiving alone: the same requests, answers read and dropped.
+        async def receive_only() -> int:
+            n = 0
+            async with RolloutClient(url, engine, geometry, params=params,
+                                     concurrency=concurrency) as client:
+                sem = asyncio.Semaphore(concurrency)
+
+                async def one(p: Prompt) -> int:
+                    async with sem:
+                        return sum(len(ex.body or b"") for ex in await client.fetch(p))
+
+                for size in await asyncio.gather(*(one(p) for p in prompt_list)):
+                    n += size
+            return n
+
+        receive_cpu = []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            body_bytes = asyncio.run(receive_only())
+            receive_cpu.append(time.process_time() - c0)
+
         # The same answers again, kept whole, for the floor and the per-stage split.
         sub = prompt_list[:floor_samples]
 
@@ -121,6 +172,8 @@ def run(
             return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
 
         bodies = asyncio.run(fetch_all())
+        raw_recv = min(_raw_receive_cpu(url, [(ENGINE_PATHS[engine], req)
+                                              for req, _ in bodies]) for _ in range(3))
         payloads = [p for _, body in bodies for p in _payloads(engine, body)]
         sub_tokens = sum(len(p.input_ids) + max_new_tokens for p in sub)
         def b64_floor() -> None:
@@ -154,9 +207,12 @@ def run(
 
     per_tok = statistics.median(x["cpu_ns_per_token"] for x in rounds)
     floor_ns = floor / sub_tokens * 1e9
-    stages = {"decode": decode / sub_tokens * 1e9, "check": check / sub_tokens * 1e9,
+    tokens_total = rounds[0]["tokens"]
+    stages = {"receive": statistics.median(receive_cpu) / tokens_total * 1e9,
+              "decode": decode / sub_tokens * 1e9, "check": check / sub_tokens * 1e9,
               "store": stored / sub_tokens * 1e9}
-    stages["receive_and_rest"] = per_tok - sum(stages.values())
+    stages["rest"] = per_tok - sum(stages.values())
+    raw_ns = raw_recv / sub_tokens * 1e9
     wire_bytes = sum(len(p) for p in payloads) / sub_tokens
     return {
         "bench": "collect",
@@ -167,16 +223,24 @@ def run(
         "tokens_per_sample": prompt_len + max_new_tokens,
         "concurrency": concurrency,
         "routing_b64_bytes_per_token": round(wire_bytes, 1),
+        "response_bytes_per_token": round(body_bytes / tokens_total, 1),
         "client_cpu_ns_per_token": round(per_tok, 1),
         "floor_b64decode_ns_per_token": round(floor_ns, 1),
         "ratio_client_vs_floor": round(per_tok / floor_ns, 2),
         "stages_ns_per_token": {k: round(v, 1) for k, v in stages.items()},
+        "raw_socket_recv_ns_per_token": round(raw_ns, 1),
+        "ratio_receive_vs_raw_socket": round(stages["receive"] / raw_ns, 2),
         "wall_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in rounds)),
         "rounds": rounds,
         "cpus": os.cpu_count(),
-        "note": "client CPU = time.process_time of the collecting process (all threads) over "
-                "the whole collection; the responder runs in another process. Floor = pybase64 "
-                "b64decode of the same payloads (bytes) on the first samples; stages measured "
-                "offline on those samples; receive_and_rest = total - stages.",
+        "client_cpu_us_per_sample": round(per_tok * (prompt_len + max_new_tokens) / 1e3, 1),
+        "note": "client CPU = time.process_time of the collecting process (all threads, kernel "
+                "time included) over the whole collection; the responder runs in another "
+                "process. Floor = pybase64 b64decode (validate=True, output discarded) of the "
+                "same payloads as bytes, on the first samples. Stages: receive = the same "
+                "requests with answers read and dropped; decode, check, store measured offline "
+                "on the first samples; rest = total - stages (event loop, thread hand-off). "
+                "raw_socket_recv = blocking recv_into of the same answers into a preallocated "
+                "buffer (the kernel's copy alone).",
     }
 

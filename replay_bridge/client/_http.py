@@ -81,6 +81,7 @@ class Transport:
         max_response_bytes: int = 1 << 30,
         api_key_env: str | None = DEFAULT_API_KEY_ENV,
         connection_limit: int = 0,
+        read_bufsize: int = 4194304,
         seed: int | None = None,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
@@ -92,6 +93,7 @@ class Transport:
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self._connection_limit = connection_limit
+        self.read_bufsize = read_bufsize
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random(seed)
         self.retries = 0
@@ -112,6 +114,7 @@ class Transport:
         if self._session is None:
             conn = aiohttp.TCPConnector(limit=self._connection_limit, force_close=False)
             self._session = aiohttp.ClientSession(connector=conn, headers=self._headers,
+                                                  read_bufsize=self.read_bufsize,
                                                   json_serialize=lambda o: orjson.dumps(o).decode())
             # aiohttp logs nothing of headers; our own log lines never carry them either.
 
