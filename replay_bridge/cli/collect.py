@@ -175,6 +175,9 @@ def collect(
             f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) -> {out}")
         if summary.first_rejected:
             stderr.print(verdict_table(summary.first_rejected))
+            more = summary.rejected + summary.failed - len(summary.first_rejected)
+            if more > 0:
+                stderr.print(f"... and {more} more rejected or failed: --json lists every one")
         stderr.print(check_table(summary.tally))
     raise typer.Exit(code)
 
