@@ -15,7 +15,7 @@ from ..sample import RoutedSample, WireSample
 from ..wire import decode_response
 from ._http import DEFAULT_API_KEY_ENV, RetryPolicy, Transport, TransportError
 from ._prompts import Prompt, sample_ids_for
-from ._requests import EngineCall, SamplingParams, plan
+from ._requests import ENGINE_PATHS, EngineCall, SamplingParams, plan
 
 __all__ = ["Exchange", "JoinError", "RolloutClient", "SampleResult", "join_turns"]
 
@@ -91,7 +91,8 @@ class RolloutClient:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        plan(engine, [0], ["probe"], SamplingParams())  # rejects an unknown engine early
+        if engine not in ENGINE_PATHS:
+            raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINE_PATHS)}")
         self.engine = engine
         self.geometry = geometry
         self.model = model

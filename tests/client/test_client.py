@@ -182,7 +182,7 @@ def test_concurrency_limit_holds(tiny: RoutingGeometry) -> None:
         in_flight += 1
         peak = max(peak, in_flight)
         try:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
             return await handler(request)
         finally:
             in_flight -= 1

@@ -83,6 +83,33 @@ def test_sigkill_then_resume_loses_nothing_and_stores_nothing_twice(responder, t
     assert manifest["outcomes"] == {"stored": n, "rejected": 0, "failed": 0}
 
 
+def test_sigterm_seals_what_was_stored(responder, tmp_path: Path) -> None:
+    url = responder("sglang", delay=0.03)
+    n = 300
+    prompts = write_prompts(tmp_path / "p.jsonl", n)
+    out = tmp_path / "out"
+    args = ["collect", "--endpoint", url, "--engine", "sglang", "--prompts", str(prompts),
+            "--model", "tiny-qwen3-moe", "--out", str(out), "--max-new-tokens", "4",
+            "--concurrency", "8", "--samples-per-shard", "1000", "--json"]
+    proc = subprocess.Popen(cli(*args), env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        # One shard of 1,000 samples never fills: only a graceful stop seals what is stored.
+        wait_for(lambda: (out / "manifest.json").exists(), 60, proc)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        stop(proc)
+    assert proc.returncode == 2 and "--resume" in json.loads(stdout)["error"]
+    kept = stored_count(out)
+    assert 0 < kept < n
+    done = subprocess.run(cli(*args, "--resume"), env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["totals"]["prompts_skipped"] == kept
+    assert sorted(ShardReader(out).sample_ids()) == [f"p{i:04d}" for i in range(n)]
+
+
 @pytest.mark.slow
 def test_engine_killed_and_restarted_mid_collection(tiny_model: Path, tmp_path: Path) -> None:
     port = free_port()
