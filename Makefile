@@ -11,7 +11,7 @@ sglang-router-env:
 	bash scripts/sglang_router_env.sh
 
 demo: setup
-	bash scripts/demo_offline.sh
+	.venv/bin/replay-bridge demo
 
 # The whole suite, the real-vLLM integration test included.
 test: setup vllm-env sglang-router-env

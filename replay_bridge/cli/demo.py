@@ -81,7 +81,7 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
 def demo(
     config: Optional[Path] = typer.Option(None, "--config",
                                           help="demo YAML (default: the packaged default.yaml)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output directory [out/demo]"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: out/demo)"),
     engine: Optional[str] = typer.Option(None, "--engine", help="reference | vllm"),
     endpoint: Optional[str] = typer.Option(
         None, "--endpoint", help="vllm: base URL of a server already serving --model"),
@@ -90,9 +90,9 @@ def demo(
         help="vllm: start one from .venv-vllm on a free loopback port"),
     model: Optional[Path] = typer.Option(
         None, "--model", help="Qwen3-MoE checkpoint directory (default: make the tiny one)"),
-    prompts: Optional[int] = typer.Option(None, "--prompts", help="N prompts [8]"),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="N prompts [16]"),
     samples: Optional[int] = typer.Option(None, "--samples", help="G samples per prompt [4]"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="[48]"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="[64]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="training steps per run [4]"),
     sets: Optional[list[str]] = typer.Option(
         None, "--set", help="any config key: --set train.lr=1e-4 (repeatable)"),
@@ -106,6 +106,7 @@ def demo(
     Exit 0 when every sample was stored, the shards validate clean and replay is exact;
     1 otherwise; 2 on a usage error or an engine that cannot be started or reached.
     """
+    t0 = time.perf_counter()
     from ..demo import ConfigError, load_config
 
     try:
@@ -126,11 +127,11 @@ def demo(
     from transformers.utils import logging as hf_logging
 
     from ..demo import run_demo
+    from ..demo.batches import BatchError
     from ..demo.engines import EngineError
     from ..demo.rollouts import fresh_shard_dir
 
     hf_logging.disable_progress_bar()
-    t0 = time.perf_counter()
 
     def progress(message: str) -> None:
         stderr.print(f"[dim]{time.perf_counter() - t0:6.1f}s[/] {message}", soft_wrap=True)
@@ -146,7 +147,10 @@ def demo(
             result = run_demo(cfg, progress)
     except (EngineError, FileNotFoundError) as e:
         die(str(e), EXIT_USAGE, as_json)
+    except BatchError as e:  # stored samples the trainer cannot use (no log-probs, ...)
+        die(str(e), EXIT_FAULTS, as_json)
     fig = result.figures()
+    fig["seconds"] = round(time.perf_counter() - t0, 2)  # the whole command, imports included
     (cfg.out_dir / "demo.json").write_bytes(orjson.dumps(fig, option=orjson.OPT_INDENT_2))
     if as_json:
         emit_json(fig)

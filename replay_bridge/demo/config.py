@@ -47,9 +47,9 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class CollectConfig:
-    prompts: int = 8
+    prompts: int = 16
     samples_per_prompt: int = 4
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     temperature: float = 1.0
     concurrency: int = 8
     request_timeout_s: float = 120.0

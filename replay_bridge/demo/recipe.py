@@ -27,7 +27,7 @@ from ..checks import REGIONS
 from ..client import CollectSummary
 from ..geometry import RoutingGeometry
 from ..validate import ValidationReport
-from .batches import make_micro_batches
+from .batches import BatchError, make_micro_batches
 from .config import DemoConfig
 from .grpo import group_advantages, rewards, target_tokens
 from .trainer import RunResult
@@ -64,7 +64,13 @@ class DemoResult:
     def ok(self) -> bool:
         """Every sample stored, the shards clean, and replay exact."""
         return (self.collect.stored == self.samples_requested and self.validation.ok
-                and self.on.steps[0].routing_used["exact"] == 1.0)
+                and all(s.routing_used["exact"] == 1.0 for s in self.on.steps))
+
+    def _engine_precision(self) -> str:
+        e = self.config.engine
+        if e.kind == "reference":
+            return e.dtype
+        return "bfloat16" if e.start_vllm else "as served by the endpoint"
 
     def validation_rows(self) -> tuple[list[str], list[list[str]]]:
         t = self.validation.tally
@@ -93,9 +99,7 @@ class DemoResult:
             "engine": self.engine,
             "model": str(self.model_dir),
             "geometry": self.geometry.to_dict(),
-            "precision": {"engine": self.config.engine.dtype
-                          if self.config.engine.kind == "reference" else "bfloat16",
-                          "trainer": "float32"},
+            "precision": {"engine": self._engine_precision(), "trainer": "float32"},
             "samples_requested": self.samples_requested,
             "samples_stored": self.collect.stored,
             "samples_rejected": self.collect.rejected,
@@ -212,7 +216,8 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
     reader = ShardReader(shard_dir)
     samples = list(reader)
     if not samples:
-        raise RuntimeError("no sample was stored: nothing to train on (see the check table)")
+        raise BatchError("no sample was stored: nothing to train on (see the collect verdicts "
+                         f"and {shard_dir}/quarantine)")
     target = target_tokens(_vocab_size(model_dir), config.train.reward_vocab_fraction,
                            config.train.reward_seed)
     reward = rewards(samples, target)
@@ -231,8 +236,8 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
             name = "on" if replay else "off"
             with clock.step(f"train_replay_{name}",
                             f"train {config.train.steps} GRPO steps, replay {name}"):
-                runs[name] = train_run(model_dir, reader, micro, config.train, replay=replay,
-                                       temperature=temperature)
+                runs[name] = train_run(model_dir, reader, reader.geometry, micro, config.train,
+                                       replay=replay, temperature=temperature)
             s0 = runs[name].steps[0]
             progress(f"      step 0: agreement {s0.routing_used['exact']:.4f}, "
                      f"k3 KL {s0.logp['k3_kl']:.3g}")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..geometry import RoutingGeometry
 from ..sample import RoutedSample
 from .batches import MicroBatch
 from .config import TrainConfig
@@ -81,6 +82,7 @@ def _token_logp(logits: torch.Tensor, targets: torch.Tensor, temperature: float)
 def train_run(
     model_dir: Path,
     source: Mapping[str, RoutedSample],
+    geometry: RoutingGeometry,
     micro_batches: list[MicroBatch],
     config: TrainConfig,
     *,
@@ -89,6 +91,7 @@ def train_run(
 ) -> RunResult:
     """Build the model from ``model_dir`` and run ``config.steps`` steps over all
     ``micro_batches`` (one optimizer step each, gradients accumulated over micro-batches).
+    ``source`` holds the rollout routing (a shard reader) in ``geometry``.
 
     Needs a megatron world (:func:`~replay_bridge.demo.megatron_world.megatron_cpu_world`).
     """
@@ -98,7 +101,6 @@ def train_run(
     t0 = time.perf_counter()
     fresh_router_replay_list()
     model = build_qwen3_moe_gpt(model_dir, routing_replay=True, dtype=torch.float32)
-    geometry = source.geometry  # type: ignore[attr-defined]
     controller = RoutingReplay(model, geometry, source=source)
     meter = RoutingMeter(model, controller.layers, geometry.top_k)
     step_fn = controller.wrap_forward_step(_forward)
