@@ -152,8 +152,9 @@ def _check_shard(report: ValidationReport, entry: Any, seen: dict[str, str],
     except (OSError, pa.ArrowException, ValueError) as e:
         faults.append(Fault(name, "unreadable", f"{name}: unreadable record batch ({e})"))
         return False
-    report.samples += rows
-    report.tokens += tokens
+    finally:  # what was read counts, also when a later batch is unreadable
+        report.samples += rows
+        report.tokens += tokens
     for what, got, want in (("samples", rows, entry.rows), ("tokens", tokens, entry.tokens),
                             ("routed_rows", routed_rows, entry.routed_rows)):
         if got != want:
