@@ -193,6 +193,20 @@ def main() -> None:
                     torch.cuda.set_sync_debug_mode("default")
             syncs[a] = sum("synchroniz" in str(x.message) for x in w)
 
+    # Device (kernel + copy) time per step, by arm, from the profiler: noise-free figure of
+    # the GPU work the hook adds.
+    device_ms: dict[str, float] = {}
+    if not args.cpu:
+        from torch.profiler import ProfilerActivity, profile
+
+        for a in arms:
+            per = []
+            for _ in range(3):
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step(a)
+                per.append(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3)
+            device_ms[a] = statistics.median(per)
+
     # Host-side layout and upload alone.
     t0 = time.perf_counter()
     for _ in range(20):
@@ -214,6 +228,9 @@ def main() -> None:
         overhead_no_agreement_pct=100.0 * (med["on_no_agreement"] / med["off"] - 1.0),
         paired_overhead_pct={a: 100.0 * (r - 1.0) for a, r in ratios.items()},
         host_layout_ms=layout_ms,
+        device_ms_per_step=device_ms,
+        device_overhead_pct={a: 100.0 * (device_ms[a] / device_ms["off"] - 1.0)
+                             for a in arms[1:]} if device_ms else {},
         host_syncs_per_step=syncs,
         agreement={k.removeprefix("routing_replay/"): v for k, v in metrics.items()},
         step_ms=times and {a: [round(x * 1e3, 2) for x in v] for a, v in times.items()},
