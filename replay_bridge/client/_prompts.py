@@ -69,9 +69,9 @@ def read_prompts(
     path: str | Path, *, tokenizer: str | Path | None = None
 ) -> Iterator[Prompt]:
     """Prompts from JSONL lines ``{"prompt_id", "input_ids"}``, ``{"prompt_id", "text"}`` or
-    ``{"prompt_id", "messages"}`` (chat), read lazily. Text is tokenized with the tokenizer in the model directory ``tokenizer``
-    (loaded on the first text line). Raises :class:`PromptError` naming the line on bad input,
-    including a repeated ``prompt_id``."""
+    ``{"prompt_id", "messages"}`` (chat), read lazily. Text is tokenized with the tokenizer in
+    the model directory ``tokenizer`` (loaded on the first text line). Raises
+    :class:`PromptError` naming the line on bad input, including a repeated ``prompt_id``."""
     encode: Tokenize | None = None
     seen: set[str] = set()
     with open(path, "rb") as f:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ._prompts import PromptError
 
 __all__ = ["ENGINE_PATHS", "EngineCall", "SamplingParams", "plan"]
@@ -69,7 +71,9 @@ def plan(
     chat completions (``sglang-openai`` and ``vllm`` only)."""
     if engine not in ENGINE_PATHS:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINE_PATHS)}")
-    ids = list(input_ids)
+    # Plain ints for JSON, from a list, a NumPy array or a CPU tensor alike.
+    ids = list(input_ids) if isinstance(input_ids, (list, tuple)) \
+        else np.asarray(input_ids).tolist()
     path = ENGINE_PATHS[engine]
     if messages is not None:
         if engine == "sglang":

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
 
 from aiohttp import web
 
@@ -20,3 +23,17 @@ async def running(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def recording(app: web.Application) -> list[dict[str, Any]]:
+    """Record every request body the app receives."""
+    bodies: list[dict[str, Any]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST":
+            bodies.append(orjson.loads(await request.read()))
+        return await handler(request)
+
+    app.middlewares.append(record)
+    return bodies

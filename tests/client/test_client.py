@@ -20,25 +20,11 @@ from replay_bridge.client._loopback import loopback_app, synthetic_routing
 from replay_bridge.client._requests import EngineCall
 from replay_bridge.geometry import RoutingGeometry
 
-from .conftest import running
+from .conftest import recording, running
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "vllm"
 ENGINES = ["sglang", "sglang-openai", "vllm"]
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
-
-
-def recording(app: web.Application) -> list[dict[str, Any]]:
-    """Record every request body the app receives."""
-    bodies: list[dict[str, Any]] = []
-
-    @web.middleware
-    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method == "POST":
-            bodies.append(orjson.loads(await request.read()))
-        return await handler(request)
-
-    app.middlewares.append(record)
-    return bodies
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -84,7 +70,8 @@ def test_multi_turn_joins_rows(engine: str, tiny: RoutingGeometry) -> None:
         assert s.num_tokens == 3 + 6 + 2 + 6
         np.testing.assert_array_equal(s.tokens[:9], first.sample.tokens)
         # Only the new rows were asked for ...
-        start_key = "routed_experts_prompt_start" if engine == "vllm" else "routed_experts_start_len"
+        start_key = ("routed_experts_prompt_start" if engine == "vllm"
+                     else "routed_experts_start_len")
         assert bodies[1][start_key] == 8
         # ... and the joined rows are the routing of every position of the final tokens.
         np.testing.assert_array_equal(s.routed, synthetic_routing(s.tokens, tiny))
@@ -215,3 +202,15 @@ def test_real_vllm_body_decodes_to_transformers_routing(tiny: RoutingGeometry) -
             assert r.sample.routed_start == e["routed_start"]
             np.testing.assert_array_equal(r.sample.tokens, e["tokens"])
             np.testing.assert_array_equal(r.sample.routed, np.asarray(e["routing"], np.uint8))
+
+
+def test_token_ids_from_arrays_and_tensors(tiny: RoutingGeometry) -> None:
+    torch = pytest.importorskip("torch")
+
+    async def go() -> None:
+        async with running(loopback_app("vllm", tiny)) as url:
+            async with RolloutClient(url, "vllm", tiny, params=SamplingParams(3)) as client:
+                for ids in (np.array([3, 4, 5], np.int64), torch.tensor([3, 4, 5]), (3, 4, 5)):
+                    (r,) = await client.generate(Prompt("a", ids))
+                    assert r.ok and r.sample.tokens[:3].tolist() == [3, 4, 5]
+    asyncio.run(go())

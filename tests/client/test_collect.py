@@ -17,8 +17,7 @@ from replay_bridge.client._loopback import loopback_app, synthetic_routing
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ShardReader, ShardWriter
 
-from .conftest import running
-from .test_client import recording
+from .conftest import recording, running
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
 FAIL_TOKEN, DROP_TOKEN = 999, 998

@@ -135,7 +135,8 @@ def test_bearer_token_sent_and_never_logged(monkeypatch: pytest.MonkeyPatch,
 
     async def go() -> None:
         app, seen = counting_app([503, 401])
-        async with running(app) as url, Transport(url, retry=FAST, api_key_env="MY_ENGINE_KEY") as t:
+        async with running(app) as url, \
+                Transport(url, retry=FAST, api_key_env="MY_ENGINE_KEY") as t:
             with pytest.raises(HTTPError) as ei:
                 await t.post("/generate", {"input_ids": [1]})
             assert [r.headers.get("Authorization") for r in seen] == [f"Bearer {secret}"] * 2
