@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,7 +62,7 @@ def child_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def responder() -> Iterator[callable]:
+def responder() -> Iterator[Callable[..., str]]:
     """Start light responders (own processes); all are stopped at the end of the test."""
     procs: list[subprocess.Popen] = []
 

@@ -85,6 +85,9 @@ def test_clean_pd_run_stores_every_sample_exactly(engine_kind: str, clean_pd: PD
     for s in reader:  # GRPO group, completion length, log-probs carried through
         assert s.group_id == s.sample_id.split("/")[0] and s.completion_len == NEW
         assert s.logprobs is not None and s.logprobs.shape == (NEW,)
+    # The samples of a group are separate draws, not one completion twice.
+    assert sum(not np.array_equal(reader[f"q{i}/0"].tokens, reader[f"q{i}/1"].tokens)
+               for i in range(6)) >= 5
 
 
 def test_multi_turn_through_pd_joins_exactly(clean_pd: PDUrls, tiny_model: Path) -> None:
