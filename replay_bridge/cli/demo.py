@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -140,6 +141,10 @@ def demo(
         fresh_shard_dir(cfg.out_dir / "shards")
     except FileExistsError as e:
         die(str(e), EXIT_USAGE, as_json)
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds like Ctrl-C: engines are shut down
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"megatron\..*")
@@ -149,6 +154,8 @@ def demo(
         die(str(e), EXIT_USAGE, as_json)
     except BatchError as e:  # stored samples the trainer cannot use (no log-probs, ...)
         die(str(e), EXIT_FAULTS, as_json)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     fig = result.figures()
     fig["seconds"] = round(time.perf_counter() - t0, 2)  # the whole command, imports included
     (cfg.out_dir / "demo.json").write_bytes(orjson.dumps(fig, option=orjson.OPT_INDENT_2))

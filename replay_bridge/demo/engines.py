@@ -118,7 +118,7 @@ def _vllm_process(config: EngineConfig, model_dir: Path, log: Path) -> Iterator[
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     try:
         deadline = time.monotonic() + config.startup_timeout_s
         while True:
@@ -141,6 +141,18 @@ def _vllm_process(config: EngineConfig, model_dir: Path, log: Path) -> Iterator[
                            "vLLM (bfloat16)")
     finally:
         _stop(proc)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the process that started it dies, so a
+    killed demo (SIGKILL, a test's timeout) leaves no vLLM behind. A no-op elsewhere."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:

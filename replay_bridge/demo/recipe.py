@@ -251,7 +251,8 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
         header, rows = result.validation_rows()
         plot_demo(result.plot, result.off, result.on, rows, header,
                   title=f"rollout routing replay: {engine.label} -> megatron-core (float32), "
-                        f"{summary.stored} samples, {result.off.steps[0].logp['tokens']:,} completion tokens")
+                        f"{summary.stored} samples, "
+                        f"{result.off.steps[0].logp['tokens']:,} completion tokens")
     result.timings = clock.timings
     result.seconds = time.perf_counter() - t_start
     return result

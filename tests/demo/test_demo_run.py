@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, subprocess.CompletedProcess]:
+def demo_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict, Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("demo") / "out"
     cmd = [sys.executable, "-c", "from replay_bridge.cli import main; main()", "demo", "--json",
            "--out", str(out), "--prompts", str(N), "--samples", str(G),
