@@ -75,8 +75,9 @@ def _raw_receive_cpu(url: str, calls: list[tuple[str, dict[str, Any]]]) -> float
             head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
                     f"\r\nContent-Length: {len(data)}\r\n\r\n").encode()
             sock.sendall(head + data)
+            t = time.process_time()  # blocking waits for the engine cost no CPU
             n, end = 0, -1
-            while end < 0:  # the answer's head (not timed: the engine is still working)
+            while end < 0:
                 n += sock.recv_into(memoryview(buf)[n:])
                 end = buf.find(b"\r\n\r\n", 0, n)
             length = next(int(line.split(b":")[1]) for line in bytes(buf[:end]).split(b"\r\n")
@@ -85,7 +86,6 @@ def _raw_receive_cpu(url: str, calls: list[tuple[str, dict[str, Any]]]) -> float
             if len(buf) < total:
                 buf.extend(bytes(total - len(buf)))
             view = memoryview(buf)
-            t = time.process_time()
             while n < total:
                 n += sock.recv_into(view[n:total])
             cpu += time.process_time() - t
@@ -172,8 +172,9 @@ def run(
             return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
 
         bodies = asyncio.run(fetch_all())
-        raw_recv = min(_raw_receive_cpu(url, [(ENGINE_PATHS[engine], req)
-                                              for req, _ in bodies]) for _ in range(3))
+        raw_recv = statistics.median(_raw_receive_cpu(url, [(ENGINE_PATHS[engine], req)
+                                                            for req, _ in bodies])
+                                     for _ in range(repeats))
         payloads = [p for _, body in bodies for p in _payloads(engine, body)]
         sub_tokens = sum(len(p.input_ids) + max_new_tokens for p in sub)
         def b64_floor() -> None:
