@@ -29,12 +29,16 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
 
     from ._tables import check_table
 
+    width = None if stdout.is_terminal else 120  # piped: do not squeeze tables to 80 columns
+
+    def show(table: Table) -> None:
+        stdout.print(table, width=width)
+
     stdout.print(f"[bold]engine[/]: {fig['engine']}")
     stdout.print(f"[bold]samples[/]: {fig['samples_stored']} of {fig['samples_requested']} "
                  f"stored ({fig['samples_rejected']} rejected, {fig['samples_failed']} failed), "
                  f"{fig['tokens_stored']:,} tokens")
-    stdout.print(check_table(result.validation.tally, title="shard validation: stored routing "
-                                                            "re-checked"))
+    show(check_table(result.validation.tally, title="shard validation: stored routing re-checked"))
     a, k3, d = fig["agreement"], fig["k3_kl"], fig["logp_abs_diff"]
     t = Table(title="rollout (engine, bf16) vs trainer (megatron-core, fp32), step 0 forward",
               title_justify="left")
@@ -49,7 +53,7 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
     t.add_row("max |Δ log p|", _num(d["max"]["replay_off"]), _num(d["max"]["replay_on"]))
     t.caption = (f"{a['blocks']:,} (token, MoE layer) blocks, {fig['completion_tokens']:,} "
                  "completion tokens; Δ = trainer - rollout")
-    stdout.print(t)
+    show(t)
 
     t = Table(title="agreement per MoE layer (step 0)", title_justify="left")
     for col in ("layer", "replay off", "replay on: used", "replay on: router's own"):
@@ -57,7 +61,7 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
     for layer, v in a["per_layer"].items():
         t.add_row(layer, _pct(v["replay_off"]), _pct(v["replay_on"]),
                   _pct(v["replay_on_router_own"]))
-    stdout.print(t)
+    show(t)
 
     t = Table(title="training steps (each step's forward, before its update)",
               title_justify="left")
@@ -69,7 +73,7 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
         t.add_row(str(off["step"]), _pct(off["agreement"]), _pct(on["agreement"]),
                   _pct(on["router_own_agreement"]), _num(off["k3_kl"]), _num(on["k3_kl"]),
                   f"{off['loss']:+.4f}", f"{on['loss']:+.4f}")
-    stdout.print(t)
+    show(t)
     stdout.print(
         f"Without replay the trainer routed {_pct(a['replay_off'])} of (token, layer) blocks "
         f"as the rollout did; with replay {_pct(a['replay_on'])}. k3 KL "

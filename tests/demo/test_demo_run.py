@@ -94,3 +94,22 @@ def test_progress_goes_to_stderr(demo_run):
     err = proc.stderr.decode()
     assert "[1/8] checkpoint" in err and "[8/8] plot" in err
     assert "engine stopped" in err
+
+
+def test_human_output_prints_the_tables_and_the_closing_line(tmp_path):
+    """Without ``--json``: the validation table, the off/on comparison, per layer and per step,
+    and one closing line quoting the figures (a second, smaller run)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "from replay_bridge.cli import main; main()", "demo",
+           "--out", str(out), "--prompts", "2", "--samples", "2", "--max-new-tokens", "12",
+           "--steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=290)
+    text = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    fig = orjson.loads((out / "demo.json").read_bytes())
+    for title in ("shard validation: stored routing re-checked", "step 0 forward",
+                  "agreement per MoE layer", "training steps"):
+        assert title in text
+    assert "with replay 100.00%" in text
+    assert f"k3 KL {fig['k3_kl']['replay_off']:.3g} -> {fig['k3_kl']['replay_on']:.3g}" in text
+    assert "…" not in text  # nothing truncated when piped
