@@ -115,7 +115,9 @@ class RolloutClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the connections; the client can be opened again (on any event loop)."""
         await self.transport.close()
+        self._slots = None
 
     @property
     def retries(self) -> int:

@@ -214,3 +214,16 @@ def test_token_ids_from_arrays_and_tensors(tiny: RoutingGeometry) -> None:
                     (r,) = await client.generate(Prompt("a", ids))
                     assert r.ok and r.sample.tokens[:3].tolist() == [3, 4, 5]
     asyncio.run(go())
+
+
+def test_client_reopens_on_a_new_event_loop(tiny: RoutingGeometry) -> None:
+    client = RolloutClient("http://127.0.0.1:9", "sglang", tiny, params=SamplingParams(2))
+
+    async def once() -> None:
+        async with running(loopback_app("sglang", tiny)) as url:
+            client.transport.endpoint = url
+            async with client:
+                assert (await client.generate(Prompt("r", [1, 2])))[0].ok
+
+    asyncio.run(once())
+    asyncio.run(once())  # a second loop: fresh session and concurrency slots
