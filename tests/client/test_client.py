@@ -217,13 +217,15 @@ def test_token_ids_from_arrays_and_tensors(tiny: RoutingGeometry) -> None:
 
 
 def test_client_reopens_on_a_new_event_loop(tiny: RoutingGeometry) -> None:
-    client = RolloutClient("http://127.0.0.1:9", "sglang", tiny, params=SamplingParams(2))
+    # concurrency 1 and a group of 3: requests wait for a slot, which ties it to the loop.
+    client = RolloutClient("http://127.0.0.1:9", "sglang", tiny, params=SamplingParams(2),
+                           concurrency=1)
 
     async def once() -> None:
         async with running(loopback_app("sglang", tiny)) as url:
             client.transport.endpoint = url
             async with client:
-                assert (await client.generate(Prompt("r", [1, 2])))[0].ok
+                assert all(r.ok for r in await client.generate(Prompt("r", [1, 2]), samples=3))
 
     asyncio.run(once())
     asyncio.run(once())  # a second loop: fresh session and concurrency slots
