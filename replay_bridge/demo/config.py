@@ -151,9 +151,14 @@ _NESTED = {"model": ModelConfig, "engine": EngineConfig, "collect": CollectConfi
 
 
 def _coerce(value: Any, default: Any, key: str) -> Any:
-    """Check a value against its default's type (ints widen to floats)."""
-    if value is None or default is None:
+    """Check a value against its default's type (ints widen to floats); keys whose default is
+    ``None`` take a string (a path or a URL)."""
+    if value is None:
         return value
+    if default is None:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

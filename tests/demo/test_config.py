@@ -42,6 +42,7 @@ def test_a_config_file_replaces_the_default(tmp_path):
     (["engine.kind=vllm", "engine.endpoint=h:1", "model.dir=m"], "http"),
     (["train.reward_vocab_fraction=1.5"], "reward_vocab_fraction"),
     (["steps"], "section.key=value"),
+    (["model.dir=5"], "model.dir must be a string"),
     (["train.steps.x=1"], "not a section"),
 ])
 def test_bad_settings_are_named(sets, match):
