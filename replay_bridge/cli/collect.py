@@ -77,9 +77,13 @@ def collect(
 
     Exit 0 when every sample was stored, 1 when some were rejected or failed, 2 on bad input.
     """
-    from ..client import (PromptError, RetryPolicy, RolloutClient, SamplingParams,
-                          read_prompts)
-    from ..client import collect as run_collect
+    try:
+        from ..client import (PromptError, RetryPolicy, RolloutClient, SamplingParams,
+                              read_prompts)
+        from ..client import collect as run_collect
+    except ImportError as e:
+        die(f"collect needs the client extra (pip install 'routing-replay-bridge[client]'): {e}",
+            as_json=as_json)
     from ..geometry import GeometryError, RoutingGeometry
     from ..shards import ShardError, ShardWriter
 
@@ -196,7 +200,11 @@ def bench_collect(
 ) -> None:
     """Client CPU time per token (receive, decode, check, store) against a light responder in
     another process, vs the ingest floor: pybase64 b64decode of the same payloads."""
-    from ..client._bench import run
+    try:
+        from ..client._bench import run
+    except ImportError as e:
+        die(f"bench collect needs the client extra (pip install "
+            f"'routing-replay-bridge[client]'): {e}", as_json=True)
 
     if engine not in ("sglang", "vllm"):
         die(f"--engine must be sglang or vllm, got {engine!r}", as_json=True)
