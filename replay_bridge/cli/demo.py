@@ -29,10 +29,13 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
 
     from ._tables import check_table
 
-    width = None if stdout.is_terminal else 120  # piped: do not squeeze tables to 80 columns
+    from rich.console import Console
+
+    # Piped output: render tables 120 columns wide instead of squeezing them into 80.
+    out = stdout if stdout.is_terminal else Console(width=120, highlight=False, soft_wrap=True)
 
     def show(table: Table) -> None:
-        stdout.print(table, width=width)
+        out.print(table)
 
     stdout.print(f"[bold]engine[/]: {fig['engine']}")
     stdout.print(f"[bold]samples[/]: {fig['samples_stored']} of {fig['samples_requested']} "
