@@ -192,10 +192,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), "nccl"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29741")
-        dist.init_process_group(backend, rank=int(os.environ.get("RANK", 0)),
-                                world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend)
+        else:  # a single process: in-process store, no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
     if args.make_demo_shards:

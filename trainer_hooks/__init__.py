@@ -1,0 +1,1 @@
+"""Trainer-side hooks that replay rollout routing (``trainer_hooks.megatron``)."""

@@ -91,15 +91,15 @@ def main() -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from trainer_hooks.megatron import cpu_compat
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29731")
     if args.cpu:
         cpu_compat.apply()
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         device = torch.device("cpu")
     else:
         cpu_compat.apply_te_gemm_fix()  # megatron-core 0.16.x without Transformer Engine
         torch.cuda.set_device(0)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29731")
         dist.init_process_group("nccl", rank=0, world_size=1)
         device = torch.device("cuda", 0)
     ps.initialize_model_parallel()

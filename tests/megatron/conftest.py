@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (extra 'megatron')")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def megatron_cpu():
-    """CPU shims applied and a gloo world of one for the whole session."""
+    """CPU shims applied for one test module (undone after it), and a gloo world of one."""
     from trainer_hooks.megatron import cpu_compat
 
     import support

@@ -3,7 +3,6 @@ rollout samples, and a capture of what every router actually routed."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,15 +16,14 @@ from trainer_hooks.megatron import Packing
 VOCAB = 64
 
 
-def init_single_process(port: int = 29613) -> None:
-    """A world of one over gloo, and megatron's parallel state (idempotent)."""
+def init_single_process() -> None:
+    """A world of one over gloo (in-process store: no port), and megatron's parallel state
+    (idempotent)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
 

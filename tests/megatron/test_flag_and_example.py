@@ -75,3 +75,28 @@ def test_example_grpo_script_trains_with_replay_from_shards(tmp_path, packing, m
     assert set(k for k in m if k.endswith("/exact") and "layer" in k) == {
         f"routing_replay/layer{i}/exact" for i in range(4)}
     assert m["loss"] == m["loss"]  # finite
+
+
+@pytest.mark.usefixtures("megatron_cpu")
+def test_build_from_shards_looks_samples_up_by_id(tmp_path):
+    import numpy as np
+
+    import support as S
+    from replay_bridge.shards import ShardWriter
+    from trainer_hooks.megatron import MissingSample, model_geometry
+
+    model = S.build_model()
+    geo = model_geometry(model.config)
+    samples = S.make_samples(geo, [7, 5, 9], seed=9)
+    with ShardWriter(tmp_path / "shards", geo) as w:
+        for s in samples:
+            w.add(s)
+    replay = build_routing_replay(
+        ReplayOptions(enabled=True, shards=str(tmp_path / "shards")), model)
+    assert replay is not None and replay.packing == Packing.thd(1)
+    mb = replay.prepare(["s2", "s0"])
+    np.testing.assert_array_equal(mb.host.ids[:8], samples[2].routed)
+    np.testing.assert_array_equal(mb.host.ids[9:15], samples[0].routed)
+    with pytest.raises(MissingSample, match="sample 's9'"):
+        replay.prepare(["s9"])
+    replay.close()

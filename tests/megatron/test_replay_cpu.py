@@ -202,11 +202,35 @@ def test_several_micro_batches_with_recompute_replay_each_their_own():
 
 
 def test_mtp_routers_are_not_replay_targets():
+    """Decoder routers replay; the multi-token-prediction router (no rollout routing) keeps
+    routing natively and is never given targets."""
     model = S.build_model(mtp=True, mtp_num_layers=1)
     geo = model_geometry(model.config)
-    replay = RoutingReplay(model, geo, packing=Packing.bshd(8))
+    packing = Packing.bshd(8)
+    replay = RoutingReplay(model, geo, packing=packing)
     assert replay.layers == geo.moe_layers
     assert not any("mtp" in r for r in replay.routers)
+    mtp_router = next(m for n, m in model.named_modules() if n.startswith("mtp.") and
+                      n.endswith(".router"))
+    seen_actions = []
+    mtp_router.register_forward_hook(
+        lambda *a: seen_actions.append(mtp_router.router_replay.router_replay_action))
+    samples = S.make_samples(geo, [8, 6], seed=1)
+    b = S.batch_inputs(samples, packing)
+    mb = replay.prepare(samples)
+    cap = S.RoutingCapture(model)
+
+    def forward_step(it, model):
+        return model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["tokens"]), None
+
+    with replay.replaying([mb], forward_only=True):
+        replay.wrap_forward_step(forward_step)(None, model)
+    cap.close()
+    assert seen_actions == [None]
+    assert mtp_router.router_replay.target_topk_idx is None
+    for i, layer in enumerate(replay.layers):
+        np.testing.assert_array_equal(
+            S.routing_map_ids(cap.calls[layer][0], geo.top_k), _expected(mb, i))
     replay.close()
 
 
