@@ -42,7 +42,9 @@ class ReplayOptions:
 
     def __post_init__(self) -> None:
         if self.packing not in ("thd", "bshd"):
-            raise ValueError(f"routing_replay.packing must be 'thd' or 'bshd', got {self.packing!r}")
+            raise ValueError(
+                f"routing_replay.packing must be 'thd' or 'bshd', got {self.packing!r}"
+            )
         if self.enabled and self.packing == "bshd" and not self.seq_length:
             raise ValueError("routing_replay with bshd packing needs seq_length")
         if self.pad_multiple < 0:

@@ -29,7 +29,9 @@ class Agreement:
         self.top_k = top_k
         self.counts = torch.zeros(len(self.moe_layers), 3, 3, dtype=torch.int64, device=device)
 
-    def add(self, moe_index: int, own: torch.Tensor, replayed: torch.Tensor, region: torch.Tensor) -> None:
+    def add(
+        self, moe_index: int, own: torch.Tensor, replayed: torch.Tensor, region: torch.Tensor
+    ) -> None:
         """Count one router call: ``own`` and ``replayed`` are ``[tokens, k]`` expert ids,
         ``region`` ``int64 [tokens]``."""
         overlap = (own.unsqueeze(-1) == replayed.unsqueeze(-2)).any(-1).sum(-1)

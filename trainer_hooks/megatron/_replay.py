@@ -242,7 +242,9 @@ class RoutingReplay:
                 return i
         if len(self._chunks) == 1:
             return 0
-        raise ReplayStateError("forward_step was called with a model chunk this replay does not know")
+        raise ReplayStateError(
+            "forward_step was called with a model chunk this replay does not know"
+        )
 
     def _begin_forward(self, p: _Pass, chunk: int) -> MicroBatchRouting:
         i = p.forwards.get(chunk, 0)
