@@ -7,7 +7,8 @@ test suite with world size 2)::
     python -m torch.distributed.run --nproc-per-node 2 scripts/gpu/replay_layouts.py --cpu
 
 For each layout (TP2 + sequence parallel, CP2, PP2 with virtual pipeline, EP2 with the
-all-to-all dispatcher; each with THD packing and full activation recompute, TP2 also bshd) it
+all-to-all dispatcher, TP2 + SP + EP2 together, EP2 with a DeepSeek-style sigmoid router with
+expert bias; each with THD packing and full activation recompute, TP2 and CP2 also bshd) it
 builds a megatron-core GPTModel, runs a training pass of several micro-batches through
 Megatron's own schedule with replay on, and captures every router call's routing map. Two
 checks per router call, per rank and layer:
@@ -54,6 +55,8 @@ LAYOUTS: dict[str, dict[str, Any]] = {
     "cp2_bshd": dict(cp=2, packing="bshd", standin_attention=True),
     "pp2_vpp2_thd": dict(pp=2, vpp=2, packing="thd", num_layers=8, dense_first=True),
     "ep2_alltoall_thd": dict(ep=2, packing="thd"),
+    "tp2_sp_ep2_thd": dict(tp=2, sp=True, ep=2, etp=1, packing="thd"),
+    "ep2_sigmoid_bias_thd": dict(ep=2, packing="thd", router="sigmoid"),
 }
 
 
@@ -103,7 +106,10 @@ def build_chunks(lay: dict[str, Any], device: torch.device) -> tuple[list[Any], 
         context_parallel_size=lay.get("cp", 1), pipeline_model_parallel_size=lay.get("pp", 1),
         virtual_pipeline_model_parallel_size=lay.get("vpp"),
         expert_model_parallel_size=lay.get("ep", 1),
+        expert_tensor_parallel_size=lay.get("etp"),
         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+        **(dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_router_topk_scaling_factor=2.5) if lay.get("router") == "sigmoid" else {}),
     )
     torch.manual_seed(1234)
     chunks = []
@@ -261,6 +267,7 @@ def run_layout(name: str, lay: dict[str, Any], device: torch.device, cpu: bool) 
         virtual_pipeline_model_parallel_size=lay.get("vpp"),
         context_parallel_size=lay.get("cp", 1),
         expert_model_parallel_size=lay.get("ep", 1),
+        expert_tensor_parallel_size=lay.get("etp"),
     )
     if not cpu:
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -432,9 +439,10 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=1))
         print("ALL LAYOUTS EXACT" if ok else "SOME LAYOUT FAILED", flush=True)
+    rank = dist.get_rank()
     dist.barrier()
     dist.destroy_process_group()
-    sys.exit(0 if ok or dist.get_rank() != 0 else 1)
+    sys.exit(0 if ok or rank != 0 else 1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Multi-rank layouts (TP2 + sequence parallel, CP2, PP2 with virtual pipeline, EP2 all-to-all;
-THD packing and full recompute): two processes over gloo on CPUs, and over NCCL on GPUs."""
+"""Multi-rank layouts (TP2 + sequence parallel, CP2, PP2 with virtual pipeline, EP2 all-to-all,
+TP2 + SP + EP2, EP2 with a sigmoid router and expert bias; THD packing and full recompute):
+two processes over gloo on CPUs, and over NCCL on GPUs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "gpu" / "replay_layouts.py"
-LAYOUTS = ("tp2_sp_thd", "tp2_sp_bshd", "cp2_thd", "cp2_bshd", "pp2_vpp2_thd", "ep2_alltoall_thd")
+LAYOUTS = ("tp2_sp_thd", "tp2_sp_bshd", "cp2_thd", "cp2_bshd", "pp2_vpp2_thd", "ep2_alltoall_thd",
+           "tp2_sp_ep2_thd", "ep2_sigmoid_bias_thd")
 
 
 def _free_port() -> int:
