@@ -151,3 +151,13 @@ def test_uint16_ids_widen_correctly():
     assert host.ids.dtype == np.uint16
     mb = _upload(host, torch.device("cpu"))
     np.testing.assert_array_equal(mb.ids.permute(1, 0, 2).numpy(), host.ids.astype(np.int64))
+
+
+def test_one_replay_per_model_at_a_time():
+    model = S.build_model()
+    geo = model_geometry(model.config)
+    first = RoutingReplay(model, geo)
+    with pytest.raises(ReplayConfigError, match="another RoutingReplay is attached"):
+        RoutingReplay(model, geo)
+    first.close()
+    RoutingReplay(model, geo).close()

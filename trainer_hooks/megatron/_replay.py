@@ -20,7 +20,7 @@ from replay_bridge.sample import RoutedSample
 
 from ._layout import HostRouting, Packing, RankSlice, layout_routing, lookup_samples
 from ._metrics import Agreement
-from ._routers import RouterSlot, find_routers
+from ._routers import ReplayConfigError, RouterSlot, find_routers
 
 __all__ = ["MicroBatchRouting", "ReplayStateError", "RoutingReplay"]
 
@@ -97,6 +97,10 @@ class RoutingReplay:
         self.packing = packing
         self.validate_ids = validate_ids
         self._slots, self.config = find_routers(self._chunks, geometry, allow_token_dropping)
+        if any("get_replay_topk" in vars(s.replay) for s in self._slots):
+            raise ReplayConfigError(
+                "another RoutingReplay is attached to this model's routers: close() it first"
+            )
         self.rank = rank if rank is not None else _megatron_rank(self.config)
         self._device = self._slots[0].router.weight.device
         self._by_chunk: dict[int, list[RouterSlot]] = {}
