@@ -247,12 +247,16 @@ def test_ids_reach_the_device_narrow_and_widen_there():
     replay.close()
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
+SELECTIVE_MOE = dict(recompute_granularity="selective", recompute_modules=["moe"])
+
+
+@pytest.mark.parametrize("recompute", [None, RECOMPUTE, SELECTIVE_MOE],
+                         ids=["plain", "full_recompute", "selective_moe_recompute"])
 def test_micro_batches_in_flight_replay_their_own_ids_in_backward(recompute):
     """As under a pipeline schedule: forwards of mb0, mb1, mb2, then their backwards. Recompute
     in backward must see each micro-batch's own ids (megatron's backward FIFO), and without
     recompute the queue must not grow past the micro-batches in flight."""
-    model = S.build_model(**(RECOMPUTE if recompute else {}))
+    model = S.build_model(**(recompute or {}))
     geo = model_geometry(model.config)
     packing = Packing.thd(2)
     groups = [S.make_samples(geo, [5 + i, 7], seed=30 + i, prefix=f"m{i}-") for i in range(3)]
