@@ -281,3 +281,13 @@ def test_micro_batches_in_flight_replay_their_own_ids_in_backward(recompute):
         assert len(cap.calls[layer]) == len(order)
         for rm, m in zip(cap.calls[layer], order):
             np.testing.assert_array_equal(S.routing_map_ids(rm, geo.top_k), _expected(mbs[m], i))
+
+
+def test_allgather_dispatcher_replays_too():
+    model = S.build_model(moe_token_dispatcher_type="allgather", **RECOMPUTE)
+    geo = model_geometry(model.config)
+    samples = S.make_samples(geo, [6, 9, 4], seed=12)
+    replay = RoutingReplay(model, geo, packing=Packing.thd(2))
+    mbs, cap = _run(model, replay, [samples[:2], samples[2:]], Packing.thd(2))
+    _assert_exact(replay, mbs, cap, calls_per_mb=2)
+    replay.close()
