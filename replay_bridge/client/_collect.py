@@ -69,6 +69,18 @@ class CollectSummary:
 
 
 def _peak_rss() -> int:
+    """Peak resident memory of this process's own address space, in bytes.
+
+    Linux's ``VmHWM`` starts afresh at exec; ``ru_maxrss`` does not (it keeps the high-water
+    mark of the parent image that was forked), so it is only the fallback.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
