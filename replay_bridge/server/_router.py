@@ -151,23 +151,37 @@ async def _stream(request: web.Request, r: _Router, endpoint: str,
     return resp
 
 
-async def _generate(request: web.Request) -> web.StreamResponse:
-    r = request.app[_ROUTER]
+async def _read_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """The request body as a JSON object, or the 400 response that says why it is not one."""
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as e:
         return _json({"error": {"message": f"the request body is not JSON: {e}"}}, 400)
     if not isinstance(body, dict):
         return _json({"error": {"message": "the request body must be a JSON object"}}, 400)
+    return body
+
+
+def _failed(status: int, raw: bytes) -> web.Response | None:
+    """A worker's error answer, passed through as it came."""
+    if status == 200:
+        return None
+    return web.Response(body=raw, status=status, content_type="application/json")
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    r = request.app[_ROUTER]
+    body = await _read_object(request)
+    if isinstance(body, web.Response):
+        return body
     batch = _batch_size(body)
     sent = r.with_bootstrap(body, batch)
     if body.get("stream"):
         return await _stream(request, r, "generate", sent)
     (p_status, p_raw), (d_status, d_raw) = await _post_both(r, "generate", sent)
-    if p_status != 200:
-        return web.Response(body=p_raw, status=p_status, content_type="application/json")
-    if d_status != 200:
-        return web.Response(body=d_raw, status=d_status, content_type="application/json")
+    failed = _failed(p_status, p_raw) or _failed(d_status, d_raw)
+    if failed is not None:
+        return failed
     out = orjson.loads(d_raw)
     if batch is None and r.config.fault != "no-merge":
         _merge_meta(orjson.loads(p_raw).get("meta_info"), out["meta_info"])
@@ -196,20 +210,16 @@ async def _completions(request: web.Request) -> web.StreamResponse:
 
 async def _openai(request: web.Request, endpoint: str) -> web.StreamResponse:
     r = request.app[_ROUTER]
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as e:
-        return _json({"error": {"message": f"the request body is not JSON: {e}"}}, 400)
-    if not isinstance(body, dict):
-        return _json({"error": {"message": "the request body must be a JSON object"}}, 400)
+    body = await _read_object(request)
+    if isinstance(body, web.Response):
+        return body
     sent = r.with_bootstrap(body, None)
     if body.get("stream"):
         return await _stream(request, r, endpoint, sent)
     (p_status, p_raw), (d_status, d_raw) = await _post_both(r, endpoint, sent)
-    if p_status != 200:
-        return web.Response(body=p_raw, status=p_status, content_type="application/json")
-    if d_status != 200:
-        return web.Response(body=d_raw, status=d_status, content_type="application/json")
+    failed = _failed(p_status, p_raw) or _failed(d_status, d_raw)
+    if failed is not None:
+        return failed
     out = orjson.loads(d_raw)
     prefill = orjson.loads(p_raw)
     start = int(body.get("routed_experts_start_len", 0) or 0)
