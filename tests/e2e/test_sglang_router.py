@@ -7,8 +7,6 @@ positions only, every MoE layer, and store none. Needs ``.venv-sglang-router``
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +16,9 @@ from replay_bridge.client import Prompt, RolloutClient, SamplingParams, collect
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ShardReader, ShardWriter
 
-from .conftest import ROOT, free_port, stop, wait_healthy
+from tests.support.processes import SGLANG_ROUTER_PYTHON, sglang_mini_lb
 
-PYTHON = os.environ.get("SGLANG_ROUTER_PYTHON") or str(ROOT / ".venv-sglang-router/bin/python")
+PYTHON = SGLANG_ROUTER_PYTHON
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,18 +36,8 @@ def mini_lb(tiny_model: Path) -> Iterator[str]:
     from replay_bridge.server import Engine, in_background, serve_pd
 
     with in_background(serve_pd(Engine(tiny_model, dtype="float32"), dtype="float32")) as pd:
-        port = free_port()
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--mini-lb",
-             "--prefill", pd.prefill, "8998", "--decode", pd.decode,
-             "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, proc, timeout=60)
+        with sglang_mini_lb(pd.prefill, pd.decode) as url:
             yield url
-        finally:
-            stop(proc)
 
 
 def test_unmerged_prompt_rows_rejected_through_sglang_router(mini_lb: str, tmp_path: Path):

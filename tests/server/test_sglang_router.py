@@ -7,20 +7,16 @@ Needs ``.venv-sglang-router`` (``scripts/sglang_router_env.sh``) or ``SGLANG_ROU
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support.processes import SGLANG_ROUTER_PYTHON, sglang_mini_lb
+
 from .conftest import post, routing
 
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = os.environ.get("SGLANG_ROUTER_PYTHON") or str(ROOT / ".venv-sglang-router/bin/python")
+PYTHON = SGLANG_ROUTER_PYTHON
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,40 +29,10 @@ PROMPT = [12, 200, 31, 4, 88, 150]
 N_NEW = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mini_lb(pd):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [PYTHON, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--mini-lb",
-         "--prefill", pd.prefill, "8998", "--decode", pd.decode,
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-                    pytest.fail(f"sglang-router mini load balancer did not start: {err[-2000:]}")
-                time.sleep(0.3)
+    with sglang_mini_lb(pd.prefill, pd.decode) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _req(**over):

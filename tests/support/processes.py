@@ -1,0 +1,67 @@
+"""Child processes in tests: free ports, health waits, clean stops, SGLang's mini load balancer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SGLANG_ROUTER_PYTHON = (os.environ.get("SGLANG_ROUTER_PYTHON")
+                        or str(ROOT / ".venv-sglang-router/bin/python"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    """Poll ``url/health`` until 200; raise naming the process if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not healthy within {timeout} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate, then kill if it does not exit within 15 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def sglang_mini_lb(prefill: str, decode: str) -> Iterator[str]:
+    """SGLang's own PD router (``sglang-router --mini-lb``) in front of a prefill/decode pair;
+    yields its URL. Needs ``.venv-sglang-router`` (``scripts/sglang_router_env.sh``)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [SGLANG_ROUTER_PYTHON, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+         "--mini-lb", "--prefill", prefill, "8998", "--decode", decode,
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc, timeout=60)
+        yield url
+    finally:
+        stop(proc)
