@@ -9,12 +9,16 @@ from __future__ import annotations
 from ._app import app, bench_app
 
 # Command modules: importing one registers its commands.
-from . import ingest as _ingest  # noqa: E402,F401
-from . import serve as _serve  # noqa: E402,F401
-from . import bench_shards as _bench_shards, inspect as _inspect, validate as _validate  # noqa: E402,F401,I001
-from . import bench_ingest as _bench_ingest  # noqa: E402,F401
-from . import demo as _demo  # noqa: E402,F401
-from . import collect as _collect  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    bench_ingest,
+    bench_shards,
+    collect,
+    demo,
+    ingest,
+    inspect,
+    serve,
+    validate,
+)
 
 __all__ = ["app", "bench_app", "main"]
 
