@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,7 @@ import pybase64
 from aiohttp import web
 
 from ..geometry import RoutingGeometry
+from ..wire import to_npy
 
 __all__ = ["loopback_app", "synthetic_completion", "synthetic_routing"]
 
@@ -54,12 +54,6 @@ def synthetic_routing(tokens: np.ndarray, geometry: RoutingGeometry, start: int 
     if dense:
         out[:, dense, :] = 0
     return out
-
-
-def _npy_b64(a: np.ndarray) -> str:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return pybase64.b64encode(buf.getvalue()).decode()
 
 
 def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) -> web.Application:
@@ -128,7 +122,8 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
                 "logprobs": {"token_logprobs": [-1.0] * int(out.size)},
             }
             if engine == "vllm":
-                c["routed_experts"] = _npy_b64(routing.astype(wire_dtype))
+                npy = to_npy(routing.astype(wire_dtype))
+                c["routed_experts"] = pybase64.b64encode(npy).decode()
             elif i == 0 and body.get("return_routed_experts"):
                 resp["sglext"] = {"routed_experts":
                                   pybase64.b64encode(routing.tobytes()).decode()}
