@@ -45,9 +45,13 @@ class CollectSummary:
     retries: int = 0
     verdicts: list[dict[str, Any]] | None = None
     peak_rss_bytes: int = 0
-    by_kind: dict[str, int] = field(default_factory=dict)
     first_rejected: list[dict[str, Any]] = field(default_factory=list)
     """The first (up to 20) verdicts of samples not stored."""
+
+    @property
+    def by_kind(self) -> dict[str, int]:
+        """Rejected samples per verdict kind (the tally's count; failed samples have none)."""
+        return dict(self.tally.by_kind)
 
     def totals(self) -> dict[str, Any]:
         return {
@@ -59,7 +63,7 @@ class CollectSummary:
             "failed": self.failed,
             "tokens": self.tokens,
             "tokens_stored": self.tokens_stored,
-            "by_kind": dict(self.by_kind),
+            "by_kind": self.by_kind,
             "retries": self.retries,
             "seconds": round(self.seconds, 3),
             "samples_per_s": round(self.samples / self.seconds, 2) if self.seconds else None,
@@ -123,8 +127,6 @@ class _Sink:
                     verdict["kinds"] = list(report.kinds)
                     if report.message:
                         verdict["message"] = report.message
-                    for k in report.kinds:
-                        s.by_kind[k] = s.by_kind.get(k, 0) + 1
                     if report.kinds != ("duplicate_sample_id",):
                         self.writer.quarantine(report, r.wire)
                 s.tally.add(report)
