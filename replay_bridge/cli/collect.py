@@ -14,8 +14,6 @@ from ._app import app, bench_app
 from ._output import EXIT_FAULTS, EXIT_OK, EXIT_USAGE, die, emit_json, progress, stderr
 from ._tables import check_table, verdict_table
 
-_ENGINES = ("sglang", "sglang-openai", "vllm")
-
 
 def _count_lines(path: Path) -> int:
     n = 0
@@ -86,9 +84,10 @@ def collect(
             as_json=as_json)
     from ..geometry import GeometryError, RoutingGeometry
     from ..shards import ShardError, ShardWriter
+    from ..wire import ENGINES
 
-    if engine not in _ENGINES:
-        die(f"--engine must be one of {', '.join(_ENGINES)}, got {engine!r}", as_json=as_json)
+    if engine not in ENGINES:
+        die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
     if not prompts.is_file():
         die(f"no such file: {prompts}", as_json=as_json)
     if not endpoint.startswith(("http://", "https://")):
