@@ -130,7 +130,10 @@ def main(layout: str, ckpt: Path, cpu: bool) -> int:
     result["topk_ids_equal"] = same
     ok &= all(same.values())
     result["ok"] = ok
-    print(json.dumps(result), flush=True)
+    # One write per line: ranks share stdout, and print() writes the text and the newline
+    # separately when unbuffered (PYTHONUNBUFFERED), so two ranks' lines could interleave.
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
     dist.barrier()
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
