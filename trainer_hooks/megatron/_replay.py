@@ -56,9 +56,13 @@ def _upload(host: HostRouting, device: torch.device) -> MicroBatchRouting:
         staging = (ids, region)
     d_ids = ids.to(device, non_blocking=True)
     d_region = region.to(device, non_blocking=True).long()
-    if d_ids.dtype == torch.uint16:
-        d_ids = d_ids.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
-    wide = d_ids.to(torch.int64).permute(1, 0, 2).contiguous()
+    uint16 = d_ids.dtype == torch.uint16
+    if uint16:  # widened through int16 (uint16 casts are not supported everywhere)
+        d_ids = d_ids.view(torch.int16)
+    # [tokens, routers, k] -> [routers, tokens, k] int64, widened and transposed in one copy
+    wide = d_ids.permute(1, 0, 2).to(torch.int64, memory_format=torch.contiguous_format)
+    if uint16:
+        wide.bitwise_and_(0xFFFF)
     return MicroBatchRouting(host, wide, d_region, list(wide.unbind(0)), staging)
 
 
