@@ -12,7 +12,7 @@ from ..geometry import RoutingGeometry
 from ..sample import WireSample
 from . import _assemble
 from ._npy import parse_npy, to_npy
-from ._payload import Payloads, loads, split
+from ._payload import Payloads, loads
 from .sglang import decode_generate, decode_openai
 from .vllm import decode_completions
 
