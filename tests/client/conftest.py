@@ -7,22 +7,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
-
 from aiohttp import web
 
+from replay_bridge.client import RolloutClient
+from replay_bridge.client._loopback import loopback_app
+from replay_bridge.geometry import RoutingGeometry
 
-@asynccontextmanager
-async def running(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port; yield its base URL."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+# Serve an app on a free loopback port until the block exits; yields its base URL.
+from replay_bridge.server import serve_app as running
 
 
 def recording(app: web.Application) -> list[dict[str, Any]]:
@@ -37,3 +29,14 @@ def recording(app: web.Application) -> list[dict[str, Any]]:
 
     app.middlewares.append(record)
     return bodies
+
+
+@asynccontextmanager
+async def loopback_client(engine: str, geometry: RoutingGeometry, **options: Any
+                          ) -> AsyncIterator[tuple[RolloutClient, list[dict[str, Any]]]]:
+    """A client of the light responder (served in this process), and the request bodies the
+    responder has received so far."""
+    app = loopback_app(engine, geometry)
+    bodies = recording(app)
+    async with running(app) as url, RolloutClient(url, engine, geometry, **options) as client:
+        yield client, bodies

@@ -20,7 +20,7 @@ from replay_bridge.client._loopback import loopback_app, synthetic_routing
 from replay_bridge.client._requests import EngineCall
 from replay_bridge.geometry import RoutingGeometry
 
-from .conftest import recording, running
+from .conftest import loopback_client, running
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "vllm"
 ENGINES = ["sglang", "sglang-openai", "vllm"]
@@ -30,11 +30,8 @@ FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_group_every_sample_routed(engine: str, tiny: RoutingGeometry) -> None:
     async def go() -> None:
-        app = loopback_app(engine, tiny)
-        bodies = recording(app)
-        async with running(app) as url:
-            async with RolloutClient(url, engine, tiny, params=SamplingParams(12)) as client:
-                results = await client.generate(Prompt("p7", [5, 6, 7, 8]), samples=4)
+        async with loopback_client(engine, tiny, params=SamplingParams(12)) as (client, bodies):
+            results = await client.generate(Prompt("p7", [5, 6, 7, 8]), samples=4)
         assert [r.sample_id for r in results] == ["p7/0", "p7/1", "p7/2", "p7/3"]
         assert all(r.ok for r in results)
         for r in results:
@@ -58,12 +55,9 @@ def test_group_every_sample_routed(engine: str, tiny: RoutingGeometry) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_multi_turn_joins_rows(engine: str, tiny: RoutingGeometry) -> None:
     async def go() -> None:
-        app = loopback_app(engine, tiny)
-        bodies = recording(app)
-        async with running(app) as url:
-            async with RolloutClient(url, engine, tiny, params=SamplingParams(6)) as client:
-                (first,) = await client.generate(Prompt("conv", [1, 2, 3]))
-                second = await client.continue_sample(first.sample, [40, 41])
+        async with loopback_client(engine, tiny, params=SamplingParams(6)) as (client, bodies):
+            (first,) = await client.generate(Prompt("conv", [1, 2, 3]))
+            second = await client.continue_sample(first.sample, [40, 41])
         assert second.ok, second.report
         s = second.sample
         assert s.sample_id == "conv" and s.prompt_len == 3 and s.routed_start == 0
@@ -208,11 +202,10 @@ def test_token_ids_from_arrays_and_tensors(tiny: RoutingGeometry) -> None:
     torch = pytest.importorskip("torch")
 
     async def go() -> None:
-        async with running(loopback_app("vllm", tiny)) as url:
-            async with RolloutClient(url, "vllm", tiny, params=SamplingParams(3)) as client:
-                for ids in (np.array([3, 4, 5], np.int64), torch.tensor([3, 4, 5]), (3, 4, 5)):
-                    (r,) = await client.generate(Prompt("a", ids))
-                    assert r.ok and r.sample.tokens[:3].tolist() == [3, 4, 5]
+        async with loopback_client("vllm", tiny, params=SamplingParams(3)) as (client, _):
+            for ids in (np.array([3, 4, 5], np.int64), torch.tensor([3, 4, 5]), (3, 4, 5)):
+                (r,) = await client.generate(Prompt("a", ids))
+                assert r.ok and r.sample.tokens[:3].tolist() == [3, 4, 5]
     asyncio.run(go())
 
 

@@ -17,7 +17,7 @@ from replay_bridge.client._loopback import loopback_app, synthetic_routing
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ShardReader, ShardWriter
 
-from .conftest import recording, running
+from .conftest import loopback_client, running
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
 FAIL_TOKEN, DROP_TOKEN = 999, 998
@@ -99,13 +99,10 @@ def test_resume_asks_only_for_what_is_missing(engine: str, tiny: RoutingGeometry
     out = tmp_path / "out"
 
     async def run(items: list[Prompt], resume: bool) -> tuple[Any, list[dict[str, Any]]]:
-        app = loopback_app(engine, tiny)
-        bodies = recording(app)
-        async with running(app) as url:
-            writer = ShardWriter(out, tiny, samples_per_shard=4, resume=resume)
-            async with RolloutClient(url, engine, tiny, params=SamplingParams(3)) as client:
-                summary = await collect(client, items, writer, samples_per_prompt=3)
-            writer.close()
+        writer = ShardWriter(out, tiny, samples_per_shard=4, resume=resume)
+        async with loopback_client(engine, tiny, params=SamplingParams(3)) as (client, bodies):
+            summary = await collect(client, items, writer, samples_per_prompt=3)
+        writer.close()
         return summary, bodies
 
     first, _ = asyncio.run(run(ps[:5], resume=False))
@@ -129,9 +126,8 @@ def test_resume_asks_only_for_what_is_missing(engine: str, tiny: RoutingGeometry
 
 def _generate(engine: str, tiny: RoutingGeometry, prompt: Prompt, n: int) -> list[Any]:
     async def go() -> list[Any]:
-        async with running(loopback_app(engine, tiny)) as url:
-            async with RolloutClient(url, engine, tiny, params=SamplingParams(3)) as client:
-                return [r.sample for r in await client.generate(prompt, samples=n)]
+        async with loopback_client(engine, tiny, params=SamplingParams(3)) as (client, _):
+            return [r.sample for r in await client.generate(prompt, samples=n)]
     return asyncio.run(go())
 
 
@@ -167,19 +163,16 @@ def test_backpressure_bounds_requests_while_the_writer_stalls(tiny: RoutingGeome
     concurrency, queue_size = 4, 2
 
     async def go() -> None:
-        app = loopback_app("sglang", tiny)
-        bodies = recording(app)
-        async with running(app) as url:
-            writer = BlockingWriter(ShardWriter(tmp_path / "out", tiny))
-            async with RolloutClient(url, "sglang", tiny, params=SamplingParams(2),
-                                     concurrency=concurrency) as client:
-                task = asyncio.ensure_future(collect(client, prompts(200), writer,
-                                                     queue_size=queue_size))
-                await asyncio.get_running_loop().run_in_executor(None, writer.entered.wait, 10)
-                await asyncio.sleep(0.3)  # plenty of time to run ahead, were it allowed to
-                asked_while_stalled = len(bodies)
-                writer.gate.set()
-                summary = await task
+        writer = BlockingWriter(ShardWriter(tmp_path / "out", tiny))
+        async with loopback_client("sglang", tiny, params=SamplingParams(2),
+                                   concurrency=concurrency) as (client, bodies):
+            task = asyncio.ensure_future(collect(client, prompts(200), writer,
+                                                 queue_size=queue_size))
+            await asyncio.get_running_loop().run_in_executor(None, writer.entered.wait, 10)
+            await asyncio.sleep(0.3)  # plenty of time to run ahead, were it allowed to
+            asked_while_stalled = len(bodies)
+            writer.gate.set()
+            summary = await task
         # One answer in the stalled store, queue_size queued, one per worker waiting to queue.
         assert asked_while_stalled <= 1 + queue_size + concurrency
         assert summary.stored == 200 and len(bodies) == 200
