@@ -23,6 +23,7 @@ The reward here is a toy (fraction of completion tokens below ``vocab / 2``); br
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections import defaultdict
@@ -93,9 +94,10 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
 
 def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float], packing: Any,
                        device: torch.device) -> dict:
-    """Tokens, positions, mask and loss weights. THD packing is one row with a block-diagonal
-    causal mask (megatron-core's local attention has no THD kernel; with Transformer Engine
-    pass ``packed_seq_params`` instead): the routers see the same token order."""
+    """Tokens, positions, mask, advantages and loss mask. THD packing is one row with a
+    block-diagonal causal mask (megatron-core's local attention has no THD kernel; with
+    Transformer Engine pass ``packed_seq_params`` instead): the routers see the same token
+    order. The step's "old" log-probs come from its own log-prob pass, not from here."""
     n = np.array([s.num_tokens for s in samples])
     padded = packing.padded_lengths(n)
     if packing.format == "bshd":
@@ -110,7 +112,7 @@ def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float]
     seq = np.full((rows, width), -1, np.int64)
     pos = np.zeros((rows, width), np.int64)
     adv_w = np.zeros((rows, width), np.float32)  # advantage at each predicted token
-    old_lp = np.zeros((rows, width), np.float32)
+    loss_mask = np.zeros((rows, width), np.float32)
     for i, s in enumerate(samples):
         r, a = row_of[i], starts[i]
         tokens[r, a : a + s.num_tokens] = s.tokens
@@ -119,19 +121,16 @@ def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float]
         # Position t predicts token t + 1: completion tokens are predicted from prompt_len - 1.
         c0, c1 = a + s.prompt_len - 1, a + s.num_tokens - 1
         adv_w[r, c0:c1] = advantages[s.sample_id]
-        if s.logprobs is not None:
-            old_lp[r, c0:c1] = s.logprobs
-    same = seq[:, :, None] == seq[:, None, :]
+        loss_mask[r, c0:c1] = 1
     causal = np.tril(np.ones((width, width), bool))[None]
-    mask = ~(same & causal & (seq[:, :, None] >= 0))
     if packing.format == "bshd":
-        mask = ~np.tril(np.ones((width, width), bool))[None]
+        mask = ~causal
+    else:
+        same = seq[:, :, None] == seq[:, None, :]
+        mask = ~(same & causal & (seq[:, :, None] >= 0))
     t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
-    loss_mask = np.zeros_like(adv_w)
-    for i, s in enumerate(samples):
-        loss_mask[row_of[i], starts[i] + s.prompt_len - 1 : starts[i] + s.num_tokens - 1] = 1
     return dict(tokens=t(tokens), pos=t(pos), mask=t(mask[:, None]), adv=t(adv_w),
-                loss_mask=t(loss_mask), old_lp=t(old_lp))
+                loss_mask=t(loss_mask))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -180,14 +179,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if args.cpu:
-        from trainer_hooks.megatron import cpu_compat
+    from trainer_hooks.megatron import cpu_compat
 
+    if args.cpu:
         cpu_compat.apply()  # test shims: megatron-core 0.16 on a CPU-only torch
         device, backend = torch.device("cpu"), "gloo"
     else:
-        from trainer_hooks.megatron import cpu_compat
-
         cpu_compat.apply_te_gemm_fix()  # megatron-core 0.16.x without Transformer Engine
         device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), "nccl"
         torch.cuda.set_device(device)
@@ -254,14 +251,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             # Agreement is measured in the training pass only.
             scope = (replay.replaying(routing, forward_only=forward_only,
                                       measure=not forward_only)
-                     if replay is not None else _null())
+                     if replay is not None else contextlib.nullcontext())
             with scope:
                 return fb(forward_step_func=fwd, data_iterator=iter(data), model=[model],
                           num_microbatches=len(data), seq_length=seq_len,
                           micro_batch_size=data[0]["tokens"].shape[0], forward_only=forward_only)
 
         # 1. Log-probs of the current policy (the "old" policy of this step), replayed.
-        lp_batches = [{k: v for k, v in b.items() if k != "old_lp"} for b in batches]
+        lp_batches = [dict(b) for b in batches]
         with torch.no_grad():
             run(True, lp_batches)
         for b, lb in zip(batches, lp_batches):
@@ -278,14 +275,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if replay is not None:
         replay.close()
     return metrics
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 if __name__ == "__main__":
