@@ -14,9 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .geometry import RoutingGeometry
-
-__all__ = ["DecodeFault", "RoutedSample", "WireSample", "to_routed", "with_routing"]
+__all__ = ["DecodeFault", "RoutedSample", "WireSample", "with_routing"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +101,7 @@ class RoutedSample(_SampleFields):
         return out
 
 
-def to_routed(sample: WireSample, geometry: RoutingGeometry) -> RoutedSample:
-    """Keep the MoE layers of a *checked* wire sample, narrowed to the geometry's id dtype."""
-    if sample.routing is None:
-        raise ValueError(f"sample {sample.sample_id!r} has no routing")
-    r = sample.routing
-    if not geometry.all_moe:
-        r = r[:, geometry.moe_index(), :]
-    return with_routing(sample, r.astype(geometry.id_dtype, copy=False))
-
-
-def with_routing(sample: WireSample, routed: np.ndarray) -> RoutedSample:
+def with_routing(sample: WireSample | RoutedSample, routed: np.ndarray) -> RoutedSample:
     """A :class:`RoutedSample` with ``sample``'s fields and the given stored routing."""
     return RoutedSample(
         sample_id=sample.sample_id,
