@@ -14,7 +14,7 @@ import pyarrow.ipc as ipc
 
 from ..checks import CheckReport
 from ..geometry import RoutingGeometry
-from ..sample import RoutedSample, WireSample
+from ..sample import RoutedSample, WireSample, with_routing
 from ._atomic import TMP_SUFFIX, HashingFile, atomic_write, fsync_dir, sha256_file
 from ._errors import ShardError
 from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
@@ -187,7 +187,7 @@ class ShardWriter:
         self._check_open()
         routed = self._conform(sample)
         if routed is not sample.routed:
-            sample = RoutedSample(**{f: getattr(sample, f) for f in _FIELDS}, routed=routed)
+            sample = with_routing(sample, routed)
         self._ids.add(sample.sample_id)
         self._batch.append(sample)
         self._batch_bytes += routed.nbytes
@@ -331,6 +331,3 @@ class ShardWriter:
             return 0
         return max(int(e.file.split("-")[1].split(".")[0]) for e in entries) + 1
 
-
-_FIELDS = ("sample_id", "tokens", "prompt_len", "routed_start", "group_id", "policy_version",
-           "logprobs", "engine", "finish_reason", "weight_versions")
