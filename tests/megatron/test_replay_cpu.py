@@ -96,24 +96,32 @@ def test_leading_dense_layers_are_skipped():
     _assert_exact(replay, mbs, cap, calls_per_mb=2)
 
 
-def test_agreement_is_one_when_replaying_the_models_own_routing():
-    """Record the model's native routing, store it as rollout routing, replay it: the
-    router's own top-k equals the replayed set for 100% of (token, layer) blocks."""
+def _own_routing_as_rollout(lengths, prompt_lens, seed):
+    """A model, its replay (bshd, 10 tokens) and samples whose rollout routing is the model's
+    own native routing of them (one forward pass, replay off)."""
     model = S.build_model()
     geo = model_geometry(model.config)
     packing = Packing.bshd(10)
-    samples = S.make_samples(geo, [10, 8], prompt_lens=[4, 3], seed=7)
+    samples = S.make_samples(geo, lengths, prompt_lens=prompt_lens, seed=seed)
     replay = RoutingReplay(model, geo, packing=packing)
     cap = S.RoutingCapture(model)
-    S.run_pass(model, replay, [S.batch_inputs(samples, packing)], 1, 10, 2, forward_only=True)
+    b = len(samples)
+    S.run_pass(model, replay, [S.batch_inputs(samples, packing)], 1, 10, b, forward_only=True)
     cap.close()
     # Native maps [s*b, E] in sequence-major order -> per-sample rows [pos, layer, k].
-    b = len(samples)
     for i, layer in enumerate(replay.layers):
         ids = S.routing_map_ids(cap.calls[layer][0], geo.top_k).reshape(10, b, geo.top_k)
         for j, s in enumerate(samples):
             s.routed[:, i, :] = ids[: s.num_tokens - 1, j, :]
-    mbs, _ = _run(model, replay, [samples], packing, forward_only=True)
+    return model, replay, samples, packing
+
+
+def test_agreement_is_one_when_replaying_the_models_own_routing():
+    """Record the model's native routing, store it as rollout routing, replay it: the
+    router's own top-k equals the replayed set for 100% of (token, layer) blocks."""
+    model, replay, samples, packing = _own_routing_as_rollout([10, 8], [4, 3], seed=7)
+    geo = replay.geometry
+    _run(model, replay, [samples], packing, forward_only=True)
     m = replay.metrics()
     assert m["routing_replay/exact"] == 1.0 and m["routing_replay/overlap"] == 1.0
     assert m["routing_replay/prompt/exact"] == 1.0 and m["routing_replay/completion/exact"] == 1.0
@@ -121,20 +129,10 @@ def test_agreement_is_one_when_replaying_the_models_own_routing():
 
 
 def test_stale_prompt_routing_shows_in_the_prompt_region():
-    model = S.build_model()
-    geo = model_geometry(model.config)
-    packing = Packing.bshd(10)
-    samples = S.make_samples(geo, [10, 10], prompt_lens=[5, 5], seed=8)
-    replay = RoutingReplay(model, geo, packing=packing)
-    cap = S.RoutingCapture(model)
-    S.run_pass(model, replay, [S.batch_inputs(samples, packing)], 1, 10, 2, forward_only=True)
-    cap.close()
-    for i, layer in enumerate(replay.layers):
-        ids = S.routing_map_ids(cap.calls[layer][0], geo.top_k).reshape(10, 2, geo.top_k)
-        for j, s in enumerate(samples):
-            s.routed[:, i, :] = ids[:9, j, :]
-            # an engine that returned stale prompt rows: shift experts by one in the prompt
-            s.routed[:5, i, :] = (s.routed[:5, i, :] + 1) % geo.num_experts
+    model, replay, samples, packing = _own_routing_as_rollout([10, 10], [5, 5], seed=8)
+    for s in samples:
+        # an engine that returned stale prompt rows: shift experts by one in the prompt
+        s.routed[:5] = (s.routed[:5] + 1) % replay.geometry.num_experts
     _run(model, replay, [samples], packing, forward_only=True)
     m = replay.metrics()
     assert m["routing_replay/completion/exact"] == 1.0
@@ -164,8 +162,6 @@ def test_replay_off_gives_native_routing_and_passes_leave_no_state():
         return {l: S.routing_map_ids(v[0], geo.top_k) for l, v in c.calls.items()}
 
     def assert_clean():
-        for name in replay.routers:
-            pass
         for mod in model.modules():
             rr = getattr(mod, "router_replay", None)
             if rr is not None:
