@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,34 +10,16 @@ import pytest
 from typer.testing import CliRunner
 
 from replay_bridge.cli import app
+from tests.support.processes import free_port, loopback_responder
 
 runner = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def responder() -> Iterator[str]:
     """The light responder (SGLang /generate, tiny geometry) in its own process."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "replay_bridge.client._loopback",
-                             "--engine", "sglang", "--port", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+    with loopback_responder("sglang") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def write_prompts(path: Path, n: int) -> Path:

@@ -1,11 +1,10 @@
 """End-to-end fixtures: the reference engine's tiny model, an independent transformers
-reference, and helpers to run the light responder and the CLI in their own processes."""
+reference, and light responders in their own processes (the process helpers themselves are in
+``tests/support/processes.py``)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import contextlib
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -13,38 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.processes import ROOT, free_port, stop, wait_healthy  # noqa: F401 - re-exported
-
-
-def cli(*args: str) -> list[str]:
-    """argv for the replay-bridge CLI in a child process."""
-    return [sys.executable, "-c", "from replay_bridge.cli import main; main()", *args]
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+from tests.support.processes import loopback_responder
 
 
 @pytest.fixture
 def responder() -> Iterator[Callable[..., str]]:
     """Start light responders (own processes); all are stopped at the end of the test."""
-    procs: list[subprocess.Popen] = []
+    with contextlib.ExitStack() as running:
+        def start(engine: str = "sglang", model: str = "tiny-qwen3-moe", delay: float = 0.0) -> str:
+            return running.enter_context(loopback_responder(engine, model, delay))
 
-    def start(engine: str = "sglang", model: str = "tiny-qwen3-moe", delay: float = 0.0) -> str:
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "replay_bridge.client._loopback", "--engine", engine,
-             "--model", model, "--port", str(port), "--delay", str(delay)], env=child_env())
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, proc)
-        return url
-
-    yield start
-    for p in procs:
-        stop(p)
+        yield start
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import child_env, cli
+from tests.support.processes import child_env, cli
 
 IN_FLIGHT = 1200
 NEW_TOKENS = 500  # ~22 KB of base64 routing per answer (tiny geometry, int32 on the wire)

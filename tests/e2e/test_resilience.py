@@ -16,7 +16,7 @@ from replay_bridge.client._loopback import synthetic_routing
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ShardReader
 
-from .conftest import child_env, cli, free_port, stop, wait_healthy
+from tests.support.processes import child_env, cli, free_port, stop, wait_healthy
 
 TINY = RoutingGeometry.from_preset("tiny-qwen3-moe")
 

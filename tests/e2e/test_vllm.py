@@ -19,7 +19,9 @@ import pytest
 
 from replay_bridge.shards import ShardReader
 
-from .conftest import ROOT, child_env, cli, free_port, stop, transformers_routing, wait_healthy
+from tests.support.processes import ROOT, child_env, cli, free_port, stop, wait_healthy
+
+from .conftest import transformers_routing
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
 

@@ -1,4 +1,5 @@
-"""Child processes in tests: free ports, health waits, clean stops, SGLang's mini load balancer."""
+"""Child processes in tests: free ports, health waits, clean stops, the light responder, SGLang's
+mini load balancer."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -14,6 +16,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SGLANG_ROUTER_PYTHON = (os.environ.get("SGLANG_ROUTER_PYTHON")
                         or str(ROOT / ".venv-sglang-router/bin/python"))
+
+
+def cli(*args: str) -> list[str]:
+    """argv for the replay-bridge CLI in a child process."""
+    return [sys.executable, "-c", "from replay_bridge.cli import main; main()", *args]
+
+
+def child_env() -> dict[str, str]:
+    """This environment, with the checkout first on ``PYTHONPATH``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
 
 
 def free_port() -> int:
@@ -47,6 +61,23 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@contextlib.contextmanager
+def loopback_responder(engine: str = "sglang", model: str = "tiny-qwen3-moe",
+                       delay: float = 0.0) -> Iterator[str]:
+    """The light responder (``replay_bridge.client._loopback``) in its own process; yields its
+    URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "replay_bridge.client._loopback", "--engine", engine,
+         "--model", model, "--port", str(port), "--delay", str(delay)], env=child_env())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    finally:
+        stop(proc)
 
 
 @contextlib.contextmanager
