@@ -19,8 +19,7 @@ import pyarrow as pa
 
 from .checks import CheckTally, check_routed
 from .shards import Manifest, ShardError
-from .shards._atomic import TMP_SUFFIX
-from .shards._manifest import MANIFEST, QUARANTINE_RE, SHARD_RE
+from .shards._manifest import MANIFEST, is_member_name, is_temp_name
 from .shards._quarantine import read_chunk
 from .shards._reader import verify_file
 from .shards._scan import open_ipc
@@ -190,11 +189,10 @@ def _check_strays(report: ValidationReport) -> None:
     for p in sorted(report.directory.iterdir()):
         if p.name in listed:
             continue
-        base = p.name[: -len(TMP_SUFFIX)] if p.name.endswith(TMP_SUFFIX) else None
-        if base and (SHARD_RE.fullmatch(base) or QUARANTINE_RE.fullmatch(base) or base == MANIFEST):
+        if is_temp_name(p.name):
             report.warnings.append(f"{p.name}: temp file of an interrupted write (ignored; "
                                    "removed by a resumed writer)")
-        elif SHARD_RE.fullmatch(p.name) or QUARANTINE_RE.fullmatch(p.name):
+        elif is_member_name(p.name):
             report.warnings.append(f"{p.name}: complete file not yet in {MANIFEST} (ignored; "
                                    "adopted by a resumed writer)")
         elif re.fullmatch(r"[\w.-]+", p.name):

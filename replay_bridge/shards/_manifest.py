@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from ..geometry import GeometryError, RoutingGeometry
-from ._atomic import atomic_write
+from ._atomic import TMP_SUFFIX, atomic_write
 from ._errors import ShardError
 from ._schema import FORMAT_VERSION
 
@@ -26,6 +26,8 @@ __all__ = [
     "Manifest",
     "QuarantineEntry",
     "ShardEntry",
+    "is_member_name",
+    "is_temp_name",
     "member_path",
     "quarantine_name",
     "shard_name",
@@ -45,6 +47,19 @@ def shard_name(index: int) -> str:
 
 def quarantine_name(index: int) -> str:
     return f"quarantine-{index:06d}.jsonl"
+
+
+def is_member_name(name: str) -> bool:
+    """Whether ``name`` is a shard or quarantine file name."""
+    return bool(SHARD_RE.fullmatch(name) or QUARANTINE_RE.fullmatch(name))
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is the temp file of an interrupted write of a member or the manifest."""
+    if not name.endswith(TMP_SUFFIX):
+        return False
+    base = name[: -len(TMP_SUFFIX)]
+    return is_member_name(base) or base == MANIFEST
 
 
 def member_path(directory: Path, name: object, pattern: re.Pattern[str]) -> Path:

@@ -18,7 +18,7 @@ from ..sample import RoutedSample, WireSample, with_routing
 from ._atomic import TMP_SUFFIX, HashingFile, atomic_write, fsync_dir, sha256_file
 from ._errors import ShardError
 from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
-                        ShardEntry, quarantine_name, shard_name)
+                        ShardEntry, is_member_name, is_temp_name, quarantine_name, shard_name)
 from ._quarantine import encode_records, failure_record, read_chunk, rejection_record
 from ._schema import schema_for, to_record_batch
 from ._scan import scan_shard
@@ -108,8 +108,7 @@ class ShardWriter:
             self._recover()
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
-            strays = [p.name for p in self.dir.iterdir()
-                      if SHARD_RE.fullmatch(p.name) or QUARANTINE_RE.fullmatch(p.name)]
+            strays = [p.name for p in self.dir.iterdir() if is_member_name(p.name)]
             if strays:
                 raise ShardError(f"{self.dir} holds shard files but no {MANIFEST}: {strays[:3]}")
             self._manifest = Manifest(geometry=geometry, compression=comp)
@@ -121,11 +120,7 @@ class ShardWriter:
         """Drop temp files, adopt complete files renamed before the manifest caught up, and
         load the stored ids."""
         for p in self.dir.iterdir():
-            if p.name.endswith(TMP_SUFFIX) and (
-                SHARD_RE.fullmatch(p.name[: -len(TMP_SUFFIX)])
-                or QUARANTINE_RE.fullmatch(p.name[: -len(TMP_SUFFIX)])
-                or p.name == MANIFEST + TMP_SUFFIX
-            ):
+            if is_temp_name(p.name):
                 p.unlink()
         m = self._manifest
         listed = {e.file for e in m.shards} | {q.file for q in m.quarantine}
