@@ -133,6 +133,15 @@ def build_chunks(lay: dict[str, Any], device: torch.device) -> tuple[list[Any], 
     return chunks, config
 
 
+def random_sample(geo: RoutingGeometry, n: int, rng: np.random.Generator,
+                  sample_id: str) -> RoutedSample:
+    """``n`` random tokens, a third of them prompt, with random distinct top-k ids per row."""
+    keys = rng.random((n - 1, geo.num_moe_layers, geo.num_experts))
+    routed = np.argsort(keys, -1)[..., : geo.top_k].astype(geo.id_dtype)
+    return RoutedSample(sample_id=sample_id, tokens=rng.integers(0, VOCAB, n).astype(np.int32),
+                        prompt_len=max(1, n // 3), routed=routed)
+
+
 def make_micro_batches(geo: RoutingGeometry, n_mb: int, total: int, multiple: int,
                        rng: np.random.Generator, tag: str) -> list[list[RoutedSample]]:
     """Micro-batches of samples whose padded lengths sum to ``total`` (fixed pipeline shapes)."""
@@ -144,11 +153,7 @@ def make_micro_batches(geo: RoutingGeometry, n_mb: int, total: int, multiple: in
         samples = []
         for j, p in enumerate(parts):
             n = int(p - rng.integers(0, min(multiple, p - 1)))
-            keys = rng.random((n - 1, geo.num_moe_layers, geo.num_experts))
-            routed = np.argsort(keys, -1)[..., : geo.top_k].astype(geo.id_dtype)
-            samples.append(RoutedSample(
-                sample_id=f"{tag}-mb{m}-{j}", tokens=rng.integers(0, VOCAB, n).astype(np.int32),
-                prompt_len=max(1, n // 3), routed=routed))
+            samples.append(random_sample(geo, n, rng, f"{tag}-mb{m}-{j}"))
         out.append(samples)
     return out
 
@@ -287,17 +292,8 @@ def run_layout(name: str, lay: dict[str, Any], device: torch.device, cpu: bool) 
     dp_rank = ps.get_data_parallel_rank()
     rng = np.random.default_rng(100 + dp_rank)
     if packing.format == "bshd":
-        mbs_samples = []
-        for m in range(n_mb):
-            ss = []
-            for j in range(3):
-                n = int(rng.integers(6, 33))
-                keys = rng.random((n - 1, geo.num_moe_layers, geo.num_experts))
-                ss.append(RoutedSample(
-                    sample_id=f"dp{dp_rank}-mb{m}-{j}",
-                    tokens=rng.integers(0, VOCAB, n).astype(np.int32), prompt_len=max(1, n // 3),
-                    routed=np.argsort(keys, -1)[..., : geo.top_k].astype(geo.id_dtype)))
-            mbs_samples.append(ss)
+        mbs_samples = [[random_sample(geo, int(rng.integers(6, 33)), rng, f"dp{dp_rank}-mb{m}-{j}")
+                        for j in range(3)] for m in range(n_mb)]
     else:
         mbs_samples = make_micro_batches(geo, n_mb, total, mult, rng, f"dp{dp_rank}")
 
@@ -374,8 +370,6 @@ def run_layout(name: str, lay: dict[str, Any], device: torch.device, cpu: bool) 
         per_layer[str(layer)] = stat
     metrics = replay.metrics()
     replay.close()
-    for c in chunks:
-        del c
     rank_info = dict(
         rank=dist.get_rank(), world=world, tp_rank=ps.get_tensor_model_parallel_rank(),
         cp_rank=ps.get_context_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
@@ -391,15 +385,13 @@ def main() -> None:
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.cpu:
-        from trainer_hooks.megatron import cpu_compat
+    from trainer_hooks.megatron import cpu_compat
 
+    if args.cpu:
         cpu_compat.apply()
         dist.init_process_group("gloo")
         device = torch.device("cpu")
     else:
-        from trainer_hooks.megatron import cpu_compat
-
         cpu_compat.apply_te_gemm_fix()  # megatron-core 0.16.x without Transformer Engine
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
