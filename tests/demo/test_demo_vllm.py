@@ -12,15 +12,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+from tests.support.processes import REQUIRES_VLLM, ROOT
+from tests.support.processes import VLLM_PYTHON as VLLM_PY
 
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(not VLLM_PY.exists(),
-                       reason=".venv-vllm is absent: run scripts/vllm_env.sh (make test does)"),
-]
+pytestmark = REQUIRES_VLLM
 
 
 def test_demo_against_a_real_vllm(tmp_path):

@@ -16,16 +16,9 @@ from replay_bridge.client import Prompt, RolloutClient, SamplingParams, collect
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ShardReader, ShardWriter
 
-from tests.support.processes import SGLANG_ROUTER_PYTHON, sglang_mini_lb
+from tests.support.processes import REQUIRES_SGLANG_ROUTER, sglang_mini_lb
 
-PYTHON = SGLANG_ROUTER_PYTHON
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(PYTHON).exists(),
-                       reason=f"sglang-router not installed ({PYTHON}); "
-                              "run scripts/sglang_router_env.sh"),
-]
+pytestmark = REQUIRES_SGLANG_ROUTER
 
 GEOMETRY = RoutingGeometry.from_preset("tiny-qwen3-moe")
 NEW = 6

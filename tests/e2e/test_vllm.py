@@ -19,23 +19,24 @@ import pytest
 
 from replay_bridge.shards import ShardReader
 
-from tests.support.processes import ROOT, child_env, cli, free_port, stop, wait_healthy
+from tests.support.processes import (
+    REQUIRES_VLLM,
+    VLLM_PYTHON,
+    child_env,
+    cli,
+    free_port,
+    stop,
+    wait_healthy,
+)
 
 from .conftest import transformers_routing
 
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
-
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.slow,
-    pytest.mark.skipif(not VLLM_PY.exists(),
-                       reason=".venv-vllm is absent: run scripts/vllm_env.sh (make test does)"),
-]
+pytestmark = REQUIRES_VLLM
 
 
 def serve_vllm(model: Path, log: Path, eager: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    args = [str(VLLM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+    args = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
             "--dtype", "float32", "--enable-return-routed-experts"]
     if eager:

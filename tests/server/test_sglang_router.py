@@ -7,23 +7,14 @@ Needs ``.venv-sglang-router`` (``scripts/sglang_router_env.sh``) or ``SGLANG_ROU
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from tests.support.processes import SGLANG_ROUTER_PYTHON, sglang_mini_lb
+from tests.support.processes import REQUIRES_SGLANG_ROUTER, sglang_mini_lb
 
 from .conftest import post, routing
 
-PYTHON = SGLANG_ROUTER_PYTHON
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(PYTHON).exists(),
-                       reason=f"sglang-router not installed ({PYTHON}); "
-                              "run scripts/sglang_router_env.sh"),
-]
+pytestmark = REQUIRES_SGLANG_ROUTER
 
 PROMPT = [12, 200, 31, 4, 88, 150]
 N_NEW = 6

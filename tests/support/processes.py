@@ -13,9 +13,26 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SGLANG_ROUTER_PYTHON = (os.environ.get("SGLANG_ROUTER_PYTHON")
                         or str(ROOT / ".venv-sglang-router/bin/python"))
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+
+# pytestmark of the tests that run a real vLLM / SGLang's own router.
+REQUIRES_VLLM = [
+    pytest.mark.vllm,
+    pytest.mark.slow,
+    pytest.mark.skipif(not VLLM_PYTHON.exists(),
+                       reason=".venv-vllm is absent: run scripts/vllm_env.sh (make test does)"),
+]
+REQUIRES_SGLANG_ROUTER = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(SGLANG_ROUTER_PYTHON).exists(),
+                       reason=f"sglang-router not installed ({SGLANG_ROUTER_PYTHON}); "
+                              "run scripts/sglang_router_env.sh"),
+]
 
 
 def cli(*args: str) -> list[str]:
