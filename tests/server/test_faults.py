@@ -31,6 +31,13 @@ def _check(r, start=0):
     return check_sample(sample, RoutingGeometry.from_preset("tiny-qwen3-moe"))
 
 
+def _through_pd(engine, fault, where):
+    """(status, answer) to ``_req()`` through a PD trio whose router or workers inject ``fault``."""
+    kw = {"router_fault": fault} if where == "router" else {"worker_fault": fault}
+    with in_background(serve_pd(engine, **kw)) as pd:
+        return post(pd.router + "/generate", _req())
+
+
 @pytest.fixture(scope="module")
 def reference(unified):
     r = post(unified + "/generate", _req())[1]
@@ -45,8 +52,7 @@ def test_the_clean_router_passes_the_checks(pd, reference):
 
 
 def test_prefill_zero_rows_on_the_pd_workers(engine, reference):
-    with in_background(serve_pd(engine, worker_fault="prefill-zero-rows")) as pd:
-        r = post(pd.router + "/generate", _req())[1]
+    r = _through_pd(engine, "prefill-zero-rows", "worker")[1]
     rows = routing(r["meta_info"]["routed_experts"])
     ref = routing(reference["meta_info"]["routed_experts"])
     assert r["output_ids"] == reference["output_ids"]
@@ -71,10 +77,7 @@ def test_prefill_zero_rows_on_a_unified_worker_respects_start_len(engine, refere
 
 @pytest.mark.parametrize("where", ["router", "worker"])
 def test_drop_routed_experts(engine, where):
-    kw = {"router_fault": "drop-routed-experts"} if where == "router" else {
-        "worker_fault": "drop-routed-experts"}
-    with in_background(serve_pd(engine, **kw)) as pd:
-        status, r = post(pd.router + "/generate", _req())
+    status, r = _through_pd(engine, "drop-routed-experts", where)
     assert status == 200 and len(r["output_ids"]) == N_NEW
     assert "routed_experts" not in r["meta_info"]
     assert _check(r).kinds == ("missing_routing",)
@@ -100,9 +103,7 @@ def test_no_merge_is_refused_by_a_worker(engine):
 
 @pytest.mark.parametrize("where", ["router", "worker"])
 def test_duplicate_ids(engine, reference, where):
-    kw = {"router_fault": "duplicate-ids"} if where == "router" else {"worker_fault": "duplicate-ids"}
-    with in_background(serve_pd(engine, **kw)) as pd:
-        r = post(pd.router + "/generate", _req())[1]
+    r = _through_pd(engine, "duplicate-ids", where)[1]
     rows = routing(r["meta_info"]["routed_experts"])
     ref = routing(reference["meta_info"]["routed_experts"])
     dup = rows[..., 0] == rows[..., 1]
@@ -118,9 +119,7 @@ def test_duplicate_ids(engine, reference, where):
 
 @pytest.mark.parametrize("where", ["router", "worker"])
 def test_extra_row(engine, reference, where):
-    kw = {"router_fault": "extra-row"} if where == "router" else {"worker_fault": "extra-row"}
-    with in_background(serve_pd(engine, **kw)) as pd:
-        r = post(pd.router + "/generate", _req())[1]
+    r = _through_pd(engine, "extra-row", where)[1]
     rows = routing(r["meta_info"]["routed_experts"])
     ref = routing(reference["meta_info"]["routed_experts"])
     assert rows.shape[0] == ROWS + 1
