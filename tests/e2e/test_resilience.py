@@ -28,6 +28,15 @@ def write_prompts(path: Path, n: int, first: int = 1) -> Path:
     return path
 
 
+def collect_args(url: str, prompts: Path, out: Path, max_new_tokens: int,
+                 samples_per_shard: int) -> list[str]:
+    """``collect --json`` of ``prompts`` from the SGLang light responder at ``url``."""
+    return ["collect", "--endpoint", url, "--engine", "sglang", "--prompts", str(prompts),
+            "--model", "tiny-qwen3-moe", "--out", str(out), "--max-new-tokens",
+            str(max_new_tokens), "--concurrency", "8", "--samples-per-shard",
+            str(samples_per_shard), "--json"]
+
+
 def stored_count(out: Path) -> int:
     try:
         return int(json.loads((out / "manifest.json").read_text())["outcomes"]["stored"])
@@ -52,9 +61,7 @@ def test_sigkill_then_resume_loses_nothing_and_stores_nothing_twice(responder, t
     n = 400
     prompts = write_prompts(tmp_path / "p.jsonl", n)
     out = tmp_path / "out"
-    args = ["collect", "--endpoint", url, "--engine", "sglang", "--prompts", str(prompts),
-            "--model", "tiny-qwen3-moe", "--out", str(out), "--max-new-tokens", "6",
-            "--concurrency", "8", "--samples-per-shard", "16", "--json"]
+    args = collect_args(url, prompts, out, max_new_tokens=6, samples_per_shard=16)
     proc = subprocess.Popen(cli(*args), env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: stored_count(out) >= 48, 60, proc)
@@ -88,9 +95,7 @@ def test_sigterm_seals_what_was_stored(responder, tmp_path: Path) -> None:
     n = 300
     prompts = write_prompts(tmp_path / "p.jsonl", n)
     out = tmp_path / "out"
-    args = ["collect", "--endpoint", url, "--engine", "sglang", "--prompts", str(prompts),
-            "--model", "tiny-qwen3-moe", "--out", str(out), "--max-new-tokens", "4",
-            "--concurrency", "8", "--samples-per-shard", "1000", "--json"]
+    args = collect_args(url, prompts, out, max_new_tokens=4, samples_per_shard=1000)
     proc = subprocess.Popen(cli(*args), env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
         # One shard of 1,000 samples never fills: only a graceful stop seals what is stored.
