@@ -36,6 +36,11 @@ def die(message: str, code: int = EXIT_USAGE, as_json: bool = False) -> NoReturn
     raise typer.Exit(code)
 
 
+def dir_error(directory: object, error: BaseException) -> str:
+    """An error about a directory, naming it once."""
+    return str(error) if str(directory) in str(error) else f"{directory}: {error}"
+
+
 def progress(enabled: bool = True):  # noqa: ANN201 - rich.progress.Progress
     """A progress bar on stderr, shown only on a terminal."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._output import EXIT_OK, die, emit_json, progress, stdout
+from ._output import EXIT_OK, die, dir_error, emit_json, progress, stdout
 
 
 @app.command()
@@ -32,7 +32,7 @@ def inspect(
             task = bar.add_task("inspect", total=total, status="")
             result = inspect_dir(directory, on_samples=lambda n: bar.advance(task, n))
     except ShardError as e:
-        die(str(e) if str(directory) in str(e) else f"{directory}: {e}", as_json=as_json)
+        die(dir_error(directory, e), as_json=as_json)
     plotted = None
     if plot is not None:
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ._app import app
-from ._output import EXIT_FAULTS, EXIT_OK, die, emit_json, progress, stderr, stdout
+from ._output import EXIT_FAULTS, EXIT_OK, die, dir_error, emit_json, progress, stderr, stdout
 
 
 @app.command()
@@ -24,7 +24,7 @@ def validate(
     from rich.table import Table
 
     from ..shards import ShardError
-    from ..validate import validate_dir
+    from ..validate import _MAX_SAMPLE_FAULTS, validate_dir
     from ._tables import check_table
 
     try:
@@ -32,13 +32,13 @@ def validate(
 
         total = Manifest.read(directory).samples
     except ShardError as e:
-        die(str(e) if str(directory) in str(e) else f"{directory}: {e}", as_json=as_json)
+        die(dir_error(directory, e), as_json=as_json)
     with progress(enabled=not as_json) as bar:
         task = bar.add_task("validate", total=total, status="")
         try:
             report = validate_dir(directory, on_samples=lambda n: bar.advance(task, n))
         except ShardError as e:
-            die(str(e) if str(directory) in str(e) else f"{directory}: {e}", as_json=as_json)
+            die(dir_error(directory, e), as_json=as_json)
     code = EXIT_OK if report.ok else EXIT_FAULTS
     if as_json:
         emit_json(report.to_dict())
@@ -50,9 +50,9 @@ def validate(
                  f"{report.quarantine_records:,} quarantine records")
     stdout.print(check_table(report.tally, title="stored routing re-checked"))
     if report.faults:
+        cut = report.sample_faults > _MAX_SAMPLE_FAULTS
         t = Table(title=f"faults ({len(report.faults)}"
-                  f"{'' if report.sample_faults <= 50 else ', routing faults truncated'})",
-                  title_justify="left")
+                  f"{', routing faults truncated' if cut else ''})", title_justify="left")
         t.add_column("file")
         t.add_column("kind")
         t.add_column("message", overflow="fold")
