@@ -89,6 +89,7 @@ async def _generate_stream(request: web.Request, w: Worker, item: Item) -> web.S
     await resp.write_eof()
     return resp
 
+
 async def _completions(request: web.Request) -> web.Response:
     try:
         return _json(await completion(request.app[_WORKER], await _read_json(request)))

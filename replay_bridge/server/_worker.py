@@ -282,6 +282,3 @@ def _spec(sp: Any, i: int) -> SamplingSpec:
     if spec.temperature < 0 or not 0 < spec.top_p <= 1:
         raise RequestError(f"item {i}: temperature must be >= 0 and top_p in (0, 1]")
     return spec
-
-
-# ---- HTTP ------------------------------------------------------------------------------------
