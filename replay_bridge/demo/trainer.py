@@ -108,6 +108,12 @@ def train_run(
     result = RunResult(replay=replay, parameters=sum(p.numel() for p in model.parameters()))
     total_tokens = sum(mb.completion_tokens for mb in micro_batches)
     try:
+        # Every step trains on the same micro-batches: their routing is laid out (and, replay
+        # on, uploaded) once.
+        routing = ([controller.prepare(mb.samples, mb.packing) for mb in micro_batches]
+                   if replay else None)
+        hosts = ([r.host for r in routing] if routing is not None
+                 else [controller.layout(mb.samples, mb.packing) for mb in micro_batches])
         model.train()
         for step in range(config.steps):
             ts = time.perf_counter()
@@ -115,13 +121,8 @@ def train_run(
             diffs: list[np.ndarray] = []
             loss_sum = ratio_sum = 0.0
             clipped = 0
-            if replay:
-                routing = [controller.prepare(mb.samples, mb.packing) for mb in micro_batches]
-                hosts = [r.host for r in routing]
-                ctx: Any = controller.replaying(routing)
-            else:
-                hosts = [controller.layout(mb.samples, mb.packing) for mb in micro_batches]
-                ctx = contextlib.nullcontext()
+            ctx: Any = (controller.replaying(routing) if routing is not None
+                        else contextlib.nullcontext())
             with ctx:
                 for mb, host in zip(micro_batches, hosts):
                     meter.expect(host)
