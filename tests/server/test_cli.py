@@ -6,7 +6,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,9 @@ from typer.testing import CliRunner
 
 from replay_bridge.cli import app
 from replay_bridge.geometry import RoutingGeometry
+from tests.support.processes import ROOT, cli
 
 from .conftest import post, routing
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _digest(path: Path) -> dict[str, str]:
@@ -55,9 +53,8 @@ def test_tokenizer_loads_offline(tiny_model_dir):
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-c", "from replay_bridge.cli import main; main()",
-                             *args, "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(cli(*args, "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT)
     line = proc.stdout.readline()
     if not line:
         proc.wait(10)
