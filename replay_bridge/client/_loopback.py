@@ -18,6 +18,7 @@ import pybase64
 from aiohttp import web
 
 from ..geometry import RoutingGeometry
+from ..server._encoding import encode_int32
 from ..wire import to_npy
 
 __all__ = ["loopback_app", "synthetic_completion", "synthetic_routing"]
@@ -94,7 +95,7 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
                 "output_token_logprobs": [[-1.0, int(t), None] for t in out],
             }
             if body.get("return_routed_experts"):
-                meta["routed_experts"] = pybase64.b64encode(routing.tobytes()).decode()
+                meta["routed_experts"] = encode_int32(routing)
             items.append({"output_ids": out.tolist(), "meta_info": meta})
         return web.Response(body=orjson.dumps(items if batched else items[0]),
                             content_type="application/json")
@@ -125,8 +126,7 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
                 npy = to_npy(routing.astype(wire_dtype))
                 c["routed_experts"] = pybase64.b64encode(npy).decode()
             elif i == 0 and body.get("return_routed_experts"):
-                resp["sglext"] = {"routed_experts":
-                                  pybase64.b64encode(routing.tobytes()).decode()}
+                resp["sglext"] = {"routed_experts": encode_int32(routing)}
             choices.append(c)
         resp["choices"] = choices
         return web.Response(body=orjson.dumps(resp), content_type="application/json")
