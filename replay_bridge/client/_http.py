@@ -114,8 +114,7 @@ class Transport:
         if self._session is None:
             conn = aiohttp.TCPConnector(limit=self._connection_limit, force_close=False)
             self._session = aiohttp.ClientSession(connector=conn, headers=self._headers,
-                                                  read_bufsize=self.read_bufsize,
-                                                  json_serialize=lambda o: orjson.dumps(o).decode())
+                                                  read_bufsize=self.read_bufsize)
             # aiohttp logs nothing of headers; our own log lines never carry them either.
 
     async def close(self) -> None:
