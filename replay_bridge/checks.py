@@ -219,12 +219,20 @@ def _check_wire(
     if r.shape[0] != expected:
         kinds.append("row_count")
         report.message = _row_message(sample.sample_id, r.shape[0], expected, sample)
-    moe = r if geometry.all_moe else r[:, geometry.moe_index(), :]
-    narrow = _check_blocks(report, moe[: min(r.shape[0], expected)], sample, geometry)
+    narrow = _check_blocks(report, _moe_view(r[:expected], geometry), sample, geometry)
     report.kinds = tuple(k for k in KINDS if k in kinds or k in report.bad)
     if report.kinds and not report.message:
         report.message = _block_message(report)
     return report, narrow
+
+
+def _moe_view(r: np.ndarray, geometry: RoutingGeometry) -> np.ndarray:
+    """The MoE layers of wire routing ``[rows, num_layers, top_k]``: a view when they are one
+    run of layers (all MoE, or a dense prefix), else a gathered copy."""
+    first, last = geometry.moe_layers[0], geometry.moe_layers[-1]
+    if last - first + 1 == geometry.num_moe_layers:
+        return r[:, first : last + 1, :]
+    return r[:, geometry.moe_index(), :]
 
 
 def _check_blocks(

@@ -135,3 +135,20 @@ def test_duplicate_scan_matches_sort_reference(rng):
         np.testing.assert_array_equal(_repeat_mask(blocks), ref)
         distinct = np.argsort(rng.random((5000, 16)), axis=1)[:, :k].astype(np.uint8)
         assert not _any_repeat(distinct)
+
+
+@pytest.mark.parametrize("moe_layers", [(1, 2, 3, 4, 5), (0, 1, 2), (1, 3, 5), tuple(range(6))])
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8])
+def test_moe_layers_kept_for_every_layer_pattern(rng, moe_layers, dtype):
+    """Dense prefix, dense suffix, interleaved and all-MoE layers, wide and narrow wire ids:
+    the stored routing is the MoE layers, contiguous, and faults name the wire layer."""
+    g = RoutingGeometry(6, moe_layers, 4, 64)
+    r = routing(rng, PROMPT + COMPLETION - 1, g).astype(dtype)
+    report, routed = accept(_sample(r), g)
+    assert report.ok
+    assert routed.routed.dtype == np.uint8 and routed.routed.flags.c_contiguous
+    np.testing.assert_array_equal(routed.routed, r[:, list(moe_layers), :])
+    r[5, moe_layers[-1]] = [7, 7, 1, 2]
+    report = check_sample(_sample(r), g)
+    assert report.kinds == ("duplicate_ids",)
+    assert report.first["duplicate_ids"] == (5, moe_layers[-1])
