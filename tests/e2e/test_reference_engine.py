@@ -25,7 +25,13 @@ from .conftest import transformers_routing
 
 pytest.importorskip("transformers", reason="the reference engine needs the 'server' extra")
 
-from replay_bridge.server import Engine, PDUrls, in_background, serve_pd  # noqa: E402
+from replay_bridge.server import (  # noqa: E402
+    Engine,
+    PDUrls,
+    in_background,
+    serve_app,
+    serve_pd,
+)
 
 NEW = 8
 GEOMETRY = RoutingGeometry.from_preset("tiny-qwen3-moe")
@@ -158,20 +164,9 @@ def test_fault_rejects_affected_samples_and_stores_the_rest(
     faulty_ids = {f"q{i}/{j}" for i in range(6) for j in range(2) if (10 + i) % 2}
     out = tmp_path / "out"
 
-    async def go() -> Any:
-        from tests.client.conftest import running
-
-        async with running(Fleet(clean_pd.router, faulty.router).app()) as url:
-            writer = ShardWriter(out, GEOMETRY, samples_per_shard=5)
-            async with RolloutClient(url, "sglang", GEOMETRY, params=PARAMS,
-                                     concurrency=4) as client:
-                summary = await collect(client, items, writer, samples_per_prompt=2,
-                                        keep_verdicts=True)
-            writer.close()
-            return summary
-
-    with in_background(serve_pd(engine, dtype="float32", **kw)) as faulty:
-        summary = asyncio.run(go())
+    with in_background(serve_pd(engine, dtype="float32", **kw)) as faulty, \
+            in_background(serve_app(Fleet(clean_pd.router, faulty.router).app())) as url:
+        summary = run_collect(url, "sglang", items, out)
 
     rejected = {v["sample_id"] for v in summary.verdicts if not v["stored"]}
     assert rejected == faulty_ids
