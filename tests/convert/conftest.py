@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 
 @pytest.fixture(scope="package")
@@ -17,25 +16,10 @@ def megatron_cpu() -> Iterator[None]:
 
     Initialises only what is not initialised yet and tears down only what it created.
     """
-    from megatron.core import parallel_state
+    from replay_bridge.demo.megatron_world import megatron_cpu_world
 
-    from trainer_hooks.megatron import cpu_compat
-
-    shims = cpu_compat.apply()
-    created_group = not dist.is_initialized()
-    if created_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    created_state = not parallel_state.model_parallel_is_initialized()
-    if created_state:
-        parallel_state.initialize_model_parallel()
-    try:
+    with megatron_cpu_world(torch.get_num_threads()):
         yield
-    finally:
-        if created_state:
-            parallel_state.destroy_model_parallel()
-        if created_group:
-            dist.destroy_process_group()
-        shims.undo()
 
 
 @pytest.fixture

@@ -14,12 +14,11 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (ext
 
 @pytest.fixture(scope="module")
 def megatron_cpu():
-    """CPU shims applied for one test module (undone after it), and a gloo world of one."""
-    from trainer_hooks.megatron import cpu_compat
+    """CPU shims and a gloo world of one with megatron's parallel state, for one test module
+    (what it created is undone after it)."""
+    import torch
 
-    import support
+    from replay_bridge.demo.megatron_world import megatron_cpu_world
 
-    shims = cpu_compat.apply()
-    support.init_single_process()
-    yield
-    shims.undo()
+    with megatron_cpu_world(torch.get_num_threads()):
+        yield

@@ -16,18 +16,6 @@ from trainer_hooks.megatron import Packing
 VOCAB = 64
 
 
-def init_single_process() -> None:
-    """A world of one over gloo (in-process store: no port), and megatron's parallel state
-    (idempotent)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-
-
 def model_config(**overrides: Any) -> Any:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
