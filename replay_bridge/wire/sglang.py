@@ -44,7 +44,7 @@ def decode_generate(
     sample_id: str, group_id: str | None = None, policy_version: int | None = None,
 ) -> list[WireSample]:
     """``POST /generate``: one sample per response item (``<sample_id>/<i>`` when batched)."""
-    engine = "sglang"
+    ctx = A.Context("sglang", group_id, policy_version)
     inputs = request.get("input_ids")
     batched = isinstance(response, list)
     items = response if batched else [response]
@@ -56,29 +56,26 @@ def decode_generate(
             prompts = inputs
         if len(items) % len(prompts):
             msg = f"batched response has {len(items)} items for {len(prompts)} prompts"
-            return [A.failed(f"{sample_id}/{i}", "malformed", msg, engine, group_id,
-                             policy_version) for i in range(len(items))]
+            return [ctx.failed(f"{sample_id}/{i}", "malformed", msg) for i in range(len(items))]
         per_prompt = len(items) // len(prompts)
     else:
         prompts, per_prompt = [inputs], 1
     out = []
     for i, item in enumerate(items):
         sid = f"{sample_id}/{i}" if batched else sample_id
-        out.append(_generate_item(request, item, prompts[i // per_prompt], payloads, geometry,
-                                  sid, group_id, policy_version, engine))
+        out.append(_generate_item(ctx, request, item, prompts[i // per_prompt], payloads,
+                                  geometry, sid))
     return out
 
 
 def _generate_item(
-    request: dict[str, Any], item: Any, prompt_ids: Any, payloads: Payloads,
-    geometry: RoutingGeometry, sid: str, group_id: str | None, policy_version: int | None,
-    engine: str,
+    ctx: A.Context, request: dict[str, Any], item: Any, prompt_ids: Any, payloads: Payloads,
+    geometry: RoutingGeometry, sid: str,
 ) -> WireSample:
     if not isinstance(item, dict):
-        return A.failed(sid, "malformed", f"response item is {type(item).__name__}, expected an "
-                        "object", engine, group_id, policy_version)
+        return ctx.failed(sid, "malformed", f"response item is {type(item).__name__}, expected "
+                          "an object")
     meta = item.get("meta_info") or {}
-    ctx = A.Context(engine, group_id, policy_version)
     aligned = A.align(ctx, sid, request,
                       prompt_ids if prompt_ids is not None else item.get("prompt_token_ids"),
                       item.get("output_ids", meta.get("output_ids")), "routed_experts_start_len")
@@ -90,7 +87,7 @@ def _generate_item(
                                  payloads, geometry, expected)
     return A.build(
         sample_id=sid, prompt=prompt, output=output, start=start, routing=routing,
-        engine=engine, group_id=group_id, policy_version=policy_version,
+        engine=ctx.engine, group_id=ctx.group_id, policy_version=ctx.policy_version,
         logprobs=A.logprob_array(meta.get("output_token_logprobs")),
         finish=A.finish_reason(meta.get("finish_reason")),
         weight_versions=A.weight_versions(meta, int(output.size)),
