@@ -20,7 +20,8 @@ from ..checks import CheckReport
 from ..sample import RoutedSample, WireSample
 from ._errors import ShardError
 
-__all__ = ["decode_routing", "encode_records", "failure_record", "read_chunk", "rejection_record"]
+__all__ = ["decode_routing", "encode_records", "failure_record", "outcome_of", "read_chunk",
+           "rejection_record"]
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
@@ -83,6 +84,11 @@ def failure_record(sample_id: str, error: BaseException | str) -> dict[str, Any]
         "error_type": etype,
         "time": _now(),
     }
+
+
+def outcome_of(record: dict[str, Any]) -> str:
+    """The manifest outcome a record counts under: ``failed``, else ``rejected``."""
+    return "failed" if record.get("outcome") == "failed" else "rejected"
 
 
 def encode_records(records: list[dict[str, Any]]) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -19,7 +20,7 @@ from ._atomic import TMP_SUFFIX, HashingFile, atomic_write, fsync_dir, sha256_fi
 from ._errors import ShardError
 from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
                         ShardEntry, is_member_name, is_temp_name, quarantine_name, shard_name)
-from ._quarantine import encode_records, failure_record, read_chunk, rejection_record
+from ._quarantine import encode_records, failure_record, outcome_of, read_chunk, rejection_record
 from ._schema import schema_for, to_record_batch
 from ._scan import scan_shard
 
@@ -137,8 +138,7 @@ class ShardWriter:
                 m.quarantine.append(QuarantineEntry(p.name, len(recs), p.stat().st_size,
                                                     sha256_file(p)))
                 for r in recs:
-                    key = "failed" if r.get("outcome") == "failed" else "rejected"
-                    m.outcomes[key] += 1
+                    m.outcomes[outcome_of(r)] += 1
         for e in m.shards:
             path = self.dir / e.file
             if not path.is_file() or path.stat().st_size != e.bytes:
@@ -166,11 +166,11 @@ class ShardWriter:
     @property
     def stats(self) -> ShardStats:
         m = self._manifest
+        pending = Counter(map(outcome_of, self._records))
         return ShardStats(
             stored=m.samples + self._open_rows + len(self._batch),
-            quarantined=m.outcomes["rejected"] + sum(r["outcome"] == "rejected"
-                                                     for r in self._records),
-            failed=m.outcomes["failed"] + sum(r["outcome"] == "failed" for r in self._records),
+            quarantined=m.outcomes["rejected"] + pending["rejected"],
+            failed=m.outcomes["failed"] + pending["failed"],
             tokens=m.tokens + self._open_tokens + self._pending_tokens,
             bytes=m.bytes,
             shards=len(m.shards),
@@ -221,7 +221,7 @@ class ShardWriter:
             sha = atomic_write(self.dir / name, data)
             m.quarantine.append(QuarantineEntry(name, len(self._records), len(data), sha))
             for r in self._records:
-                m.outcomes["failed" if r["outcome"] == "failed" else "rejected"] += 1
+                m.outcomes[outcome_of(r)] += 1
             self._records = []
             changed = True
         if changed:
