@@ -20,7 +20,7 @@ from ._errors import ShardError
 from ._manifest import QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry, ShardEntry, member_path
 from ._quarantine import read_chunk
 from ._scan import open_ipc, scan_shard
-from ._schema import list_parts, samples_from_batch
+from ._schema import list_parts, routed_rows, samples_from_batch
 
 __all__ = ["ShardReader", "default_read_threads", "verify_file"]
 
@@ -173,13 +173,8 @@ class ShardReader:
         """``[rows, num_moe_layers, top_k]`` ids of one sample: a read-only view, no copy."""
         si, bi, row = self._locate(sample_id)
         offsets, values = list_parts(self._batch(si, bi).column("routed"))
-        a, b = int(offsets[row]), int(offsets[row + 1])
-        g = self.geometry
-        if (b - a) % g.ids_per_token:
-            raise ShardError(f"{self._shards[si].entry.file}: sample {sample_id!r} has {b - a} "
-                             f"routing ids, not whole [{g.num_moe_layers}, {g.top_k}] rows",
-                             file=self._shards[si].entry.file)
-        return values[a:b].reshape(-1, g.num_moe_layers, g.top_k)
+        return routed_rows(values, int(offsets[row]), int(offsets[row + 1]), self.geometry,
+                           self._shards[si].entry.file, sample_id)
 
     def __getitem__(self, sample_id: str) -> RoutedSample:
         si, bi, row = self._locate(sample_id)

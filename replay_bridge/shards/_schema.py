@@ -21,6 +21,8 @@ __all__ = [
     "FORMAT_VERSION",
     "METADATA_KEY",
     "geometry_from_schema",
+    "list_parts",
+    "routed_rows",
     "samples_from_batch",
     "schema_for",
     "to_record_batch",
@@ -150,6 +152,17 @@ def list_parts(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, values
 
 
+def routed_rows(values: np.ndarray, a: int, b: int, geometry: RoutingGeometry, where: str,
+                sample_id: object) -> np.ndarray:
+    """``values[a:b]`` as ``[rows, num_moe_layers, top_k]`` (a view); :class:`ShardError`
+    naming ``where`` and the sample when it is not a whole number of rows."""
+    m, k = geometry.num_moe_layers, geometry.top_k
+    if (b - a) % (m * k):
+        raise ShardError(f"{where}: sample {sample_id!r} has {b - a} routing ids, not a whole "
+                         f"number of [{m}, {k}] rows", file=where)
+    return values[a:b].reshape(-1, m, k)
+
+
 def samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where: str
                        ) -> list[RoutedSample]:
     """Every row of a batch as a :class:`RoutedSample` (arrays are views of the batch);
@@ -163,8 +176,6 @@ def samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where: 
 def _samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where: str
                         ) -> list[RoutedSample]:
     n = batch.num_rows
-    per_row = geometry.ids_per_token
-    m, k = geometry.num_moe_layers, geometry.top_k
     ids = batch.column("sample_id").to_pylist()
     groups = batch.column("group_id").to_pylist()
     versions = batch.column("policy_version").to_pylist()
@@ -180,11 +191,7 @@ def _samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where:
     lp_valid = lp_col.is_valid().to_numpy(zero_copy_only=False)
     out = []
     for i in range(n):
-        a, b = int(r_off[i]), int(r_off[i + 1])
-        if (b - a) % per_row:
-            raise ShardError(
-                f"{where}: sample {ids[i]!r} has {b - a} routing ids, not a whole number of "
-                f"[{m}, {k}] rows", file=where)
+        routed = routed_rows(r_val, int(r_off[i]), int(r_off[i + 1]), geometry, where, ids[i])
         out.append(RoutedSample(
             sample_id=ids[i],
             tokens=t_val[t_off[i]:t_off[i + 1]],
@@ -196,6 +203,6 @@ def _samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where:
             engine=engines[i],
             finish_reason=finish[i],
             weight_versions=None if wv[i] is None else orjson.loads(wv[i]),
-            routed=r_val[a:b].reshape(-1, m, k),
+            routed=routed,
         ))
     return out
