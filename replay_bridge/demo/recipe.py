@@ -26,7 +26,7 @@ import numpy as np
 from ..checks import REGIONS
 from ..client import CollectSummary
 from ..geometry import RoutingGeometry
-from ..validate import ValidationReport
+from ..validate import ValidationReport, validate_dir
 from .batches import BatchError, make_micro_batches
 from .config import DemoConfig
 from .grpo import group_advantages, rewards, target_tokens
@@ -176,11 +176,13 @@ def _checkpoint(config: DemoConfig) -> Path:
 
 def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoResult:
     """Run every step; engines are shut down on return, on error and on Ctrl-C."""
+    from trainer_hooks.megatron.convert import read_hf_config
+
     from ..shards import ShardReader
     from .engines import running_engine
     from .megatron_world import megatron_cpu_world
     from .plot import plot_demo
-    from .rollouts import collect_rollouts, demo_prompts, validate_shards
+    from .rollouts import collect_rollouts, demo_prompts
     from .trainer import train_run
     from .weights import max_logit_difference
 
@@ -209,7 +211,7 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
              "engine stopped")
 
     with clock.step("validate", f"validate {shard_dir}"):
-        report = validate_shards(shard_dir)
+        report = validate_dir(shard_dir)
     progress(f"      {'clean' if report.ok else f'{len(report.faults)} faults'}: "
              f"{report.samples} samples, {report.tokens:,} tokens")
 
@@ -218,8 +220,8 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
     if not samples:
         raise BatchError("no sample was stored: nothing to train on (see the collect verdicts "
                          f"and {shard_dir}/quarantine)")
-    target = target_tokens(_vocab_size(model_dir), config.train.reward_vocab_fraction,
-                           config.train.reward_seed)
+    target = target_tokens(int(read_hf_config(model_dir)["vocab_size"]),
+                           config.train.reward_vocab_fraction, config.train.reward_seed)
     reward = rewards(samples, target)
     adv = group_advantages(reward, [s.group_id or s.sample_id for s in samples])
     micro = make_micro_batches(samples, dict(zip((s.sample_id for s in samples), adv)),
@@ -256,9 +258,3 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
     result.timings = clock.timings
     result.seconds = time.perf_counter() - t_start
     return result
-
-
-def _vocab_size(model_dir: Path) -> int:
-    import json
-
-    return int(json.loads((model_dir / "config.json").read_text())["vocab_size"])

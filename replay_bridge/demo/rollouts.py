@@ -1,4 +1,4 @@
-"""Collect N prompts x G samples with routing and log-probs into shards, then validate them."""
+"""Collect N prompts x G samples with routing and log-probs into shards."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from pathlib import Path
 from ..client import CollectSummary, Prompt, RolloutClient, SamplingParams, collect
 from ..geometry import RoutingGeometry
 from ..shards import ShardWriter
-from ..validate import ValidationReport, validate_dir
 from .config import CollectConfig
 from .engines import EngineHandle
 
-__all__ = ["PROMPT_TEXTS", "collect_rollouts", "demo_prompts", "fresh_shard_dir",
-           "validate_shards"]
+__all__ = ["PROMPT_TEXTS", "collect_rollouts", "demo_prompts", "fresh_shard_dir"]
 
 PROMPT_TEXTS = (
     "What is 12 plus 30? Please think step by step.",
@@ -76,8 +74,3 @@ def collect_rollouts(
 
     with ShardWriter(fresh_shard_dir(shard_dir), geometry) as writer:
         return asyncio.run(run(writer))
-
-
-def validate_shards(shard_dir: Path) -> ValidationReport:
-    """Re-read and re-check everything stored (checksums, manifest, every sample's routing)."""
-    return validate_dir(shard_dir)
