@@ -233,7 +233,7 @@ def main() -> None:
                              for a in arms[1:]} if device_ms else {},
         host_syncs_per_step=syncs,
         agreement={k.removeprefix("routing_replay/"): v for k, v in metrics.items()},
-        step_ms=times and {a: [round(x * 1e3, 2) for x in v] for a, v in times.items()},
+        step_ms={a: [round(x * 1e3, 2) for x in v] for a, v in times.items()},
     )
     replay_a.close()
     text = json.dumps(result, indent=1)
