@@ -185,7 +185,7 @@ def _check_quarantine(report: ValidationReport) -> None:
 def _check_strays(report: ValidationReport) -> None:
     """Files the manifest does not list: harmless leftovers of a killed writer."""
     m = report.manifest
-    listed = {e.file for e in m.shards} | {q.file for q in m.quarantine} | {MANIFEST}
+    listed = m.files | {MANIFEST}
     for p in sorted(report.directory.iterdir()):
         if p.name in listed:
             continue

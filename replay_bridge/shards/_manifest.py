@@ -133,6 +133,11 @@ class Manifest:
     def quarantined(self) -> int:
         return sum(q.records for q in self.quarantine)
 
+    @property
+    def files(self) -> set[str]:
+        """The shard and quarantine files listed."""
+        return {s.file for s in self.shards} | {q.file for q in self.quarantine}
+
     def totals(self) -> dict[str, int]:
         return {
             "shards": len(self.shards),

@@ -124,7 +124,7 @@ class ShardWriter:
             if is_temp_name(p.name):
                 p.unlink()
         m = self._manifest
-        listed = {e.file for e in m.shards} | {q.file for q in m.quarantine}
+        listed = m.files
         for p in sorted(self.dir.iterdir()):
             if p.name in listed or p.is_symlink():
                 continue
