@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 
 import pytest
 from aiohttp import web
 
 from replay_bridge.client import HTTPError, ResponseTooLarge, RetryPolicy, TransportError
 from replay_bridge.client._http import Transport
+from tests.support.processes import free_port
 
 from .conftest import running
 
@@ -83,9 +83,7 @@ def test_timeout_is_retried_then_fails() -> None:
 
 
 def test_connection_refused_is_retried() -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
 
     async def go() -> None:
         async with Transport(f"http://127.0.0.1:{port}", retry=FAST) as t:
