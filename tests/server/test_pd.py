@@ -126,13 +126,10 @@ def test_router_chat_completions_merge(pd, unified):
 
 
 def test_router_names_an_unreachable_worker(pd):
-    import socket
-
     from replay_bridge.server import in_background, serve_router
+    from tests.support.processes import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with in_background(serve_router(pd.prefill, dead)) as router:
         status, r = post(router + "/generate", _req())
     assert status == 502
