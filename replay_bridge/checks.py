@@ -145,7 +145,7 @@ def check_routed(sample: RoutedSample, geometry: RoutingGeometry) -> CheckReport
     if r.shape[0] != expected:
         kinds.append("row_count")
         report.message = _row_message(sample.sample_id, r.shape[0], expected, sample)
-    _check_blocks(report, r[: min(r.shape[0], expected)], sample, geometry, narrow_out=False)
+    _check_blocks(report, r[:expected], sample, geometry)
     report.kinds = tuple(k for k in KINDS if k in kinds or k in report.bad)
     if report.kinds and not report.message:
         report.message = _block_message(report)
@@ -240,7 +240,6 @@ def _check_blocks(
     moe: np.ndarray,
     sample: WireSample | RoutedSample,
     geometry: RoutingGeometry,
-    narrow_out: bool = True,
 ) -> np.ndarray | None:
     """Check ``[rows, num_moe_layers, top_k]`` ids; fill ``report.bad`` / ``report.first``.
 
@@ -251,7 +250,7 @@ def _check_blocks(
     report.checked_rows = rows
     report.prompt_rows = int(np.clip(sample.prompt_len - sample.routed_start, 0, rows))
     if rows == 0:
-        return moe.astype(geometry.id_dtype) if narrow_out else None
+        return moe.astype(geometry.id_dtype)
 
     # Range: one pass. Viewing signed ids as unsigned of the same width maps negatives above
     # any expert count.
@@ -290,9 +289,7 @@ def _check_blocks(
         row, j = divmod(int(np.argmax(mask.reshape(-1))), m)
         report.first[kind] = (sample.routed_start + row, int(layers[j]))
 
-    if not narrow_out or not in_range:
-        return None
-    return narrow
+    return narrow if in_range else None
 
 
 def _any_repeat(blocks: np.ndarray) -> bool:
