@@ -141,14 +141,7 @@ def check_routed(sample: RoutedSample, geometry: RoutingGeometry) -> CheckReport
     if r.ndim != 3 or tuple(r.shape[1:]) != want:
         return _fail(report, "shape", f"stored routing has shape {tuple(r.shape)}, "
                      f"expected [rows, {want[0]}, {want[1]}] (MoE layers x top_k)")
-    kinds = []
-    if r.shape[0] != expected:
-        kinds.append("row_count")
-        report.message = _row_message(sample.sample_id, r.shape[0], expected, sample)
-    _check_blocks(report, r[:expected], sample, geometry)
-    report.kinds = tuple(k for k in KINDS if k in kinds or k in report.bad)
-    if report.kinds and not report.message:
-        report.message = _block_message(report)
+    _verdict(report, r[:expected], sample, geometry)
     return report
 
 
@@ -215,15 +208,24 @@ def _check_wire(
                      f"[rows, {want[0]}, {want[1]}] (num_layers x top_k){hint}"), None
     if not np.issubdtype(r.dtype, np.integer):
         return _fail(report, "malformed", f"routing dtype {r.dtype} is not an integer type"), None
-    kinds = []
-    if r.shape[0] != expected:
-        kinds.append("row_count")
-        report.message = _row_message(sample.sample_id, r.shape[0], expected, sample)
-    narrow = _check_blocks(report, _moe_view(r[:expected], geometry), sample, geometry)
-    report.kinds = tuple(k for k in KINDS if k in kinds or k in report.bad)
+    return report, _verdict(report, _moe_view(r[:expected], geometry), sample, geometry)
+
+
+def _verdict(report: CheckReport, moe: np.ndarray, sample: WireSample | RoutedSample,
+             geometry: RoutingGeometry) -> np.ndarray | None:
+    """Row count (``report.rows`` vs ``report.expected_rows``), then the blocks of ``moe``
+    (the MoE layers of the expected rows); set the kinds and the message. Returns the ids
+    narrowed by :func:`_check_blocks`."""
+    row_count = report.rows != report.expected_rows
+    if row_count:
+        report.message = _row_message(report.sample_id, report.rows, report.expected_rows,
+                                      sample)
+    narrow = _check_blocks(report, moe, sample, geometry)
+    report.kinds = tuple(k for k in KINDS
+                         if (k == "row_count" and row_count) or k in report.bad)
     if report.kinds and not report.message:
         report.message = _block_message(report)
-    return report, narrow
+    return narrow
 
 
 def _moe_view(r: np.ndarray, geometry: RoutingGeometry) -> np.ndarray:
