@@ -13,7 +13,7 @@ import pybase64
 
 from ..geometry import RoutingGeometry
 from ..ingest import ingest
-from ..shards import ShardReader
+from ..shards import Manifest
 from .traffic import write_sglang_jsonl
 
 
@@ -79,10 +79,8 @@ def run(tokens: int = 400_000, model: str = "qwen3-30b-a3b", prompt_len: int = 5
             ingest_s.append(time.perf_counter() - t0)
             if result.stored != samples:
                 raise RuntimeError(f"bench ingest stored {result.stored} of {samples} samples")
-            reader = ShardReader(out)
-            shard_bytes = int(reader.manifest.bytes)
-            stored_tokens = int(reader.manifest.tokens)
-            del reader
+            manifest = Manifest.read(out)
+            shard_bytes, stored_tokens = manifest.bytes, manifest.tokens
             shutil.rmtree(out)
             if peer:
                 peer_s.append(_peer_chain(path, root / f"peer-{r}", geometry))
