@@ -180,7 +180,7 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
 
     from ..shards import ShardReader
     from .engines import running_engine
-    from .megatron_world import megatron_cpu_world
+    from trainer_hooks.megatron.cpu_world import megatron_cpu_world
     from .plot import plot_demo
     from .rollouts import collect_rollouts, demo_prompts
     from .trainer import train_run

@@ -24,7 +24,7 @@ from ..sample import RoutedSample
 from .batches import MicroBatch
 from .config import TrainConfig
 from .grpo import policy_loss
-from .megatron_world import fresh_router_replay_list
+from trainer_hooks.megatron.cpu_world import fresh_router_replay_list
 from .mismatch import RoutingMeter, logp_mismatch
 
 __all__ = ["RunResult", "StepFigures", "train_run"]
@@ -93,7 +93,7 @@ def train_run(
     ``micro_batches`` (one optimizer step each, gradients accumulated over micro-batches).
     ``source`` holds the rollout routing (a shard reader) in ``geometry``.
 
-    Needs a megatron world (:func:`~replay_bridge.demo.megatron_world.megatron_cpu_world`).
+    Needs a megatron world (:func:`~trainer_hooks.megatron.cpu_world.megatron_cpu_world`).
     """
     from trainer_hooks.megatron import RoutingReplay
     from trainer_hooks.megatron.convert import build_qwen3_moe_gpt

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .megatron_world import fresh_router_replay_list
+from trainer_hooks.megatron.cpu_world import fresh_router_replay_list
 
 __all__ = ["max_logit_difference"]
 

@@ -16,7 +16,7 @@ def megatron_cpu() -> Iterator[None]:
 
     Initialises only what is not initialised yet and tears down only what it created.
     """
-    from replay_bridge.demo.megatron_world import megatron_cpu_world
+    from trainer_hooks.megatron.cpu_world import megatron_cpu_world
 
     with megatron_cpu_world(torch.get_num_threads()):
         yield

@@ -18,7 +18,7 @@ def megatron_cpu():
     (what it created is undone after it)."""
     import torch
 
-    from replay_bridge.demo.megatron_world import megatron_cpu_world
+    from trainer_hooks.megatron.cpu_world import megatron_cpu_world
 
     with megatron_cpu_world(torch.get_num_threads()):
         yield
