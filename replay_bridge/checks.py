@@ -359,6 +359,15 @@ class CheckTally:
         """(token, MoE layer) blocks checked per region."""
         return self.tokens * self.geometry.num_moe_layers
 
+    def region_totals(self) -> list[tuple[str, int, int, int, int]]:
+        """``(region, tokens, blocks, bad blocks, all-zero blocks)`` for each region, then
+        ``"total"``: the rows every check table shows."""
+        rows = [(region, int(self.tokens[i]), int(self.blocks[i]), int(self.bad[i].sum()),
+                 int(self.all_zero[i].sum())) for i, region in enumerate(REGIONS)]
+        rows.append(("total", int(self.tokens.sum()), int(self.blocks.sum()),
+                     int(self.bad.sum()), int(self.all_zero.sum())))
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         layers = list(self.geometry.moe_layers)
         return {

@@ -6,7 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..checks import REGIONS, CheckTally
+from ..checks import CheckTally
 
 
 def _pct(part: int, whole: int) -> str:
@@ -19,13 +19,9 @@ def check_table(tally: CheckTally, title: str = "routing checks") -> Table:
     t = Table(title=title, title_justify="left")
     for col in ("region", "tokens", "blocks", "bad blocks", "of which all-zero", "bad %"):
         t.add_column(col, justify="right" if col != "region" else "left")
-    for i, region in enumerate(REGIONS):
-        bad, zero = int(tally.bad[i].sum()), int(tally.all_zero[i].sum())
-        t.add_row(region, f"{int(tally.tokens[i]):,}", f"{int(tally.blocks[i]):,}", f"{bad:,}",
-                  f"{zero:,}", _pct(bad, int(tally.blocks[i])))
-    bad, zero = int(tally.bad.sum()), int(tally.all_zero.sum())
-    t.add_row("total", f"{int(tally.tokens.sum()):,}", f"{int(tally.blocks.sum()):,}",
-              f"{bad:,}", f"{zero:,}", _pct(bad, int(tally.blocks.sum())), style="bold")
+    for region, tokens, blocks, bad, zero in tally.region_totals():
+        t.add_row(region, f"{tokens:,}", f"{blocks:,}", f"{bad:,}", f"{zero:,}",
+                  _pct(bad, blocks), style="bold" if region == "total" else None)
     faulty = [layer for layer in tally.geometry.moe_layers if tally.bad[:, layer].any()]
     if faulty:
         t.add_section()

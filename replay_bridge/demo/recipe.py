@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import REGIONS
 from ..client import CollectSummary
 from ..geometry import RoutingGeometry
 from ..validate import ValidationReport, validate_dir
@@ -73,14 +72,9 @@ class DemoResult:
         return "bfloat16" if e.start_vllm else "as served by the endpoint"
 
     def validation_rows(self) -> tuple[list[str], list[list[str]]]:
-        t = self.validation.tally
         header = ["region", "tokens", "(token, layer) blocks", "bad blocks", "all-zero blocks"]
-        rows = []
-        for i, region in enumerate(REGIONS):
-            rows.append([region, f"{int(t.tokens[i]):,}", f"{int(t.blocks[i]):,}",
-                         f"{int(t.bad[i].sum()):,}", f"{int(t.all_zero[i].sum()):,}"])
-        rows.append(["total", f"{int(t.tokens.sum()):,}", f"{int(t.blocks.sum()):,}",
-                     f"{int(t.bad.sum()):,}", f"{int(t.all_zero.sum()):,}"])
+        rows = [[region] + [f"{n:,}" for n in counts]
+                for region, *counts in self.validation.tally.region_totals()]
         v = self.validation
         rows.append(["samples", f"{v.samples:,}", "", "", ""])
         rows.append(["shards", f"{len(v.manifest.shards)}", "", "", ""])

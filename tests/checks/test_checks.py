@@ -122,6 +122,10 @@ def test_check_routed_and_tally(good):
     assert d["regions"]["prompt"]["all_zero_blocks"] == 3
     assert d["regions"]["prompt"]["tokens"] == 2 * PROMPT
     assert d["layers"]["5"]["all_zero_blocks"] == [3, 0]
+    rows = tally.region_totals()
+    assert rows[0] == ("prompt", 2 * PROMPT, 2 * PROMPT * 5, 3, 3)
+    assert rows[-1] == ("total", 2 * (PROMPT + COMPLETION - 1),
+                        2 * (PROMPT + COMPLETION - 1) * 5, 3, 3)
 
 
 def test_duplicate_scan_matches_sort_reference(rng):
