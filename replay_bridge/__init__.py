@@ -7,7 +7,7 @@ from .checks import KINDS, CheckReport, CheckTally, accept, check_routed, check_
 from .geometry import GeometryError, GeometryMismatch, RoutingGeometry
 from .sample import DecodeFault, RoutedSample, WireSample
 from .shards import ShardError, ShardReader, ShardWriter
-from .wire import decode_response
+from .protocols import decode_response
 
 __version__ = "0.1.0"
 

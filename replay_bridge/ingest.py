@@ -22,9 +22,9 @@ from .checks import CheckReport, CheckTally, accept
 from .geometry import RoutingGeometry
 from .sample import WireSample
 from .shards import ShardWriter
-from .wire import decode_parsed
-from .wire._assemble import failed
-from .wire._payload import split
+from .protocols import decode_parsed
+from .protocols._assemble import failed
+from .protocols._payload import split
 
 __all__ = ["IngestResult", "ingest", "iter_lines"]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv-sglang-router in the checkout: SGLang's own PD router (PyPI sglang-router 0.3.2,
-# whose mini load balancer has no routed-experts merge) for tests/server/test_sglang_router.py
+# whose mini load balancer has no routed-experts merge) for tests/reference_engine/test_sglang_router.py
 # and tests/e2e/test_sglang_router.py.
 # Small (no torch): sglang-router, fastapi, uvicorn, aiohttp. Idempotent.
 set -euo pipefail

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._app import app, bench_app
+from ._app import app
 from ._output import EXIT_FAULTS, EXIT_OK, EXIT_USAGE, die, emit_json, progress, stderr
 from ._tables import check_table, verdict_table
 
@@ -84,7 +84,7 @@ def collect(
             as_json=as_json)
     from ..geometry import GeometryError, RoutingGeometry
     from ..shards import ShardError, ShardWriter
-    from ..wire import ENGINES
+    from ..protocols import ENGINES
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
@@ -183,30 +183,3 @@ def collect(
                 stderr.print(f"... and {more} more rejected or failed: --json lists every one")
         stderr.print(check_table(summary.tally))
     raise typer.Exit(code)
-
-
-@bench_app.command("collect")
-def bench_collect(
-    model: str = typer.Option("qwen3-30b-a3b", help="Model preset, directory or config.json."),
-    engine: str = typer.Option("sglang", help="Wire format of the responder: sglang | vllm."),
-    prompts: int = typer.Option(192, min=1, help="Prompts (one sample each)."),
-    prompt_len: int = typer.Option(1024, min=1, help="Prompt tokens per sample."),
-    max_new_tokens: int = typer.Option(1024, min=1, help="Completion tokens per sample."),
-    concurrency: int = typer.Option(16, min=1, help="Requests in flight."),
-    repeats: int = typer.Option(3, min=1, help="Rounds; figures are medians."),
-    workdir: Optional[Path] = typer.Option(None, help="Where to put temporary shards."),
-    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
-) -> None:
-    """Client CPU time per token (receive, decode, check, store) against a light responder in
-    another process, vs the ingest floor: pybase64 b64decode of the same payloads."""
-    try:
-        from ..client._bench import run
-    except ImportError as e:
-        die(f"bench collect needs the client extra (pip install "
-            f"'routing-replay-bridge[client]'): {e}", as_json=True)
-
-    if engine not in ("sglang", "vllm"):
-        die(f"--engine must be sglang or vllm, got {engine!r}", as_json=True)
-    emit_json(run(model=model, engine=engine, prompts=prompts, prompt_len=prompt_len,
-                  max_new_tokens=max_new_tokens, concurrency=concurrency, repeats=repeats,
-                  workdir=workdir))

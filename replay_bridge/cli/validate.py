@@ -24,7 +24,7 @@ def validate(
     from rich.table import Table
 
     from ..shards import ShardError
-    from ..validate import _MAX_SAMPLE_FAULTS, validate_dir
+    from ..shards import MAX_LISTED_SAMPLE_FAULTS, validate_dir
     from ._tables import check_table
 
     try:
@@ -50,7 +50,7 @@ def validate(
                  f"{report.quarantine_records:,} quarantine records")
     stdout.print(check_table(report.tally, title="stored routing re-checked"))
     if report.faults:
-        cut = report.sample_faults > _MAX_SAMPLE_FAULTS
+        cut = report.sample_faults > MAX_LISTED_SAMPLE_FAULTS
         t = Table(title=f"faults ({len(report.faults)}"
                   f"{', routing faults truncated' if cut else ''})", title_justify="left")
         t.add_column("file")

@@ -12,7 +12,7 @@ import numpy as np
 from ..checks import CheckReport, accept, check_routed
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, WireSample
-from ..wire import decode_response
+from ..protocols import decode_response
 from ._http import DEFAULT_API_KEY_ENV, RetryPolicy, Transport, TransportError
 from ._prompts import Prompt, sample_ids_for
 from ._requests import ENGINE_PATHS, EngineCall, SamplingParams, plan

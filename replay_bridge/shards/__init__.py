@@ -1,7 +1,8 @@
 """Arrow IPC shards of checked samples: writer, reader, manifest.
 
 A shard directory holds ``shard-NNNNNN.arrow`` (Arrow IPC file format, one row per sample),
-``quarantine-NNNNNN.jsonl`` (rejected and failed samples) and ``manifest.json``. See
+``quarantine-NNNNNN.jsonl`` (rejected and failed samples) and ``manifest.json``; everything that
+knows the format lives here, :func:`validate_dir` (the offline re-check) included. See
 ``docs/shards.md``.
 """
 
@@ -10,10 +11,13 @@ from ._manifest import Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import decode_routing
 from ._reader import ShardReader
 from ._schema import FORMAT_VERSION, METADATA_KEY, schema_for
+from ._validate import MAX_LISTED_SAMPLE_FAULTS, Fault, ValidationReport, validate_dir
 from ._writer import COMPRESSIONS, ShardStats, ShardWriter
 
 __all__ = [
     "COMPRESSIONS",
+    "Fault",
+    "MAX_LISTED_SAMPLE_FAULTS",
     "FORMAT_VERSION",
     "METADATA_KEY",
     "Manifest",
@@ -23,6 +27,8 @@ __all__ = [
     "ShardReader",
     "ShardStats",
     "ShardWriter",
+    "ValidationReport",
     "decode_routing",
     "schema_for",
+    "validate_dir",
 ]

@@ -28,7 +28,7 @@ def responder() -> Iterator[Callable[..., str]]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("transformers", reason="the reference engine needs the 'server' extra")
-    from replay_bridge.server import make_tiny_model
+    from reference_engine import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

@@ -25,7 +25,7 @@ from .conftest import transformers_routing
 
 pytest.importorskip("transformers", reason="the reference engine needs the 'server' extra")
 
-from replay_bridge.server import (  # noqa: E402
+from reference_engine import (  # noqa: E402
     Engine,
     PDUrls,
     in_background,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replay_bridge.client._loopback import synthetic_routing
+from reference_engine.loopback import synthetic_routing
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ShardReader
 

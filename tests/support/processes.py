@@ -83,11 +83,11 @@ def stop(proc: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def loopback_responder(engine: str = "sglang", model: str = "tiny-qwen3-moe",
                        delay: float = 0.0) -> Iterator[str]:
-    """The light responder (``replay_bridge.client._loopback``) in its own process; yields its
+    """The light responder (``reference_engine.loopback``) in its own process; yields its
     URL."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "replay_bridge.client._loopback", "--engine", engine,
+        [sys.executable, "-m", "reference_engine.loopback", "--engine", engine,
          "--model", model, "--port", str(port), "--delay", str(delay)], env=child_env())
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,0 +1,178 @@
+"""A light responder that speaks the engines' wire formats with synthetic routing.
+
+For load tests and ``bench collect``: no model runs; completions and routing are deterministic
+functions of the tokens, so a test can recompute what must have been stored
+(:func:`synthetic_routing`). Run it in its own process with
+``python -m reference_engine.loopback --engine sglang --model tiny-qwen3-moe --port P``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import numpy as np
+import orjson
+import pybase64
+from aiohttp import web
+
+from replay_bridge.geometry import RoutingGeometry
+from ._encoding import encode_int32
+from replay_bridge.protocols import to_npy
+
+__all__ = ["loopback_app", "synthetic_completion", "synthetic_routing"]
+
+VOCAB = 50_000
+
+
+def synthetic_completion(prompt: np.ndarray, n: int, choice: int = 0) -> np.ndarray:
+    """``n`` completion token ids for ``prompt`` (choice ``choice`` of a group)."""
+    seed = int(prompt.sum()) * 31 + int(prompt.shape[0]) * 7 + choice * 1009
+    return ((seed + np.arange(1, n + 1, dtype=np.int64) * 7919) % VOCAB).astype(np.int32)
+
+
+def synthetic_routing(tokens: np.ndarray, geometry: RoutingGeometry, start: int = 0) -> np.ndarray:
+    """Routing of positions ``[start, len(tokens) - 1)`` as ``int32 [rows, num_layers, top_k]``:
+    k distinct ids per MoE layer block from a hash of (token, position, layer), so that
+    compression is not flattered by structure; zeros for dense layers."""
+    t = np.asarray(tokens, np.uint64)[start : max(len(tokens) - 1, start)]
+    pos = np.arange(start, start + t.shape[0], dtype=np.uint64)
+    e, k, layers = geometry.num_experts, geometry.top_k, geometry.num_layers
+    x = (t[:, None] * np.uint64(0x9E3779B97F4A7C15) + pos[:, None] * np.uint64(0xBF58476D1CE4E5B9)
+         + np.arange(layers, dtype=np.uint64)[None, :] * np.uint64(0x94D049BB133111EB))
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0xD6E8FEB86659FD93)
+    x ^= x >> np.uint64(29)
+    max_gap = np.uint64(max((e - 1) // k, 1))
+    ids = np.empty((t.shape[0], layers, k), np.int64)
+    ids[:, :, 0] = (x % np.uint64(e)).astype(np.int64)
+    for j in range(1, k):  # k gaps in [1, max_gap]: the k ids stay distinct modulo e
+        gap = (x >> np.uint64(8 + 6 * j)) % max_gap + np.uint64(1)
+        ids[:, :, j] = ids[:, :, j - 1] + gap.astype(np.int64)
+    out = (ids % e).astype(np.int32)
+    dense = list(geometry.dense_layers)
+    if dense:
+        out[:, dense, :] = 0
+    return out
+
+
+def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) -> web.Application:
+    """An aiohttp app answering ``/generate`` (``sglang``) or ``/v1/completions`` (``vllm``,
+    ``sglang-openai``) with synthetic completions and routing, after ``delay`` seconds.
+    ``GET /stats`` counts requests served, in flight now and at most."""
+    wire_dtype = np.uint8 if geometry.num_experts <= 256 else np.uint16
+
+    def one(prompt: np.ndarray, max_new: int, start: int, choice: int) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+        out = synthetic_completion(prompt, max_new, choice)
+        return out, synthetic_routing(np.concatenate([prompt, out]), geometry, start)
+
+    served = 0  # single requests: each gets its own completion, as sampling would
+
+    async def generate(request: web.Request) -> web.Response:
+        nonlocal served
+        body = orjson.loads(await request.read())
+        served += 1
+        if delay:
+            await asyncio.sleep(delay)
+        sp = body.get("sampling_params") or {}
+        max_new = int(sp.get("max_new_tokens", 16))
+        start = int(body.get("routed_experts_start_len", 0) or 0)
+        inputs = body["input_ids"]
+        batched = bool(inputs) and isinstance(inputs[0], list)
+        items = []
+        for i, ids in enumerate(inputs if batched else [inputs]):
+            prompt = np.asarray(ids, np.int32)
+            seed = sp.get("sampling_seed")
+            choice = i if batched else (served if seed is None else int(seed))
+            out, routing = one(prompt, max_new, start, choice)
+            meta: dict[str, Any] = {
+                "id": f"loop-{i}",
+                "prompt_tokens": int(prompt.size),
+                "completion_tokens": int(out.size),
+                "finish_reason": {"type": "length", "length": max_new},
+                "output_token_logprobs": [[-1.0, int(t), None] for t in out],
+            }
+            if body.get("return_routed_experts"):
+                meta["routed_experts"] = encode_int32(routing)
+            items.append({"output_ids": out.tolist(), "meta_info": meta})
+        return web.Response(body=orjson.dumps(items if batched else items[0]),
+                            content_type="application/json")
+
+    async def completions(request: web.Request) -> web.Response:
+        nonlocal served
+        body = orjson.loads(await request.read())
+        if delay:
+            await asyncio.sleep(delay)
+        prompt = np.asarray(body["prompt"], np.int32)
+        max_new = int(body.get("max_tokens", 16))
+        n = int(body.get("n", 1) or 1)
+        start_key = "routed_experts_prompt_start" if engine == "vllm" \
+            else "routed_experts_start_len"
+        start = int(body.get(start_key, 0) or 0)
+        served += 1
+        first = served * 1000 if body.get("seed") is None else int(body["seed"])
+        choices = []
+        resp: dict[str, Any] = {"id": "cmpl-loop", "object": "text_completion"}
+        for i in range(n):
+            out, routing = one(prompt, max_new, start, first + i)
+            c: dict[str, Any] = {
+                "index": i, "text": "", "finish_reason": "length",
+                "token_ids": out.tolist(), "prompt_token_ids": prompt.tolist(),
+                "logprobs": {"token_logprobs": [-1.0] * int(out.size)},
+            }
+            if engine == "vllm":
+                npy = to_npy(routing.astype(wire_dtype))
+                c["routed_experts"] = pybase64.b64encode(npy).decode()
+            elif i == 0 and body.get("return_routed_experts"):
+                resp["sglext"] = {"routed_experts": encode_int32(routing)}
+            choices.append(c)
+        resp["choices"] = choices
+        return web.Response(body=orjson.dumps(resp), content_type="application/json")
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    stats = {"served": 0, "in_flight": 0, "peak_in_flight": 0}
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "POST":
+            return await handler(request)
+        stats["in_flight"] += 1
+        stats["peak_in_flight"] = max(stats["peak_in_flight"], stats["in_flight"])
+        try:
+            return await handler(request)
+        finally:
+            stats["in_flight"] -= 1
+            stats["served"] += 1
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    app = web.Application(client_max_size=1 << 30, middlewares=[count])
+    app.router.add_get("/health", health)
+    app.router.add_get("/stats", get_stats)
+    if engine == "sglang":
+        app.router.add_post("/generate", generate)
+    else:
+        app.router.add_post("/v1/completions", completions)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--engine", default="sglang", choices=["sglang", "sglang-openai", "vllm"])
+    ap.add_argument("--model", default="tiny-qwen3-moe", help="geometry: preset or model dir")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--delay", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    geometry = RoutingGeometry.resolve(args.model)
+    web.run_app(loopback_app(args.engine, geometry, delay=args.delay), host=args.host,
+                port=args.port, print=None, access_log=None, backlog=4096)
+
+
+if __name__ == "__main__":
+    main()

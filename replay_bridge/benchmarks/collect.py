@@ -1,0 +1,259 @@
+"""``bench collect``: the client's CPU time per token against the ingest floor.
+
+A light responder (``reference_engine.loopback``) runs in its own process, so only the client's work is
+timed: receiving the answers, decoding, checking and storing (``time.process_time`` of this
+process, every thread included). The floor is pybase64 ``b64decode`` of the same routing
+payloads given as bytes: no client can do less than decode them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pybase64
+
+from ..checks import accept
+from ..geometry import RoutingGeometry
+from ..shards import ShardWriter
+from ..protocols import decode_response
+from ..client import Prompt, RolloutClient, SamplingParams, collect
+from ..client._requests import ENGINE_PATHS
+
+__all__ = ["run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_responder(engine: str, model: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reference_engine.loopback", "--engine", engine,
+         "--model", model, "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"responder exited: {err[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("responder did not come up within 60 s")
+
+
+def _raw_receive_cpu(url: str, calls: list[tuple[str, dict[str, Any]]]) -> float:
+    """CPU seconds to read the answers to ``calls`` with blocking ``recv_into`` on one
+    keep-alive socket into a preallocated buffer: the kernel's copy, no HTTP library."""
+    host, port = url.removeprefix("http://").split(":")
+    cpu = 0.0
+    buf = bytearray(1 << 20)
+    with socket.create_connection((host, int(port))) as sock:
+        for path, payload in calls:
+            data = orjson.dumps(payload)
+            head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+                    f"\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+            sock.sendall(head + data)
+            t = time.process_time()  # blocking waits for the engine cost no CPU
+            n, end = 0, -1
+            while end < 0:
+                n += sock.recv_into(memoryview(buf)[n:])
+                end = buf.find(b"\r\n\r\n", 0, n)
+            length = next(int(line.split(b":")[1]) for line in bytes(buf[:end]).split(b"\r\n")
+                          if line.lower().startswith(b"content-length"))
+            total = end + 4 + length
+            if len(buf) < total:
+                buf.extend(bytes(total - len(buf)))
+            view = memoryview(buf)
+            while n < total:
+                n += sock.recv_into(view[n:total])
+            cpu += time.process_time() - t
+            del view
+    return cpu
+
+
+def _payloads(engine: str, body: bytes) -> list[bytes]:
+    # Parsing each body (rather than wire._payload.split) also leaves glibc's malloc with its
+    # mmap/trim thresholds raised by the large freed strings; the floor and decode figures
+    # below depend on that (vLLM wire: ~26 vs ~190 ns/token floor with a cold allocator).
+    obj = orjson.loads(body)
+    if engine == "vllm":
+        return [c["routed_experts"].encode() for c in obj["choices"]]
+    items = obj if isinstance(obj, list) else [obj]
+    return [i["meta_info"]["routed_experts"].encode() for i in items]
+
+
+def _cpu(fn: Any, *args: Any) -> float:
+    t = time.process_time()
+    fn(*args)
+    return time.process_time() - t
+
+
+def run(
+    *, model: str, engine: str, prompts: int, prompt_len: int, max_new_tokens: int,
+    concurrency: int, repeats: int, workdir: Path | None = None, floor_samples: int = 32,
+) -> dict[str, Any]:
+    geometry = RoutingGeometry.resolve(model)
+    rng = np.random.default_rng(0)
+    prompt_list = [Prompt(f"b{i:06d}", rng.integers(0, 50_000, prompt_len).tolist())
+                   for i in range(prompts)]
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    proc, url = _start_responder(engine, model)
+    tmp = tempfile.TemporaryDirectory(dir=workdir)
+    try:
+        rounds = []
+        for r in range(repeats):
+            out = Path(tmp.name) / f"round-{r}"
+            writer = ShardWriter(out, geometry)
+
+            async def go(w: ShardWriter = writer) -> Any:
+                async with RolloutClient(url, engine, geometry, params=params,
+                                         concurrency=concurrency) as client:
+                    return await collect(client, prompt_list, w)
+
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            summary = asyncio.run(go())
+            writer.close()
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            if summary.stored != prompts:
+                raise RuntimeError(f"round {r}: {summary.stored} of {prompts} stored: "
+                                   f"{summary.totals()}")
+            rounds.append({"cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
+                           "tokens": summary.tokens,
+                           "cpu_ns_per_token": cpu / summary.tokens * 1e9,
+                           "tokens_per_s": summary.tokens / wall})
+
+        # Receiving alone: the same requests, answers read and dropped.
+        async def receive_only() -> int:
+            n = 0
+            async with RolloutClient(url, engine, geometry, params=params,
+                                     concurrency=concurrency) as client:
+                sem = asyncio.Semaphore(concurrency)
+
+                async def one(p: Prompt) -> int:
+                    async with sem:
+                        return sum(len(ex.body or b"") for ex in await client.fetch(p))
+
+                for size in await asyncio.gather(*(one(p) for p in prompt_list)):
+                    n += size
+            return n
+
+        receive_cpu = []
+        for _ in range(repeats):
+            c0 = time.process_time()
+            body_bytes = asyncio.run(receive_only())
+            receive_cpu.append(time.process_time() - c0)
+
+        # The same answers again, kept whole, for the floor and the per-stage split.
+        sub = prompt_list[:floor_samples]
+
+        async def fetch_all() -> list[tuple[dict[str, Any], bytes]]:
+            async with RolloutClient(url, engine, geometry, params=params,
+                                     concurrency=concurrency) as client:
+                exchanges = await asyncio.gather(*(client.fetch(p) for p in sub))
+            return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
+
+        bodies = asyncio.run(fetch_all())
+        raw_recv = statistics.median(_raw_receive_cpu(url, [(ENGINE_PATHS[engine], req)
+                                                            for req, _ in bodies])
+                                     for _ in range(repeats))
+        payloads = [p for _, body in bodies for p in _payloads(engine, body)]
+        sub_tokens = sum(len(p.input_ids) + max_new_tokens for p in sub)
+        def b64_floor() -> None:  # decode and keep, as ``bench ingest``'s floor
+            decoded = [pybase64.b64decode(p, validate=True) for p in payloads]
+            del decoded
+
+        def b64_floor_discard() -> None:  # warm pages every time: a bound nothing reaches
+            for p in payloads:
+                pybase64.b64decode(p, validate=True)
+
+        floor = statistics.median(_cpu(b64_floor) for _ in range(5))
+        floor_discard = statistics.median(_cpu(b64_floor_discard) for _ in range(5))
+
+        wires: list[Any] = []
+        decode = statistics.median(_cpu(lambda: wires.__setitem__(slice(None), [
+            w for i, (req, body) in enumerate(bodies)
+            for w in decode_response(engine, req, body, geometry, f"s{i}")])) for _ in range(3))
+        accepted: list[Any] = []
+        check = statistics.median(_cpu(lambda: accepted.__setitem__(slice(None), [
+            accept(w, geometry)[1] for w in wires])) for _ in range(3))
+        store_dir = Path(tmp.name) / "stages"
+
+        def store() -> None:
+            with ShardWriter(store_dir, geometry, resume=store_dir.exists()) as w:
+                for s in accepted:
+                    w.add(s)
+
+        stored = _cpu(store)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        tmp.cleanup()
+
+    per_tok = statistics.median(x["cpu_ns_per_token"] for x in rounds)
+    floor_ns = floor / sub_tokens * 1e9
+    discard_ns = floor_discard / sub_tokens * 1e9
+    tokens_total = rounds[0]["tokens"]
+    stages = {"receive": statistics.median(receive_cpu) / tokens_total * 1e9,
+              "decode": decode / sub_tokens * 1e9, "check": check / sub_tokens * 1e9,
+              "store": stored / sub_tokens * 1e9}
+    stages_sum = sum(stages.values())
+    raw_ns = raw_recv / sub_tokens * 1e9
+    wire_bytes = sum(len(p) for p in payloads) / sub_tokens
+    return {
+        "bench": "collect",
+        "model": model,
+        "geometry": geometry.to_dict(),
+        "engine": engine,
+        "prompts": prompts,
+        "tokens_per_sample": prompt_len + max_new_tokens,
+        "concurrency": concurrency,
+        "routing_b64_bytes_per_token": round(wire_bytes, 1),
+        "response_bytes_per_token": round(body_bytes / tokens_total, 1),
+        "client_cpu_ns_per_token": round(per_tok, 1),
+        "floor_b64decode_ns_per_token": round(floor_ns, 1),
+        "ratio_client_vs_floor": round(per_tok / floor_ns, 2),
+        "floor_b64decode_discard_ns_per_token": round(discard_ns, 1),
+        "ratio_client_vs_discard_floor": round(per_tok / discard_ns, 2),
+        "stages_ns_per_token": {k: round(v, 1) for k, v in stages.items()},
+        "stages_sum_ns_per_token": round(stages_sum, 1),
+        "raw_socket_recv_ns_per_token": round(raw_ns, 1),
+        "ratio_receive_vs_raw_socket": round(stages["receive"] / raw_ns, 2),
+        "wall_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in rounds)),
+        "rounds": rounds,
+        "cpus": os.cpu_count(),
+        "client_cpu_us_per_sample": round(per_tok * (prompt_len + max_new_tokens) / 1e3, 1),
+        "note": "client CPU = time.process_time of the collecting process (all threads, kernel "
+                "time included) over the whole collection; the responder runs in another "
+                "process. Floor = pybase64 b64decode (validate=True, results kept, as bench "
+                "ingest) of the same payloads as bytes, on the first samples; the discard "
+                "floor drops each result at once. Stages: receive = the same "
+                "requests with answers read and dropped; decode, check, store measured offline "
+                "on the first samples. Each stage is timed on its own (its own allocations and page "
+                "faults), so their sum only approximates the whole collection's CPU. "
+                "raw_socket_recv = blocking recv_into of the same answers into a preallocated "
+                "buffer (the kernel's copy alone).",
+    }
+

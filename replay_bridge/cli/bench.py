@@ -1,0 +1,79 @@
+"""``replay-bridge bench ingest | shards | collect``: the benchmarks, each printing one JSON
+object (the measuring code lives in :mod:`replay_bridge.benchmarks`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._app import bench_app
+from ._output import die, emit_json
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    tokens: int = typer.Option(400_000, min=1, help="Tokens of SGLang traffic to generate."),
+    model: str = typer.Option("qwen3-30b-a3b", help="Model preset, directory or config.json."),
+    repeats: int = typer.Option(3, min=1, help="Rounds; figures are medians."),
+    peer: bool = typer.Option(True, help="Also time the usual torch-based peer chain."),
+    workdir: Optional[Path] = typer.Option(None, help="Where to put temporary files."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
+) -> None:
+    """Ingest time vs pybase64 b64decode of the same payloads (the floor) vs a peer chain."""
+    from ..benchmarks.ingest import run
+
+    emit_json(run(tokens=tokens, model=model, repeats=repeats, peer=peer, workdir=workdir))
+
+
+@bench_app.command("shards")
+def bench_shards(
+    tokens: int = typer.Option(400_000, min=1000, help="Tokens of synthetic samples to store."),
+    model: str = typer.Option("qwen3-30b-a3b", "--model", "-m", help="Geometry preset."),
+    samples_per_shard: int = typer.Option(64, min=1),
+    batch_bytes: Optional[int] = typer.Option(
+        None, min=1, help="Routing bytes per record batch (default: the writer's)."),
+    repeats: int = typer.Option(3, min=1, help="Timings are the best of this many runs."),
+    lookups: int = typer.Option(200, min=1, help="Random per-sample lookups timed."),
+    workdir: Optional[Path] = typer.Option(None, help="Where to write (default: temp dir)."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON (always printed)."),
+) -> None:
+    """Write the same realistic samples with zstd (levels), lz4 and none; report bytes per
+    token (vs int32), write MB/s, read-back GB/s of routing arrays and lookups, side by side."""
+    from ..benchmarks.shards import bench_shards as run
+    from ..geometry import GeometryError
+
+    try:
+        result = run(tokens=tokens, preset=model, samples_per_shard=samples_per_shard,
+                     batch_bytes=batch_bytes, repeats=repeats, lookups=lookups, workdir=workdir)
+    except GeometryError as e:
+        die(str(e), as_json=True)
+    emit_json(result)
+
+
+@bench_app.command("collect")
+def bench_collect(
+    model: str = typer.Option("qwen3-30b-a3b", help="Model preset, directory or config.json."),
+    engine: str = typer.Option("sglang", help="Wire format of the responder: sglang | vllm."),
+    prompts: int = typer.Option(192, min=1, help="Prompts (one sample each)."),
+    prompt_len: int = typer.Option(1024, min=1, help="Prompt tokens per sample."),
+    max_new_tokens: int = typer.Option(1024, min=1, help="Completion tokens per sample."),
+    concurrency: int = typer.Option(16, min=1, help="Requests in flight."),
+    repeats: int = typer.Option(3, min=1, help="Rounds; figures are medians."),
+    workdir: Optional[Path] = typer.Option(None, help="Where to put temporary shards."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
+) -> None:
+    """Client CPU time per token (receive, decode, check, store) against a light responder in
+    another process, vs the ingest floor: pybase64 b64decode of the same payloads."""
+    try:
+        from ..benchmarks.collect import run
+    except ImportError as e:
+        die(f"bench collect needs the client extra (pip install "
+            f"'routing-replay-bridge[client]'): {e}", as_json=True)
+
+    if engine not in ("sglang", "vllm"):
+        die(f"--engine must be sglang or vllm, got {engine!r}", as_json=True)
+    emit_json(run(model=model, engine=engine, prompts=prompts, prompt_len=prompt_len,
+                  max_new_tokens=max_new_tokens, concurrency=concurrency, repeats=repeats,
+                  workdir=workdir))

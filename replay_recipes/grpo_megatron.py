@@ -1,0 +1,279 @@
+"""A GRPO-style policy-gradient step on a megatron-core GPTModel with rollout routing replay.
+
+What an RL trainer does with the bridge, end to end, in one file:
+
+1. open the rollout shards (``--routing-replay-shards``) and build the replay over the model
+   (every guard runs there: geometry, fused router, capacity, router count, leftovers);
+2. per step, take whole GRPO groups, cut them into micro-batches, lay out each micro-batch's
+   routing for this rank's routers (``replay.prepare``);
+3. a log-prob pass (forward only) and a training pass, both through Megatron's schedule with
+   the replay-wrapped forward step, each inside ``replay.replaying(...)``;
+4. log ``replay.metrics()``: agreement between the routers' own top-k and the replayed top-k,
+   per layer and by prompt / completion region.
+
+On a CPU (tiny model, synthetic shards written first)::
+
+    python -m replay_recipes.grpo_megatron --cpu --make-demo-shards out/demo-shards \\
+        --routing-replay --routing-replay-shards out/demo-shards --steps 2
+
+With replay off (``--routing-replay`` absent) the same script trains with native routing.
+The reward here is a toy (fraction of completion tokens below ``vocab / 2``); bring your own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.sample import RoutedSample
+from trainer_hooks.megatron import (
+    add_routing_replay_args,
+    build_routing_replay,
+    options_from_args,
+    options_from_config,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-attention-heads", type=int, default=4)
+    p.add_argument("--num-experts", type=int, default=8)
+    p.add_argument("--moe-router-topk", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--groups-per-step", type=int, default=2)
+    p.add_argument("--micro-batch-samples", type=int, default=2)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--recompute", action="store_true", help="full activation recompute")
+    p.add_argument("--config", default=None, help="YAML trainer config with routing_replay:")
+    p.add_argument("--cpu", action="store_true", help="run on CPUs (test shims applied)")
+    p.add_argument("--make-demo-shards", metavar="DIR", default=None,
+                   help="first write synthetic rollout shards (tiny-qwen3-moe geometry) to DIR")
+    add_routing_replay_args(p)
+    return p.parse_args(argv)
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> Any:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    # megatron-core keeps every RouterReplay in one process-wide list; a model built earlier in
+    # this process would leave its routers there (the replay refuses to run with leftovers).
+    RouterReplay.clear_global_router_replay_instances()
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk, moe_token_dispatcher_type="alltoall",
+        moe_enable_routing_replay=args.routing_replay,  # replay needs RouterReplay objects
+        moe_aux_loss_coeff=0.0, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
+        **(dict(recompute_granularity="full", recompute_method="uniform",
+                recompute_num_layers=1) if args.recompute else {}),
+    )
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=args.vocab_size,
+                     max_sequence_length=4096, position_embedding_type="rope")
+    return model.to(device)
+
+
+def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float], packing: Any,
+                       device: torch.device) -> dict:
+    """Tokens, positions, mask, advantages and loss mask. THD packing is one row with a
+    block-diagonal causal mask (megatron-core's local attention has no THD kernel; with
+    Transformer Engine pass ``packed_seq_params`` instead): the routers see the same token
+    order. The step's "old" log-probs come from its own log-prob pass, not from here."""
+    n = np.array([s.num_tokens for s in samples])
+    padded = packing.padded_lengths(n)
+    if packing.format == "bshd":
+        rows, width = len(samples), int(packing.seq_length)
+        starts = np.zeros(len(samples), np.int64)
+        row_of = np.arange(len(samples))
+    else:
+        rows, width = 1, int(padded.sum())
+        starts = np.concatenate(([0], np.cumsum(padded)[:-1]))
+        row_of = np.zeros(len(samples), np.int64)
+    tokens = np.zeros((rows, width), np.int64)
+    seq = np.full((rows, width), -1, np.int64)
+    pos = np.zeros((rows, width), np.int64)
+    adv_w = np.zeros((rows, width), np.float32)  # advantage at each predicted token
+    loss_mask = np.zeros((rows, width), np.float32)
+    for i, s in enumerate(samples):
+        r, a = row_of[i], starts[i]
+        tokens[r, a : a + s.num_tokens] = s.tokens
+        seq[r, a : a + padded[i]] = i
+        pos[r, a : a + padded[i]] = np.arange(padded[i])
+        # Position t predicts token t + 1: completion tokens are predicted from prompt_len - 1.
+        c0, c1 = a + s.prompt_len - 1, a + s.num_tokens - 1
+        adv_w[r, c0:c1] = advantages[s.sample_id]
+        loss_mask[r, c0:c1] = 1
+    causal = np.tril(np.ones((width, width), bool))[None]
+    if packing.format == "bshd":
+        mask = ~causal
+    else:
+        same = seq[:, :, None] == seq[:, None, :]
+        mask = ~(same & causal & (seq[:, :, None] >= 0))
+    t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+    return dict(tokens=t(tokens), pos=t(pos), mask=t(mask[:, None]), adv=t(adv_w),
+                loss_mask=t(loss_mask))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each next token, ``[b, s]`` (last position 0)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+    out = lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(out, (0, 1))
+
+
+def grpo_advantages(samples: list[RoutedSample], vocab: int) -> dict[str, float]:
+    """Toy reward, group-normalised advantage (GRPO), by sample id."""
+    groups: dict[str, list[RoutedSample]] = defaultdict(list)
+    for s in samples:
+        groups[s.group_id or s.sample_id].append(s)
+    out: dict[str, float] = {}
+    for g in groups.values():
+        r = np.array([float((s.tokens[s.prompt_len :] < vocab // 2).mean()) for s in g])
+        for s, a in zip(g, (r - r.mean()) / (r.std() + 1e-6)):
+            out[s.sample_id] = float(a)
+    return out
+
+
+def make_demo_shards(path: str, vocab: int, seed: int = 0) -> None:
+    """Synthetic rollouts (4 groups of 4) in the tiny-qwen3-moe geometry."""
+    from replay_bridge.shards import ShardWriter
+
+    geo = RoutingGeometry.from_preset("tiny-qwen3-moe")
+    rng = np.random.default_rng(seed)
+    with ShardWriter(path, geo) as w:
+        for g in range(4):
+            prompt = rng.integers(0, vocab, int(rng.integers(6, 12))).astype(np.int32)
+            for j in range(4):
+                comp = rng.integers(0, vocab, int(rng.integers(4, 16))).astype(np.int32)
+                tokens = np.concatenate([prompt, comp])
+                keys = rng.random((len(tokens) - 1, geo.num_moe_layers, geo.num_experts))
+                w.add(RoutedSample(
+                    sample_id=f"g{g}-{j}", group_id=f"g{g}", tokens=tokens,
+                    prompt_len=len(prompt), policy_version=0,
+                    logprobs=rng.normal(-2.0, 0.5, len(comp)).astype(np.float32),
+                    routed=np.argsort(keys, -1)[..., : geo.top_k].astype(geo.id_dtype)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from trainer_hooks.megatron import cpu_compat
+
+    if args.cpu:
+        cpu_compat.apply()  # test shims: megatron-core 0.16 on a CPU-only torch
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        cpu_compat.apply_te_gemm_fix()  # megatron-core 0.16.x without Transformer Engine
+        device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), "nccl"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "WORLD_SIZE" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend)
+        else:  # a single process: in-process store, no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel()
+    if args.make_demo_shards:
+        make_demo_shards(args.make_demo_shards, args.vocab_size)
+
+    options = options_from_config(args.config) if args.config else options_from_args(args)
+    args.routing_replay = options.enabled
+    torch.manual_seed(0)
+    model = build_model(args, device)
+
+    from replay_bridge.shards import ShardReader
+
+    reader = ShardReader(options.shards or args.make_demo_shards)
+    replay = build_routing_replay(options, model, source=reader)  # None when replay is off
+    from trainer_hooks.megatron import Packing
+
+    packing = replay.packing if replay is not None else Packing.thd()
+
+    def forward_step(data_iterator: Any, model: Any) -> Any:
+        b = next(data_iterator)
+        logits = model(b["tokens"], b["pos"], b["mask"])
+
+        def loss_func(logits: torch.Tensor) -> Any:
+            lp = token_logprobs(logits, b["tokens"])
+            if "old_lp" not in b:  # log-prob pass
+                b["out_lp"] = lp.detach()
+                return lp.sum() * 0, {}
+            ratio = torch.exp(lp - b["old_lp"])
+            clipped = torch.clamp(ratio, 1 - args.clip, 1 + args.clip)
+            obj = torch.minimum(ratio * b["adv"], clipped * b["adv"])
+            loss = -(obj * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
+            return loss, {"loss": loss.detach()}
+
+        return logits, loss_func
+
+    fwd = replay.wrap_forward_step(forward_step) if replay is not None else forward_step
+    fb = get_forward_backward_func()
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for s in reader:
+        groups[s.group_id or s.sample_id].append(s.sample_id)
+    group_ids = sorted(groups)
+    metrics: dict[str, float] = {}
+    for step in range(args.steps):
+        chosen = [group_ids[(step * args.groups_per_step + i) % len(group_ids)]
+                  for i in range(args.groups_per_step)]
+        samples = [reader[i] for g in chosen for i in groups[g]]
+        adv = grpo_advantages(samples, args.vocab_size)
+        mb_samples = [samples[i : i + args.micro_batch_samples]
+                      for i in range(0, len(samples), args.micro_batch_samples)]
+        batches = [micro_batch_inputs(m, adv, packing, device) for m in mb_samples]
+        routing = [replay.prepare(m) for m in mb_samples] if replay is not None else None
+        seq_len = max(b["tokens"].shape[1] for b in batches)
+
+        def run(forward_only: bool, data: list[dict]) -> list[Any]:
+            # Agreement is measured in the training pass only.
+            scope = (replay.replaying(routing, forward_only=forward_only,
+                                      measure=not forward_only)
+                     if replay is not None else contextlib.nullcontext())
+            with scope:
+                return fb(forward_step_func=fwd, data_iterator=iter(data), model=[model],
+                          num_microbatches=len(data), seq_length=seq_len,
+                          micro_batch_size=data[0]["tokens"].shape[0], forward_only=forward_only)
+
+        # 1. Log-probs of the current policy (the "old" policy of this step), replayed.
+        lp_batches = [dict(b) for b in batches]
+        with torch.no_grad():
+            run(True, lp_batches)
+        for b, lb in zip(batches, lp_batches):
+            b["old_lp"] = lb["out_lp"]
+        # 2. Training pass, replayed; then the optimizer step.
+        opt.zero_grad(set_to_none=True)
+        losses = run(False, batches)
+        opt.step()
+        metrics = {"step": float(step),
+                   "loss": float(np.mean([l["loss"].item() for l in losses]))}
+        if replay is not None:
+            metrics.update(replay.metrics())
+        print({k: round(v, 4) for k, v in metrics.items() if "layer" not in k}, flush=True)
+    if replay is not None:
+        replay.close()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

