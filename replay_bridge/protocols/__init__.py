@@ -13,10 +13,14 @@ from ..sample import WireSample
 from . import _assemble
 from ._npy import parse_npy, to_npy
 from ._payload import Payloads, loads
+from ._payload import split as split_payloads
 from .sglang import decode_generate, decode_openai
 from .vllm import decode_completions
 
-__all__ = ["ENGINES", "decode_parsed", "decode_response", "parse_npy", "to_npy"]
+__all__ = ["ENGINES", "Payloads", "decode_parsed", "decode_response", "parse_npy", "split_payloads",
+           "to_npy", "undecodable"]
+
+undecodable = _assemble.failed
 
 Decoder = Callable[..., list[WireSample]]
 
