@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-__all__ = ["GeometryError", "GeometryMismatch", "RoutingGeometry", "list_presets"]
+__all__ = ["GeometryError", "GeometryMismatch", "RoutingGeometry", "hf_moe_layers", "list_presets"]
 
 
 class GeometryError(ValueError):
@@ -132,12 +132,8 @@ class RoutingGeometry:
         ``first_k_dense_replace``, ``moe_layer_freq``), and multimodal wrappers that nest the
         language model under ``text_config``.
         """
-        cfg = dict(config)
-        if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), Mapping):
-            cfg = dict(cfg["text_config"])
+        cfg = _text_config(config)
         model_type = cfg.get("model_type", "?")
-        if "num_hidden_layers" not in cfg:
-            raise GeometryError(f"config ({model_type}) has no num_hidden_layers")
         num_layers = int(cfg["num_hidden_layers"])
         num_experts = next(
             (cfg[k] for k in ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -153,18 +149,7 @@ class RoutingGeometry:
                 "(looked for num_experts / n_routed_experts / num_local_experts and "
                 "num_experts_per_tok)"
             )
-        layers = range(num_layers)
-        if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:
-            # DeepSeek-V2/V3, GLM-4-MoE: dense prefix, then every moe_layer_freq-th layer.
-            first = int(cfg.get("first_k_dense_replace") or 0)
-            freq = int(cfg.get("moe_layer_freq") or 1)
-            moe = [i for i in layers if i >= first and i % freq == 0]
-        else:
-            # Qwen2/Qwen3-MoE; Mixtral has neither field and routes in every layer.
-            dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
-            step = int(cfg.get("decoder_sparse_step") or 1)
-            moe = [i for i in layers if i not in dense and (i + 1) % step == 0]
-        return cls(num_layers, tuple(moe), int(top_k), int(num_experts), name=name)
+        return cls(num_layers, hf_moe_layers(cfg), int(top_k), int(num_experts), name=name)
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> RoutingGeometry:
@@ -225,6 +210,36 @@ class RoutingGeometry:
             f"{label}{self.num_layers} layers ({self.num_moe_layers} MoE{extra}), "
             f"top-{self.top_k} of {self.num_experts} experts, {self.id_dtype.name} ids"
         )
+
+
+def _text_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The language model's part of a Hugging Face config (``text_config`` of a multimodal
+    wrapper), which must hold ``num_hidden_layers``."""
+    cfg = dict(config)
+    if "num_hidden_layers" not in cfg and isinstance(cfg.get("text_config"), Mapping):
+        cfg = dict(cfg["text_config"])
+    if "num_hidden_layers" not in cfg:
+        raise GeometryError(f"config ({cfg.get('model_type', '?')}) has no num_hidden_layers")
+    return cfg
+
+
+def hf_moe_layers(config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The indices of the MoE layers of a Hugging Face ``config.json`` (as a dict).
+
+    DeepSeek-V2/V3, GLM-4-MoE (``first_k_dense_replace``, ``moe_layer_freq``): a dense prefix,
+    then every ``moe_layer_freq``-th layer. Qwen2/Qwen3-MoE (``mlp_only_layers``,
+    ``decoder_sparse_step``): layer ``i`` is MoE when it is not in ``mlp_only_layers`` and
+    ``(i + 1) % decoder_sparse_step == 0``. Mixtral has neither and routes in every layer.
+    """
+    cfg = _text_config(config)
+    layers = range(int(cfg["num_hidden_layers"]))
+    if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:
+        first = int(cfg.get("first_k_dense_replace") or 0)
+        freq = int(cfg.get("moe_layer_freq") or 1)
+        return tuple(i for i in layers if i >= first and i % freq == 0)
+    dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    return tuple(i for i in layers if i not in dense and (i + 1) % step == 0)
 
 
 def _preset_files() -> dict[str, Path]:

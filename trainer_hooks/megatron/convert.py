@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from replay_bridge.geometry import hf_moe_layers
+
 __all__ = [
     "build_gpt_model",
     "build_qwen3_moe_gpt",
@@ -92,17 +94,12 @@ def _check_supported(cfg: Mapping[str, Any]) -> None:
 
 
 def moe_layer_pattern(hf_config: Mapping[str, Any] | Any) -> list[int]:
-    """Per layer, 1 for a MoE layer and 0 for a dense one (megatron's ``moe_layer_freq`` list).
-
-    Qwen3-MoE layer ``i`` is MoE when ``i`` is not in ``mlp_only_layers`` and
-    ``(i + 1) % decoder_sparse_step == 0``.
-    """
+    """Per layer, 1 for a MoE layer and 0 for a dense one (megatron's ``moe_layer_freq`` list),
+    by :func:`replay_bridge.geometry.hf_moe_layers` (Qwen3-MoE: layer ``i`` is MoE when it is
+    not in ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``)."""
     cfg = _as_dict(hf_config)
-    dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
-    step = int(cfg.get("decoder_sparse_step") or 1)
-    return [
-        int(i not in dense and (i + 1) % step == 0) for i in range(int(cfg["num_hidden_layers"]))
-    ]
+    moe = set(hf_moe_layers(cfg))
+    return [int(i in moe) for i in range(int(cfg["num_hidden_layers"]))]
 
 
 def megatron_config_from_hf(

@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from replay_bridge.geometry import GeometryError, GeometryMismatch, RoutingGeometry, list_presets
+from replay_bridge.geometry import (
+    GeometryError,
+    GeometryMismatch,
+    RoutingGeometry,
+    hf_moe_layers,
+    list_presets,
+)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +43,12 @@ def test_families(config, layers, moe, k, e):
     g = RoutingGeometry.from_hf_config(config)
     assert (g.num_layers, g.moe_layers, g.top_k, g.num_experts) == (layers, moe, k, e)
     assert g.id_dtype == (np.uint8 if e <= 256 else np.uint16)
+    assert hf_moe_layers(config) == moe  # the one MoE-layer rule (megatron's convert uses it)
+
+
+def test_moe_layers_need_a_layer_count():
+    with pytest.raises(GeometryError, match=r"config \(qwen3_moe\) has no num_hidden_layers"):
+        hf_moe_layers({"model_type": "qwen3_moe", "num_experts": 8})
 
 
 def test_presets():
