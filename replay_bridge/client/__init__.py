@@ -8,19 +8,29 @@ back checked, ready for the shard writer.
         good = [r.sample for r in results if r.ok]
 
 :func:`collect` drives a whole prompt file into a shard directory with bounded memory.
+The client reaches the engine through a transport: :class:`HTTPTransport` by default, or any
+:class:`BaseTransport` given as ``RolloutClient(..., transport=...)``, such as a
+:class:`MockTransport` that answers from a function without sockets. :func:`free_port` and
+:func:`wait_healthy` start-and-wait an engine process before the client talks to it.
 """
 
 from ._client import Exchange, JoinError, RolloutClient, SampleResult, join_turns
 from ._collect import CollectSummary, collect
-from ._http import HTTPError, ResponseTooLarge, RetryPolicy, TransportError
+from ._health import NotHealthyError, free_port, wait_healthy
+from ._http import HTTPError, HTTPTransport, ResponseTooLarge
 from ._prompts import Prompt, PromptError, read_prompts, sample_ids_for
 from ._requests import SamplingParams
+from ._transport import BaseTransport, MockTransport, RetryPolicy, TransportError
 
 __all__ = [
+    "BaseTransport",
     "CollectSummary",
     "Exchange",
     "HTTPError",
+    "HTTPTransport",
     "JoinError",
+    "MockTransport",
+    "NotHealthyError",
     "Prompt",
     "PromptError",
     "ResponseTooLarge",
@@ -30,7 +40,9 @@ __all__ = [
     "SamplingParams",
     "TransportError",
     "collect",
+    "free_port",
     "join_turns",
     "read_prompts",
     "sample_ids_for",
+    "wait_healthy",
 ]

@@ -13,7 +13,8 @@ from ..checks import CheckReport, accept, check_routed
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, WireSample
 from ..protocols import decode_response
-from ._http import DEFAULT_API_KEY_ENV, RetryPolicy, Transport, TransportError
+from ._http import DEFAULT_API_KEY_ENV, HTTPTransport
+from ._transport import BaseTransport, RetryPolicy, TransportError
 from ._prompts import Prompt, sample_ids_for
 from ._requests import ENGINE_PATHS, EngineCall, SamplingParams, plan
 
@@ -71,6 +72,10 @@ class RolloutClient:
     than ``max_response_bytes`` are refused. When the environment variable ``api_key_env`` is
     set, its value is sent as a bearer token.
 
+    ``transport`` replaces the HTTP transport those options build (they are then unused): any
+    :class:`BaseTransport`, e.g. a :class:`MockTransport` answering from a function in tests;
+    ``endpoint`` is then only a label.
+
     Use as ``async with RolloutClient(...) as client: results = await client.generate(p)``.
     """
 
@@ -88,6 +93,7 @@ class RolloutClient:
         max_response_bytes: int = 1 << 30,
         api_key_env: str | None = DEFAULT_API_KEY_ENV,
         policy_version: int | None = None,
+        transport: BaseTransport | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -99,9 +105,9 @@ class RolloutClient:
         self.params = params or SamplingParams()
         self.concurrency = int(concurrency)
         self.policy_version = policy_version
-        self.transport = Transport(endpoint, timeout=timeout, retry=retry,
-                                   max_response_bytes=max_response_bytes,
-                                   api_key_env=api_key_env)
+        self.transport = transport if transport is not None else HTTPTransport(
+            endpoint, timeout=timeout, retry=retry, max_response_bytes=max_response_bytes,
+            api_key_env=api_key_env)
         self._slots: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:

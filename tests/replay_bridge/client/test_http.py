@@ -1,4 +1,5 @@
-"""The transport: retries (and when not), timeouts, the size cap, the bearer token."""
+"""The HTTP transport over real sockets: retries (and when not), timeouts, the size cap, the
+bearer token."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import random
 import pytest
 from aiohttp import web
 
-from replay_bridge.client import HTTPError, ResponseTooLarge, RetryPolicy, TransportError
-from replay_bridge.client._http import Transport
-from tests.support.processes import free_port
+from replay_bridge.client import (HTTPError, HTTPTransport, ResponseTooLarge, RetryPolicy,
+                                  TransportError, free_port)
 
 from .conftest import running
 
@@ -39,7 +39,7 @@ def counting_app(statuses: list[int], body: bytes = b'{"ok": true}',
 def test_retries_5xx_then_succeeds() -> None:
     async def go() -> None:
         app, seen = counting_app([503, 502, 200])
-        async with running(app) as url, Transport(url, retry=FAST) as t:
+        async with running(app) as url, HTTPTransport(url, retry=FAST) as t:
             assert await t.post("/generate", {"x": 1}) == b'{"ok": true}'
             assert len(seen) == 3
             assert t.retries == 2
@@ -49,7 +49,7 @@ def test_retries_5xx_then_succeeds() -> None:
 def test_gives_up_after_budget_on_5xx() -> None:
     async def go() -> None:
         app, seen = counting_app([500])
-        async with running(app) as url, Transport(url, retry=FAST) as t:
+        async with running(app) as url, HTTPTransport(url, retry=FAST) as t:
             with pytest.raises(HTTPError) as ei:
                 await t.post("/generate", {})
             assert ei.value.status == 500 and ei.value.attempts == 4
@@ -62,7 +62,7 @@ def test_gives_up_after_budget_on_5xx() -> None:
 def test_never_retries_4xx(status: int) -> None:
     async def go() -> None:
         app, seen = counting_app([status, 200])
-        async with running(app) as url, Transport(url, retry=FAST) as t:
+        async with running(app) as url, HTTPTransport(url, retry=FAST) as t:
             with pytest.raises(HTTPError) as ei:
                 await t.post("/generate", {})
             assert ei.value.status == status and not ei.value.retryable
@@ -74,7 +74,8 @@ def test_never_retries_4xx(status: int) -> None:
 def test_timeout_is_retried_then_fails() -> None:
     async def go() -> None:
         app, seen = counting_app([200], delay=0.5)
-        async with running(app) as url, Transport(url, timeout=0.05, retry=FAST) as t:
+        async with running(app) as url, \
+                HTTPTransport(url, timeout=0.05, retry=FAST) as t:
             with pytest.raises(TransportError) as ei:
                 await t.post("/generate", {})
             assert ei.value.retryable and "timeout" in str(ei.value)
@@ -86,7 +87,7 @@ def test_connection_refused_is_retried() -> None:
     port = free_port()  # a port nobody listens on
 
     async def go() -> None:
-        async with Transport(f"http://127.0.0.1:{port}", retry=FAST) as t:
+        async with HTTPTransport(f"http://127.0.0.1:{port}", retry=FAST) as t:
             with pytest.raises(TransportError) as ei:
                 await t.post("/generate", {})
             assert ei.value.attempts == 4 and t.retries == 3
@@ -96,7 +97,8 @@ def test_connection_refused_is_retried() -> None:
 def test_size_cap_with_content_length_not_retried() -> None:
     async def go() -> None:
         app, seen = counting_app([200], body=b"x" * 5000)
-        async with running(app) as url, Transport(url, retry=FAST, max_response_bytes=4096) as t:
+        async with running(app) as url, \
+                HTTPTransport(url, retry=FAST, max_response_bytes=4096) as t:
             with pytest.raises(ResponseTooLarge, match="over the 4096-byte cap"):
                 await t.post("/generate", {})
             assert len(seen) == 1
@@ -117,10 +119,10 @@ def test_size_cap_on_chunked_body() -> None:
         app = web.Application()
         app.router.add_post("/generate", handler)
         async with running(app) as url:
-            async with Transport(url, retry=FAST, max_response_bytes=4096) as t:
+            async with HTTPTransport(url, retry=FAST, max_response_bytes=4096) as t:
                 with pytest.raises(ResponseTooLarge, match="exceeds the 4096-byte cap"):
                     await t.post("/generate", {})
-            async with Transport(url, retry=FAST, max_response_bytes=20_000) as t:
+            async with HTTPTransport(url, retry=FAST, max_response_bytes=20_000) as t:
                 assert await t.post("/generate", {}) == b"y" * 10_000
     asyncio.run(go())
 
@@ -134,7 +136,7 @@ def test_bearer_token_sent_and_never_logged(monkeypatch: pytest.MonkeyPatch,
     async def go() -> None:
         app, seen = counting_app([503, 401])
         async with running(app) as url, \
-                Transport(url, retry=FAST, api_key_env="MY_ENGINE_KEY") as t:
+                HTTPTransport(url, retry=FAST, api_key_env="MY_ENGINE_KEY") as t:
             with pytest.raises(HTTPError) as ei:
                 await t.post("/generate", {"input_ids": [1]})
             assert [r.headers.get("Authorization") for r in seen] == [f"Bearer {secret}"] * 2
@@ -150,7 +152,7 @@ def test_no_token_no_header(monkeypatch: pytest.MonkeyPatch) -> None:
 
     async def go() -> None:
         app, seen = counting_app([200])
-        async with running(app) as url, Transport(url, retry=FAST) as t:
+        async with running(app) as url, HTTPTransport(url, retry=FAST) as t:
             await t.post("/generate", {})
         assert "Authorization" not in seen[0].headers
     asyncio.run(go())

@@ -1,0 +1,66 @@
+"""Waiting for an engine to come up: a free loopback port to start it on, and a poll of its
+health path until it answers 200 (or its process exits, or time runs out).
+
+Standard library only (blocking ``urllib``): callers are launchers, tests and benchmarks that
+start an engine process before any event loop runs.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import time
+import urllib.request
+
+__all__ = ["NotHealthyError", "free_port", "wait_healthy"]
+
+
+class NotHealthyError(RuntimeError):
+    """The engine at ``url`` did not answer 200 in time, or its process exited first
+    (``returncode`` is then the exit code, else ``None``)."""
+
+    def __init__(self, message: str, *, url: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.returncode = returncode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(
+    url: str,
+    *,
+    process: subprocess.Popen | None = None,
+    timeout: float = 120.0,
+    interval: float = 0.1,
+    path: str = "/health",
+) -> None:
+    """Poll ``url + path`` until it answers 200, every ``interval`` seconds.
+
+    Raises :class:`NotHealthyError` when ``process`` (the engine, if this caller started it)
+    exits first, naming its command and exit code, or after ``timeout`` seconds.
+    """
+    target = url.rstrip("/") + path
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            args = process.args if isinstance(process.args, (str, bytes)) else \
+                " ".join(map(str, list(process.args)[:4]))
+            raise NotHealthyError(f"{args} exited with code {process.returncode} before "
+                                  f"{target} answered", url=url,
+                                  returncode=process.returncode)
+        try:
+            with urllib.request.urlopen(target, timeout=2) as r:  # noqa: S310 - loopback/user URL
+                if r.status == 200:
+                    return
+        except (OSError, http.client.HTTPException):  # not up yet (URLError is an OSError)
+            pass
+        if time.monotonic() > deadline:
+            raise NotHealthyError(f"{target} not healthy within {timeout:.0f} s", url=url)
+        time.sleep(interval)
