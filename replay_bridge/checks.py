@@ -35,6 +35,8 @@ __all__ = [
     "accept",
     "check_routed",
     "check_sample",
+    "has_repeated_ids",
+    "repeated_ids",
 ]
 
 KINDS = (
@@ -269,9 +271,9 @@ def _check_blocks(
     blocks = narrow.reshape(rows * m, k)
 
     zero_mask = dup_mask = None
-    if k > 1 and _any_repeat(blocks):
+    if has_repeated_ids(blocks):
         zero_mask = ~blocks.any(axis=1)
-        dup_mask = _repeat_mask(blocks) & ~zero_mask
+        dup_mask = repeated_ids(blocks) & ~zero_mask
         zero_mask = zero_mask.reshape(rows, m)
         dup_mask = dup_mask.reshape(rows, m)
         if oor_mask is not None:
@@ -294,12 +296,15 @@ def _check_blocks(
     return narrow if in_range else None
 
 
-def _any_repeat(blocks: np.ndarray) -> bool:
-    """Whether any row of ``blocks [n, k]`` repeats an id: pairwise XOR of columns, bytewise
-    minimum, over cache-sized chunks (no sort)."""
-    n, k = blocks.shape
-    for lo in range(0, n, _CHUNK_BLOCKS):
-        cols = np.ascontiguousarray(blocks[lo : lo + _CHUNK_BLOCKS].T)
+def has_repeated_ids(blocks: np.ndarray) -> bool:
+    """Whether any block of ``blocks [..., k]`` (k ids on the last axis) repeats an id:
+    pairwise XOR of columns, bytewise minimum, over cache-sized chunks (no sort)."""
+    k = blocks.shape[-1]
+    if k < 2 or blocks.size == 0:
+        return False
+    flat = blocks.reshape(-1, k)
+    for lo in range(0, flat.shape[0], _CHUNK_BLOCKS):
+        cols = np.ascontiguousarray(flat[lo : lo + _CHUNK_BLOCKS].T)
         acc = np.bitwise_xor(cols[0], cols[1])
         tmp = np.empty_like(acc)
         for i in range(k):
@@ -313,10 +318,22 @@ def _any_repeat(blocks: np.ndarray) -> bool:
     return False
 
 
-def _repeat_mask(blocks: np.ndarray) -> np.ndarray:
-    """Per row of ``blocks [n, k]``: True where some id appears twice."""
-    s = np.sort(blocks, axis=1)
-    return (s[:, 1:] == s[:, :-1]).any(axis=1)
+def repeated_ids(blocks: np.ndarray) -> np.ndarray:
+    """``bool [...]``: the blocks of ``blocks [..., k]`` in which some id appears twice
+    (pairwise compares of columns over cache-sized chunks, no sort). On a hot path, ask
+    :func:`has_repeated_ids` first: it builds no mask."""
+    k = blocks.shape[-1]
+    flat = blocks.reshape(-1, k)
+    out = np.zeros(flat.shape[0], dtype=bool)
+    for lo in range(0, flat.shape[0] if k > 1 else 0, _CHUNK_BLOCKS):
+        cols = np.ascontiguousarray(flat[lo : lo + _CHUNK_BLOCKS].T)
+        acc = out[lo : lo + _CHUNK_BLOCKS]
+        tmp = np.empty(acc.shape, dtype=bool)
+        for i in range(k):
+            for j in range(i + 1, k):
+                np.equal(cols[i], cols[j], out=tmp)
+                acc |= tmp
+    return out.reshape(blocks.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 
+from replay_bridge.checks import has_repeated_ids, repeated_ids
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
 
@@ -300,10 +301,10 @@ def _validate(
     Pad rows are in range and distinct by construction, so the whole array is checked."""
     if int(ids.max(initial=0)) >= num_experts:
         bad, rule = (ids >= num_experts).any(axis=-1), f"an expert id outside [0, {num_experts})"
+    elif has_repeated_ids(ids):
+        bad, rule = repeated_ids(ids), "a repeated expert id (top-k ids must be distinct)"
     else:
-        bad, rule = _repeats(ids), "a repeated expert id (top-k ids must be distinct)"
-        if not bad.any():
-            return
+        return
     t, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
     raise LayoutError(
         f"sample {samples[int(s_of[t])].sample_id!r}, token position {int(p_of[t])}, "
@@ -311,13 +312,3 @@ def _validate(
         f"({int(bad.sum())} bad blocks in this micro-batch on this rank)"
     )
 
-
-def _repeats(blocks: np.ndarray) -> np.ndarray:
-    """``bool [tokens, layers]``: blocks whose k ids are not distinct."""
-    k = blocks.shape[-1]
-    cols = [blocks[..., i] for i in range(k)]
-    dup = np.zeros(blocks.shape[:-1], dtype=bool)
-    for i in range(k - 1):  # k(k-1)/2 vector compares over all blocks; k is small
-        for j in range(i + 1, k):
-            dup |= cols[i] == cols[j]
-    return dup

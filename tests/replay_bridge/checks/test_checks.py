@@ -128,17 +128,29 @@ def test_check_routed_and_tally(good):
                         2 * (PROMPT + COMPLETION - 1) * 5, 3, 3)
 
 
-def test_duplicate_scan_matches_sort_reference(rng):
-    """The XOR/min duplicate scan agrees with a sort-based reference on random blocks."""
-    from replay_bridge.checks import _any_repeat, _repeat_mask
+def test_duplicate_scan_matches_sort_reference(rng, monkeypatch):
+    """The XOR/min duplicate scan and the repeat mask agree with a sort-based reference on
+    random blocks, over several cache-sized chunks and any leading shape."""
+    from replay_bridge import checks
+    from replay_bridge.checks import has_repeated_ids, repeated_ids
 
+    monkeypatch.setattr(checks, "_CHUNK_BLOCKS", 1024)
     for k in (2, 3, 8):
         blocks = rng.integers(0, 12, size=(5000, k)).astype(np.uint8)
         ref = (np.diff(np.sort(blocks, axis=1), axis=1) == 0).any(axis=1)
-        assert _any_repeat(blocks) == bool(ref.any())
-        np.testing.assert_array_equal(_repeat_mask(blocks), ref)
+        assert has_repeated_ids(blocks) == bool(ref.any())
+        np.testing.assert_array_equal(repeated_ids(blocks), ref)
+        np.testing.assert_array_equal(repeated_ids(blocks.reshape(1000, 5, k)),
+                                      ref.reshape(1000, 5))
         distinct = np.argsort(rng.random((5000, 16)), axis=1)[:, :k].astype(np.uint8)
-        assert not _any_repeat(distinct)
+        assert not has_repeated_ids(distinct)
+        assert not repeated_ids(distinct).any()
+        # One repeat in the last chunk only is found.
+        distinct[-1, -1] = distinct[-1, 0]
+        assert has_repeated_ids(distinct)
+        assert np.flatnonzero(repeated_ids(distinct)).tolist() == [4999]
+    one = rng.integers(0, 12, size=(10, 4, 1)).astype(np.uint8)  # top-1: nothing to repeat
+    assert not has_repeated_ids(one) and repeated_ids(one).shape == (10, 4)
 
 
 @pytest.mark.parametrize("moe_layers", [(1, 2, 3, 4, 5), (0, 1, 2), (1, 3, 5), tuple(range(6))])
