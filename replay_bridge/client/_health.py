@@ -35,8 +35,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def wait_healthy(
     url: str,
-    *,
     process: subprocess.Popen | None = None,
+    *,
     timeout: float = 120.0,
     interval: float = 0.1,
     path: str = "/health",

@@ -13,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+
+from replay_bridge.client import NotHealthyError, free_port, wait_healthy
 
 from .config import EngineConfig
 
@@ -73,12 +73,6 @@ def _reference_pd(model_dir: Path, dtype: str, timeout_s: float) -> Iterator[Eng
             f"router {pd.router}", f"reference engine, PD ({dtype})")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get_json(url: str, timeout_s: float) -> object:
     with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310 - loopback/user URL
         return orjson.loads(r.read())
@@ -109,7 +103,7 @@ def _vllm_process(config: EngineConfig, model_dir: Path, log: Path) -> Iterator[
     if not python.exists():
         raise EngineError(f"{python} does not exist: create the vLLM environment first "
                           "(make vllm-env, or bash scripts/vllm_env.sh)")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
@@ -120,21 +114,14 @@ def _vllm_process(config: EngineConfig, model_dir: Path, log: Path) -> Iterator[
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, preexec_fn=_die_with_parent)
     try:
-        deadline = time.monotonic() + config.startup_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise EngineError(f"vLLM exited with code {proc.returncode} while starting; "
-                                  f"{log}:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:  # noqa: S310
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise EngineError(f"vLLM not healthy after {config.startup_timeout_s:.0f} s; "
-                                  f"{log}:\n{_tail(log)}")
-            time.sleep(1.0)
+        try:
+            wait_healthy(url, proc, timeout=config.startup_timeout_s, interval=1.0)
+        except NotHealthyError as e:
+            if e.returncode is not None:
+                raise EngineError(f"vLLM exited with code {e.returncode} while starting; "
+                                  f"{log}:\n{_tail(log)}") from None
+            raise EngineError(f"vLLM not healthy after {config.startup_timeout_s:.0f} s; "
+                              f"{log}:\n{_tail(log)}") from None
         name = _served_model(url, timeout_s=10.0)
         yield EngineHandle(url, "vllm", name,
                            f"vLLM (bfloat16, pid {proc.pid}) at {url} serving {model_dir}",

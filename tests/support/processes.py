@@ -1,19 +1,18 @@
-"""Child processes in tests: free ports, health waits, clean stops, the light responder, SGLang's
-mini load balancer."""
+"""Child processes in tests: clean stops, the light responder, SGLang's mini load balancer (free
+ports and health waits: ``replay_bridge.client.free_port`` / ``wait_healthy``, re-exported here)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from replay_bridge.client import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 SGLANG_ROUTER_PYTHON = (os.environ.get("SGLANG_ROUTER_PYTHON")
@@ -45,28 +44,6 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    """Poll ``url/health`` until 200; raise naming the process if it exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not healthy within {timeout} s")
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -5,13 +5,14 @@ two processes over gloo on CPUs, and over NCCL on GPUs."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from replay_bridge.client import free_port
 from tests.support.processes import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu" / "replay_layouts.py"
@@ -19,16 +20,10 @@ LAYOUTS = ("tp2_sp_thd", "tp2_sp_bshd", "cp2_thd", "cp2_bshd", "pp2_vpp2_thd", "
            "tp2_sp_ep2_thd", "ep2_sigmoid_bias_thd")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / "layouts.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(SCRIPT), "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
