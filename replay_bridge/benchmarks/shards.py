@@ -14,7 +14,6 @@ from ..geometry import RoutingGeometry
 from ..inspection import expert_load
 from ..sample import RoutedSample
 from ..shards import ShardReader, ShardWriter
-from ..shards._reader import default_read_threads
 from .routing_model import RoutingModel
 
 __all__ = ["DEFAULT_VARIANTS", "bench_shards", "synthetic_samples"]
@@ -182,7 +181,7 @@ def bench_shards(
                                    "max": round(float(ratio.max()), 2)},
         },
         "settings": {"samples_per_shard": samples_per_shard,
-                     "read_threads": default_read_threads(),
+                     "read_threads": ShardReader.default_read_threads(),
                      "batch_bytes": batch_bytes or ShardWriter.DEFAULT_BATCH_BYTES,
                      "repeats": repeats,
                      "lookups": lookups, "timing": "best of repeats (reads: at least 3, round-robin over the "

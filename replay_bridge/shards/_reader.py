@@ -219,6 +219,12 @@ class ShardReader:
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
 
+    @staticmethod
+    def default_read_threads() -> int:
+        """Read-ahead threads of :meth:`iter_batches` on compressed shards by default: the
+        CPUs this process may use, at most 4."""
+        return default_read_threads()
+
     def iter_batches(self, threads: int | None = None) -> Iterator[pa.RecordBatch]:
         """Every record batch, in storage order (the shard schema, metadata included).
         ``threads`` read ahead and decompress in parallel (default: up to 4 CPUs for
