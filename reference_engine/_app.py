@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ._encoding import BOOTSTRAP_PORT
 from ._faults import WORKER_FAULTS, check_fault
 from ._model import Engine, Generation, SamplingSpec
 from ._openai import chat_completion, completion
+from ._pd_router import BOOTSTRAP_PORT
 from ._worker import ROLES, Item, RequestError, Worker, WorkerConfig
 
 __all__ = ["ROLES", "WorkerConfig", "make_worker_app"]

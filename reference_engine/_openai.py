@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ._model import Engine
-from ._worker import RequestError, Worker
+from ._worker import SGLANG, RequestError, Worker
 
 __all__ = ["chat_completion", "completion"]
 
@@ -133,7 +133,7 @@ def _completion_to_generate(body: dict[str, Any]) -> tuple[dict[str, Any], int, 
         "sampling_params": sps,
         "return_logprob": body.get("logprobs") is not None,
         "return_routed_experts": bool(body.get("return_routed_experts", False)),
-        "routed_experts_start_len": body.get("routed_experts_start_len", 0),
+        SGLANG.start_field: SGLANG.requested_start(body),
     }
     if body.get("rid") is not None:
         gen["rid"] = body["rid"]

@@ -20,10 +20,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from ._encoding import BOOTSTRAP_PORT, decode_int32, encode_int32, splice
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.protocols import get_protocol, splice_routing
+
 from ._faults import ROUTER_FAULTS, apply_rows_fault, check_fault
 
-__all__ = ["RouterConfig", "make_router_app"]
+__all__ = ["BOOTSTRAP_PORT", "RouterConfig", "make_router_app"]
+
+# The bootstrap_port a PD router adds to requests (SGLang's default disaggregation port).
+BOOTSTRAP_PORT = 8998
+SGLANG = get_protocol("sglang")
 
 _STREAM_CHUNK = 64 * 1024
 
@@ -75,9 +81,11 @@ class _Router:
     async def fault_value(self, value: str, prompt_rows: int) -> str:
         """Apply a rows-level fault to one base64 routing value."""
         g = await self.routing_geometry()
-        rows = decode_int32(value, g["num_layers"], g["top_k"])
-        return encode_int32(apply_rows_fault(self.config.fault, rows, prompt_rows,
-                                             tuple(g["moe_layers"])))
+        geometry = RoutingGeometry(g["num_layers"], tuple(g["moe_layers"]), g["top_k"],
+                                   g["num_experts"])
+        rows = SGLANG.decode_routing(value, geometry)
+        return SGLANG.encode_routing(apply_rows_fault(self.config.fault, rows, prompt_rows,
+                                                      geometry.moe_layers))
 
 
 def _batch_size(body: dict[str, Any]) -> int | None:
@@ -97,7 +105,7 @@ def _merge_meta(prefill_meta: dict[str, Any] | None, decode_meta: dict[str, Any]
     p = prefill_meta.get("routed_experts")
     d = decode_meta.get("routed_experts")
     if p is not None and d is not None:
-        decode_meta["routed_experts"] = splice(p, d)
+        decode_meta["routed_experts"] = splice_routing(p, d)
     elif p is not None:
         decode_meta["routed_experts"] = p
 
@@ -185,7 +193,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     out = orjson.loads(d_raw)
     if batch is None and r.config.fault != "no-merge":
         _merge_meta(orjson.loads(p_raw).get("meta_info"), out["meta_info"])
-    start = int(body.get("routed_experts_start_len", 0) or 0)
+    start = int(SGLANG.requested_start(body))
     for item in out if isinstance(out, list) else [out]:
         await _apply_fault(r, item.get("meta_info") or {}, start)
     return _json(out)
@@ -222,7 +230,7 @@ async def _openai(request: web.Request, endpoint: str) -> web.StreamResponse:
         return failed
     out = orjson.loads(d_raw)
     prefill = orjson.loads(p_raw)
-    start = int(body.get("routed_experts_start_len", 0) or 0)
+    start = int(SGLANG.requested_start(body))
     if r.config.fault != "no-merge":
         ext = out.setdefault("sglext", {})
         _merge_meta(prefill.get("sglext") or {}, ext)

@@ -19,13 +19,15 @@ from typing import Any
 
 import orjson
 
-from ._encoding import encode_int32
+from replay_bridge.protocols import get_protocol
+
 from ._faults import apply_rows_fault, stale_rows
 from ._model import Engine, Generation, SamplingSpec
 
 __all__ = ["ROLES", "Item", "RequestError", "Worker", "WorkerConfig"]
 
 ROLES = ("unified", "prefill", "decode")
+SGLANG = get_protocol("sglang")
 _MAX_SEED = 2**63
 
 
@@ -133,7 +135,7 @@ class Worker:
                 rows = stale_rows(rows, prompt_rows, gen.extra.get("earlier_routing"))
             rows = apply_rows_fault(self.config.fault, rows, prompt_rows,
                                     self.engine.geometry.moe_layers)
-            meta["routed_experts"] = encode_int32(rows)
+            meta["routed_experts"] = SGLANG.encode_routing(rows)
         return meta
 
     def _returns_routing(self, item: Item, gen: Generation) -> bool:
@@ -188,9 +190,9 @@ class Worker:
         lp_start = body.get("logprob_start_len", -1)
         if not isinstance(lp_start, int) or isinstance(lp_start, bool) or lp_start < -1:
             raise RequestError(f"logprob_start_len must be an integer >= -1, got {lp_start!r}")
-        start = body.get("routed_experts_start_len", 0) or 0
+        start = SGLANG.requested_start(body)
         if not isinstance(start, int) or isinstance(start, bool):
-            raise RequestError(f"routed_experts_start_len must be an integer, got {start!r}")
+            raise RequestError(f"{SGLANG.start_field} must be an integer, got {start!r}")
         items = []
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, list) or not prompt or not all(
@@ -199,7 +201,7 @@ class Worker:
                 raise RequestError(f"item {i}: input_ids must be a non-empty list of integers")
             if not 0 <= start <= len(prompt):
                 raise RequestError(
-                    f"item {i}: routed_experts_start_len={start} must be in "
+                    f"item {i}: {SGLANG.start_field}={start} must be in "
                     f"[0, prompt_len={len(prompt)}]"
                 )
             if lp_start >= len(prompt):

@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pybase64
 from aiohttp import web
 
 from replay_bridge.geometry import RoutingGeometry
-from ._encoding import encode_int32
-from replay_bridge.protocols import to_npy
+from replay_bridge.protocols import PROTOCOLS, Completion, get_protocol
 
 __all__ = ["loopback_app", "synthetic_completion", "synthetic_routing"]
 
@@ -61,7 +59,8 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
     """An aiohttp app answering ``/generate`` (``sglang``) or ``/v1/completions`` (``vllm``,
     ``sglang-openai``) with synthetic completions and routing, after ``delay`` seconds.
     ``GET /stats`` counts requests served, in flight now and at most."""
-    wire_dtype = np.uint8 if geometry.num_experts <= 256 else np.uint16
+    protocol = get_protocol(engine)
+    wire_dtype = "uint8" if geometry.num_experts <= 256 else "uint16"  # vLLM's .npy dtype
 
     def one(prompt: np.ndarray, max_new: int, start: int, choice: int) -> tuple[np.ndarray,
                                                                                   np.ndarray]:
@@ -78,26 +77,19 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
             await asyncio.sleep(delay)
         sp = body.get("sampling_params") or {}
         max_new = int(sp.get("max_new_tokens", 16))
-        start = int(body.get("routed_experts_start_len", 0) or 0)
+        start = int(protocol.requested_start(body))
         inputs = body["input_ids"]
         batched = bool(inputs) and isinstance(inputs[0], list)
-        items = []
+        completions = []
         for i, ids in enumerate(inputs if batched else [inputs]):
             prompt = np.asarray(ids, np.int32)
             seed = sp.get("sampling_seed")
             choice = i if batched else (served if seed is None else int(seed))
             out, routing = one(prompt, max_new, start, choice)
-            meta: dict[str, Any] = {
-                "id": f"loop-{i}",
-                "prompt_tokens": int(prompt.size),
-                "completion_tokens": int(out.size),
-                "finish_reason": {"type": "length", "length": max_new},
-                "output_token_logprobs": [[-1.0, int(t), None] for t in out],
-            }
-            if body.get("return_routed_experts"):
-                meta["routed_experts"] = encode_int32(routing)
-            items.append({"output_ids": out.tolist(), "meta_info": meta})
-        return web.Response(body=orjson.dumps(items if batched else items[0]),
+            completions.append(Completion(
+                out, routing if body.get("return_routed_experts") else None,
+                logprobs=np.full(out.size, -1.0), meta={"id": f"loop-{i}"}))
+        return web.Response(body=orjson.dumps(protocol.encode_response(body, completions)),
                             content_type="application/json")
 
     async def completions(request: web.Request) -> web.Response:
@@ -108,27 +100,18 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
         prompt = np.asarray(body["prompt"], np.int32)
         max_new = int(body.get("max_tokens", 16))
         n = int(body.get("n", 1) or 1)
-        start_key = "routed_experts_prompt_start" if engine == "vllm" \
-            else "routed_experts_start_len"
-        start = int(body.get(start_key, 0) or 0)
+        start = int(protocol.requested_start(body))
         served += 1
         first = served * 1000 if body.get("seed") is None else int(body["seed"])
-        choices = []
-        resp: dict[str, Any] = {"id": "cmpl-loop", "object": "text_completion"}
+        # vLLM always returns routing; SGLang when asked (for the first choice, in sglext).
+        routed = engine == "vllm" or bool(body.get("return_routed_experts"))
+        completions = []
         for i in range(n):
             out, routing = one(prompt, max_new, start, first + i)
-            c: dict[str, Any] = {
-                "index": i, "text": "", "finish_reason": "length",
-                "token_ids": out.tolist(), "prompt_token_ids": prompt.tolist(),
-                "logprobs": {"token_logprobs": [-1.0] * int(out.size)},
-            }
-            if engine == "vllm":
-                npy = to_npy(routing.astype(wire_dtype))
-                c["routed_experts"] = pybase64.b64encode(npy).decode()
-            elif i == 0 and body.get("return_routed_experts"):
-                resp["sglext"] = {"routed_experts": encode_int32(routing)}
-            choices.append(c)
-        resp["choices"] = choices
+            completions.append(Completion(out, routing if routed else None,
+                                          logprobs=np.full(out.size, -1.0)))
+        resp = protocol.encode_response(body, completions,
+                                        dtype=wire_dtype if engine == "vllm" else None)
         return web.Response(body=orjson.dumps(resp), content_type="application/json")
 
     async def health(_: web.Request) -> web.Response:
@@ -163,7 +146,7 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--engine", default="sglang", choices=["sglang", "sglang-openai", "vllm"])
+    ap.add_argument("--engine", default="sglang", choices=list(PROTOCOLS))
     ap.add_argument("--model", default="tiny-qwen3-moe", help="geometry: preset or model dir")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)

@@ -33,7 +33,7 @@ class _SampleFields:
     """Prompt + completion token ids, ``int32``."""
     prompt_len: int
     routed_start: int = 0
-    """First token position that has a routing row (SGLang ``routed_experts_start_len``)."""
+    """First token position that has a routing row (the start offset the request asked for)."""
     group_id: str | None = None
     policy_version: int | None = None
     logprobs: np.ndarray | None = None
@@ -70,6 +70,9 @@ class WireSample(_SampleFields):
     fault: DecodeFault | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     """Engine fields kept for diagnostics (not stored)."""
+    index: int = 0
+    """Which of the request's samples this is: the OpenAI choice's ``index``, the item's
+    position in a batched answer; ``-1`` when the answer gives no usable index."""
 
 
 @dataclass(slots=True)

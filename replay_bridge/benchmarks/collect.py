@@ -27,9 +27,8 @@ import pybase64
 from ..checks import accept
 from ..geometry import RoutingGeometry
 from ..shards import ShardWriter
-from ..protocols import decode_response
+from ..protocols import decode_response, get_protocol
 from ..client import Prompt, RolloutClient, SamplingParams, collect
-from ..client._requests import ENGINE_PATHS
 
 __all__ = ["run"]
 
@@ -173,7 +172,7 @@ def run(
             return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
 
         bodies = asyncio.run(fetch_all())
-        raw_recv = statistics.median(_raw_receive_cpu(url, [(ENGINE_PATHS[engine], req)
+        raw_recv = statistics.median(_raw_receive_cpu(url, [(get_protocol(engine).path, req)
                                                             for req, _ in bodies])
                                      for _ in range(repeats))
         payloads = [p for _, body in bodies for p in _payloads(engine, body)]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import pybase64
 
 from ..geometry import RoutingGeometry
+from ..protocols import Completion, SamplingParams, get_protocol
 
 
 def valid_routing(rng: np.random.Generator, rows: int, geometry: RoutingGeometry) -> np.ndarray:
@@ -36,34 +36,24 @@ def valid_routing(rng: np.random.Generator, rows: int, geometry: RoutingGeometry
 def sglang_lines(
     geometry: RoutingGeometry, samples: int, prompt_len: int, completion_len: int, seed: int = 0
 ) -> Iterator[tuple[bytes, bytes]]:
-    """``(jsonl_line, base64_payload)`` pairs of SGLang ``/generate`` traffic."""
+    """``(jsonl_line, base64_payload)`` pairs of SGLang ``/generate`` traffic, encoded by the
+    ``sglang`` protocol."""
+    protocol = get_protocol("sglang")
+    params = SamplingParams(max_new_tokens=completion_len)
     rng = np.random.default_rng(seed)
     vocab = 151_000
     for i in range(samples):
-        prompt = rng.integers(0, vocab, prompt_len).tolist()
-        output = rng.integers(0, vocab, completion_len).tolist()
+        prompt = rng.integers(0, vocab, prompt_len)
+        output = rng.integers(0, vocab, completion_len)
         routing = valid_routing(rng, prompt_len + completion_len - 1, geometry)
-        payload = pybase64.b64encode(routing.tobytes())
-        line = orjson.dumps({
-            "sample_id": f"s{i:06d}",
-            "request": {"input_ids": prompt, "return_routed_experts": True,
-                        "return_logprob": True,
-                        "sampling_params": {"max_new_tokens": completion_len}},
-            "response": {
-                "text": "",
-                "output_ids": output,
-                "meta_info": {
-                    "id": f"req-{i}",
-                    "prompt_tokens": prompt_len,
-                    "completion_tokens": completion_len,
-                    "finish_reason": {"type": "length", "length": completion_len},
-                    "output_token_logprobs": [[-1.0, t, None] for t in output[:4]],
-                    "weight_version": "0",
-                    "routed_experts": payload.decode(),
-                },
-            },
-        })
-        yield line, payload
+        sample_id = f"s{i:06d}"
+        (call,) = protocol.plan(prompt, [sample_id], params)
+        response = protocol.encode_response(call.payload, [Completion(
+            output, routing, logprobs=[-1.0] * min(4, completion_len),
+            meta={"id": f"req-{i}", "weight_version": "0"})])
+        line = orjson.dumps({"sample_id": sample_id, "request": call.payload,
+                             "response": response})
+        yield line, response["meta_info"]["routed_experts"].encode()
 
 
 def write_sglang_jsonl(path: Path, geometry: RoutingGeometry, samples: int, prompt_len: int,

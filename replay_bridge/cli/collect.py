@@ -84,7 +84,7 @@ def collect(
             as_json=as_json)
     from ..geometry import GeometryError, RoutingGeometry
     from ..shards import ShardError, ShardWriter
-    from ..protocols import ENGINES
+    from ..protocols import PROTOCOLS as ENGINES
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)

@@ -34,7 +34,7 @@ def ingest(
     from ..geometry import GeometryError, RoutingGeometry
     from ..ingest import ingest as run_ingest
     from ..shards import ShardError
-    from ..protocols import ENGINES
+    from ..protocols import PROTOCOLS as ENGINES
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)

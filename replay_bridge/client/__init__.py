@@ -14,12 +14,12 @@ The client reaches the engine through a transport: :class:`HTTPTransport` by def
 :func:`wait_healthy` start-and-wait an engine process before the client talks to it.
 """
 
+from ..protocols import SamplingParams
 from ._client import Exchange, JoinError, RolloutClient, SampleResult, join_turns
 from ._collect import CollectSummary, collect
 from ._health import NotHealthyError, free_port, wait_healthy
 from ._http import HTTPError, HTTPTransport, ResponseTooLarge
 from ._prompts import Prompt, PromptError, read_prompts, sample_ids_for
-from ._requests import SamplingParams
 from ._transport import BaseTransport, MockTransport, RetryPolicy, TransportError
 
 __all__ = [

@@ -12,11 +12,10 @@ import numpy as np
 from ..checks import CheckReport, accept, check_routed
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, WireSample
-from ..protocols import decode_response
+from ..protocols import EngineCall, SamplingParams, decode_response, get_protocol
 from ._http import DEFAULT_API_KEY_ENV, HTTPTransport
 from ._transport import BaseTransport, RetryPolicy, TransportError
-from ._prompts import Prompt, sample_ids_for
-from ._requests import ENGINE_PATHS, EngineCall, SamplingParams, plan
+from ._prompts import Prompt, PromptError, sample_ids_for
 
 __all__ = ["Exchange", "JoinError", "RolloutClient", "SampleResult", "join_turns"]
 
@@ -97,8 +96,7 @@ class RolloutClient:
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        if engine not in ENGINE_PATHS:
-            raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINE_PATHS)}")
+        self.protocol = get_protocol(engine)
         self.engine = engine
         self.geometry = geometry
         self.model = model
@@ -132,7 +130,7 @@ class RolloutClient:
 
     def calls_per_prompt(self, samples: int) -> int:
         """HTTP requests one prompt of ``samples`` samples takes."""
-        return 1 if self.engine == "vllm" else samples
+        return self.protocol.calls_per_prompt(samples)
 
     # ---- network half: raw answers -------------------------------------------------------
 
@@ -149,8 +147,12 @@ class RolloutClient:
         and return their raw answers; nothing is decoded."""
         ids = list(sample_ids) if sample_ids is not None else sample_ids_for(prompt.prompt_id,
                                                                               samples)
-        calls = plan(self.engine, prompt.input_ids, ids, params or self.params,
-                     model=self.model, routed_start=routed_start, messages=prompt.messages)
+        try:
+            calls = self.protocol.plan(prompt.input_ids, ids, params or self.params,
+                                       model=self.model, routed_start=routed_start,
+                                       messages=prompt.messages)
+        except ValueError as e:
+            raise PromptError(f"prompt {prompt.prompt_id!r}: {e}") from None
         version = prompt.policy_version if prompt.policy_version is not None \
             else self.policy_version
         return list(await asyncio.gather(*(self._send(c, prompt.prompt_id, version)
@@ -185,11 +187,8 @@ class RolloutClient:
         pairs: list[tuple[str, WireSample]] = []
         if len(ids) == 1:
             pairs = [(ids[0], wires[0])] if wires else []
-        else:
-            for ws in wires:
-                suffix = ws.sample_id.rpartition("/")[2]
-                if suffix.isdigit() and int(suffix) < len(ids):
-                    pairs.append((ids[int(suffix)], ws))
+        else:  # each sample says which of the asked-for ones it answers
+            pairs = [(ids[ws.index], ws) for ws in wires if 0 <= ws.index < len(ids)]
         results: dict[str, SampleResult] = {}
         for sid, ws in pairs:
             if sid in results:

@@ -1,4 +1,8 @@
-"""Engine wire formats -> :class:`~replay_bridge.sample.WireSample`.
+"""Engine protocols: how to ask an engine for routed experts, how to decode its answer into
+:class:`~replay_bridge.sample.WireSample`, and how an engine encodes it.
+
+One module per protocol (``_sglang_generate``, ``_sglang_openai``, ``_vllm``), each a
+:class:`Protocol` subclass, registered once in :data:`PROTOCOLS`.
 
 ``decode_response`` reads a response body as bytes and base64-decodes each routing payload
 straight from those bytes; the payload never becomes a Python ``str``.
@@ -6,29 +10,53 @@ straight from those bytes; the payload never becomes a Python ``str``.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 from ..geometry import RoutingGeometry
 from ..sample import WireSample
-from . import _assemble
+from ._assemble import undecodable
+from ._base import Completion, EngineCall, Protocol, SamplingParams
 from ._npy import parse_npy, to_npy
 from ._payload import Payloads, loads
 from ._payload import split as split_payloads
-from .sglang import decode_generate, decode_openai
-from .vllm import decode_completions
+from ._sglang_generate import SGLangGenerate, splice_routing
+from ._sglang_openai import SGLangOpenAI
+from ._vllm import VLLM
 
-__all__ = ["ENGINES", "Payloads", "decode_parsed", "decode_response", "parse_npy", "split_payloads",
-           "to_npy", "undecodable"]
+__all__ = [
+    "PROTOCOLS",
+    "VLLM",
+    "Completion",
+    "EngineCall",
+    "Payloads",
+    "Protocol",
+    "SGLangGenerate",
+    "SGLangOpenAI",
+    "SamplingParams",
+    "decode_parsed",
+    "decode_response",
+    "get_protocol",
+    "parse_npy",
+    "splice_routing",
+    "split_payloads",
+    "to_npy",
+    "undecodable",
+]
 
-undecodable = _assemble.failed
+PROTOCOLS: Mapping[str, Protocol] = MappingProxyType({
+    p.name: p for p in (SGLangGenerate(), SGLangOpenAI(), VLLM())
+})
+"""Every protocol by name; adding one is one module and one line here."""
 
-Decoder = Callable[..., list[WireSample]]
 
-ENGINES: dict[str, Decoder] = {
-    "sglang": decode_generate,
-    "sglang-openai": decode_openai,
-    "vllm": decode_completions,
-}
+def get_protocol(name: str) -> Protocol:
+    """The protocol called ``name`` (``ValueError`` naming the known ones)."""
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; one of {', '.join(PROTOCOLS)}") from None
 
 
 def decode_parsed(
@@ -36,15 +64,14 @@ def decode_parsed(
     geometry: RoutingGeometry, sample_id: str, *, group_id: str | None = None,
     policy_version: int | None = None,
 ) -> list[WireSample]:
-    """Decode an already-parsed response whose payloads were split out by :func:`loads`."""
-    try:
-        decoder = ENGINES[engine]
-    except KeyError:
-        raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}") from None
+    """Decode an already-parsed response whose payloads were split out by
+    :func:`split_payloads`."""
+    protocol = get_protocol(engine)
     if not isinstance(request, dict):
-        return [_assemble.failed(sample_id, "malformed", "request is not a JSON object", engine,
-                                 group_id, policy_version)]
-    return decoder(request, response, payloads, geometry, sample_id, group_id, policy_version)
+        return [undecodable(sample_id, "malformed", "request is not a JSON object", engine,
+                            group_id, policy_version)]
+    return protocol.decode(request, response, payloads, geometry, sample_id, group_id,
+                           policy_version)
 
 
 def decode_response(
@@ -54,15 +81,16 @@ def decode_response(
 ) -> list[WireSample]:
     """Decode one engine response (raw body bytes, or already-parsed JSON) into wire samples.
 
-    One sample per batched item / choice; with several, ids are ``f"{sample_id}/{i}"``. A body
-    that is not JSON yields one ``malformed`` sample; this function does not raise on bad input.
+    One sample per batched item / choice, each with its ``index``; with several, ids are
+    ``f"{sample_id}/{i}"``. A body that is not JSON yields one ``malformed`` sample; this
+    function does not raise on bad input.
     """
     if isinstance(body, (bytes, bytearray, memoryview)):
         try:
             response, payloads = loads(body)
         except ValueError as e:
-            return [_assemble.failed(sample_id, "malformed", f"response is not JSON: {e}", engine,
-                                     group_id, policy_version)]
+            return [undecodable(sample_id, "malformed", f"response is not JSON: {e}", engine,
+                                group_id, policy_version)]
     else:
         response, payloads = body, Payloads()
     return decode_parsed(engine, request, response, payloads, geometry, sample_id,

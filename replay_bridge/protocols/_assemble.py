@@ -1,8 +1,9 @@
-"""Turn decoded parts of one response item into a :class:`WireSample`."""
+"""Decoding helpers every protocol shares: turn the parts of one response item into a
+:class:`WireSample`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,10 +11,6 @@ import numpy as np
 
 from ..geometry import RoutingGeometry
 from ..sample import DecodeFault, WireSample
-
-# SGLang's routed_experts_dtype values (int32 when absent).
-SGLANG_DTYPES = {"int32": "<i4", "uint16": "<u2", "uint8": "u1", "int16": "<i2", "int64": "<i8"}
-
 
 def token_array(ids: Any, what: str) -> np.ndarray:
     """Token ids (a JSON list) as ``int32``; ``ValueError`` when not a flat list of ints."""
@@ -89,6 +86,7 @@ def finish_reason(value: Any) -> str | None:
 def build(
     *,
     sample_id: str,
+    index: int = 0,
     prompt: np.ndarray,
     output: np.ndarray,
     start: int,
@@ -105,6 +103,7 @@ def build(
     fault = routing if isinstance(routing, DecodeFault) else None
     return WireSample(
         sample_id=sample_id,
+        index=index,
         tokens=tokens,
         prompt_len=int(prompt.shape[0]),
         routed_start=start,
@@ -120,16 +119,19 @@ def build(
     )
 
 
-def failed(
-    sample_id: str, kind: str, message: str, engine: str, group_id: str | None = None,
-    policy_version: int | None = None, prompt: np.ndarray | None = None,
+def undecodable(
+    sample_id: str, kind: str, message: str, protocol: str, group_id: str | None = None,
+    policy_version: int | None = None, prompt: np.ndarray | None = None, *, index: int = 0,
 ) -> WireSample:
-    """A sample whose response could not be read at all."""
+    """A sample whose response could not be read at all: fault ``kind`` with ``message``."""
     p = prompt if prompt is not None else np.empty(0, np.int32)
     return WireSample(
-        sample_id=sample_id, tokens=p, prompt_len=int(p.shape[0]), engine=engine,
+        sample_id=sample_id, index=index, tokens=p, prompt_len=int(p.shape[0]), engine=protocol,
         group_id=group_id, policy_version=policy_version, fault=DecodeFault(kind, message),
     )
+
+
+failed = undecodable  # the name ``replay_bridge.ingest`` used before ``undecodable``
 
 
 def start_offset(request: dict[str, Any], key: str, prompt_len: int) -> int | str:
@@ -161,9 +163,9 @@ class Context:
     policy_version: int | None = None
 
     def failed(self, sample_id: str, kind: str, message: str,
-               prompt: np.ndarray | None = None) -> WireSample:
-        return failed(sample_id, kind, message, self.engine, self.group_id,
-                      self.policy_version, prompt)
+               prompt: np.ndarray | None = None, *, index: int = 0) -> WireSample:
+        return undecodable(sample_id, kind, message, self.engine, self.group_id,
+                           self.policy_version, prompt, index=index)
 
 
 def request_prompt(request: dict[str, Any], key: str = "prompt") -> list[int] | None:
@@ -176,45 +178,18 @@ def request_prompt(request: dict[str, Any], key: str = "prompt") -> list[int] | 
 
 def align(
     ctx: Context, sample_id: str, request: dict[str, Any], prompt_ids: Any, output_ids: Any,
-    start_key: str,
+    start_key: str, index: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, int] | WireSample:
     """Prompt and completion token arrays and the row offset, or the ``malformed`` sample."""
     try:
         prompt = token_array(prompt_ids, "prompt token ids")
         output = token_array(output_ids, "completion token ids")
     except ValueError as e:
-        return ctx.failed(sample_id, "malformed", str(e))
+        return ctx.failed(sample_id, "malformed", str(e), index=index)
     if prompt.size == 0:
         return ctx.failed(sample_id, "malformed", "no prompt token ids: send the prompt as token "
-                          "ids, or ask the engine to return them")
+                          "ids, or ask the engine to return them", index=index)
     start = start_offset(request, start_key, int(prompt.size))
     if isinstance(start, str):
-        return ctx.failed(sample_id, "malformed", start, prompt)
+        return ctx.failed(sample_id, "malformed", start, prompt, index=index)
     return prompt, output, start
-
-
-def choices(
-    ctx: Context, request: dict[str, Any], response: Any, sample_id: str
-) -> Iterator[tuple[int, str, dict[str, Any] | WireSample]]:
-    """``(position, sample_id, choice)`` for each OpenAI choice; a ``malformed`` sample in place
-    of a choice that is not an object. Ids get ``/<index>`` when there are several choices."""
-    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
-        yield 0, sample_id, ctx.failed(sample_id, "malformed", "response has no choices list")
-        return
-    items = response["choices"]
-    many = len(items) > 1 or int(request.get("n", 1) or 1) > 1
-    for pos, choice in enumerate(items):
-        idx = choice.get("index", pos) if isinstance(choice, dict) else pos
-        sid = f"{sample_id}/{idx}" if many else sample_id
-        if isinstance(choice, dict):
-            yield pos, sid, choice
-        else:
-            yield pos, sid, ctx.failed(sid, "malformed", "choice is not an object")
-
-
-def choice_logprobs(choice: dict[str, Any]) -> np.ndarray | None:
-    """OpenAI ``logprobs``: completions (``token_logprobs``) or chat (``content``)."""
-    lp = choice.get("logprobs")
-    if not isinstance(lp, dict):
-        return None
-    return logprob_array(lp.get("token_logprobs") or lp.get("content"))

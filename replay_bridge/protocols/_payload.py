@@ -3,10 +3,10 @@
 A response body is split into a *skeleton* (the JSON with every ``"routed_experts": "<b64>"``
 value replaced by a short placeholder ``"#<i>"``) and the list of payloads as ``memoryview``
 slices of the body. The skeleton parses in microseconds; each payload is base64-decoded straight
-from the body's bytes. Decoders look a field up in the parsed skeleton and resolve it with
-:meth:`Payloads.bytes_of`: a placeholder maps back to its slice, anything else (a field the scan
-did not split, e.g. in an unusual encoding) is taken as it is, so the split is an optimisation
-that can never change a result.
+from the body's bytes. Decoders look a field up in the parsed skeleton and decode it with
+:meth:`Payloads.decode` (:meth:`Payloads.resolve` gives the raw text): a placeholder maps back to
+its slice, anything else (a field the scan did not split, e.g. in an unusual encoding) is taken
+as it is, so the split is an optimisation that can never change a result.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ _WS = b" \t\r\n"
 
 @dataclass
 class Payloads:
-    """The payloads split out of one body; ``bytes_of`` resolves a parsed field value."""
+    """The payloads split out of one body; :meth:`decode` base64-decodes a parsed field value."""
 
     views: list[memoryview] = field(default_factory=list)
 

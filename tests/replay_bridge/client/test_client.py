@@ -17,7 +17,7 @@ from replay_bridge.client import (JoinError, Prompt, RetryPolicy, RolloutClient,
                                   SamplingParams, join_turns)
 from replay_bridge.client._client import Exchange
 from reference_engine.loopback import loopback_app, synthetic_routing
-from replay_bridge.client._requests import EngineCall
+from replay_bridge.protocols import EngineCall
 from replay_bridge.geometry import RoutingGeometry
 
 from .conftest import loopback_client, running

@@ -1,4 +1,6 @@
-"""Engine-side encoders for tests: what SGLang and vLLM put on the wire."""
+"""Engine-side traffic for tests: what SGLang and vLLM put on the wire, built with the
+protocols' own encoders (``Protocol.plan`` for the request, ``Protocol.encode_response`` for
+the answer). Tests that pin the wire bytes encode by hand instead (``test_protocols.py``)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pybase64
 
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.protocols import to_npy
+from replay_bridge.protocols import Completion, SamplingParams, get_protocol
 
 
 def routing(rng: np.random.Generator, rows: int, g: RoutingGeometry) -> np.ndarray:
@@ -23,28 +24,24 @@ def routing(rng: np.random.Generator, rows: int, g: RoutingGeometry) -> np.ndarr
 def sglang_generate(prompt: list[int], output: list[int], r: np.ndarray | None,
                     dtype: str | None = None, start: int = 0, pretty: bool = False
                     ) -> tuple[dict[str, Any], bytes]:
-    meta: dict[str, Any] = {"finish_reason": {"type": "stop"},
-                            "output_token_logprobs": [[-0.25, t, None] for t in output]}
-    if r is not None:
-        arr = r.astype(np.dtype(dtype or "int32").newbyteorder("<"))
-        meta["routed_experts"] = pybase64.b64encode(arr.tobytes()).decode()
-        if dtype:
-            meta["routed_experts_dtype"] = dtype
-    req = {"input_ids": prompt, "return_routed_experts": True, "routed_experts_start_len": start}
-    body = {"text": "", "output_ids": output, "meta_info": meta}
+    """A ``/generate`` request and its answer (``r``: rows from ``start``; ``None``: none)."""
+    protocol = get_protocol("sglang")
+    (call,) = protocol.plan(prompt, ["s"], SamplingParams(max(len(output), 1)),
+                            routed_start=start)
+    body = protocol.encode_response(call.payload, [Completion(
+        output, r, logprobs=[-0.25] * len(output), finish_reason="stop")], dtype=dtype)
     raw = orjson.dumps(body, option=orjson.OPT_INDENT_2) if pretty else orjson.dumps(body)
-    return req, raw
+    return call.payload, raw
 
 
 def vllm_completion(prompt: list[int], outputs: list[list[int]], rs: list[np.ndarray | None],
                     dtype: str, start: int = 0) -> tuple[dict[str, Any], bytes]:
-    choices = []
-    for i, (out, r) in enumerate(zip(outputs, rs)):
-        c: dict[str, Any] = {"index": i, "text": "", "token_ids": out, "finish_reason": "length",
-                             "logprobs": {"token_logprobs": [-0.5] * len(out)}}
-        if r is not None:
-            c["routed_experts"] = pybase64.b64encode(to_npy(r.astype(dtype))).decode()
-        choices.append(c)
-    req = {"prompt": prompt, "n": len(outputs), "return_token_ids": True,
-           "routed_experts_prompt_start": start}
-    return req, orjson.dumps({"id": "cmpl-1", "choices": choices})
+    """A vLLM completions request for ``len(outputs)`` choices and its answer."""
+    protocol = get_protocol("vllm")
+    (call,) = protocol.plan(prompt, [f"s/{i}" for i in range(len(outputs))],
+                            SamplingParams(max((len(o) for o in outputs), default=1)),
+                            routed_start=start)
+    body = protocol.encode_response(call.payload, [
+        Completion(out, r, logprobs=[-0.5] * len(out)) for out, r in zip(outputs, rs)],
+        dtype=dtype)
+    return call.payload, orjson.dumps(body)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from replay_bridge.checks import accept, check_sample
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.protocols import decode_response, parse_npy
-from replay_bridge.protocols._payload import split
+from replay_bridge.protocols import split_payloads as split
 
 from tests.replay_bridge.protocols.engines import routing, sglang_generate, vllm_completion
 
