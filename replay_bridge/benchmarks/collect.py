@@ -1,6 +1,7 @@
 """``bench collect``: the client's CPU time per token against the ingest floor.
 
-A light responder (``reference_engine.loopback``) runs in its own process, so only the client's work is
+A light responder (``python -m reference_engine.loopback``, the reference engine's package;
+started as a process, never imported) runs in its own process, so only the client's work is
 timed: receiving the answers, decoding, checking and storing (``time.process_time`` of this
 process, every thread included). The floor is pybase64 ``b64decode`` of the same routing
 payloads given as bytes: no client can do less than decode them.
@@ -9,6 +10,7 @@ payloads given as bytes: no client can do less than decode them.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import socket
 import statistics
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +30,47 @@ from ..checks import accept
 from ..geometry import RoutingGeometry
 from ..shards import ShardWriter
 from ..protocols import decode_response, get_protocol
-from ..client import Prompt, RolloutClient, SamplingParams, collect
+from ..client import (NotHealthyError, Prompt, RolloutClient, SamplingParams, collect, free_port,
+                      wait_healthy)
 
 __all__ = ["run"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+RESPONDER = "reference_engine.loopback"
+RESPONDER_TIMEOUT_S = 60.0
 
 
 def _start_responder(engine: str, model: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    """``python -m reference_engine.loopback`` on a free port, once it answers ``/health``."""
+    if importlib.util.find_spec(RESPONDER.partition(".")[0]) is None:
+        raise RuntimeError(
+            f"bench collect runs the light responder (python -m {RESPONDER}), but the "
+            f"reference_engine package is not importable by {sys.executable}: install the "
+            "project (pip install -e '.[client]' from the checkout) into this environment")
+    port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "reference_engine.loopback", "--engine", engine,
-         "--model", model, "--port", str(port)],
+        [sys.executable, "-m", RESPONDER, "--engine", engine, "--model", model,
+         "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"responder exited: {err[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("responder did not come up within 60 s")
+    try:
+        wait_healthy(url, proc, timeout=RESPONDER_TIMEOUT_S)
+    except NotHealthyError as e:
+        if e.returncode is None:
+            proc.kill()
+            raise RuntimeError(f"responder did not come up within {RESPONDER_TIMEOUT_S:.0f} s"
+                               ) from None
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        raise RuntimeError(f"responder exited: {err[-2000:]}") from None
+    return proc, url
+
+
+def _stop_responder(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _raw_receive_cpu(url: str, calls: list[tuple[str, dict[str, Any]]]) -> float:
@@ -107,130 +120,188 @@ def _cpu(fn: Any, *args: Any) -> float:
     return time.process_time() - t
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """One benchmark's client settings against the running responder."""
+
+    url: str
+    engine: str
+    geometry: RoutingGeometry
+    params: SamplingParams
+    concurrency: int
+
+    def client(self) -> RolloutClient:
+        return RolloutClient(self.url, self.engine, self.geometry, params=self.params,
+                             concurrency=self.concurrency)
+
+
+def _collect_round(setup: _Setup, prompts: list[Prompt], out: Path, r: int) -> dict[str, Any]:
+    """Round ``r``: the whole collection into ``out``, timed (CPU of this process, wall)."""
+    writer = ShardWriter(out, setup.geometry)
+
+    async def go() -> Any:
+        async with setup.client() as client:
+            return await collect(client, prompts, writer)
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    summary = asyncio.run(go())
+    writer.close()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    if summary.stored != len(prompts):
+        raise RuntimeError(f"round {r}: {summary.stored} of {len(prompts)} stored: "
+                           f"{summary.totals()}")
+    return {"cpu_s": round(cpu, 4), "wall_s": round(wall, 4), "tokens": summary.tokens,
+            "cpu_ns_per_token": cpu / summary.tokens * 1e9,
+            "tokens_per_s": summary.tokens / wall}
+
+
+def _receive_only(setup: _Setup, prompts: list[Prompt]) -> tuple[float, int]:
+    """Receiving alone: the same requests, answers read and dropped; (CPU s, body bytes)."""
+    async def go() -> int:
+        n = 0
+        async with setup.client() as client:
+            sem = asyncio.Semaphore(setup.concurrency)
+
+            async def one(p: Prompt) -> int:
+                async with sem:
+                    return sum(len(ex.body or b"") for ex in await client.fetch(p))
+
+            for size in await asyncio.gather(*(one(p) for p in prompts)):
+                n += size
+        return n
+
+    c0 = time.process_time()
+    body_bytes = asyncio.run(go())
+    return time.process_time() - c0, body_bytes
+
+
+def _fetch_bodies(setup: _Setup, prompts: list[Prompt]) -> list[tuple[dict[str, Any], bytes]]:
+    """The requests for ``prompts`` and their answers, kept whole."""
+    async def go() -> list[tuple[dict[str, Any], bytes]]:
+        async with setup.client() as client:
+            exchanges = await asyncio.gather(*(client.fetch(p) for p in prompts))
+        return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
+
+    return asyncio.run(go())
+
+
+def _floor_cpu(payloads: list[bytes]) -> tuple[float, float]:
+    """CPU seconds (medians of 5) to b64-decode ``payloads``: results kept, and dropped."""
+    def b64_floor() -> None:  # decode and keep, as ``bench ingest``'s floor
+        decoded = [pybase64.b64decode(p, validate=True) for p in payloads]
+        del decoded
+
+    def b64_floor_discard() -> None:  # warm pages every time: a bound nothing reaches
+        for p in payloads:
+            pybase64.b64decode(p, validate=True)
+
+    floor = statistics.median(_cpu(b64_floor) for _ in range(5))
+    floor_discard = statistics.median(_cpu(b64_floor_discard) for _ in range(5))
+    return floor, floor_discard
+
+
+def _stage_cpu(engine: str, geometry: RoutingGeometry, bodies: list[tuple[dict[str, Any], bytes]],
+               store_dir: Path) -> tuple[float, float, float]:
+    """CPU seconds of the client's stages on ``bodies``, each on its own: decode and check
+    (medians of 3), store (once)."""
+    wires: list[Any] = []
+    decode = statistics.median(_cpu(lambda: wires.__setitem__(slice(None), [
+        w for i, (req, body) in enumerate(bodies)
+        for w in decode_response(engine, req, body, geometry, f"s{i}")])) for _ in range(3))
+    accepted: list[Any] = []
+    check = statistics.median(_cpu(lambda: accepted.__setitem__(slice(None), [
+        accept(w, geometry)[1] for w in wires])) for _ in range(3))
+
+    def store() -> None:
+        with ShardWriter(store_dir, geometry, resume=store_dir.exists()) as w:
+            for s in accepted:
+                w.add(s)
+
+    return decode, check, _cpu(store)
+
+
 def run(
     *, model: str, engine: str, prompts: int, prompt_len: int, max_new_tokens: int,
     concurrency: int, repeats: int, workdir: Path | None = None, floor_samples: int = 32,
 ) -> dict[str, Any]:
+    """Run the benchmark (``repeats`` rounds of ``prompts`` prompts, one sample each, against a
+    responder in another process) and return its figures."""
     geometry = RoutingGeometry.resolve(model)
     rng = np.random.default_rng(0)
     prompt_list = [Prompt(f"b{i:06d}", rng.integers(0, 50_000, prompt_len).tolist())
                    for i in range(prompts)]
     params = SamplingParams(max_new_tokens=max_new_tokens)
     proc, url = _start_responder(engine, model)
+    setup = _Setup(url, engine, geometry, params, concurrency)
     tmp = tempfile.TemporaryDirectory(dir=workdir)
     try:
-        rounds = []
-        for r in range(repeats):
-            out = Path(tmp.name) / f"round-{r}"
-            writer = ShardWriter(out, geometry)
-
-            async def go(w: ShardWriter = writer) -> Any:
-                async with RolloutClient(url, engine, geometry, params=params,
-                                         concurrency=concurrency) as client:
-                    return await collect(client, prompt_list, w)
-
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            summary = asyncio.run(go())
-            writer.close()
-            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-            if summary.stored != prompts:
-                raise RuntimeError(f"round {r}: {summary.stored} of {prompts} stored: "
-                                   f"{summary.totals()}")
-            rounds.append({"cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
-                           "tokens": summary.tokens,
-                           "cpu_ns_per_token": cpu / summary.tokens * 1e9,
-                           "tokens_per_s": summary.tokens / wall})
-
-        # Receiving alone: the same requests, answers read and dropped.
-        async def receive_only() -> int:
-            n = 0
-            async with RolloutClient(url, engine, geometry, params=params,
-                                     concurrency=concurrency) as client:
-                sem = asyncio.Semaphore(concurrency)
-
-                async def one(p: Prompt) -> int:
-                    async with sem:
-                        return sum(len(ex.body or b"") for ex in await client.fetch(p))
-
-                for size in await asyncio.gather(*(one(p) for p in prompt_list)):
-                    n += size
-            return n
-
+        rounds = [_collect_round(setup, prompt_list, Path(tmp.name) / f"round-{r}", r)
+                  for r in range(repeats)]
         receive_cpu = []
         for _ in range(repeats):
-            c0 = time.process_time()
-            body_bytes = asyncio.run(receive_only())
-            receive_cpu.append(time.process_time() - c0)
+            cpu, body_bytes = _receive_only(setup, prompt_list)
+            receive_cpu.append(cpu)
 
         # The same answers again, kept whole, for the floor and the per-stage split.
         sub = prompt_list[:floor_samples]
-
-        async def fetch_all() -> list[tuple[dict[str, Any], bytes]]:
-            async with RolloutClient(url, engine, geometry, params=params,
-                                     concurrency=concurrency) as client:
-                exchanges = await asyncio.gather(*(client.fetch(p) for p in sub))
-            return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
-
-        bodies = asyncio.run(fetch_all())
+        bodies = _fetch_bodies(setup, sub)
         raw_recv = statistics.median(_raw_receive_cpu(url, [(get_protocol(engine).path, req)
                                                             for req, _ in bodies])
                                      for _ in range(repeats))
         payloads = [p for _, body in bodies for p in _payloads(engine, body)]
         sub_tokens = sum(len(p.input_ids) + max_new_tokens for p in sub)
-        def b64_floor() -> None:  # decode and keep, as ``bench ingest``'s floor
-            decoded = [pybase64.b64decode(p, validate=True) for p in payloads]
-            del decoded
-
-        def b64_floor_discard() -> None:  # warm pages every time: a bound nothing reaches
-            for p in payloads:
-                pybase64.b64decode(p, validate=True)
-
-        floor = statistics.median(_cpu(b64_floor) for _ in range(5))
-        floor_discard = statistics.median(_cpu(b64_floor_discard) for _ in range(5))
-
-        wires: list[Any] = []
-        decode = statistics.median(_cpu(lambda: wires.__setitem__(slice(None), [
-            w for i, (req, body) in enumerate(bodies)
-            for w in decode_response(engine, req, body, geometry, f"s{i}")])) for _ in range(3))
-        accepted: list[Any] = []
-        check = statistics.median(_cpu(lambda: accepted.__setitem__(slice(None), [
-            accept(w, geometry)[1] for w in wires])) for _ in range(3))
-        store_dir = Path(tmp.name) / "stages"
-
-        def store() -> None:
-            with ShardWriter(store_dir, geometry, resume=store_dir.exists()) as w:
-                for s in accepted:
-                    w.add(s)
-
-        stored = _cpu(store)
+        floor, floor_discard = _floor_cpu(payloads)
+        decode, check, stored = _stage_cpu(engine, geometry, bodies, Path(tmp.name) / "stages")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop_responder(proc)
         tmp.cleanup()
 
+    return _report(setup, model, prompts, prompt_len + max_new_tokens, _Measured(
+        rounds, receive_cpu, body_bytes, raw_recv, payloads, sub_tokens, floor, floor_discard,
+        decode, check, stored))
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """CPU seconds as measured; ``sub_tokens``: tokens of the samples the stages ran on."""
+
+    rounds: list[dict[str, Any]]
+    receive_cpu: list[float]
+    body_bytes: int
+    raw_recv: float
+    payloads: list[bytes]
+    sub_tokens: int
+    floor: float
+    floor_discard: float
+    decode: float
+    check: float
+    stored: float
+
+
+def _report(setup: _Setup, model: str, prompts: int, tokens_per_sample: int,
+            m: _Measured) -> dict[str, Any]:
+    """The figures, per token, from the measured CPU seconds."""
+    rounds, sub_tokens = m.rounds, m.sub_tokens
     per_tok = statistics.median(x["cpu_ns_per_token"] for x in rounds)
-    floor_ns = floor / sub_tokens * 1e9
-    discard_ns = floor_discard / sub_tokens * 1e9
+    floor_ns = m.floor / sub_tokens * 1e9
+    discard_ns = m.floor_discard / sub_tokens * 1e9
     tokens_total = rounds[0]["tokens"]
-    stages = {"receive": statistics.median(receive_cpu) / tokens_total * 1e9,
-              "decode": decode / sub_tokens * 1e9, "check": check / sub_tokens * 1e9,
-              "store": stored / sub_tokens * 1e9}
+    stages = {"receive": statistics.median(m.receive_cpu) / tokens_total * 1e9,
+              "decode": m.decode / sub_tokens * 1e9, "check": m.check / sub_tokens * 1e9,
+              "store": m.stored / sub_tokens * 1e9}
     stages_sum = sum(stages.values())
-    raw_ns = raw_recv / sub_tokens * 1e9
-    wire_bytes = sum(len(p) for p in payloads) / sub_tokens
+    raw_ns = m.raw_recv / sub_tokens * 1e9
+    wire_bytes = sum(len(p) for p in m.payloads) / sub_tokens
     return {
         "bench": "collect",
         "model": model,
-        "geometry": geometry.to_dict(),
-        "engine": engine,
+        "geometry": setup.geometry.to_dict(),
+        "engine": setup.engine,
         "prompts": prompts,
-        "tokens_per_sample": prompt_len + max_new_tokens,
-        "concurrency": concurrency,
+        "tokens_per_sample": tokens_per_sample,
+        "concurrency": setup.concurrency,
         "routing_b64_bytes_per_token": round(wire_bytes, 1),
-        "response_bytes_per_token": round(body_bytes / tokens_total, 1),
+        "response_bytes_per_token": round(m.body_bytes / tokens_total, 1),
         "client_cpu_ns_per_token": round(per_tok, 1),
         "floor_b64decode_ns_per_token": round(floor_ns, 1),
         "ratio_client_vs_floor": round(per_tok / floor_ns, 2),
@@ -243,15 +314,15 @@ def run(
         "wall_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in rounds)),
         "rounds": rounds,
         "cpus": os.cpu_count(),
-        "client_cpu_us_per_sample": round(per_tok * (prompt_len + max_new_tokens) / 1e3, 1),
+        "client_cpu_us_per_sample": round(per_tok * tokens_per_sample / 1e3, 1),
         "note": "client CPU = time.process_time of the collecting process (all threads, kernel "
                 "time included) over the whole collection; the responder runs in another "
                 "process. Floor = pybase64 b64decode (validate=True, results kept, as bench "
                 "ingest) of the same payloads as bytes, on the first samples; the discard "
                 "floor drops each result at once. Stages: receive = the same "
                 "requests with answers read and dropped; decode, check, store measured offline "
-                "on the first samples. Each stage is timed on its own (its own allocations and page "
-                "faults), so their sum only approximates the whole collection's CPU. "
+                "on the first samples. Each stage is timed on its own (its own allocations and "
+                "page faults), so their sum only approximates the whole collection's CPU. "
                 "raw_socket_recv = blocking recv_into of the same answers into a preallocated "
                 "buffer (the kernel's copy alone).",
     }
