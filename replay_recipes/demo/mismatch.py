@@ -19,41 +19,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer_hooks.megatron import COMPLETION, PROMPT, HostRouting
+from trainer_hooks.megatron import AgreementCounter, HostRouting, moe_routers
 
-__all__ = ["RoutingMeter", "logp_mismatch", "moe_routers"]
-
-_REGIONS = {"prompt": PROMPT, "completion": COMPLETION}
-
-
-def moe_routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
-    """(0-based layer index, router) of a megatron GPTModel's MoE layers, in layer order."""
-    inner = model
-    while not hasattr(inner, "decoder") and hasattr(inner, "module"):
-        inner = inner.module
-    return [(int(layer.layer_number) - 1, layer.mlp.router) for layer in inner.decoder.layers
-            if hasattr(layer.mlp, "router")]
+__all__ = ["RoutingMeter", "logp_mismatch"]
 
 
 class RoutingMeter:
     """Counts, per MoE layer and region, blocks whose used experts equal the rollout's.
 
     Call :meth:`expect` with each micro-batch's laid-out rollout routing before its forward;
-    forwards without an expectation (or after :meth:`close`) are not counted.
+    forwards without an expectation (or after :meth:`close`) are not counted. The counts are
+    an :class:`~trainer_hooks.megatron.AgreementCounter` fed from the routers' routing maps,
+    never from the replay's own comparison.
     """
 
     def __init__(self, model: torch.nn.Module, layers: Sequence[int], top_k: int) -> None:
         routers = moe_routers(model)
-        found = tuple(layer for layer, _ in routers)
+        found = tuple(r.layer for r in routers)
         if found != tuple(layers):
             raise ValueError(f"the model's routers are at layers {found}, expected {tuple(layers)}")
         self.layers = tuple(layers)
         self.top_k = top_k
-        # [layer, region (prompt, completion, pad), (blocks, exact, overlap ids)]
-        self.counts = torch.zeros(len(layers), 3, 3, dtype=torch.int64)
+        self._counter = AgreementCounter(self.layers, top_k)
         self._ids: torch.Tensor | None = None
         self._region: torch.Tensor | None = None
-        self._hooks = [r.register_forward_hook(self._hook(i)) for i, (_, r) in enumerate(routers)]
+        self._hooks = [r.module.register_forward_hook(self._hook(i))
+                       for i, r in enumerate(routers)]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``int64 [layer, region (prompt, completion, pad), (blocks, exact, overlap ids)]``."""
+        return self._counter.counts
 
     def expect(self, host: HostRouting) -> None:
         if host.layers != self.layers:
@@ -69,33 +65,15 @@ class RoutingMeter:
             if routing_map.shape[0] != self._ids.shape[0]:
                 raise ValueError(f"router {self.layers[index]} saw {routing_map.shape[0]} tokens, "
                                  f"the laid-out rollout routing has {self._ids.shape[0]}")
-            hits = routing_map.to(torch.bool).gather(1, self._ids[:, index, :]).sum(1)
-            exact = (hits == self.top_k) & (routing_map.sum(1) == self.top_k)
-            stats = torch.stack((torch.ones_like(hits), exact.long(), hits.long()), 1)
-            self.counts[index].index_add_(0, self._region, stats)
+            self._counter.add_routing_map(index, routing_map, self._ids[:, index, :],
+                                          self._region)
 
         return hook
 
     def read(self, reset: bool = True) -> dict[str, Any]:
         """``{"blocks", "exact", "overlap", "prompt": {...}, "completion": {...},
         "layers": {layer: {...}}}`` over positions with rollout routing."""
-        c = self.counts.double()
-        k = float(self.top_k)
-
-        def figures(block: torch.Tensor) -> dict[str, float]:
-            n = float(block[..., 0].sum())
-            return {"blocks": int(n),
-                    "exact": float(block[..., 1].sum()) / n if n else float("nan"),
-                    "overlap": float(block[..., 2].sum()) / (n * k) if n else float("nan")}
-
-        data = c[:, [PROMPT, COMPLETION], :]
-        out: dict[str, Any] = figures(data)
-        for name, r in _REGIONS.items():
-            out[name] = figures(c[:, r, :])
-        out["layers"] = {layer: figures(data[i]) for i, layer in enumerate(self.layers)}
-        if reset:
-            self.counts.zero_()
-        return out
+        return self._counter.read(reset=reset)
 
     def close(self) -> None:
         for h in self._hooks:

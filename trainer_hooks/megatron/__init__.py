@@ -32,10 +32,12 @@ from ._layout import (
     RankSlice,
     layout_routing,
 )
+from ._metrics import AgreementCounter
 from ._replay import MicroBatchRouting, ReplayStateError, RoutingReplay
-from ._routers import ReplayConfigError, model_geometry
+from ._routers import MoERouter, ReplayConfigError, model_geometry, moe_routers
 
 __all__ = [
+    "AgreementCounter",
     "COMPLETION",
     "PAD",
     "PROMPT",
@@ -43,6 +45,7 @@ __all__ = [
     "LayoutError",
     "MicroBatchRouting",
     "MissingSample",
+    "MoERouter",
     "Packing",
     "RankSlice",
     "ReplayConfigError",
@@ -53,6 +56,7 @@ __all__ = [
     "build_routing_replay",
     "layout_routing",
     "model_geometry",
+    "moe_routers",
     "options_from_args",
     "options_from_config",
 ]

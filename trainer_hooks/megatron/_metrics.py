@@ -1,9 +1,17 @@
-"""Agreement between each router's own top-k and the replayed top-k, accumulated on the device.
+"""Routing agreement counted per MoE layer and region, without reading a value back.
 
-Per MoE layer and region (prompt / completion positions; pad rows are not counted): tokens,
-blocks whose own top-k *set* equals the replayed set, and the summed overlap
-``|own ∩ replayed|``. Accumulation is a few device kernels per router call and never reads a
-value back; :meth:`Agreement.read` does, once, when the trainer logs.
+:class:`AgreementCounter` is the one counting core: per (token, MoE layer) block it adds one
+block, whether the two expert sets are equal (``exact``) and the size of their overlap, into
+``int64 [layers, 3 regions, 3 counts]`` accumulators on the device. Pad rows (region
+:data:`PAD`) are counted apart and never reported. Two comparisons feed it:
+
+- :meth:`AgreementCounter.add_topk`: ``[tokens, k]`` ids against ``[tokens, k]`` ids (the
+  replay's own top-k against the replayed top-k);
+- :meth:`AgreementCounter.add_routing_map`: a router's routing map ``bool [tokens, experts]``
+  (the experts a token was actually sent to) against ``[tokens, k]`` ids.
+
+Adding is a few device kernels and never synchronises; :meth:`AgreementCounter.read` reads the
+counts once, when the trainer logs.
 """
 
 from __future__ import annotations
@@ -15,57 +23,102 @@ import torch
 
 from ._layout import COMPLETION, PROMPT
 
-__all__ = ["Agreement"]
+__all__ = ["AgreementCounter", "flat_figures"]
 
-_TOKENS, _EXACT, _OVERLAP = 0, 1, 2
+_BLOCKS, _EXACT, _OVERLAP = 0, 1, 2
 _REGIONS = {"prompt": PROMPT, "completion": COMPLETION}
 
 
-class Agreement:
-    """Device accumulators ``int64 [num_moe_layers, 3 regions, 3 counts]``."""
+class AgreementCounter:
+    """Accumulators ``int64 [len(layers), 3 regions, 3 counts (blocks, exact, overlap ids)]``.
 
-    def __init__(self, moe_layers: Sequence[int], top_k: int, device: torch.device) -> None:
-        self.moe_layers = tuple(moe_layers)
-        self.top_k = top_k
-        self.counts = torch.zeros(len(self.moe_layers), 3, 3, dtype=torch.int64, device=device)
+    ``layers``: the wire layer index of each accumulator row (the ``index`` passed to the
+    ``add`` methods is a row, not a layer).
+    """
+
+    def __init__(
+        self, layers: Sequence[int], top_k: int, device: torch.device | str | None = None
+    ) -> None:
+        self.layers = tuple(int(layer) for layer in layers)
+        self.top_k = int(top_k)
+        self.counts = torch.zeros(len(self.layers), 3, 3, dtype=torch.int64, device=device)
 
     def add(
-        self, moe_index: int, own: torch.Tensor, replayed: torch.Tensor, region: torch.Tensor
+        self, index: int, overlap: torch.Tensor, region: torch.Tensor,
+        exact: torch.Tensor | None = None,
     ) -> None:
-        """Count one router call: ``own`` and ``replayed`` are ``[tokens, k]`` expert ids,
-        ``region`` ``int64 [tokens]``."""
-        overlap = (own.unsqueeze(-1) == replayed.unsqueeze(-2)).any(-1).sum(-1)
-        stats = torch.stack(
-            (torch.ones_like(overlap), (overlap == self.top_k).long(), overlap.long()), dim=1
-        )
-        self.counts[moe_index].index_add_(0, region, stats)
+        """Count one router call: ``overlap`` ``[tokens]`` ids in common, ``region``
+        ``int64 [tokens]``, ``exact`` ``bool [tokens]`` (default: ``overlap == top_k``)."""
+        if exact is None:
+            exact = overlap == self.top_k
+        stats = torch.stack((torch.ones_like(overlap), exact.long(), overlap.long()), dim=1)
+        self.counts[index].index_add_(0, region, stats.to(self.counts.dtype))
+
+    def add_topk(
+        self, index: int, ids: torch.Tensor, reference: torch.Tensor, region: torch.Tensor
+    ) -> None:
+        """``ids`` and ``reference`` are ``[tokens, k]`` expert ids, distinct within a row."""
+        overlap = (ids.unsqueeze(-1) == reference.unsqueeze(-2)).any(-1).sum(-1)
+        self.add(index, overlap, region)
+
+    def add_routing_map(
+        self, index: int, routing_map: torch.Tensor, reference: torch.Tensor,
+        region: torch.Tensor,
+    ) -> None:
+        """``routing_map`` ``bool [tokens, experts]``, ``reference`` ``int64 [tokens, k]``: a
+        block is exact when the token went to exactly the k reference experts."""
+        used = routing_map.to(torch.bool)
+        overlap = used.gather(1, reference).sum(1)
+        exact = (overlap == self.top_k) & (used.sum(1) == self.top_k)
+        self.add(index, overlap, region, exact)
 
     def reset(self) -> None:
         self.counts.zero_()
 
-    def read(self, group: Any = None, prefix: str = "routing_replay/") -> dict[str, float]:
-        """The figures as a flat dict (one device-to-host read). With a process ``group``, every
-        rank of it must call: counts are summed over the group first."""
+    def read(self, group: Any = None, reset: bool = False) -> dict[str, Any]:
+        """``{"blocks", "exact", "overlap", "prompt": {...}, "completion": {...},
+        "layers": {layer: {...}}}`` over prompt and completion blocks (``exact`` and
+        ``overlap`` are NaN where nothing was counted). One device-to-host read; with a process
+        ``group`` (every rank of it must call) the counts are summed over it first."""
         counts = self.counts
         if group is not None:
             counts = counts.clone()
             torch.distributed.all_reduce(counts, group=group)
         c = counts.cpu().double()
+        if reset:
+            self.reset()
         k = float(self.top_k)
-        out: dict[str, float] = {}
 
-        def put(name: str, block: torch.Tensor) -> None:
-            tokens = float(block[..., _TOKENS].sum())
-            out[f"{prefix}{name}tokens"] = tokens
-            if tokens:
-                out[f"{prefix}{name}exact"] = float(block[..., _EXACT].sum()) / tokens
-                out[f"{prefix}{name}overlap"] = float(block[..., _OVERLAP].sum()) / (tokens * k)
+        def figures(block: torch.Tensor) -> dict[str, Any]:
+            n = float(block[..., _BLOCKS].sum())
+            return {"blocks": int(n),
+                    "exact": float(block[..., _EXACT].sum()) / n if n else float("nan"),
+                    "overlap": float(block[..., _OVERLAP].sum()) / (n * k) if n else float("nan")}
 
         data = c[:, [PROMPT, COMPLETION], :]
-        put("", data)
-        for region, r in _REGIONS.items():
-            put(f"{region}/", c[:, r, :])
-        for i, layer in enumerate(self.moe_layers):
-            if data[i, :, _TOKENS].sum():
-                put(f"layer{layer}/", data[i])
+        out: dict[str, Any] = figures(data)
+        for name, r in _REGIONS.items():
+            out[name] = figures(c[:, r, :])
+        out["layers"] = {layer: figures(data[i]) for i, layer in enumerate(self.layers)}
         return out
+
+
+def flat_figures(figures: dict[str, Any], prefix: str = "routing_replay/") -> dict[str, float]:
+    """:meth:`AgreementCounter.read` as a flat log dict: ``{prefix}tokens``, ``exact``,
+    ``overlap``, the same under ``prompt/``, ``completion/`` and ``layer{i}/``; ratios only
+    where blocks were counted, layers only when they have blocks."""
+    out: dict[str, float] = {}
+
+    def put(name: str, f: dict[str, Any]) -> None:
+        out[f"{prefix}{name}tokens"] = float(f["blocks"])
+        if f["blocks"]:
+            out[f"{prefix}{name}exact"] = f["exact"]
+            out[f"{prefix}{name}overlap"] = f["overlap"]
+
+    put("", figures)
+    for region in _REGIONS:
+        put(f"{region}/", figures[region])
+    for layer, f in figures["layers"].items():
+        if f["blocks"]:
+            put(f"layer{layer}/", f)
+    return out

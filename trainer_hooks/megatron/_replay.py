@@ -19,7 +19,7 @@ from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
 
 from ._layout import HostRouting, Packing, RankSlice, layout_routing, lookup_samples
-from ._metrics import Agreement
+from ._metrics import AgreementCounter, flat_figures
 from ._routers import ReplayConfigError, RouterSlot, find_routers
 
 __all__ = ["MicroBatchRouting", "ReplayStateError", "RoutingReplay"]
@@ -111,7 +111,8 @@ class RoutingReplay:
         for s in self._slots:
             self._by_chunk.setdefault(s.chunk, []).append(s)
         self._agreement = (
-            Agreement(geometry.moe_layers, geometry.top_k, self._device) if agreement else None
+            AgreementCounter(geometry.moe_layers, geometry.top_k, self._device)
+            if agreement else None
         )
         self._pass: _Pass | None = None
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
@@ -222,10 +223,7 @@ class RoutingReplay:
         ``layer{i}/``, and token counts. One device read; with ``group`` summed over it."""
         if self._agreement is None:
             return {}
-        out = self._agreement.read(group)
-        if reset:
-            self._agreement.reset()
-        return out
+        return flat_figures(self._agreement.read(group, reset=reset))
 
     def close(self) -> None:
         """Clear every router's replay state and remove this object's hooks."""
@@ -323,7 +321,7 @@ class RoutingReplay:
                     _, own = default_compute_topk(
                         scores.detach(), topk, num_groups=num_groups, group_topk=group_topk
                     )
-                    self._agreement.add(slot.moe_index, own, idx, slot.region)
+                    self._agreement.add_topk(slot.moe_index, own, idx, slot.region)
             return probs, idx
 
         return get_replay_topk

@@ -10,7 +10,14 @@ import torch
 
 from replay_bridge.geometry import RoutingGeometry
 
-__all__ = ["ReplayConfigError", "RouterSlot", "find_routers", "model_geometry"]
+__all__ = [
+    "MoERouter",
+    "ReplayConfigError",
+    "RouterSlot",
+    "find_routers",
+    "model_geometry",
+    "moe_routers",
+]
 
 
 class ReplayConfigError(RuntimeError):
@@ -36,6 +43,38 @@ class RouterSlot:
 
 def _is_mtp(name: str) -> bool:
     return "mtp" in name.split(".")
+
+
+@dataclass(frozen=True, eq=False)
+class MoERouter:
+    """A megatron-core ``TopKRouter`` found in a model chunk."""
+
+    chunk: int
+    layer: int
+    """Wire (0-based, global) layer index: the router's ``layer_number - 1``."""
+    name: str
+    """Module name, relative to its chunk."""
+    module: torch.nn.Module
+    mtp: bool = False
+    """A multi-token-prediction router (no rollout routing: never replayed or measured)."""
+
+
+def moe_routers(
+    model: torch.nn.Module | Sequence[torch.nn.Module], *, mtp: bool = False
+) -> list[MoERouter]:
+    """Every ``TopKRouter`` of a model (one chunk, or the list of a virtual pipeline's chunks),
+    found by walking the modules, by chunk then layer. Multi-token-prediction routers only
+    with ``mtp=True``."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    out = [
+        MoERouter(c, int(mod.layer_number) - 1, name, mod, _is_mtp(name))
+        for c, chunk in enumerate(chunks)
+        for name, mod in chunk.named_modules()
+        if isinstance(mod, TopKRouter) and (mtp or not _is_mtp(name))
+    ]
+    return sorted(out, key=lambda r: (r.chunk, r.mtp, r.layer))
 
 
 def model_geometry(config: Any) -> RoutingGeometry:
@@ -89,28 +128,20 @@ def find_routers(
     Multi-token-prediction routers are left out (they have no rollout routing). Raises
     :class:`ReplayConfigError` or ``GeometryMismatch`` naming what is wrong.
     """
-    from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.moe.router_replay import RouterReplay
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    found: list[tuple[int, str, Any]] = []
-    chunk_layers: list[set[int]] = []
-    all_replays: set[int] = set()
-    config = None
-    for c, chunk in enumerate(chunks):
-        layers: set[int] = set()
-        for name, mod in chunk.named_modules():
-            if isinstance(mod, TransformerLayer) and not _is_mtp(name):
-                layers.add(int(mod.layer_number) - 1)
-            if isinstance(mod, TopKRouter):
-                config = mod.config
-                if getattr(mod, "router_replay", None) is not None:
-                    all_replays.add(id(mod.router_replay))
-                if not _is_mtp(name):
-                    found.append((c, name, mod))
-        chunk_layers.append(layers)
-    if config is None:
+    routers = moe_routers(chunks, mtp=True)
+    if not routers:
         raise ReplayConfigError("the model has no MoE router (TopKRouter) on this rank")
+    config = routers[-1].module.config
+    all_replays = {id(r.module.router_replay) for r in routers
+                   if getattr(r.module, "router_replay", None) is not None}
+    chunk_layers = [
+        {int(mod.layer_number) - 1 for name, mod in chunk.named_modules()
+         if isinstance(mod, TransformerLayer) and not _is_mtp(name)}
+        for chunk in chunks
+    ]
     _check_config(config, allow_token_dropping)
 
     geometry.require_same(model_geometry(config), "the routing shards and the model")
@@ -119,20 +150,19 @@ def find_routers(
     moe_pos = {l: i for i, l in enumerate(geometry.moe_layers)}
     for c, layers in enumerate(chunk_layers):
         expected = sorted(l for l in layers if l in moe_pos)
-        here = sorted((int(r.layer_number) - 1, n, r) for cc, n, r in found if cc == c)
-        got = [l for l, _, _ in here]
+        here = [r for r in routers if r.chunk == c and not r.mtp]
+        got = [r.layer for r in here]
         if got != expected:
             raise ReplayConfigError(
                 f"model chunk {c} on this rank holds layers {sorted(layers)} with routers at "
                 f"{got}, but the geometry's MoE layers there are {expected} "
                 f"({len(got)} routers, expected {len(expected)})"
             )
-        for layer, name, router in here:
-            if router.router_replay is None:
-                raise ReplayConfigError(f"router {name} has no RouterReplay")
-            slots.append(
-                RouterSlot(c, layer, moe_pos[layer], len(slots), name, router, router.router_replay)
-            )
+        for r in here:
+            if r.module.router_replay is None:
+                raise ReplayConfigError(f"router {r.name} has no RouterReplay")
+            slots.append(RouterSlot(c, r.layer, moe_pos[r.layer], len(slots), r.name, r.module,
+                                    r.module.router_replay))
     if not slots:
         raise ReplayConfigError("no MoE layer of the geometry is built on this rank")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from megatron.core.transformer.moe.router import TopKRouter
 
 from replay_recipes.demo.mismatch import RoutingMeter, logp_mismatch
 from trainer_hooks.megatron import COMPLETION, PAD, PROMPT, HostRouting
@@ -13,11 +14,13 @@ from trainer_hooks.megatron import COMPLETION, PAD, PROMPT, HostRouting
 E, K = 8, 2
 
 
-class _Router(torch.nn.Module):
-    """Returns (probs, routing_map) like megatron's TopKRouter, routing to ``ids``."""
+class _Router(TopKRouter):
+    """A megatron ``TopKRouter`` (so the router discovery finds it) that returns
+    (probs, routing_map) routing to ``ids``."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, layer_number: int) -> None:
+        torch.nn.Module.__init__(self)  # no config: only the discovery and the hook matter
+        self.layer_number = layer_number
         self.ids: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor):
@@ -31,7 +34,7 @@ class _Layer(torch.nn.Module):
         self.layer_number = number
         self.mlp = torch.nn.Module()
         if moe:
-            self.mlp.router = _Router()
+            self.mlp.router = _Router(number)
 
 
 class _Model(torch.nn.Module):
