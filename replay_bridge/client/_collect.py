@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import CheckReport, CheckTally
+from ..checks import CheckTally
 from ..shards import ShardWriter
+from ..sink import SampleSink
 from ._client import Exchange, RolloutClient, SampleResult
 from ._prompts import Prompt, sample_ids_for
 
@@ -28,9 +29,11 @@ __all__ = ["CollectSummary", "collect"]
 @dataclass
 class CollectSummary:
     """Totals of one collection, and (when asked for) one verdict per sample in the form
-    ``ingest --json`` prints, ``{"sample_id", "stored", "kinds", ["message"]}``, plus
-    ``"outcome"``: ``stored``, ``rejected`` (kinds say why) or ``failed`` (no answer after the
-    retry budget; the message is the last error)."""
+    ``ingest --json`` prints (:meth:`replay_bridge.sink.Verdict.to_dict`),
+    ``{"sample_id", "stored", "kinds", "outcome", "message"?}``: outcome ``stored``,
+    ``rejected`` (kinds say why), ``duplicate`` (the id is stored already) or ``failed`` (no
+    answer after the retry budget; the message is the last error). ``rejected`` counts the
+    rejected and duplicate samples."""
 
     tally: CheckTally
     prompts: int = 0
@@ -50,7 +53,8 @@ class CollectSummary:
 
     @property
     def by_kind(self) -> dict[str, int]:
-        """Rejected samples per verdict kind (the tally's count; failed samples have none)."""
+        """Rejected and duplicate samples per verdict kind (the tally's count; failed samples
+        are counted in ``failed``)."""
         return dict(self.tally.by_kind)
 
     def totals(self) -> dict[str, Any]:
@@ -88,52 +92,33 @@ def _peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-class _Sink:
-    """Store results (runs on the worker thread only)."""
+class _Store:
+    """Hand each prompt's results to the sink and keep the summary (on the worker thread
+    only)."""
 
-    def __init__(self, client: RolloutClient, writer: ShardWriter, summary: CollectSummary,
+    def __init__(self, client: RolloutClient, sink: SampleSink, summary: CollectSummary,
                  on_result: Callable[[CollectSummary, list[SampleResult]], None] | None) -> None:
-        self.client, self.writer, self.summary, self.on_result = client, writer, summary, on_result
+        self.client, self.sink, self.summary, self.on_result = client, sink, summary, on_result
 
     def __call__(self, exchanges: list[Exchange]) -> None:
         results = self.client.finish(exchanges)
-        s = self.summary
+        s, sink = self.summary, self.sink
         for r in results:
-            verdict: dict[str, Any] = {"sample_id": r.sample_id, "stored": False, "kinds": [],
-                                       "outcome": "rejected"}
-            s.samples += 1
-            s.tokens += r.num_tokens
             if r.outcome == "failed":
-                s.failed += 1
-                verdict["outcome"] = "failed"
-                verdict["message"] = r.error
-                self.writer.record_failure(r.sample_id, r.error or "failed")
+                verdict = sink.add_failure(r.sample_id, r.error or "no answer")
             else:
                 assert r.report is not None
-                report = r.report
-                if r.sample is not None:
-                    try:
-                        self.writer.add(r.sample)
-                    except ValueError as e:  # the id is stored already
-                        report = CheckReport(r.sample_id, kinds=("duplicate_sample_id",),
-                                             message=f"sample {r.sample_id!r}: {e}")
-                    else:
-                        verdict["stored"] = True
-                        verdict["outcome"] = "stored"
-                        s.stored += 1
-                        s.tokens_stored += r.sample.num_tokens
-                if not verdict["stored"]:
-                    s.rejected += 1
-                    verdict["kinds"] = list(report.kinds)
-                    if report.message:
-                        verdict["message"] = report.message
-                    if report.kinds != ("duplicate_sample_id",):
-                        self.writer.quarantine(report, r.wire)
-                s.tally.add(report)
+                verdict = sink.add_checked(r.report, r.sample, r.wire)
+            s.samples += 1
+            s.tokens += r.num_tokens
             if s.verdicts is not None:
-                s.verdicts.append(verdict)
-            if not verdict["stored"] and len(s.first_rejected) < 20:
-                s.first_rejected.append(verdict)
+                s.verdicts.append(verdict.to_dict())
+            if not verdict.stored and len(s.first_rejected) < 20:
+                s.first_rejected.append(verdict.to_dict())
+        counts = sink.counts
+        s.stored, s.failed = counts["stored"], counts["failed"]
+        s.rejected = counts["rejected"] + counts["duplicate"]
+        s.tokens_stored = sink.tokens_stored
         if self.on_result is not None:
             self.on_result(s, results)
 
@@ -151,21 +136,24 @@ async def collect(
     """Collect ``samples_per_prompt`` samples of every prompt into ``writer``.
 
     Sample ids already in ``writer.stored_ids`` (a resumed directory) are not asked for again;
-    a prompt whose samples are all stored is skipped. Every other sample ends stored, rejected
-    (quarantined with its report) or failed (recorded with its last error). The writer is
-    flushed but not closed. ``on_result(summary, results)`` runs on the worker thread after
-    each prompt's results are stored.
+    a prompt whose samples are all stored is skipped. Every other sample goes through one
+    :class:`~replay_bridge.sink.SampleSink` and ends stored, rejected (quarantined with its
+    report), duplicate (its id is stored already) or failed (recorded with its last error).
+    A sample the client's checks accept but the writer refuses (a writer of another geometry)
+    is rejected as ``unstorable``. The writer is flushed but not closed.
+    ``on_result(summary, results)`` runs on the worker thread after each prompt's results are
+    stored.
     """
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    summary = CollectSummary(tally=CheckTally(client.geometry),
-                             verdicts=[] if keep_verdicts else None)
+    sink = SampleSink(writer)
+    summary = CollectSummary(tally=sink.tally, verdicts=[] if keep_verdicts else None)
     stored = writer.stored_ids
     loop = asyncio.get_running_loop()
     workers = max(1, math.ceil(client.concurrency / client.calls_per_prompt(samples_per_prompt)))
     queue: asyncio.Queue[list[Exchange] | None] = asyncio.Queue(maxsize=queue_size or workers)
     source: Iterator[Prompt] = iter(prompts)
-    sink = _Sink(client, writer, summary, on_result)
+    store = _Store(client, sink, summary, on_result)
     t0 = time.perf_counter()
 
     async def produce() -> None:
@@ -180,7 +168,7 @@ async def collect(
 
     async def consume(pool: ThreadPoolExecutor) -> None:
         while (item := await queue.get()) is not None:
-            await loop.run_in_executor(pool, sink, item)
+            await loop.run_in_executor(pool, store, item)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-bridge-store") as pool:
         failing = True

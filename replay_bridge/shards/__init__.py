@@ -6,7 +6,7 @@ knows the format lives here, :func:`validate_dir` (the offline re-check) include
 ``docs/shards.md``.
 """
 
-from ._errors import ShardError
+from ._errors import DuplicateSample, ShardError, UnstorableSample
 from ._manifest import Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import decode_routing
 from ._reader import ShardReader
@@ -16,6 +16,7 @@ from ._writer import COMPRESSIONS, ShardStats, ShardWriter
 
 __all__ = [
     "COMPRESSIONS",
+    "DuplicateSample",
     "Fault",
     "MAX_LISTED_SAMPLE_FAULTS",
     "FORMAT_VERSION",
@@ -27,6 +28,7 @@ __all__ = [
     "ShardReader",
     "ShardStats",
     "ShardWriter",
+    "UnstorableSample",
     "ValidationReport",
     "decode_routing",
     "schema_for",

@@ -1,8 +1,8 @@
-"""The one error type of the shard layer."""
+"""The errors of the shard layer: an untrustworthy directory, and a sample the writer refuses."""
 
 from __future__ import annotations
 
-__all__ = ["ShardError"]
+__all__ = ["DuplicateSample", "ShardError", "UnstorableSample"]
 
 
 class ShardError(Exception):
@@ -18,3 +18,21 @@ class ShardError(Exception):
         super().__init__(message)
         self.file = file
         self.kind = kind
+
+
+class DuplicateSample(ValueError):
+    """:meth:`ShardWriter.add` refused a sample whose id the directory holds already (in a
+    sealed shard or the open one). ``sample_id`` names it."""
+
+    def __init__(self, message: str, *, sample_id: str) -> None:
+        super().__init__(message)
+        self.sample_id = sample_id
+
+
+class UnstorableSample(ValueError):
+    """:meth:`ShardWriter.add` refused a sample that does not fit the shard: routing shape or
+    dtype, expert ids out of range, tokens, or row offsets. ``sample_id`` names it."""
+
+    def __init__(self, message: str, *, sample_id: object) -> None:
+        super().__init__(message)
+        self.sample_id = sample_id

@@ -1,5 +1,8 @@
 """Quarantine records: rejected samples (with their check report) and failed requests.
 
+A record's ``outcome`` is ``rejected`` or ``failed`` and its ``kinds`` say why (the outcome and
+kind vocabulary: ``docs/shards.md``, "Outcomes and verdict kinds").
+
 Records are JSON objects, one per line, in ``quarantine-NNNNNN.jsonl`` chunks; each chunk is
 written whole (temp file + rename) and listed in the manifest, so a crash never tears one.
 Routing travels as base64 of its raw little-endian bytes, with dtype and shape.
@@ -74,12 +77,13 @@ def rejection_record(report: CheckReport, sample: WireSample | RoutedSample | No
     return rec
 
 
-def failure_record(sample_id: str, error: BaseException | str) -> dict[str, Any]:
+def failure_record(sample_id: str, error: BaseException | str,
+                   kind: str = "request_failed") -> dict[str, Any]:
     etype = type(error).__name__ if isinstance(error, BaseException) else None
     return {
         "outcome": "failed",
         "sample_id": sample_id,
-        "kinds": ["failed"],
+        "kinds": [kind],
         "message": f"sample {sample_id!r}: {etype + ': ' if etype else ''}{error}",
         "error_type": etype,
         "time": _now(),

@@ -17,7 +17,7 @@ from ..checks import CheckReport
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, WireSample, with_routing
 from ._atomic import TMP_SUFFIX, HashingFile, atomic_write, fsync_dir, sha256_file
-from ._errors import ShardError
+from ._errors import DuplicateSample, ShardError, UnstorableSample
 from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
                         ShardEntry, is_member_name, is_temp_name, quarantine_name, shard_name)
 from ._quarantine import encode_records, failure_record, outcome_of, read_chunk, rejection_record
@@ -63,7 +63,13 @@ class ShardWriter:
     seal. ``batch_bytes`` trades compressed random lookups (one record batch is decompressed
     per lookup) against per-batch overhead. A writer killed at any instant leaves only complete
     shards; samples of the open shard are not stored (``stored_ids`` of a resumed writer says
-    which are). Not thread-safe: use it from one thread.
+    which are).
+
+    :meth:`add` is :meth:`claim` (check that the sample fits, take its id) then :meth:`append`
+    (batch, compress, write). Not thread-safe: use it from one thread, with one exception: the
+    ids (``claim``, ``in``, ``stored_ids``) may be used from one thread while ``append``,
+    ``quarantine``, ``record_failure`` and ``flush`` run on another, as
+    :class:`~replay_bridge.sink.SampleSink` does to overlap compression with checking.
     """
 
     DEFAULT_BATCH_BYTES = 2 << 20
@@ -163,6 +169,11 @@ class ShardWriter:
         """Ids stored in sealed shards or pending in the open one."""
         return frozenset(self._ids)
 
+    def __contains__(self, sample_id: object) -> bool:
+        """Whether ``sample_id`` is stored: in a sealed shard (this run's or, resumed, an
+        earlier run's) or pending in the open one."""
+        return sample_id in self._ids
+
     @property
     def stats(self) -> ShardStats:
         m = self._manifest
@@ -177,13 +188,36 @@ class ShardWriter:
         )
 
     def add(self, sample: RoutedSample) -> None:
-        """Queue a checked sample; :class:`ValueError` on a duplicate id or a routing array
-        that does not fit the geometry."""
+        """Queue a checked sample: :meth:`claim` then :meth:`append`.
+
+        Raises :class:`DuplicateSample` when its id is stored already and
+        :class:`UnstorableSample` when it does not fit the shard (both are ``ValueError``).
+        """
+        self.append(self.claim(sample))
+
+    def claim(self, sample: RoutedSample) -> RoutedSample:
+        """Check that ``sample`` can be stored here and take its id; return it as it will be
+        stored (ids in the geometry's dtype), for :meth:`append`.
+
+        :class:`DuplicateSample` when the id is stored already (sealed or pending);
+        :class:`UnstorableSample` when the routing's shape, dtype or ids, the tokens or the row
+        offsets do not fit. Neither takes the id.
+        """
         self._check_open()
         routed = self._conform(sample)
         if routed is not sample.routed:
             sample = with_routing(sample, routed)
         self._ids.add(sample.sample_id)
+        return sample
+
+    def append(self, sample: RoutedSample) -> None:
+        """Queue a sample that :meth:`claim` returned; it is written with the next record
+        batch and stored once its shard is sealed."""
+        self._check_open()
+        if sample.sample_id not in self._ids:
+            raise ValueError(f"sample {sample.sample_id!r} was not claimed: pass it to "
+                             "ShardWriter.claim first, or use add")
+        routed = sample.routed
         self._batch.append(sample)
         self._batch_bytes += routed.nbytes
         self._pending_tokens += sample.num_tokens
@@ -198,10 +232,11 @@ class ShardWriter:
         self._check_open()
         self._records.append(rejection_record(report, sample, note))
 
-    def record_failure(self, sample_id: str, error: BaseException | str) -> None:
-        """Record a sample that never came back from the engine."""
+    def record_failure(self, sample_id: str, error: BaseException | str,
+                       kind: str = "request_failed") -> None:
+        """Record a sample that never came back from the engine (outcome ``failed``)."""
         self._check_open()
-        self._records.append(failure_record(sample_id, error))
+        self._records.append(failure_record(sample_id, error, kind))
 
     def flush(self) -> None:
         """Seal the open shard and the pending quarantine records; rewrite the manifest."""
@@ -259,30 +294,35 @@ class ShardWriter:
         g = self.geometry
         if not isinstance(s, RoutedSample):
             raise TypeError(f"ShardWriter.add takes a RoutedSample, got {type(s).__name__}")
-        if not isinstance(s.sample_id, str) or not s.sample_id:
-            raise ValueError(f"sample id must be a non-empty string, got {s.sample_id!r}")
-        if s.sample_id in self._ids:
-            raise ValueError(f"sample {s.sample_id!r} is already stored in {self.dir}")
+        sid = s.sample_id
+        if not isinstance(sid, str) or not sid:
+            raise UnstorableSample(f"sample id must be a non-empty string, got {sid!r}",
+                                   sample_id=sid)
+        if sid in self._ids:
+            raise DuplicateSample(f"sample {sid!r} is already stored in {self.dir}",
+                                  sample_id=sid)
         r = np.asarray(s.routed)
         want = (g.num_moe_layers, g.top_k)
         if r.ndim != 3 or tuple(r.shape[1:]) != want:
-            raise ValueError(
-                f"sample {s.sample_id!r}: routing shape {tuple(r.shape)} does not fit the shard "
-                f"geometry [rows, {want[0]}, {want[1]}] (MoE layers x top_k)")
+            raise UnstorableSample(
+                f"sample {sid!r}: routing shape {tuple(r.shape)} does not fit the shard "
+                f"geometry [rows, {want[0]}, {want[1]}] (MoE layers x top_k)", sample_id=sid)
         if r.dtype != g.id_dtype:
             if r.dtype.kind not in "iu":
-                raise ValueError(f"sample {s.sample_id!r}: routing dtype {r.dtype} is not integer")
+                raise UnstorableSample(f"sample {sid!r}: routing dtype {r.dtype} is not integer",
+                                       sample_id=sid)
             if r.size and (int(r.min()) < 0 or int(r.max()) >= g.num_experts):
-                raise ValueError(f"sample {s.sample_id!r}: expert ids outside "
-                                 f"[0, {g.num_experts})")
+                raise UnstorableSample(f"sample {sid!r}: expert ids outside "
+                                       f"[0, {g.num_experts})", sample_id=sid)
             r = r.astype(g.id_dtype)
         t = np.asarray(s.tokens)
         if t.ndim != 1 or (t.size and t.dtype.kind not in "iu"):
-            raise ValueError(f"sample {s.sample_id!r}: tokens must be a 1-D integer array")
+            raise UnstorableSample(f"sample {sid!r}: tokens must be a 1-D integer array",
+                                   sample_id=sid)
         if not 0 <= s.routed_start <= s.prompt_len <= t.size:
-            raise ValueError(
-                f"sample {s.sample_id!r}: need 0 <= routed_start ({s.routed_start}) <= "
-                f"prompt_len ({s.prompt_len}) <= tokens ({t.size})")
+            raise UnstorableSample(
+                f"sample {sid!r}: need 0 <= routed_start ({s.routed_start}) <= "
+                f"prompt_len ({s.prompt_len}) <= tokens ({t.size})", sample_id=sid)
         return r
 
     def _write_batch(self) -> None:

@@ -131,31 +131,18 @@ def _generate(engine: str, tiny: RoutingGeometry, prompt: Prompt, n: int) -> lis
     return asyncio.run(go())
 
 
-class BlockingWriter:
-    """A ShardWriter whose add() waits for a gate: a disk that has stalled."""
+class BlockingWriter(ShardWriter):
+    """A ShardWriter whose append() waits for a gate: a disk that has stalled."""
 
-    def __init__(self, inner: ShardWriter) -> None:
-        self.inner = inner
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    @property
-    def stored_ids(self) -> frozenset[str]:
-        return self.inner.stored_ids
-
-    def add(self, sample: Any) -> None:
+    def append(self, sample: Any) -> None:
         self.entered.set()
         self.gate.wait(30)
-        self.inner.add(sample)
-
-    def quarantine(self, *a: Any, **k: Any) -> None:
-        self.inner.quarantine(*a, **k)
-
-    def record_failure(self, *a: Any, **k: Any) -> None:
-        self.inner.record_failure(*a, **k)
-
-    def flush(self) -> None:
-        self.inner.flush()
+        super().append(sample)
 
 
 def test_backpressure_bounds_requests_while_the_writer_stalls(tiny: RoutingGeometry,
@@ -163,7 +150,7 @@ def test_backpressure_bounds_requests_while_the_writer_stalls(tiny: RoutingGeome
     concurrency, queue_size = 4, 2
 
     async def go() -> None:
-        writer = BlockingWriter(ShardWriter(tmp_path / "out", tiny))
+        writer = BlockingWriter(tmp_path / "out", tiny)
         async with loopback_client("sglang", tiny, params=SamplingParams(2),
                                    concurrency=concurrency) as (client, bodies):
             task = asyncio.ensure_future(collect(client, prompts(200), writer,
@@ -176,5 +163,5 @@ def test_backpressure_bounds_requests_while_the_writer_stalls(tiny: RoutingGeome
         # One answer in the stalled store, queue_size queued, one per worker waiting to queue.
         assert asked_while_stalled <= 1 + queue_size + concurrency
         assert summary.stored == 200 and len(bodies) == 200
-        writer.inner.close()
+        writer.close()
     asyncio.run(go())
