@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ._app import make_worker_app
     from ._faults import FAULTS, ROUTER_FAULTS, WORKER_FAULTS
     from ._launch import PDUrls, in_background, serve_app, serve_pd, serve_router, serve_worker
-    from ._model import Engine, Generation, SamplingSpec
+    from ._model import Generation, ModelRunner, SamplingSpec
     from ._pd_router import RouterConfig, make_router_app
     from ._worker import ROLES, WorkerConfig
     from .tiny_model import make_tiny_model
@@ -23,7 +23,7 @@ _HOMES = {
     "FAULTS": "_faults", "ROUTER_FAULTS": "_faults", "WORKER_FAULTS": "_faults",
     "PDUrls": "_launch", "in_background": "_launch", "serve_app": "_launch",
     "serve_pd": "_launch", "serve_router": "_launch", "serve_worker": "_launch",
-    "Engine": "_model", "Generation": "_model", "SamplingSpec": "_model",
+    "Generation": "_model", "ModelRunner": "_model", "SamplingSpec": "_model",
     "RouterConfig": "_pd_router", "make_router_app": "_pd_router",
     "make_tiny_model": "tiny_model",
 }
@@ -43,8 +43,8 @@ __all__ = [
     "ROLES",
     "ROUTER_FAULTS",
     "WORKER_FAULTS",
-    "Engine",
     "Generation",
+    "ModelRunner",
     "PDUrls",
     "RouterConfig",
     "SamplingSpec",

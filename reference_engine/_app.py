@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from ._faults import WORKER_FAULTS, check_fault
-from ._model import Engine, Generation, SamplingSpec
+from ._model import Generation, ModelRunner, SamplingSpec
 from ._openai import chat_completion, completion
 from ._pd_router import BOOTSTRAP_PORT
 from ._worker import ROLES, Item, RequestError, Worker, WorkerConfig
@@ -74,7 +74,7 @@ async def _generate_stream(request: web.Request, w: Worker, item: Item) -> web.S
         if pending is not None:  # hold one token back: the last one goes out with the final chunk
             partial.output_ids.append(pending[0])
             partial.logprobs.append(pending[1])
-            chunk = {"text": w.engine.decode(partial.output_ids) or "",
+            chunk = {"text": w.runner.decode(partial.output_ids) or "",
                      "output_ids": list(partial.output_ids),
                      "meta_info": w.meta_info(item, partial, final=False)}
             await send(chunk)
@@ -117,10 +117,10 @@ async def _health_generate(request: web.Request) -> web.Response:
 
 
 def _model_info(w: Worker) -> dict[str, Any]:
-    g = w.engine.geometry
+    g = w.runner.geometry
     return {
-        "model_path": str(w.engine.model_dir),
-        "tokenizer_path": str(w.engine.model_dir) if w.engine.tokenizer is not None else None,
+        "model_path": str(w.runner.model_dir),
+        "tokenizer_path": str(w.runner.model_dir) if w.runner.tokenizer is not None else None,
         "is_generation": True,
         "weight_version": w.config.weight_version,
         "routed_experts_geometry": {"num_layers": g.num_layers, "moe_layers": list(g.moe_layers),
@@ -138,7 +138,7 @@ async def _get_server_info(request: web.Request) -> web.Response:
     return _json({
         **_model_info(w),
         "served_model_name": w.config.model_name,
-        "dtype": w.engine.dtype,
+        "dtype": w.runner.dtype,
         "disaggregation_mode": "null" if role == "unified" else role,
         "disaggregation_bootstrap_port": BOOTSTRAP_PORT,
         "enable_return_routed_experts": w.config.return_routed_experts,
@@ -173,13 +173,13 @@ async def _shutdown_executor(app: web.Application) -> None:
     app[_WORKER].executor.shutdown(wait=False, cancel_futures=True)
 
 
-def make_worker_app(engine: Engine, config: WorkerConfig) -> web.Application:
+def make_worker_app(runner: ModelRunner, config: WorkerConfig) -> web.Application:
     """The aiohttp application of one worker serving ``engine``."""
-    check_fault(config.fault, WORKER_FAULTS, engine.geometry.top_k)
+    check_fault(config.fault, WORKER_FAULTS, runner.geometry.top_k)
     if config.model_name is None:
-        config.model_name = engine.model_dir.name
+        config.model_name = runner.model_dir.name
     app = web.Application(client_max_size=1 << 30)
-    app[_WORKER] = Worker(engine, config)
+    app[_WORKER] = Worker(runner, config)
     app.on_cleanup.append(_shutdown_executor)
     app.router.add_post("/generate", _generate)
     app.router.add_post("/v1/completions", _completions)

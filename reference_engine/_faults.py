@@ -1,4 +1,4 @@
-"""Injected faults, each reproducing one seen in the field (see docs/protocol.md).
+"""Injected faults, each reproducing one seen in the field (docs/reference-engine.md, "Faults").
 
 A worker (``serve --fault``) or the PD router (``route --fault``) applies them to the routing it
 is about to send:

@@ -22,7 +22,7 @@ from aiohttp import web
 from ._pd_router import RouterConfig, make_router_app
 
 if TYPE_CHECKING:
-    from ._model import Engine
+    from ._model import ModelRunner
 
 __all__ = ["PDUrls", "in_background", "serve_app", "serve_pd", "serve_router", "serve_worker"]
 
@@ -54,15 +54,15 @@ async def serve_app(app: web.Application, host: str = "127.0.0.1",
         await runner.cleanup()
 
 
-def _engine(model: str | Path | Engine, dtype: str) -> Engine:
-    from ._model import Engine
+def _load_runner(model: str | Path | ModelRunner, dtype: str) -> ModelRunner:
+    from ._model import ModelRunner
 
-    return model if isinstance(model, Engine) else Engine(model, dtype=dtype)
+    return model if isinstance(model, ModelRunner) else ModelRunner(model, dtype=dtype)
 
 
 @contextlib.asynccontextmanager
 async def serve_worker(
-    model: str | Path | Engine,
+    model: str | Path | ModelRunner,
     *,
     role: str = "unified",
     dtype: str = "bfloat16",
@@ -72,15 +72,16 @@ async def serve_worker(
     host: str = "127.0.0.1",
     port: int = 0,
 ) -> AsyncIterator[str]:
-    """One worker of ``role`` serving a model directory (or an already loaded :class:`Engine`).
+    """One worker of ``role`` serving a model directory (or an already loaded
+    :class:`~reference_engine.ModelRunner`).
 
     ``return_routed_experts=False`` serves like SGLang without
     ``--enable-return-routed-experts``: requests for routing get none, and no error.
     """
     from ._app import WorkerConfig, make_worker_app
 
-    engine = await asyncio.to_thread(_engine, model, dtype)
-    app = make_worker_app(engine, WorkerConfig(
+    runner = await asyncio.to_thread(_load_runner, model, dtype)
+    app = make_worker_app(runner, WorkerConfig(
         role=role, fault=fault, weight_version=weight_version,
         return_routed_experts=return_routed_experts))
     async with serve_app(app, host, port) as url:
@@ -98,29 +99,29 @@ async def serve_router(prefill_url: str, decode_url: str, *, fault: str | None =
 
 @contextlib.asynccontextmanager
 async def serve_pd(
-    model: str | Path | Engine,
+    model: str | Path | ModelRunner,
     *,
     dtype: str = "bfloat16",
     worker_fault: str | None = None,
     router_fault: str | None = None,
     weight_version: str = "default",
-    share_engine: bool = True,
+    share_model: bool = True,
     host: str = "127.0.0.1",
 ) -> AsyncIterator[PDUrls]:
     """A prefill worker, a decode worker and a router, each on a free port.
 
     ``worker_fault`` is injected by both workers, ``router_fault`` by the router. With
-    ``share_engine`` both workers use one loaded model (they still run as separate servers).
+    ``share_model`` both workers use one loaded model (they still run as separate servers).
     """
-    prefill_engine = await asyncio.to_thread(_engine, model, dtype)
-    decode_engine = prefill_engine if share_engine else await asyncio.to_thread(
-        _engine, prefill_engine.model_dir, dtype)
+    prefill_runner = await asyncio.to_thread(_load_runner, model, dtype)
+    decode_runner = prefill_runner if share_model else await asyncio.to_thread(
+        _load_runner, prefill_runner.model_dir, dtype)
     async with contextlib.AsyncExitStack() as stack:
         p = await stack.enter_async_context(serve_worker(
-            prefill_engine, role="prefill", fault=worker_fault, weight_version=weight_version,
+            prefill_runner, role="prefill", fault=worker_fault, weight_version=weight_version,
             host=host))
         d = await stack.enter_async_context(serve_worker(
-            decode_engine, role="decode", fault=worker_fault, weight_version=weight_version,
+            decode_runner, role="decode", fault=worker_fault, weight_version=weight_version,
             host=host))
         r = await stack.enter_async_context(serve_router(p, d, fault=router_fault, host=host))
         yield PDUrls(prefill=p, decode=d, router=r)

@@ -19,7 +19,7 @@ import torch
 
 from replay_bridge.geometry import RoutingGeometry
 
-__all__ = ["Engine", "Generation", "SamplingSpec"]
+__all__ = ["Generation", "ModelRunner", "SamplingSpec"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -68,8 +68,9 @@ class _Capture:
         self.enabled = True
 
 
-class Engine:
-    """A causal MoE language model that generates one sequence at a time (thread-safe)."""
+class ModelRunner:
+    """A causal MoE language model that generates one sequence at a time (thread-safe): what a
+    reference-engine worker runs. (``engine`` elsewhere names a wire protocol.)"""
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16") -> None:
         from transformers import AutoModelForCausalLM

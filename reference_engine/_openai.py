@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Any
 
-from ._model import Engine
+from ._model import ModelRunner
 from ._worker import SGLANG, RequestError, Worker
 
 __all__ = ["chat_completion", "completion"]
@@ -28,7 +28,7 @@ async def chat_completion(w: Worker, body: Any) -> dict[str, Any]:
     """The response to a ``/v1/chat/completions`` request (raises :class:`RequestError`)."""
     if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
         raise RequestError("a chat request needs a list of messages")
-    prompt = w.engine.chat_prompt(body["messages"])
+    prompt = w.runner.chat_prompt(body["messages"])
     body = {**body, "prompt": prompt}
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
         body["max_tokens"] = body["max_completion_tokens"]
@@ -53,10 +53,10 @@ async def _openai(w: Worker, body: dict[str, Any], *, chat: bool) -> dict[str, A
         choice: dict[str, Any] = {"index": idx}
         if chat:
             choice["message"] = {"role": "assistant", "content": ret.get("text", "")}
-            choice["logprobs"] = _chat_logprobs(w.engine, ret) if want_logprobs else None
+            choice["logprobs"] = _chat_logprobs(w.runner, ret) if want_logprobs else None
         else:
             choice["text"] = ret.get("text", "")
-            choice["logprobs"] = _openai_logprobs(w.engine, ret) if want_logprobs else None
+            choice["logprobs"] = _openai_logprobs(w.runner, ret) if want_logprobs else None
         choice["finish_reason"] = finish.get("type")
         choice["matched_stop"] = finish.get("matched")
         if body.get("return_token_ids"):
@@ -145,15 +145,15 @@ def _get(body: dict[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _chat_logprobs(engine: Engine, ret: dict[str, Any]) -> dict[str, Any]:
+def _chat_logprobs(runner: ModelRunner, ret: dict[str, Any]) -> dict[str, Any]:
     pairs = ret["meta_info"].get("output_token_logprobs") or []
-    return {"content": [{"token": engine.token_text(tok) or str(tok), "logprob": lp,
+    return {"content": [{"token": runner.token_text(tok) or str(tok), "logprob": lp,
                          "bytes": None, "top_logprobs": []} for lp, tok, _ in pairs]}
 
 
-def _openai_logprobs(engine: Engine, ret: dict[str, Any]) -> dict[str, Any]:
+def _openai_logprobs(runner: ModelRunner, ret: dict[str, Any]) -> dict[str, Any]:
     pairs = ret["meta_info"].get("output_token_logprobs") or []
-    tokens = [engine.token_text(tok) or str(tok) for _, tok, _ in pairs]
+    tokens = [runner.token_text(tok) or str(tok) for _, tok, _ in pairs]
     offsets, acc = [], 0
     for t in tokens:
         offsets.append(acc)

@@ -22,7 +22,7 @@ import orjson
 from replay_bridge.protocols import get_protocol
 
 from ._faults import apply_rows_fault, stale_rows
-from ._model import Engine, Generation, SamplingSpec
+from ._model import Generation, ModelRunner, SamplingSpec
 
 __all__ = ["ROLES", "Item", "RequestError", "Worker", "WorkerConfig"]
 
@@ -68,7 +68,7 @@ class Item:
 class Worker:
     """One engine in one role: turns SGLang requests into generations and responses."""
 
-    engine: Engine
+    runner: ModelRunner
     config: WorkerConfig
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
@@ -97,7 +97,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         gen = await loop.run_in_executor(
             self.executor,
-            lambda: self.engine.generate(
+            lambda: self.runner.generate(
                 item.prompt, spec, capture_prompt=role != "decode", on_token=token,
                 # A decode worker never ran the prompt: it has no prompt log-probs.
                 input_logprob_start=item.logprob_start
@@ -134,7 +134,7 @@ class Worker:
             if self.config.fault == "stale-prompt-rows":
                 rows = stale_rows(rows, prompt_rows, gen.extra.get("earlier_routing"))
             rows = apply_rows_fault(self.config.fault, rows, prompt_rows,
-                                    self.engine.geometry.moe_layers)
+                                    self.runner.geometry.moe_layers)
             meta["routed_experts"] = SGLANG.encode_routing(rows)
         return meta
 
@@ -148,7 +148,7 @@ class Worker:
 
     def body(self, item: Item, gen: Generation) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        text = self.engine.decode(gen.output_ids)
+        text = self.runner.decode(gen.output_ids)
         if text is not None:
             out["text"] = text
         out["output_ids"] = list(gen.output_ids)
@@ -176,7 +176,7 @@ class Worker:
             if not all(isinstance(t, str) for t in texts):
                 raise RequestError("text must be a string or a list of strings")
             try:
-                prompts = [self.engine.encode(t) for t in texts]
+                prompts = [self.runner.encode(t) for t in texts]
             except ValueError as e:
                 raise RequestError(str(e)) from None
             from_text = True

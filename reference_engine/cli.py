@@ -22,11 +22,11 @@ _FAULT_HELP = ("inject a fault: prefill-zero-rows, drop-routed-experts, duplicat
                " serve only: stale-prompt-rows; route only: no-merge")
 
 
-def _import_server(as_json: bool, engine: bool = True) -> Any:
+def _import_server(as_json: bool, needs_model: bool = True) -> Any:
     try:
         import reference_engine as server
 
-        if not engine:
+        if not needs_model:
             import aiohttp  # noqa: F401 - the router needs only aiohttp
             return server
         import torch  # noqa: F401
@@ -106,18 +106,18 @@ def serve_cmd(
 
     torch.set_num_threads(max(1, threads))
     try:
-        engine = server.Engine(model, dtype=dtype)
+        runner = server.ModelRunner(model, dtype=dtype)
     except ValueError as e:
         die(f"cannot serve {model}: {e}", EXIT_USAGE, as_json)
     config = server.WorkerConfig(role=role, fault=fault, weight_version=weight_version,
                                  return_routed_experts=not no_routed_experts)
     try:
-        worker_app = server.make_worker_app(engine, config)
+        worker_app = server.make_worker_app(runner, config)
     except ValueError as e:
         die(str(e), EXIT_USAGE, as_json)
     asyncio.run(_serve_forever(lambda: worker_app, host, port, {
         "role": role, "model": str(model), "dtype": dtype, "fault": fault,
-        "geometry": engine.geometry.to_dict()}, as_json))
+        "geometry": runner.geometry.to_dict()}, as_json))
 
 
 def route_cmd(
@@ -130,7 +130,7 @@ def route_cmd(
     as_json: bool = typer.Option(False, "--json", help="print {url, ...} once listening"),
 ) -> None:
     """A PD router that merges prefill and decode routing like SGLang's gateway."""
-    server = _import_server(as_json, engine=False)
+    server = _import_server(as_json, needs_model=False)
     if fault is not None and fault not in server.ROUTER_FAULTS:
         die(f"--fault must be one of {', '.join(server.ROUTER_FAULTS)}, got {fault!r}",
             EXIT_USAGE, as_json)

@@ -26,7 +26,7 @@ from .conftest import transformers_routing
 pytest.importorskip("transformers", reason="the reference engine needs the 'server' extra")
 
 from reference_engine import (  # noqa: E402
-    Engine,
+    ModelRunner,
     PDUrls,
     in_background,
     serve_app,
@@ -39,12 +39,12 @@ PARAMS = SamplingParams(max_new_tokens=NEW, temperature=1.0, extra={"ignore_eos"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> Engine:
-    return Engine(tiny_model, dtype="float32")
+def engine(tiny_model: Path) -> ModelRunner:
+    return ModelRunner(tiny_model, dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def clean_pd(engine: Engine) -> Iterator[PDUrls]:
+def clean_pd(engine: ModelRunner) -> Iterator[PDUrls]:
     with in_background(serve_pd(engine, dtype="float32")) as urls:
         yield urls
 
@@ -157,7 +157,8 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_fault_rejects_affected_samples_and_stores_the_rest(
-        fault: str, engine: Engine, clean_pd: PDUrls, tiny_model: Path, tmp_path: Path) -> None:
+        fault: str, engine: ModelRunner, clean_pd: PDUrls, tiny_model: Path,
+        tmp_path: Path) -> None:
     where, kind, region = FAULTS[fault]
     kw = {"worker_fault": fault} if where == "worker" else {"router_fault": fault}
     items = prompts(6)

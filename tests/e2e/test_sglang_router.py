@@ -26,9 +26,9 @@ NEW = 6
 
 @pytest.fixture(scope="module")
 def mini_lb(tiny_model: Path) -> Iterator[str]:
-    from reference_engine import Engine, in_background, serve_pd
+    from reference_engine import ModelRunner, in_background, serve_pd
 
-    with in_background(serve_pd(Engine(tiny_model, dtype="float32"), dtype="float32")) as pd:
+    with in_background(serve_pd(ModelRunner(tiny_model, dtype="float32"), dtype="float32")) as pd:
         with sglang_mini_lb(pd.prefill, pd.decode) as url:
             yield url
 

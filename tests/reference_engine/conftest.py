@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("transformers", reason="the reference engine needs the 'server' extra")
 
 from reference_engine import (  # noqa: E402
-    Engine,
+    ModelRunner,
     PDUrls,
     in_background,
     make_tiny_model,
@@ -60,18 +60,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_model_dir: Path) -> Engine:
+def runner(tiny_model_dir: Path) -> ModelRunner:
     """float32, so that KV-cache generation and a full forward pass agree exactly."""
-    return Engine(tiny_model_dir, dtype="float32")
+    return ModelRunner(tiny_model_dir, dtype="float32")
 
 
 @pytest.fixture(scope="session")
-def unified(engine: Engine) -> Iterator[str]:
-    with in_background(serve_worker(engine)) as url:
+def unified(runner: ModelRunner) -> Iterator[str]:
+    with in_background(serve_worker(runner)) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
-def pd(engine: Engine) -> Iterator[PDUrls]:
-    with in_background(serve_pd(engine)) as urls:
+def pd(runner: ModelRunner) -> Iterator[PDUrls]:
+    with in_background(serve_pd(runner)) as urls:
         yield urls

@@ -72,7 +72,7 @@ def _stop(proc: subprocess.Popen) -> int:
 
 
 @pytest.mark.slow
-def test_serve_and_route_processes(tiny_model_dir, pd, engine):
+def test_serve_and_route_processes(tiny_model_dir, pd, runner):
     procs = []
     try:
         worker, info = _start(["serve", "--model", str(tiny_model_dir), "--port", "0",
@@ -84,7 +84,7 @@ def test_serve_and_route_processes(tiny_model_dir, pd, engine):
         status, r = post(info["url"] + "/generate", body)
         assert status == 200 and r["meta_info"]["weight_version"] == "v7"
         np.testing.assert_array_equal(routing(r["meta_info"]["routed_experts"]),
-                                      engine.forward_routing([9, 8, 7, 6] + r["output_ids"])[:-1])
+                                      runner.forward_routing([9, 8, 7, 6] + r["output_ids"])[:-1])
         router, rinfo = _start(["route", "--prefill", pd.prefill, "--decode", pd.decode,
                                 "--port", "0", "--fault", "no-merge"])
         procs.append(router)

@@ -8,7 +8,7 @@ import pytest
 from replay_bridge.checks import check_sample
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import WireSample
-from reference_engine import Engine, SamplingSpec
+from reference_engine import ModelRunner, SamplingSpec
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +26,15 @@ def mixed_model_dir(tmp_path_factory):
 
 
 def test_dense_layer_blocks_are_zero(mixed_model_dir):
-    engine = Engine(mixed_model_dir, dtype="float32")
+    runner = ModelRunner(mixed_model_dir, dtype="float32")
     geometry = RoutingGeometry.from_model_dir(mixed_model_dir)
     assert geometry.moe_layers == (0, 2) and geometry.num_layers == 3
     prompt = [3, 14, 15, 92, 65]
-    g = engine.generate(prompt, SamplingSpec(max_new_tokens=6, temperature=0.0))
+    g = runner.generate(prompt, SamplingSpec(max_new_tokens=6, temperature=0.0))
     assert g.routing.shape == (len(prompt) + len(g.output_ids) - 1, 3, 2)
     assert not g.routing[:, 1].any()
     assert (g.routing[:, [0, 2], 0] != g.routing[:, [0, 2], 1]).all()
-    np.testing.assert_array_equal(g.routing, engine.forward_routing(prompt + g.output_ids)[:-1])
+    np.testing.assert_array_equal(g.routing, runner.forward_routing(prompt + g.output_ids)[:-1])
     sample = WireSample(sample_id="m", tokens=np.asarray(prompt + g.output_ids, np.int32),
                         prompt_len=len(prompt), routing=g.routing)
     assert check_sample(sample, geometry).ok

@@ -31,10 +31,10 @@ def _check(r, start=0):
     return check_sample(sample, RoutingGeometry.from_preset("tiny-qwen3-moe"))
 
 
-def _through_pd(engine, fault, where):
+def _through_pd(runner, fault, where):
     """(status, answer) to ``_req()`` through a PD trio whose router or workers inject ``fault``."""
     kw = {"router_fault": fault} if where == "router" else {"worker_fault": fault}
-    with in_background(serve_pd(engine, **kw)) as pd:
+    with in_background(serve_pd(runner, **kw)) as pd:
         return post(pd.router + "/generate", _req())
 
 
@@ -51,8 +51,8 @@ def test_the_clean_router_passes_the_checks(pd, reference):
     assert r["meta_info"]["routed_experts"] == reference["meta_info"]["routed_experts"]
 
 
-def test_prefill_zero_rows_on_the_pd_workers(engine, reference):
-    r = _through_pd(engine, "prefill-zero-rows", "worker")[1]
+def test_prefill_zero_rows_on_the_pd_workers(runner, reference):
+    r = _through_pd(runner, "prefill-zero-rows", "worker")[1]
     rows = routing(r["meta_info"]["routed_experts"])
     ref = routing(reference["meta_info"]["routed_experts"])
     assert r["output_ids"] == reference["output_ids"]
@@ -64,8 +64,8 @@ def test_prefill_zero_rows_on_the_pd_workers(engine, reference):
     assert report.bad_layers("all_zero") == [0, 1, 2, 3]
 
 
-def test_prefill_zero_rows_on_a_unified_worker_respects_start_len(engine, reference):
-    with in_background(serve_worker(engine, fault="prefill-zero-rows")) as url:
+def test_prefill_zero_rows_on_a_unified_worker_respects_start_len(runner, reference):
+    with in_background(serve_worker(runner, fault="prefill-zero-rows")) as url:
         r = post(url + "/generate", _req(routed_experts_start_len=3))[1]
     rows = routing(r["meta_info"]["routed_experts"])
     assert rows.shape[0] == ROWS - 3
@@ -76,14 +76,14 @@ def test_prefill_zero_rows_on_a_unified_worker_respects_start_len(engine, refere
 
 
 @pytest.mark.parametrize("where", ["router", "worker"])
-def test_drop_routed_experts(engine, where):
-    status, r = _through_pd(engine, "drop-routed-experts", where)
+def test_drop_routed_experts(runner, where):
+    status, r = _through_pd(runner, "drop-routed-experts", where)
     assert status == 200 and len(r["output_ids"]) == N_NEW
     assert "routed_experts" not in r["meta_info"]
     assert _check(r).kinds == ("missing_routing",)
 
 
-def test_no_merge_returns_decodes_zero_prompt_rows(pd, engine, reference):
+def test_no_merge_returns_decodes_zero_prompt_rows(pd, runner, reference):
     with in_background(serve_router(pd.prefill, pd.decode, fault="no-merge")) as router:
         r = post(router + "/generate", _req())[1]
     rows = routing(r["meta_info"]["routed_experts"])
@@ -95,15 +95,15 @@ def test_no_merge_returns_decodes_zero_prompt_rows(pd, engine, reference):
     assert report.bad_by_region("all_zero")["completion"] == 0
 
 
-def test_no_merge_is_refused_by_a_worker(engine):
+def test_no_merge_is_refused_by_a_worker(runner):
     with pytest.raises(ValueError, match="no-merge"):
-        with in_background(serve_worker(engine, fault="no-merge")):
+        with in_background(serve_worker(runner, fault="no-merge")):
             pass
 
 
 @pytest.mark.parametrize("where", ["router", "worker"])
-def test_duplicate_ids(engine, reference, where):
-    r = _through_pd(engine, "duplicate-ids", where)[1]
+def test_duplicate_ids(runner, reference, where):
+    r = _through_pd(runner, "duplicate-ids", where)[1]
     rows = routing(r["meta_info"]["routed_experts"])
     ref = routing(reference["meta_info"]["routed_experts"])
     dup = rows[..., 0] == rows[..., 1]
@@ -118,8 +118,8 @@ def test_duplicate_ids(engine, reference, where):
 
 
 @pytest.mark.parametrize("where", ["router", "worker"])
-def test_extra_row(engine, reference, where):
-    r = _through_pd(engine, "extra-row", where)[1]
+def test_extra_row(runner, reference, where):
+    r = _through_pd(runner, "extra-row", where)[1]
     rows = routing(r["meta_info"]["routed_experts"])
     ref = routing(reference["meta_info"]["routed_experts"])
     assert rows.shape[0] == ROWS + 1
@@ -131,15 +131,15 @@ def test_extra_row(engine, reference, where):
     assert _check(r).kinds == ("row_count",)
 
 
-def test_stale_prompt_rows_look_valid_but_are_another_requests(engine, reference):
-    with in_background(serve_worker(engine, fault="stale-prompt-rows")) as url:
+def test_stale_prompt_rows_look_valid_but_are_another_requests(runner, reference):
+    with in_background(serve_worker(runner, fault="stale-prompt-rows")) as url:
         fresh = post(url + "/generate", _req(input_ids=[5, 6, 7]))[1]
         assert not routing(fresh["meta_info"]["routed_experts"])[:3].any()  # a fresh buffer
         r = post(url + "/generate", _req())[1]
     rows = routing(r["meta_info"]["routed_experts"])
     ref = routing(reference["meta_info"]["routed_experts"])
     # The buffer held the first request's real routing; its rows now sit at our prompt rows.
-    earlier = engine.forward_routing([5, 6, 7] + fresh["output_ids"])[:-1]
+    earlier = runner.forward_routing([5, 6, 7] + fresh["output_ids"])[:-1]
     np.testing.assert_array_equal(rows[:P], np.resize(earlier, (P, 4, 2)))
     np.testing.assert_array_equal(rows[P:], ref[P:])
     assert (rows[:P] != ref[:P]).any()

@@ -47,7 +47,7 @@ def test_both_workers_agree_on_tokens_from_bootstrap_room(pd):
     assert next(iter(decodes))[0] == next(iter(firsts))
 
 
-def test_router_merge_equals_unified(pd, unified, engine):
+def test_router_merge_equals_unified(pd, unified, runner):
     for start in (0, 4):
         ref = post(unified + "/generate", _req(routed_experts_start_len=start))[1]
         r = post(pd.router + "/generate", _req(routed_experts_start_len=start))[1]
@@ -55,14 +55,14 @@ def test_router_merge_equals_unified(pd, unified, engine):
         assert r["meta_info"]["routed_experts"] == ref["meta_info"]["routed_experts"]
         rows = routing(r["meta_info"]["routed_experts"])
         np.testing.assert_array_equal(
-            rows, engine.forward_routing(PROMPT + r["output_ids"])[start:-1])
+            rows, runner.forward_routing(PROMPT + r["output_ids"])[start:-1])
 
 
-def test_router_unseeded_sampling_still_agrees(pd, engine):
+def test_router_unseeded_sampling_still_agrees(pd, runner):
     # No seed: the router's bootstrap_room makes both workers sample the same tokens.
     r = post(pd.router + "/generate", _req(seed=None))[1]
     rows = routing(r["meta_info"]["routed_experts"])
-    np.testing.assert_array_equal(rows, engine.forward_routing(PROMPT + r["output_ids"])[:-1])
+    np.testing.assert_array_equal(rows, runner.forward_routing(PROMPT + r["output_ids"])[:-1])
 
 
 def test_quick_finish(pd, unified):
@@ -79,7 +79,7 @@ def test_quick_finish(pd, unified):
     assert r["meta_info"]["routed_experts"] == ref["meta_info"]["routed_experts"]
 
 
-def test_router_does_not_merge_batched_requests(pd, engine):
+def test_router_does_not_merge_batched_requests(pd, runner):
     prompts = [PROMPT, [7, 8, 9, 10]]
     r = post(pd.router + "/generate", _req(input_ids=prompts))[1]
     assert isinstance(r, list) and len(r) == 2
@@ -87,17 +87,17 @@ def test_router_does_not_merge_batched_requests(pd, engine):
         rows = routing(item["meta_info"]["routed_experts"])
         assert not rows[: len(prompt)].any()
         np.testing.assert_array_equal(
-            rows[len(prompt):], engine.forward_routing(prompt + item["output_ids"])[len(prompt):-1])
+            rows[len(prompt):], runner.forward_routing(prompt + item["output_ids"])[len(prompt):-1])
 
 
-def test_router_does_not_merge_streams(pd, engine):
+def test_router_does_not_merge_streams(pd, runner):
     chunks = post_stream(pd.router + "/generate", _req(stream=True))
     final = chunks[-1]
     rows = routing(final["meta_info"]["routed_experts"])
     assert rows.shape[0] == len(PROMPT) + N_NEW - 1
     assert not rows[: len(PROMPT)].any()
     np.testing.assert_array_equal(
-        rows[len(PROMPT):], engine.forward_routing(PROMPT + final["output_ids"])[len(PROMPT):-1])
+        rows[len(PROMPT):], runner.forward_routing(PROMPT + final["output_ids"])[len(PROMPT):-1])
 
 
 def test_router_completions_merge(pd, unified):
@@ -137,11 +137,11 @@ def test_router_names_an_unreachable_worker(pd):
 
 
 def test_bfloat16_pd_pair_agrees_with_a_bfloat16_unified_worker(tiny_model_dir):
-    from reference_engine import Engine, in_background, serve_pd, serve_worker
+    from reference_engine import ModelRunner, in_background, serve_pd, serve_worker
 
-    engine16 = Engine(tiny_model_dir, dtype="bfloat16")
-    with in_background(serve_worker(engine16)) as unified16, \
-            in_background(serve_pd(engine16)) as pd16:
+    runner16 = ModelRunner(tiny_model_dir, dtype="bfloat16")
+    with in_background(serve_worker(runner16)) as unified16, \
+            in_background(serve_pd(runner16)) as pd16:
         for seed in (1, 2, 3):
             ref = post(unified16 + "/generate", _req(seed=seed))[1]
             r = post(pd16.router + "/generate", _req(seed=seed))[1]

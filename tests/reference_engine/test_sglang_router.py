@@ -32,14 +32,14 @@ def _req(**over):
             **over}
 
 
-def test_mini_lb_returns_decodes_unmerged_rows(mini_lb, pd, unified, engine):
+def test_mini_lb_returns_decodes_unmerged_rows(mini_lb, pd, unified, runner):
     status, r = post(mini_lb + "/generate", _req())
     assert status == 200
     ref = post(unified + "/generate", _req())[1]
     merged = post(pd.router + "/generate", _req())[1]
     assert r["output_ids"] == ref["output_ids"] == merged["output_ids"]
     rows = routing(r["meta_info"]["routed_experts"])
-    full = engine.forward_routing(PROMPT + r["output_ids"])[:-1]
+    full = runner.forward_routing(PROMPT + r["output_ids"])[:-1]
     assert rows.shape == full.shape
     assert not rows[: len(PROMPT)].any()  # no merge: decode's zero prompt rows
     np.testing.assert_array_equal(rows[len(PROMPT):], full[len(PROMPT):])

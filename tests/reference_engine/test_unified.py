@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from reference_engine import Engine
+from reference_engine import ModelRunner
 
 from .conftest import post, post_stream, routing
 
@@ -21,13 +21,13 @@ def _req(**over):
     return {**body, **over}
 
 
-def _forward(engine: Engine, tokens: list[int]) -> np.ndarray:
+def _forward(runner: ModelRunner, tokens: list[int]) -> np.ndarray:
     """Routing rows of one transformers forward pass over the final tokens (last one dropped)."""
-    return engine.forward_routing(tokens)[:-1]
+    return runner.forward_routing(tokens)[:-1]
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 1.0, "sampling_seed": 7}])
-def test_routing_equals_a_forward_pass(unified, engine, sampling):
+def test_routing_equals_a_forward_pass(unified, runner, sampling):
     status, r = post(unified + "/generate", _req(sampling_params=sampling))
     assert status == 200
     out = r["output_ids"]
@@ -37,7 +37,7 @@ def test_routing_equals_a_forward_pass(unified, engine, sampling):
     assert meta["finish_reason"] == {"type": "length", "length": 12}
     rows = routing(meta["routed_experts"])
     assert rows.shape == (len(PROMPT) + len(out) - 1, 4, 2)
-    np.testing.assert_array_equal(rows, _forward(engine, PROMPT + out))
+    np.testing.assert_array_equal(rows, _forward(runner, PROMPT + out))
     # A sane engine: ids in range, two distinct experts per block, several experts used.
     assert rows.min() >= 0 and rows.max() < 8
     assert (rows[..., 0] != rows[..., 1]).all()
@@ -54,7 +54,7 @@ def test_seeded_sampling_is_reproducible_and_unseeded_is_not_fixed(unified):
     assert len(outs) > 1
 
 
-def test_start_len_skips_rows(unified, engine):
+def test_start_len_skips_rows(unified, runner):
     full = post(unified + "/generate", _req())[1]
     for start in (0, 3, len(PROMPT)):
         r = post(unified + "/generate", _req(routed_experts_start_len=start))[1]
@@ -86,7 +86,7 @@ def test_logprobs(unified):
     assert all(lp <= 0 and text is None for lp, _, text in lps)
 
 
-def test_stop_token_and_max_new_tokens(unified, engine):
+def test_stop_token_and_max_new_tokens(unified, runner):
     first = post(unified + "/generate", _req())[1]["output_ids"]
     stop = first[4]
     r = post(unified + "/generate", _req(sampling_params={"stop_token_ids": [stop]}))[1]
@@ -94,31 +94,31 @@ def test_stop_token_and_max_new_tokens(unified, engine):
     assert r["output_ids"] == first[: k + 1]
     assert r["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     rows = routing(r["meta_info"]["routed_experts"])
-    np.testing.assert_array_equal(rows, _forward(engine, PROMPT + r["output_ids"]))
+    np.testing.assert_array_equal(rows, _forward(runner, PROMPT + r["output_ids"]))
     # max_new_tokens = 0: the prompt runs, its last row is missing (rows = prompt_len - 1).
     z = post(unified + "/generate", _req(sampling_params={"max_new_tokens": 0}))[1]
     assert z["output_ids"] == []
     assert routing(z["meta_info"]["routed_experts"]).shape[0] == len(PROMPT) - 1
 
 
-def test_batched_generate_returns_a_list(unified, engine):
+def test_batched_generate_returns_a_list(unified, runner):
     prompts = [PROMPT, [5, 6, 7], [400, 401, 402, 403, 404]]
     status, r = post(unified + "/generate", _req(input_ids=prompts, routed_experts_start_len=2))
     assert status == 200 and isinstance(r, list) and len(r) == 3
     for prompt, item in zip(prompts, r):
         rows = routing(item["meta_info"]["routed_experts"])
-        np.testing.assert_array_equal(rows, _forward(engine, prompt + item["output_ids"])[2:])
+        np.testing.assert_array_equal(rows, _forward(runner, prompt + item["output_ids"])[2:])
     assert len({item["meta_info"]["id"] for item in r}) == 3
 
 
-def test_text_prompt(unified, engine):
+def test_text_prompt(unified, runner):
     status, r = post(unified + "/generate", {"text": "what is 12 plus 30?", "return_routed_experts": True,
                                              "sampling_params": {"max_new_tokens": 5, "temperature": 0}})
     assert status == 200
-    assert r["prompt_token_ids"] == engine.encode("what is 12 plus 30?")
+    assert r["prompt_token_ids"] == runner.encode("what is 12 plus 30?")
     assert isinstance(r["text"], str)
     rows = routing(r["meta_info"]["routed_experts"])
-    np.testing.assert_array_equal(rows, _forward(engine, r["prompt_token_ids"] + r["output_ids"]))
+    np.testing.assert_array_equal(rows, _forward(runner, r["prompt_token_ids"] + r["output_ids"]))
 
 
 def test_streaming_only_the_final_chunk_has_routing(unified):
@@ -133,7 +133,7 @@ def test_streaming_only_the_final_chunk_has_routing(unified):
     assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
 
 
-def test_completions_sglext_is_the_first_choice(unified, engine):
+def test_completions_sglext_is_the_first_choice(unified, runner):
     status, r = post(unified + "/v1/completions", {
         "prompt": PROMPT, "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 5,
         "return_routed_experts": True, "return_meta_info": True, "return_token_ids": True,
@@ -145,7 +145,7 @@ def test_completions_sglext_is_the_first_choice(unified, engine):
     assert len({tuple(c["token_ids"]) for c in choices}) > 1  # distinct samples per choice
     for c in choices:
         rows = routing(c["meta_info"]["routed_experts"])
-        np.testing.assert_array_equal(rows, _forward(engine, PROMPT + c["token_ids"]))
+        np.testing.assert_array_equal(rows, _forward(runner, PROMPT + c["token_ids"]))
         assert len(c["logprobs"]["token_logprobs"]) == len(c["token_ids"])
     assert r["prompt_token_ids"] == PROMPT
     assert r["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in choices)
@@ -173,19 +173,19 @@ def test_health_and_info(unified):
     assert info["is_generation"] is True
 
 
-def test_chat_completions(unified, engine):
+def test_chat_completions(unified, runner):
     messages = [{"role": "user", "content": "what is 12 plus 30?"}]
     status, r = post(unified + "/v1/chat/completions", {
         "messages": messages, "max_tokens": 4, "temperature": 0, "logprobs": True,
         "return_routed_experts": True, "return_token_ids": True})
     assert status == 200 and r["object"] == "chat.completion"
-    prompt = engine.chat_prompt(messages)
+    prompt = runner.chat_prompt(messages)
     assert r["prompt_token_ids"] == prompt
     choice = r["choices"][0]
     assert choice["message"]["role"] == "assistant"
     assert len(choice["logprobs"]["content"]) == len(choice["token_ids"])
     np.testing.assert_array_equal(routing(r["sglext"]["routed_experts"]),
-                                  _forward(engine, prompt + choice["token_ids"]))
+                                  _forward(runner, prompt + choice["token_ids"]))
 
 
 def test_bad_requests_are_refused_with_the_rule(unified):
@@ -205,16 +205,16 @@ def test_bad_requests_are_refused_with_the_rule(unified):
     assert status == 400 and "stop_token_ids" in r["error"]["message"]
 
 
-def test_a_server_without_the_feature_returns_no_routing(engine):
+def test_a_server_without_the_feature_returns_no_routing(runner):
     from reference_engine import in_background, serve_worker
 
-    with in_background(serve_worker(engine, return_routed_experts=False)) as url:
+    with in_background(serve_worker(runner, return_routed_experts=False)) as url:
         status, r = post(url + "/generate", _req())
     assert status == 200 and len(r["output_ids"]) == 12
     assert "routed_experts" not in r["meta_info"]
 
 
-def test_concurrent_requests_keep_their_own_routing(unified, pd, engine):
+def test_concurrent_requests_keep_their_own_routing(unified, pd, runner):
     from concurrent.futures import ThreadPoolExecutor
 
     prompts = [[int(t) for t in np.random.default_rng(i).integers(3, 500, 5 + i)]
@@ -230,16 +230,16 @@ def test_concurrent_requests_keep_their_own_routing(unified, pd, engine):
         results = list(ex.map(run, jobs))
     for (_, prompt), r in zip(jobs, results):
         np.testing.assert_array_equal(routing(r["meta_info"]["routed_experts"]),
-                                      _forward(engine, prompt + r["output_ids"]))
+                                      _forward(runner, prompt + r["output_ids"]))
 
 
-def test_weight_version_update_mid_generation_splits_the_spans(engine):
+def test_weight_version_update_mid_generation_splits_the_spans(runner):
     import json
     import urllib.request
 
     from reference_engine import in_background, serve_worker
 
-    with in_background(serve_worker(engine, weight_version="v1")) as url:
+    with in_background(serve_worker(runner, weight_version="v1")) as url:
         body = _req(stream=True, sampling_params={"max_new_tokens": 200, "ignore_eos": True})
         req = urllib.request.Request(url + "/generate", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -259,11 +259,11 @@ def test_weight_version_update_mid_generation_splits_the_spans(engine):
     assert spans[1]["end"] == meta["completion_tokens"] == 200
 
 
-def test_input_token_logprobs(unified, engine):
+def test_input_token_logprobs(unified, runner):
     import torch
 
     with torch.inference_mode():
-        logits = engine.model(input_ids=torch.tensor([PROMPT])).logits[0].float()
+        logits = runner.model(input_ids=torch.tensor([PROMPT])).logits[0].float()
     expected = torch.log_softmax(logits, -1)[torch.arange(len(PROMPT) - 1),
                                               torch.tensor(PROMPT[1:])].tolist()
     r = post(unified + "/generate", _req(return_logprob=True, logprob_start_len=0))[1]
