@@ -140,6 +140,27 @@ def test_missing_choices_fail_by_id(tiny: RoutingGeometry) -> None:
     asyncio.run(go())
 
 
+def test_choices_map_to_sample_ids_by_their_index(tiny: RoutingGeometry) -> None:
+    """A vLLM answer with its choices out of order (and one index out of range): each
+    choice goes to the sample id its ``index`` names, whatever its position."""
+    client = RolloutClient("http://unused", "vllm", tiny, params=SamplingParams(2))
+    (call,) = client.protocol.plan([1, 2, 3], ["g/0", "g/1", "g/2"], client.params)
+    outs = {0: [10, 11], 1: [20, 21], 2: [30, 31], 7: [70, 71]}
+
+    def choice(i: int) -> dict[str, Any]:
+        tokens = np.asarray([1, 2, 3] + outs[i], np.int32)
+        return {"index": i, "token_ids": outs[i], "finish_reason": "length",
+                "routed_experts": client.protocol.encode_routing(
+                    synthetic_routing(tokens, tiny), "uint8")}
+
+    body = orjson.dumps({"choices": [choice(2), choice(7), choice(0), choice(1)]})
+    results = client.finish([Exchange(call, body=body, group_id="g")])
+    assert [r.sample_id for r in results] == ["g/0", "g/1", "g/2"]
+    assert all(r.ok for r in results), [r.report for r in results]
+    for i, r in enumerate(results):
+        assert r.sample.sample_id == f"g/{i}" and r.sample.tokens[3:].tolist() == outs[i]
+
+
 def test_http_failure_is_a_failed_result(tiny: RoutingGeometry) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(status=400, text="bad input_ids")
