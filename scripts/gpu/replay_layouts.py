@@ -39,12 +39,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from replay_bridge.geometry import RoutingGeometry  # noqa: E402
-from replay_bridge.sample import RoutedSample  # noqa: E402
-from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry  # noqa: E402
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.sample import RoutedSample
+from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry
 
 VOCAB = 128
 

@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -32,11 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from replay_bridge.sample import RoutedSample  # noqa: E402
-from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry  # noqa: E402
+from replay_bridge.sample import RoutedSample
+from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
