@@ -131,8 +131,6 @@ def undecodable(
     )
 
 
-failed = undecodable  # the name ``replay_bridge.ingest`` used before ``undecodable``
-
 
 def start_offset(request: dict[str, Any], key: str, prompt_len: int) -> int | str:
     """The request's row offset, or an error message."""
