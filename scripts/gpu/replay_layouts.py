@@ -42,6 +42,7 @@ import torch.distributed as dist
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
 from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry
+from trainer_hooks.megatron.steps import make_forward_step
 
 VOCAB = 128
 
@@ -311,21 +312,11 @@ def run_layout(name: str, lay: dict[str, Any], device: torch.device, cpu: bool) 
                 s_len = inp["tokens"].shape[1]
                 mask = torch.triu(torch.ones(s_len, s_len, dtype=torch.bool, device=device), 1)[None, None]
         return dict(tokens=torch.from_numpy(inp["tokens"]).to(device),
-                    pos=torch.from_numpy(inp["pos"]).to(device), mask=mask)
+                    position_ids=torch.from_numpy(inp["pos"]).to(device), attention_mask=mask)
 
     batches = [batch_of(i) for i in local_inputs]
 
-    def forward_step(data_iterator: Any, model: Any) -> Any:
-        b = next(data_iterator)
-        out = model(b["tokens"], b["pos"], b["mask"])
-
-        def loss_func(output: torch.Tensor) -> Any:
-            loss = output.float().pow(2).mean()
-            return loss, {"loss": loss.detach()}
-
-        return out, loss_func
-
-    fwd = replay.wrap_forward_step(forward_step)
+    fwd = replay.wrap_forward_step(make_forward_step())  # mean(output ** 2) as the loss
     data = [iter(list(batches)) for _ in chunks] if len(chunks) > 1 else iter(list(batches))
     model_arg = chunks if len(chunks) > 1 else chunks[0]
     seq_length = batches[0]["tokens"].shape[1] * cp  # schedules divide by cp (and tp with SP)

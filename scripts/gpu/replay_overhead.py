@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from replay_bridge.sample import RoutedSample
 from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry
+from trainer_hooks.megatron.steps import make_forward_step
 
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[Any, Any]:
@@ -112,15 +113,8 @@ def main() -> None:
     tokens = torch.from_numpy(rng.integers(0, args.vocab, (1, s))).to(device)
     pos = torch.arange(s, device=device)[None]
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=device), 1)[None, None]
-
-    def forward_step(data_iterator: Any, model: Any) -> Any:
-        out = model(tokens, pos, mask)
-
-        def loss_func(output: torch.Tensor) -> Any:
-            loss = output.float().pow(2).mean()
-            return loss, {"loss": loss.detach()}
-
-        return out, loss_func
+    batch = {"tokens": tokens, "position_ids": pos, "attention_mask": mask}
+    forward_step = make_forward_step()  # mean(output ** 2) as the loss
 
     # Record the model's own routing (replay off) and store it as the rollout's.
     from megatron.core.transformer.moe.router import TopKRouter
@@ -131,7 +125,7 @@ def main() -> None:
         for m in model.modules() if isinstance(m, TopKRouter)]
     fb = get_forward_backward_func()
     with torch.no_grad():
-        fb(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+        fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
            num_microbatches=1, seq_length=s, micro_batch_size=1, forward_only=True)
     for h in hooks:
         h.remove()
@@ -149,12 +143,12 @@ def main() -> None:
         sync()
         t0 = time.perf_counter()
         if arm == "off":
-            fb(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+            fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],
                num_microbatches=1, seq_length=s, micro_batch_size=1, forward_only=False)
         else:
             mb = replay_a.prepare([sample])
             with replay_a.replaying([mb], measure=arm == "on"):
-                fb(forward_step_func=fwd, data_iterator=iter([None]), model=[model],
+                fb(forward_step_func=fwd, data_iterator=iter([batch]), model=[model],
                    num_microbatches=1, seq_length=s, micro_batch_size=1, forward_only=False)
         sync()
         return time.perf_counter() - t0

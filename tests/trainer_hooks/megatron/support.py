@@ -12,6 +12,7 @@ import torch
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
 from trainer_hooks.megatron import Packing
+from trainer_hooks.megatron.steps import make_forward_step
 
 VOCAB = 64
 
@@ -143,16 +144,7 @@ def run_pass(
     """One pass through megatron's schedule with the replay-wrapped forward step."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    def forward_step(data_iterator: Any, model: Any) -> Any:
-        b = next(data_iterator)
-        out = model(b["tokens"], b["position_ids"], b["attention_mask"])
-
-        def loss_func(output: torch.Tensor) -> Any:
-            loss = output.float().pow(2).mean()
-            return loss, {"loss": loss.detach()}
-
-        return out, loss_func
-
+    forward_step = make_forward_step()
     fwd = replay.wrap_forward_step(forward_step) if replay is not None else forward_step
     return get_forward_backward_func()(
         forward_step_func=fwd, data_iterator=iter(list(batches)), model=[model],
