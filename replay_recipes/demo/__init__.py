@@ -7,9 +7,9 @@ trained for a few GRPO-style steps twice from identical weights, rollout routing
 on. Measured: routing agreement with the rollout per MoE layer, and the rollout-vs-trainer
 log-prob mismatch (k3 KL, mean and max absolute difference).
 
-Each step is its own module (``engines``, ``rollouts``, ``batches``, ``grpo``, ``trainer``,
-``mismatch``, ``weights``, ``plot``), driven by ``recipe.run_demo`` from a YAML config
-(``default.yaml``).
+Each step is its own module (``engines``, ``rollouts``, ``batches``, ``trainer``, ``mismatch``,
+``weights``, ``plot``), driven by ``recipe.run_demo`` from a YAML config (``default.yaml``); the
+GRPO objective is the recipes' shared ``replay_recipes.grpo``.
 """
 
 from .config import ConfigError, DemoConfig, load_config

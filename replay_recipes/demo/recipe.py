@@ -28,7 +28,7 @@ from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ValidationReport, validate_dir
 from .batches import BatchError, make_micro_batches
 from .config import DemoConfig
-from .grpo import group_advantages, rewards, target_tokens
+from ..grpo import group_advantages, rewards, target_tokens
 from .trainer import RunResult
 
 __all__ = ["DemoResult", "run_demo"]

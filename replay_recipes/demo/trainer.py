@@ -23,7 +23,7 @@ from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
 from .batches import MicroBatch
 from .config import TrainConfig
-from .grpo import policy_loss
+from ..grpo import policy_loss, token_logprobs
 from trainer_hooks.megatron.cpu_world import fresh_router_replay_list
 from .mismatch import RoutingMeter, logp_mismatch
 
@@ -71,12 +71,6 @@ class RunResult:
 def _forward(batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=batch.tokens, position_ids=batch.position_ids,
                  attention_mask=batch.attention_mask)
-
-
-def _token_logp(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``[b, L - 1]`` log-probs of the next tokens, at the sampling temperature."""
-    scaled = logits[:, :-1].float() / temperature
-    return torch.log_softmax(scaled, dim=-1).gather(-1, targets[..., None])[..., 0]
 
 
 def train_run(
@@ -127,7 +121,7 @@ def train_run(
                 for mb, host in zip(micro_batches, hosts):
                     meter.expect(host)
                     logits = step_fn(mb, model)
-                    logp = _token_logp(logits, mb.targets, temperature)
+                    logp = token_logprobs(logits, mb.targets, temperature)
                     pl = policy_loss(logp, mb.rollout_logp, mb.advantages, mb.completion,
                                      config.clip_eps)
                     (pl.loss / total_tokens).backward()

@@ -1,4 +1,5 @@
-"""The GRPO-style objective: reward, group-normalised advantages, clipped policy loss."""
+"""The shared GRPO objective: reward, group-normalised advantages, next-token log-probs, clipped
+policy loss."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from replay_recipes.demo.grpo import group_advantages, policy_loss, rewards, target_tokens
+from replay_recipes.grpo import (
+    group_advantages,
+    policy_loss,
+    rewards,
+    target_tokens,
+    token_logprobs,
+)
 from replay_bridge.sample import RoutedSample
 
 
@@ -57,3 +64,23 @@ def test_ratio_beyond_the_clip_gets_no_gradient():
     assert out.clipped == 1
     out.loss.backward()
     assert logp.grad[0, 0] == 0.0 and logp.grad[0, 1] < 0.0
+
+
+def test_per_token_advantages_match_per_sample_ones():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.9, -3.0], [-0.5, -1.2, -0.5]])  # clipped: [0, 0], [1, 2]
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    adv = torch.tensor([2.0, -1.0])
+    a = policy_loss(logp, ref, adv, mask, clip_eps=0.2)
+    b = policy_loss(logp, ref, adv[:, None].expand(2, 3), mask, clip_eps=0.2)
+    assert torch.equal(a.loss, b.loss) and a.clipped == b.clipped == 2
+    assert a.ratio_sum == pytest.approx(float(torch.exp(logp - ref)[mask].sum()))
+
+
+def test_token_logprobs_are_the_next_tokens_at_the_temperature():
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 7, (2, 5), generator=torch.Generator().manual_seed(1))
+    lp = token_logprobs(logits, tokens[:, 1:], temperature=0.5)
+    assert lp.shape == (2, 4)
+    want = torch.log_softmax(logits[0, 2] / 0.5, -1)[tokens[0, 3]]
+    assert lp[0, 2].item() == pytest.approx(want.item(), rel=1e-6)
