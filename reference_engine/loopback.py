@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.protocols import PROTOCOLS, Completion, get_protocol
+from replay_bridge.protocols import Completion, get_protocol
 
 __all__ = ["loopback_app", "synthetic_completion", "synthetic_routing"]
 
@@ -146,7 +146,7 @@ def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--engine", default="sglang", choices=list(PROTOCOLS))
+    ap.add_argument("--engine", default="sglang", choices=["sglang", "sglang-openai", "vllm"])
     ap.add_argument("--model", default="tiny-qwen3-moe", help="geometry: preset or model dir")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from ..sample import WireSample
 from . import _assemble as A
 from ._base import Completion, SamplingParams, token_list
-from ..sample import WireSample
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"

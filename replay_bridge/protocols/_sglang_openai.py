@@ -19,8 +19,8 @@ from . import _assemble as A
 from . import _openai as O
 from ._base import Completion, EngineCall, Protocol, SamplingParams, token_list
 from ._payload import Payloads
-from ._sglang_generate import START_FIELD, decode_routing, encode_routing, routing_from_value
-from ._sglang_generate import routing_meta
+from ._sglang_generate import (START_FIELD, decode_routing, encode_routing, routing_from_value,
+                               routing_meta)
 
 __all__ = ["SGLangOpenAI"]
 
