@@ -218,8 +218,8 @@ class SGLangGenerate(Protocol):
                 "finish_reason": finish_object(c),
             }
             if c.logprobs is not None:
-                meta["output_token_logprobs"] = [[float(lp), t, None]
-                                                 for lp, t in zip(c.logprobs, out)]
+                lps = np.asarray(c.logprobs, np.float64).tolist()
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps, out)]
             meta.update(c.meta)
             meta.update(routing_meta(c.routing, dtype))
             items.append({"text": "", "output_ids": out, "meta_info": meta})
