@@ -16,6 +16,11 @@ On a CPU (tiny model, synthetic shards written first)::
     python -m replay_recipes.grpo_megatron --cpu --make-demo-shards out/demo-shards \\
         --routing-replay --routing-replay-shards out/demo-shards --steps 2
 
+Or from a trainer config (``configs/trainer/``): its ``model:`` and ``train:`` keys are this
+script's flags of the same name, its ``routing_replay:`` section the ``--routing-replay*`` flags;
+flags given on the command line win. Every key of a config is read: an unknown section or key is
+an error (:func:`load_trainer_config`).
+
 With replay off (``--routing-replay`` absent) the same script trains with native routing.
 The reward here is a toy (fraction of completion tokens below ``vocab / 2``); bring your own.
 """
@@ -24,44 +29,123 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
-import sys
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
+from replay_recipes.grpo import group_advantages, policy_loss, rewards, token_logprobs
 from trainer_hooks.megatron import (
+    ReplayOptions,
     add_routing_replay_args,
     build_routing_replay,
     options_from_args,
     options_from_config,
 )
+from trainer_hooks.megatron.steps import make_forward_step
+
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_experts",
+              "moe_router_topk", "vocab_size")
+TRAIN_KEYS = ("steps", "groups_per_step", "micro_batch_samples", "lr", "clip", "recompute")
+SECTIONS = {"model": MODEL_KEYS, "train": TRAIN_KEYS, "routing_replay": None}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--num-attention-heads", type=int, default=4)
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--moe-router-topk", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--groups-per-step", type=int, default=2)
-    p.add_argument("--micro-batch-samples", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--clip", type=float, default=0.2)
-    p.add_argument("--recompute", action="store_true", help="full activation recompute")
-    p.add_argument("--config", default=None, help="YAML trainer config with routing_replay:")
+    m = p.add_argument_group("model (config section model:)")
+    m.add_argument("--num-layers", type=int, default=4)
+    m.add_argument("--hidden-size", type=int, default=64)
+    m.add_argument("--num-attention-heads", type=int, default=4)
+    m.add_argument("--num-experts", type=int, default=8)
+    m.add_argument("--moe-router-topk", type=int, default=2)
+    m.add_argument("--vocab-size", type=int, default=256)
+    t = p.add_argument_group("training (config section train:)")
+    t.add_argument("--steps", type=int, default=2)
+    t.add_argument("--groups-per-step", type=int, default=2)
+    t.add_argument("--micro-batch-samples", type=int, default=2)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--clip", type=float, default=0.2)
+    t.add_argument("--recompute", action="store_true", help="full activation recompute")
+    p.add_argument("--config", default=None,
+                   help="YAML trainer config (model:, train:, routing_replay:); flags win")
     p.add_argument("--cpu", action="store_true", help="run on CPUs (test shims applied)")
     p.add_argument("--make-demo-shards", metavar="DIR", default=None,
                    help="first write synthetic rollout shards (tiny-qwen3-moe geometry) to DIR")
     add_routing_replay_args(p)
+    return p
+
+
+def load_trainer_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A trainer config as this script's argument defaults, by argument name. Strict: a section
+    other than ``model:`` / ``train:`` / ``routing_replay:``, or a key that no flag reads, is a
+    ``ValueError`` naming it and the known ones."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: a trainer config must be a mapping")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    actions = {a.dest: a for a in _parser()._actions}
+    defaults: dict[str, Any] = {}
+    for section, keys in SECTIONS.items():
+        if keys is None or data.get(section) is None:
+            continue
+        values = data[section]
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{path}: section {section}: must be a mapping")
+        bad = sorted(set(values) - set(keys))
+        if bad:
+            raise ValueError(f"{path}: unknown {section} key(s) {bad}; known: {list(keys)}")
+        for key, value in values.items():
+            defaults[key] = _typed(actions[key], value, f"{path}: {section}.{key}")
+    if "routing_replay" in data:
+        defaults.update(_replay_defaults(options_from_config(data)))
+    return defaults
+
+
+def _typed(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` as the flag ``action`` would parse it (a switch takes a YAML boolean)."""
+    if action.type is None:  # a store_true switch
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    whole = action.type is not int or isinstance(value, int)  # no silent 2.5 -> 2
+    try:
+        if whole and not isinstance(value, bool):
+            return action.type(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{where} must be a {action.type.__name__}, got {value!r}")
+
+
+def _replay_defaults(o: ReplayOptions) -> dict[str, Any]:
+    """The ``--routing-replay*`` argument values that give ``o`` (``options_from_args``)."""
+    return {
+        "routing_replay": o.enabled,
+        "routing_replay_shards": o.shards,
+        "routing_replay_packing": o.packing,
+        "routing_replay_seq_length": o.seq_length,
+        "routing_replay_pad_multiple": o.pad_multiple,
+        "routing_replay_no_agreement": not o.agreement,
+        "routing_replay_skip_id_check": not o.validate_ids,
+        "routing_replay_allow_token_dropping": o.allow_token_dropping,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags over the ``--config`` file's values over the built-in defaults."""
+    p = _parser()
+    config = p.parse_known_args(argv)[0].config
+    if config:
+        p.set_defaults(**load_trainer_config(config))
     return p.parse_args(argv)
 
 
@@ -110,7 +194,7 @@ def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float]
     seq = np.full((rows, width), -1, np.int64)
     pos = np.zeros((rows, width), np.int64)
     adv_w = np.zeros((rows, width), np.float32)  # advantage at each predicted token
-    loss_mask = np.zeros((rows, width), np.float32)
+    loss_mask = np.zeros((rows, width), bool)
     for i, s in enumerate(samples):
         r, a = row_of[i], starts[i]
         tokens[r, a : a + s.num_tokens] = s.tokens
@@ -119,7 +203,7 @@ def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float]
         # Position t predicts token t + 1: completion tokens are predicted from prompt_len - 1.
         c0, c1 = a + s.prompt_len - 1, a + s.num_tokens - 1
         adv_w[r, c0:c1] = advantages[s.sample_id]
-        loss_mask[r, c0:c1] = 1
+        loss_mask[r, c0:c1] = True
     causal = np.tril(np.ones((width, width), bool))[None]
     if packing.format == "bshd":
         mask = ~causal
@@ -127,28 +211,30 @@ def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float]
         same = seq[:, :, None] == seq[:, None, :]
         mask = ~(same & causal & (seq[:, :, None] >= 0))
     t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
-    return dict(tokens=t(tokens), pos=t(pos), mask=t(mask[:, None]), adv=t(adv_w),
-                loss_mask=t(loss_mask))
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each next token, ``[b, s]`` (last position 0)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
-    out = lp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(out, (0, 1))
+    return dict(tokens=t(tokens), position_ids=t(pos), attention_mask=t(mask[:, None]),
+                adv=t(adv_w), loss_mask=t(loss_mask))
 
 
 def grpo_advantages(samples: list[RoutedSample], vocab: int) -> dict[str, float]:
-    """Toy reward, group-normalised advantage (GRPO), by sample id."""
-    groups: dict[str, list[RoutedSample]] = defaultdict(list)
-    for s in samples:
-        groups[s.group_id or s.sample_id].append(s)
-    out: dict[str, float] = {}
-    for g in groups.values():
-        r = np.array([float((s.tokens[s.prompt_len :] < vocab // 2).mean()) for s in g])
-        for s, a in zip(g, (r - r.mean()) / (r.std() + 1e-6)):
-            out[s.sample_id] = float(a)
-    return out
+    """Toy reward (fraction of completion tokens below ``vocab / 2``), group-normalised
+    advantage (GRPO), by sample id."""
+    reward = rewards(samples, np.arange(vocab) < vocab // 2)
+    adv = group_advantages(reward, [s.group_id or s.sample_id for s in samples])
+    return {s.sample_id: float(a) for s, a in zip(samples, adv)}
+
+
+def grpo_loss(clip: float, batch: dict[str, Any], logits: torch.Tensor) -> tuple[Any, dict]:
+    """Megatron's ``loss_func`` for one micro-batch. Log-prob pass (no ``old_lp`` yet): keep the
+    log-probs in the batch and return a zero loss. Training pass: the PPO-clip loss against
+    ``old_lp``, averaged over the micro-batch's completion tokens."""
+    lp = torch.nn.functional.pad(token_logprobs(logits, batch["tokens"][:, 1:]), (0, 1))
+    if "old_lp" not in batch:
+        batch["out_lp"] = lp.detach()
+        return lp.sum() * 0, {}
+    mask = batch["loss_mask"]
+    pl = policy_loss(lp, batch["old_lp"], batch["adv"], mask, clip)
+    loss = pl.loss / mask.sum().clamp(min=1)
+    return loss, {"loss": loss.detach()}
 
 
 def make_demo_shards(path: str, vocab: int, seed: int = 0) -> None:
@@ -196,8 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.make_demo_shards:
         make_demo_shards(args.make_demo_shards, args.vocab_size)
 
-    options = options_from_config(args.config) if args.config else options_from_args(args)
-    args.routing_replay = options.enabled
+    options = options_from_args(args)
     torch.manual_seed(0)
     model = build_model(args, device)
 
@@ -209,23 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     packing = replay.packing if replay is not None else Packing.thd()
 
-    def forward_step(data_iterator: Any, model: Any) -> Any:
-        b = next(data_iterator)
-        logits = model(b["tokens"], b["pos"], b["mask"])
-
-        def loss_func(logits: torch.Tensor) -> Any:
-            lp = token_logprobs(logits, b["tokens"])
-            if "old_lp" not in b:  # log-prob pass
-                b["out_lp"] = lp.detach()
-                return lp.sum() * 0, {}
-            ratio = torch.exp(lp - b["old_lp"])
-            clipped = torch.clamp(ratio, 1 - args.clip, 1 + args.clip)
-            obj = torch.minimum(ratio * b["adv"], clipped * b["adv"])
-            loss = -(obj * b["loss_mask"]).sum() / b["loss_mask"].sum().clamp(min=1)
-            return loss, {"loss": loss.detach()}
-
-        return logits, loss_func
-
+    forward_step = make_forward_step(functools.partial(grpo_loss, args.clip))
     fwd = replay.wrap_forward_step(forward_step) if replay is not None else forward_step
     fb = get_forward_backward_func()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)

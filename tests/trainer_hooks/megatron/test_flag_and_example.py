@@ -77,6 +77,26 @@ def test_example_grpo_script_trains_with_replay_from_shards(tmp_path, packing, m
 
 
 @pytest.mark.usefixtures("megatron_cpu")
+def test_example_grpo_script_runs_from_the_tiny_config(tmp_path):
+    """The shipped CPU config drives the run: its model (4 MoE layers) and a train: section."""
+    import yaml
+
+    from replay_recipes import grpo_megatron
+
+    config = yaml.safe_load((CONFIGS / "grpo-tiny-cpu.yaml").read_text())
+    config["routing_replay"]["shards"] = str(tmp_path / "shards")
+    config["train"] = {"steps": 1, "micro_batch_samples": 4}
+    path = tmp_path / "trainer.yaml"
+    path.write_text(yaml.safe_dump(config))
+    m = grpo_megatron.main(["--cpu", "--config", str(path),
+                            "--make-demo-shards", str(tmp_path / "shards")])
+    assert m["step"] == 0.0  # one step, from train.steps
+    assert {k for k in m if k.endswith("/exact") and "layer" in k} == {
+        f"routing_replay/layer{i}/exact" for i in range(4)}
+    assert m["routing_replay/tokens"] > 0 and m["loss"] == m["loss"]
+
+
+@pytest.mark.usefixtures("megatron_cpu")
 def test_build_from_shards_looks_samples_up_by_id(tmp_path):
     import numpy as np
 
