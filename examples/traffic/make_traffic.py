@@ -10,16 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import pybase64
 
 from replay_bridge.benchmarks.traffic import valid_routing
 from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.protocols import get_protocol
 
 OUT = Path(__file__).with_name("sglang-pd.jsonl")
 
 
 def main() -> None:
     g = RoutingGeometry.from_preset("tiny-qwen3-moe")
+    sglang = get_protocol("sglang")
     rng = np.random.default_rng(7)
     lines = []
     for i in range(24):
@@ -42,7 +43,7 @@ def main() -> None:
             r[len(prompt) + 1, 2] = r[len(prompt) + 1, 2, 0]
         elif fault == "extra-row":
             r = np.concatenate([r, r[-1:]])
-        b64 = pybase64.b64encode(r.astype("<i4").tobytes()).decode()
+        b64 = sglang.encode_routing(r)
         if fault == "bad-base64":
             b64 = b64[:-3] + "!!!"
         if fault != "drop-routed-experts":
