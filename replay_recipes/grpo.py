@@ -68,11 +68,13 @@ def token_logprobs(
 @dataclass
 class PolicyLoss:
     """Sums over a micro-batch's completion tokens (divide by the step's token count), as
-    device tensors; :attr:`clipped` and :attr:`ratio_sum` read them back."""
+    device tensors; :attr:`clipped` and :attr:`ratio_sum` read figures back."""
 
     loss: torch.Tensor
     clipped_tokens: torch.Tensor
-    ratio_total: torch.Tensor
+    ratio: torch.Tensor
+    """``[b, T]`` importance ratios (detached; 1 outside ``mask``)."""
+    mask: torch.Tensor
 
     @property
     def clipped(self) -> int:
@@ -82,7 +84,7 @@ class PolicyLoss:
     @property
     def ratio_sum(self) -> float:
         """Sum of the importance ratios over the completion tokens (a host read)."""
-        return float(self.ratio_total)
+        return float(self.ratio[self.mask].sum())
 
 
 def policy_loss(
@@ -103,5 +105,4 @@ def policy_loss(
     loss = torch.where(mask, per_token, torch.zeros_like(per_token)).sum()
     with torch.no_grad():
         was_clipped = ((clipped < unclipped) & mask).sum()
-        ratio_sum = torch.where(mask, ratio, torch.zeros_like(ratio)).sum()
-    return PolicyLoss(loss, was_clipped, ratio_sum)
+    return PolicyLoss(loss, was_clipped, ratio.detach(), mask)
