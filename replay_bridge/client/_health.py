@@ -62,5 +62,5 @@ def wait_healthy(
         except (OSError, http.client.HTTPException):  # not up yet (URLError is an OSError)
             pass
         if time.monotonic() > deadline:
-            raise NotHealthyError(f"{target} not healthy within {timeout:.0f} s", url=url)
+            raise NotHealthyError(f"{target} not healthy within {timeout:g} s", url=url)
         time.sleep(interval)
