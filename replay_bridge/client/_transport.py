@@ -14,7 +14,7 @@ import asyncio
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -118,8 +118,9 @@ class BaseTransport:
         raise last
 
 
-Handler = Callable[[str, Any], "bytes | Awaitable[bytes]"]
-"""``handler(path, payload)``: the answer's bytes, or raise :class:`TransportError`."""
+Handler = Callable[[str, Any], Any]
+"""``handler(path, payload)``: the answer (``bytes``, or JSON-serialisable), or an awaitable of
+it; raises :class:`TransportError` for a failed request."""
 
 
 class MockTransport(BaseTransport):
@@ -133,8 +134,10 @@ class MockTransport(BaseTransport):
 
     .. code-block:: python
 
-        def handler(path, payload):
-            return {"output_ids": [...], "meta_info": {...}}
+        sglang = get_protocol("sglang")
+
+        def handler(path, payload):  # what SGLang's /generate would answer
+            return sglang.encode_response(payload, [Completion(output_ids, routing)])
 
         RolloutClient("mock://engine", "sglang", geometry, transport=MockTransport(handler))
     """
