@@ -165,3 +165,51 @@ def test_backpressure_bounds_requests_while_the_writer_stalls(tiny: RoutingGeome
         assert summary.stored == 200 and len(bodies) == 200
         writer.close()
     asyncio.run(go())
+
+
+def test_a_sample_the_writer_refuses_is_unstorable_not_a_duplicate(tiny: RoutingGeometry,
+                                                                   tmp_path: Path) -> None:
+    """The client checks with its geometry; a writer of another top-k refuses every sample:
+    each is quarantined as ``unstorable`` with the writer's message."""
+    wider = RoutingGeometry(tiny.num_layers, tiny.moe_layers, tiny.top_k + 1, tiny.num_experts)
+
+    async def go() -> Any:
+        writer = ShardWriter(tmp_path / "out", wider)
+        async with loopback_client("sglang", tiny, params=SamplingParams(3)) as (client, _):
+            summary = await collect(client, prompts(3), writer, keep_verdicts=True)
+        writer.close()
+        return summary
+
+    summary = asyncio.run(go())
+    assert (summary.stored, summary.rejected, summary.failed) == (0, 3, 0)
+    assert summary.by_kind == {"unstorable": 3}
+    for v in summary.verdicts:
+        assert v["outcome"] == "rejected" and v["kinds"] == ["unstorable"], v
+        assert "routing shape" in v["message"] and "does not fit" in v["message"]
+    reader = ShardReader(tmp_path / "out")
+    quarantined = {r["sample_id"]: r for r in reader.quarantined()}
+    assert set(quarantined) == {"q000", "q001", "q002"}
+    assert all(r["kinds"] == ["unstorable"] for r in quarantined.values())
+    assert reader.manifest.outcomes == {"stored": 0, "rejected": 3, "failed": 0}
+
+
+def test_a_repeated_id_is_a_duplicate(tiny: RoutingGeometry, tmp_path: Path) -> None:
+    ps = prompts(2)
+    ps = [ps[0], ps[1], Prompt("q000", ps[0].input_ids)]
+
+    async def go() -> Any:
+        writer = ShardWriter(tmp_path / "out", tiny)
+        async with loopback_client("sglang", tiny, params=SamplingParams(3),
+                                   concurrency=1) as (client, _):
+            summary = await collect(client, ps, writer, keep_verdicts=True)
+        writer.close()
+        return summary
+
+    summary = asyncio.run(go())
+    assert [(v["sample_id"], v["outcome"], v["kinds"]) for v in summary.verdicts] == [
+        ("q000", "stored", []), ("q001", "stored", []),
+        ("q000", "duplicate", ["duplicate_sample_id"])]
+    assert (summary.stored, summary.rejected, summary.failed) == (2, 1, 0)
+    assert summary.by_kind == {"duplicate_sample_id": 1}
+    reader = ShardReader(tmp_path / "out")
+    assert sorted(reader.sample_ids()) == ["q000", "q001"] and list(reader.quarantined()) == []

@@ -144,3 +144,57 @@ def test_append_keeps_earlier_samples(tmp_path, tiny, rng):
     res = ingest(second, tiny, "sglang", tmp_path / "out", writer_options={"resume": True})
     assert [s["stored"] for s in res.samples] == [True, False]
     assert sorted(ShardReader(tmp_path / "out").sample_ids()) == ["a", "b"]
+
+
+def test_a_duplicate_id_is_a_duplicate_and_writes_nothing(tmp_path, tiny, rng):
+    req, body = sglang_generate([1, 2, 3], [4, 5], routing(rng, 4, tiny))
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(_line("a", req, body) + b"\n" + _line("a", req, body) + b"\n")
+    result = ingest(path, tiny, "sglang", tmp_path / "out")
+    first, second = result.samples
+    assert first == {"sample_id": "a", "stored": True, "kinds": [], "outcome": "stored"}
+    assert second["outcome"] == "duplicate" and second["kinds"] == ["duplicate_sample_id"]
+    assert not second["stored"] and "'a'" in second["message"]
+    assert result.totals()["rejected"] == 1
+    assert result.totals()["by_kind"] == {"duplicate_sample_id": 1}
+    reader = ShardReader(tmp_path / "out")
+    assert reader.sample_ids() == ["a"] and list(reader.quarantined()) == []
+    assert reader.manifest.outcomes == {"stored": 1, "rejected": 0, "failed": 0}
+
+
+@pytest.mark.parametrize("refusal", ["shape", "dtype"])
+def test_a_sample_the_writer_refuses_is_quarantined_as_unstorable(tmp_path, tiny, rng,
+                                                                  monkeypatch, refusal):
+    """A sample the checks pass but the writer cannot store (here: the check is widened to let
+    through routing that does not fit) is rejected as ``unstorable`` with the writer's message
+    and kept in the quarantine, and the run goes on."""
+    import replay_bridge.sink as sink_module
+    from replay_bridge.sample import with_routing
+
+    real_accept = sink_module.accept
+
+    def lenient_accept(ws, geometry):
+        report, routed = real_accept(ws, geometry)
+        if routed is not None and ws.sample_id == "bad":
+            r = routed.routed
+            r = (np.concatenate([r, r[:, :1]], axis=1) if refusal == "shape"
+                 else r.astype(np.int64) + geometry.num_experts)
+            routed = with_routing(routed, r)
+        return report, routed
+
+    monkeypatch.setattr(sink_module, "accept", lenient_accept)
+    req, body = sglang_generate([1, 2, 3], [4, 5], routing(rng, 4, tiny))
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"".join(_line(sid, req, body) + b"\n" for sid in ("a", "bad", "b")))
+    result = ingest(path, tiny, "sglang", tmp_path / "out")
+    v = {s["sample_id"]: s for s in result.samples}
+    assert v["a"]["stored"] and v["b"]["stored"]
+    assert v["bad"]["outcome"] == "rejected" and v["bad"]["kinds"] == ["unstorable"]
+    words = "routing shape" if refusal == "shape" else "expert ids outside [0, 8)"
+    assert words in v["bad"]["message"] and "'bad'" in v["bad"]["message"]
+    reader = ShardReader(tmp_path / "out")
+    assert sorted(reader.sample_ids()) == ["a", "b"]
+    (record,) = reader.quarantined()
+    assert record["sample_id"] == "bad" and record["kinds"] == ["unstorable"]
+    assert record["message"] == v["bad"]["message"]
+    assert reader.manifest.outcomes == {"stored": 2, "rejected": 1, "failed": 0}
