@@ -6,23 +6,31 @@ The public surface; everything else lives in private modules behind it.
 from .checks import KINDS, CheckReport, CheckTally, accept, check_routed, check_sample
 from .geometry import GeometryError, GeometryMismatch, RoutingGeometry
 from .sample import DecodeFault, RoutedSample, WireSample
-from .shards import ShardError, ShardReader, ShardWriter
+from .shards import (DuplicateSample, ShardError, ShardReader, ShardWriter,
+                     UnstorableSample)
+from .sink import OUTCOMES, VERDICT_KINDS, SampleSink, Verdict
 from .protocols import decode_response
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
+    "OUTCOMES",
+    "VERDICT_KINDS",
     "CheckReport",
     "CheckTally",
     "DecodeFault",
+    "DuplicateSample",
     "GeometryError",
     "GeometryMismatch",
     "RoutedSample",
     "RoutingGeometry",
+    "SampleSink",
     "ShardError",
     "ShardReader",
     "ShardWriter",
+    "UnstorableSample",
+    "Verdict",
     "WireSample",
     "accept",
     "check_routed",
