@@ -14,6 +14,8 @@ packages.
   transformers, nor aiohttp outside the client (``replay_bridge.client``,
   ``replay_bridge.benchmarks.collect``): checked in fresh interpreters.
 - Every name in a public package's ``__all__`` exists (httpx's exported-members test).
+- Tests mirror the packages: ``tests/<pkg>/<sub>/`` may import the private modules of
+  ``<pkg>.<sub>`` only.
 
 A failure lists each offence as ``file:line: import ...: rule``.
 """
@@ -217,6 +219,30 @@ def test_imports_go_one_way() -> None:
     found = offences(direction_offence)
     if found:
         pytest.fail("imports against the layering:\n" + "\n".join(found))
+
+
+def test_tests_import_private_modules_only_of_what_they_test() -> None:
+    """``tests/<pkg>/<sub>/`` mirrors ``<pkg>.<sub>``: its tests may use that package's private
+    modules (and those of the packages above or below it on that path), no others."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        tested = ".".join(path.relative_to(ROOT / "tests").parts[:-1])
+        for imp in imports_of(path):
+            parts = imp.target.split(".")
+            if parts[0] not in PACKAGES:
+                continue
+            for i, part in enumerate(parts):
+                if _is_private(part):
+                    owner = ".".join(parts[:i])
+                    if tested and (owner == tested or owner.startswith(tested + ".")
+                                   or tested.startswith(owner + ".")):
+                        break
+                    found.append(f"{imp.where()}: {'.'.join(parts[: i + 1])} is private to "
+                                 f"{owner}; these tests mirror {tested or 'no package'}")
+                    break
+    if found:
+        pytest.fail("tests reaching into another package's private modules:\n"
+                    + "\n".join(sorted(set(found))))
 
 
 def test_importing_the_library_loads_no_consumer_torch_or_http() -> None:
