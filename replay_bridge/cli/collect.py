@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from ._app import app
 from ._output import EXIT_FAULTS, EXIT_OK, EXIT_USAGE, die, emit_json, progress, stderr
 from ._tables import check_table, verdict_table
+
+if TYPE_CHECKING:
+    from ..client import CollectSummary, Prompt, RolloutClient
+    from ..geometry import RoutingGeometry
+    from ..shards import ShardWriter
 
 
 def _count_lines(path: Path) -> int:
@@ -75,15 +81,53 @@ def collect(
 
     Exit 0 when every sample was stored, 1 when some were rejected or failed, 2 on bad input.
     """
+    _require_client_extra(as_json)
+    from ..client import RetryPolicy, RolloutClient, SamplingParams, read_prompts
+
+    geometry = _check_inputs(endpoint, engine, prompts, model, out, resume, as_json)
+    writer = _open_writer(out, geometry, resume, samples_per_shard, compression, as_json)
+    client = RolloutClient(
+        endpoint, engine, geometry, model=served_model,
+        params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
+        concurrency=concurrency, timeout=timeout,
+        retry=RetryPolicy(max_attempts=retries + 1, max_delay=max_retry_delay),
+        max_response_bytes=int(max_response_mb * (1 << 20)), api_key_env=api_key_env,
+    )
+    model_dir = Path(model)
+    source = read_prompts(prompts, tokenizer=model_dir if model_dir.is_dir() else None)
+    summary = _run(client, source, writer, out, samples_per_prompt,
+                   _count_lines(prompts) * samples_per_prompt, as_json)
+    if as_json:
+        emit_json({
+            "out": str(out),
+            "geometry": geometry.to_dict(),
+            "engine": engine,
+            "endpoint": endpoint,
+            "samples_per_prompt": samples_per_prompt,
+            "seconds": round(summary.seconds, 3),
+            "totals": summary.totals(),
+            "check": summary.tally.to_dict(),
+            "shards": writer.stats.to_dict(),
+            "samples": summary.verdicts,
+        })
+    else:
+        _print_summary(summary, out)
+    raise typer.Exit(EXIT_OK if summary.rejected == 0 and summary.failed == 0 else EXIT_FAULTS)
+
+
+def _require_client_extra(as_json: bool) -> None:
+    """Exit 2 when the client's extra (aiohttp) is not installed."""
     try:
-        from ..client import (PromptError, RetryPolicy, RolloutClient, SamplingParams,
-                              read_prompts)
-        from ..client import collect as run_collect
+        from .. import client  # noqa: F401
     except ImportError as e:
         die(f"collect needs the client extra (pip install 'routing-replay-bridge[client]'): {e}",
             as_json=as_json)
+
+
+def _check_inputs(endpoint: str, engine: str, prompts: Path, model: str, out: Path,
+                  resume: bool, as_json: bool) -> RoutingGeometry:
+    """The routing geometry of ``model``, or exit 2 naming the first bad argument."""
     from ..geometry import GeometryError, RoutingGeometry
-    from ..shards import ShardError, ShardWriter
     from ..protocols import PROTOCOLS as ENGINES
 
     if engine not in ENGINES:
@@ -101,24 +145,31 @@ def collect(
     if out.exists() and any(out.iterdir()) and not resume:
         die(f"{out} exists and is not empty; pass --resume to continue a collection there",
             as_json=as_json)
+    return geometry
+
+
+def _open_writer(out: Path, geometry: RoutingGeometry, resume: bool, samples_per_shard: int,
+                 compression: str | None, as_json: bool) -> ShardWriter:
+    """The shard writer of ``out`` (resumed with ``--resume``), or exit 2."""
+    from ..shards import ShardError, ShardWriter
+
     options: dict[str, Any] = {"samples_per_shard": samples_per_shard, "resume": resume}
     if compression is not None:
         options["compression"] = compression
     try:
-        writer = ShardWriter(out, geometry, **options)
+        return ShardWriter(out, geometry, **options)
     except (ShardError, OSError, ValueError) as e:
         die(f"cannot open {out}: {e}", as_json=as_json)
 
-    model_dir = Path(model)
-    tokenizer = model_dir if model_dir.is_dir() else None
-    client = RolloutClient(
-        endpoint, engine, geometry, model=served_model,
-        params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
-        concurrency=concurrency, timeout=timeout,
-        retry=RetryPolicy(max_attempts=retries + 1, max_delay=max_retry_delay),
-        max_response_bytes=int(max_response_mb * (1 << 20)), api_key_env=api_key_env,
-    )
-    total = _count_lines(prompts) * samples_per_prompt
+
+def _run(client: RolloutClient, source: Iterable[Prompt], writer: ShardWriter, out: Path,
+         samples_per_prompt: int, total: int, as_json: bool) -> CollectSummary:
+    """Collect with a progress bar; SIGTERM and Ctrl-C seal what was stored. The writer is
+    closed on every path; any error exits 2."""
+    from ..client import PromptError
+    from ..client import collect as run_collect
+    from ..shards import ShardError
+
     t0 = time.perf_counter()
     error: str | None = None
     summary = None
@@ -133,10 +184,9 @@ def collect(
 
         async def go() -> Any:
             async with client:
-                return await run_collect(
-                    client, read_prompts(prompts, tokenizer=tokenizer), writer,
-                    samples_per_prompt=samples_per_prompt, keep_verdicts=as_json,
-                    on_result=on_result)
+                return await run_collect(client, source, writer,
+                                         samples_per_prompt=samples_per_prompt,
+                                         keep_verdicts=as_json, on_result=on_result)
 
         try:
             summary = asyncio.run(_run_cancellable(go()))
@@ -153,33 +203,21 @@ def collect(
                 error = error or f"cannot seal {out}: {e}"
     if error is not None or summary is None:
         die(error or "collection stopped", code=EXIT_USAGE, as_json=as_json)
+    return summary
 
-    code = EXIT_OK if summary.rejected == 0 and summary.failed == 0 else EXIT_FAULTS
-    if as_json:
-        emit_json({
-            "out": str(out),
-            "geometry": geometry.to_dict(),
-            "engine": engine,
-            "endpoint": endpoint,
-            "samples_per_prompt": samples_per_prompt,
-            "seconds": round(summary.seconds, 3),
-            "totals": summary.totals(),
-            "check": summary.tally.to_dict(),
-            "shards": writer.stats.to_dict(),
-            "samples": summary.verdicts,
-        })
-    else:
-        skipped = (f", {summary.prompts_skipped} prompts already stored"
-                   if summary.prompts_skipped else "")
-        stderr.print(
-            f"[bold]{summary.stored}[/] stored, [bold]{summary.rejected}[/] rejected, "
-            f"[bold]{summary.failed}[/] failed of {summary.samples} samples from "
-            f"{summary.prompts} prompts{skipped} in {summary.seconds:.2f} s "
-            f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) -> {out}")
-        if summary.first_rejected:
-            stderr.print(verdict_table(summary.first_rejected))
-            more = summary.rejected + summary.failed - len(summary.first_rejected)
-            if more > 0:
-                stderr.print(f"... and {more} more rejected or failed: --json lists every one")
-        stderr.print(check_table(summary.tally))
-    raise typer.Exit(code)
+
+def _print_summary(summary: CollectSummary, out: Path) -> None:
+    """The totals line, the first samples not stored and the check table, on stderr."""
+    skipped = (f", {summary.prompts_skipped} prompts already stored"
+               if summary.prompts_skipped else "")
+    stderr.print(
+        f"[bold]{summary.stored}[/] stored, [bold]{summary.rejected}[/] rejected, "
+        f"[bold]{summary.failed}[/] failed of {summary.samples} samples from "
+        f"{summary.prompts} prompts{skipped} in {summary.seconds:.2f} s "
+        f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) -> {out}")
+    if summary.first_rejected:
+        stderr.print(verdict_table(summary.first_rejected))
+        more = summary.rejected + summary.failed - len(summary.first_rejected)
+        if more > 0:
+            stderr.print(f"... and {more} more rejected or failed: --json lists every one")
+    stderr.print(check_table(summary.tally))
