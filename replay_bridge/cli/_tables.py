@@ -34,14 +34,17 @@ def check_table(tally: CheckTally, title: str = "routing checks") -> Table:
 
 
 def verdict_table(samples: list[dict[str, Any]], limit: int = 20) -> Table:
-    """The first rejected samples with their kinds and messages."""
+    """The first samples not stored (outcome rejected, duplicate or failed) with their kinds
+    and messages."""
     t = Table(title="rejected samples", title_justify="left")
     t.add_column("sample")
+    t.add_column("outcome")
     t.add_column("kinds")
     t.add_column("reason", overflow="fold")
     rejected = [s for s in samples if not s["stored"]]
     for s in rejected[:limit]:
-        t.add_row(str(s["sample_id"]), ", ".join(s["kinds"]), s.get("message", ""))
+        t.add_row(str(s["sample_id"]), s.get("outcome", "rejected"), ", ".join(s["kinds"]),
+                  s.get("message", ""))
     if len(rejected) > limit:
-        t.add_row(f"... {len(rejected) - limit} more", "", "")
+        t.add_row(f"... {len(rejected) - limit} more", "", "", "")
     return t
