@@ -74,6 +74,10 @@ def bench_collect(
 
     if engine not in ("sglang", "vllm"):
         die(f"--engine must be sglang or vllm, got {engine!r}", as_json=True)
-    emit_json(run(model=model, engine=engine, prompts=prompts, prompt_len=prompt_len,
-                  max_new_tokens=max_new_tokens, concurrency=concurrency, repeats=repeats,
-                  workdir=workdir))
+    try:
+        result = run(model=model, engine=engine, prompts=prompts, prompt_len=prompt_len,
+                     max_new_tokens=max_new_tokens, concurrency=concurrency, repeats=repeats,
+                     workdir=workdir)
+    except RuntimeError as e:  # the responder could not be started (or is not installed)
+        die(str(e), as_json=True)
+    emit_json(result)
