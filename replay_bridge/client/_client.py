@@ -26,11 +26,13 @@ class JoinError(ValueError):
 
 @dataclass(slots=True)
 class SampleResult:
-    """What became of one sample.
+    """What became of one sample, in the words of :data:`replay_bridge.sink.OUTCOMES`.
 
-    ``outcome`` is ``"good"`` (``sample`` holds the checked :class:`RoutedSample`),
-    ``"rejected"`` (``report`` says why; ``wire`` is what the engine sent) or ``"failed"``
-    (no usable answer after the retry budget; ``error`` holds the last error).
+    ``outcome`` is ``"accepted"`` (passed every check, not stored yet: ``sample`` holds the
+    checked :class:`RoutedSample`), ``"rejected"`` (``report`` says why; ``wire`` is what the
+    engine sent) or ``"failed"`` (no usable answer after the retry budget; ``error`` holds the
+    last error). A :class:`~replay_bridge.sink.SampleSink` turns it into a stored, rejected,
+    duplicate or failed verdict.
     """
 
     sample_id: str
@@ -42,7 +44,8 @@ class SampleResult:
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "good"
+        """Whether the sample was accepted (``sample`` is set)."""
+        return self.outcome == "accepted"
 
     @property
     def num_tokens(self) -> int:
@@ -196,7 +199,7 @@ class RolloutClient:
             ws.sample_id = sid
             report, routed = accept(ws, self.geometry)
             if routed is not None:
-                results[sid] = SampleResult(sid, "good", report, routed)
+                results[sid] = SampleResult(sid, "accepted", report, routed)
             else:
                 results[sid] = SampleResult(sid, "rejected", report, wire=ws)
         missing = [sid for sid in ids if sid not in results]

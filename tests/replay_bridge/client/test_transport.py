@@ -100,7 +100,7 @@ def test_missing_choices_fail_by_id(tiny: RoutingGeometry) -> None:
             return await client.generate(Prompt("m", [1, 2]), samples=3)
 
     results = run(go())
-    assert [r.outcome for r in results] == ["good", "good", "failed"]
+    assert [r.outcome for r in results] == ["accepted", "accepted", "failed"]
     assert "held 2 samples for 3 asked for" in results[2].error
 
 
@@ -142,7 +142,7 @@ def test_retryable_failures_are_retried_then_succeed(tiny: RoutingGeometry) -> N
             return await client.generate(Prompt("t", [7, 8]), samples=2), client.retries
 
     results, retries = run(go())
-    assert [r.outcome for r in results] == ["good", "good"], [r.error for r in results]
+    assert [r.outcome for r in results] == ["accepted", "accepted"], [r.error for r in results]
     assert retries == 2 and sorted(calls) == [10, 10, 10, 11]
 
 
