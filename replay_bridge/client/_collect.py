@@ -139,13 +139,16 @@ async def collect(
     a prompt whose samples are all stored is skipped. Every other sample goes through one
     :class:`~replay_bridge.sink.SampleSink` and ends stored, rejected (quarantined with its
     report), duplicate (its id is stored already) or failed (recorded with its last error).
-    A sample the client's checks accept but the writer refuses (a writer of another geometry)
-    is rejected as ``unstorable``. The writer is flushed but not closed.
+    A sample the client's checks accept but the writer refuses is rejected as ``unstorable``.
+    A client and writer of different geometries are refused before anything is sent
+    (:class:`~replay_bridge.geometry.GeometryMismatch`). The writer is flushed but not closed.
     ``on_result(summary, results)`` runs on the worker thread after each prompt's results are
     stored.
     """
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    writer.geometry.require_same(client.geometry, "the shard directory's and the client's "
+                                 "geometries")
     sink = SampleSink(writer)
     summary = CollectSummary(tally=sink.tally, verdicts=[] if keep_verdicts else None)
     stored = writer.stored_ids

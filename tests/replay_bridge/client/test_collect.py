@@ -14,8 +14,9 @@ from aiohttp import web
 
 from replay_bridge.client import Prompt, RetryPolicy, RolloutClient, SamplingParams, collect
 from reference_engine.loopback import loopback_app, synthetic_routing
-from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.shards import ShardReader, ShardWriter
+from replay_bridge.geometry import GeometryMismatch, RoutingGeometry
+from replay_bridge.sample import RoutedSample
+from replay_bridge.shards import ShardReader, ShardWriter, UnstorableSample
 
 from .conftest import loopback_client, running
 
@@ -167,30 +168,55 @@ def test_backpressure_bounds_requests_while_the_writer_stalls(tiny: RoutingGeome
     asyncio.run(go())
 
 
-def test_a_sample_the_writer_refuses_is_unstorable_not_a_duplicate(tiny: RoutingGeometry,
-                                                                   tmp_path: Path) -> None:
-    """The client checks with its geometry; a writer of another top-k refuses every sample:
-    each is quarantined as ``unstorable`` with the writer's message."""
+def test_a_writer_of_another_geometry_is_refused_before_anything_is_sent(
+        tiny: RoutingGeometry, tmp_path: Path) -> None:
     wider = RoutingGeometry(tiny.num_layers, tiny.moe_layers, tiny.top_k + 1, tiny.num_experts)
 
-    async def go() -> Any:
+    async def go() -> list[dict[str, Any]]:
         writer = ShardWriter(tmp_path / "out", wider)
+        async with loopback_client("sglang", tiny, params=SamplingParams(3)) as (client, bodies):
+            with pytest.raises(GeometryMismatch, match="top_k: 3 vs 2"):
+                await collect(client, prompts(3), writer)
+        writer.close()
+        return bodies
+
+    assert asyncio.run(go()) == []
+    assert len(ShardReader(tmp_path / "out")) == 0
+
+
+class _RefusingWriter(ShardWriter):
+    """Refuses one sample id as unstorable (as it would a routing that does not fit)."""
+
+    def claim(self, sample: RoutedSample) -> RoutedSample:
+        if sample.sample_id == "q001":
+            raise UnstorableSample(f"sample {sample.sample_id!r}: routing does not fit",
+                                   sample_id=sample.sample_id)
+        return super().claim(sample)
+
+
+def test_a_sample_the_writer_refuses_is_unstorable_not_a_duplicate(tiny: RoutingGeometry,
+                                                                   tmp_path: Path) -> None:
+    """A sample the checks accept but the writer refuses is quarantined as ``unstorable`` with
+    the writer's message; the others are stored."""
+
+    async def go() -> Any:
+        writer = _RefusingWriter(tmp_path / "out", tiny)
         async with loopback_client("sglang", tiny, params=SamplingParams(3)) as (client, _):
             summary = await collect(client, prompts(3), writer, keep_verdicts=True)
         writer.close()
         return summary
 
     summary = asyncio.run(go())
-    assert (summary.stored, summary.rejected, summary.failed) == (0, 3, 0)
-    assert summary.by_kind == {"unstorable": 3}
-    for v in summary.verdicts:
-        assert v["outcome"] == "rejected" and v["kinds"] == ["unstorable"], v
-        assert "routing shape" in v["message"] and "does not fit" in v["message"]
+    assert (summary.stored, summary.rejected, summary.failed) == (2, 1, 0)
+    assert summary.by_kind == {"unstorable": 1}
+    (refused,) = [v for v in summary.verdicts if v["sample_id"] == "q001"]
+    assert refused["outcome"] == "rejected" and refused["kinds"] == ["unstorable"]
+    assert "routing does not fit" in refused["message"]
     reader = ShardReader(tmp_path / "out")
-    quarantined = {r["sample_id"]: r for r in reader.quarantined()}
-    assert set(quarantined) == {"q000", "q001", "q002"}
-    assert all(r["kinds"] == ["unstorable"] for r in quarantined.values())
-    assert reader.manifest.outcomes == {"stored": 0, "rejected": 3, "failed": 0}
+    assert sorted(reader.sample_ids()) == ["q000", "q002"]
+    (record,) = reader.quarantined()
+    assert record["sample_id"] == "q001" and record["kinds"] == ["unstorable"]
+    assert reader.manifest.outcomes == {"stored": 2, "rejected": 1, "failed": 0}
 
 
 def test_a_repeated_id_is_a_duplicate(tiny: RoutingGeometry, tmp_path: Path) -> None:
