@@ -296,3 +296,28 @@ def test_exported_members_exist(package: str) -> None:
         except AttributeError:
             missing.append(name)
     assert not missing, f"{package}.__all__ names what it does not have: {missing}"
+
+
+_CLI_PROBE = """
+import json, sys
+from replay_bridge.cli import command_line
+app = command_line()
+import typer.main
+names = sorted(typer.main.get_command(app).commands)
+heavy = sorted({w for w in ("torch", "transformers", "aiohttp", "megatron", "matplotlib")
+                for k in sys.modules if k == w or k.startswith(w + ".")})
+print(json.dumps({"commands": names, "heavy": heavy}))
+"""
+
+
+def test_the_command_line_starts_light_with_its_plugins() -> None:
+    """Every ``replay-bridge`` run loads the plugins' command modules: they must register their
+    commands without importing torch, transformers, aiohttp, megatron-core or matplotlib (those
+    load inside a command), so that ``ingest`` or ``validate`` start as fast as before."""
+    proc = subprocess.run([sys.executable, "-c", _CLI_PROBE], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.splitlines()[-1])
+    assert {"demo", "serve", "route", "make-tiny-model", "ingest", "validate"} <= set(
+        found["commands"]), found
+    assert found["heavy"] == [], f"loading the CLI's plugins imports {found['heavy']}"

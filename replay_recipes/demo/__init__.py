@@ -12,7 +12,25 @@ Each step is its own module (``engines``, ``rollouts``, ``batches``, ``trainer``
 GRPO objective is the recipes' shared ``replay_recipes.grpo``.
 """
 
-from .config import ConfigError, DemoConfig, load_config
-from .recipe import DemoResult, run_demo
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ConfigError, DemoConfig, load_config
+    from .recipe import DemoResult, run_demo
+
+# Imported on first use: the CLI loads this package's ``cli`` module at every start, and the
+# recipe pulls in torch, megatron-core and the client.
+_HOMES = {"ConfigError": "config", "DemoConfig": "config", "load_config": "config",
+          "DemoResult": "recipe", "run_demo": "recipe"}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{home}", __name__), name)
+
 
 __all__ = ["ConfigError", "DemoConfig", "DemoResult", "load_config", "run_demo"]
