@@ -55,16 +55,21 @@ def synthetic_routing(tokens: np.ndarray, geometry: RoutingGeometry, start: int 
     return out
 
 
-def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0) -> web.Application:
+def loopback_app(engine: str, geometry: RoutingGeometry, *, delay: float = 0.0,
+                 zero_routing: bool = False) -> web.Application:
     """An aiohttp app answering ``/generate`` (``sglang``) or ``/v1/completions`` (``vllm``,
     ``sglang-openai``) with synthetic completions and routing, after ``delay`` seconds.
-    ``GET /stats`` counts requests served, in flight now and at most."""
+    ``zero_routing`` answers with all-zero routing (a capture that never happened: every
+    sample is rejected). ``GET /stats`` counts requests served, in flight now and at most."""
     protocol = get_protocol(engine)
     wire_dtype = "uint8" if geometry.num_experts <= 256 else "uint16"  # vLLM's .npy dtype
 
     def one(prompt: np.ndarray, max_new: int, start: int, choice: int) -> tuple[np.ndarray,
                                                                                   np.ndarray]:
         out = synthetic_completion(prompt, max_new, choice)
+        if zero_routing:
+            rows = max(prompt.size + out.size - 1 - start, 0)
+            return out, np.zeros((rows, geometry.num_layers, geometry.top_k), np.int32)
         return out, synthetic_routing(np.concatenate([prompt, out]), geometry, start)
 
     served = 0  # single requests: each gets its own completion, as sampling would
@@ -151,10 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--zero-routing", action="store_true",
+                    help="answer with all-zero routing (every sample is rejected)")
     args = ap.parse_args(argv)
     geometry = RoutingGeometry.resolve(args.model)
-    web.run_app(loopback_app(args.engine, geometry, delay=args.delay), host=args.host,
-                port=args.port, print=None, access_log=None, backlog=4096)
+    app = loopback_app(args.engine, geometry, delay=args.delay, zero_routing=args.zero_routing)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, backlog=4096)
 
 
 if __name__ == "__main__":

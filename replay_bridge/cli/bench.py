@@ -1,4 +1,4 @@
-"""``replay-bridge bench ingest | shards | collect``: the benchmarks, each printing one JSON
+"""``replay-bridge bench ingest | shards | collect | memory``: the benchmarks, each printing one JSON
 object (the measuring code lives in :mod:`replay_bridge.benchmarks`)."""
 
 from __future__ import annotations
@@ -79,5 +79,33 @@ def bench_collect(
                      max_new_tokens=max_new_tokens, concurrency=concurrency, repeats=repeats,
                      workdir=workdir)
     except RuntimeError as e:  # the responder could not be started (or is not installed)
+        die(str(e), as_json=True)
+    emit_json(result)
+
+
+@bench_app.command("memory")
+def bench_memory(
+    samples: int = typer.Option(32, min=1, help="N: rejected samples of the small run."),
+    factor: int = typer.Option(8, min=2, help="The large run has factor * N samples."),
+    rows: int = typer.Option(20_000, min=16, help="Routing rows (tokens) per sample."),
+    model: str = typer.Option("tiny-qwen3-moe", help="Model preset, directory or config.json."),
+    concurrency: int = typer.Option(16, min=1, help="collect: requests in flight."),
+    only: Optional[str] = typer.Option(None, help="Measure only ingest or only collect."),
+    workdir: Optional[Path] = typer.Option(None, help="Where to put temporary files."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
+) -> None:
+    """Peak RSS of ingest and collect over N and factor*N samples that are all rejected (each
+    measurement in a child process); memory must follow the samples in flight, not the number
+    rejected (target: ratio <= 1.2)."""
+    from ..benchmarks.memory import run
+    from ..geometry import GeometryError
+
+    if only not in (None, "ingest", "collect"):
+        die(f"--only must be ingest or collect, got {only!r}", as_json=True)
+    parts = ("ingest", "collect") if only is None else (only,)
+    try:
+        result = run(samples=samples, factor=factor, rows=rows, model=model,
+                     concurrency=concurrency, workdir=workdir, parts=parts)
+    except (GeometryError, RuntimeError) as e:
         die(str(e), as_json=True)
     emit_json(result)
