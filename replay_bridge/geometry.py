@@ -12,7 +12,24 @@ from typing import Any
 import numpy as np
 import yaml
 
-__all__ = ["GeometryError", "GeometryMismatch", "RoutingGeometry", "hf_moe_layers", "list_presets"]
+__all__ = [
+    "MAX_EXPERTS",
+    "MAX_LAYERS",
+    "MAX_TOP_K",
+    "GeometryError",
+    "GeometryMismatch",
+    "RoutingGeometry",
+    "hf_moe_layers",
+    "list_presets",
+]
+
+MAX_LAYERS = 1 << 16
+"""Most hidden layers a geometry may have (a manifest or config claiming more is refused)."""
+MAX_EXPERTS = 1 << 16
+"""Most experts per layer: every id must fit ``uint16``."""
+MAX_TOP_K = 1 << 10
+"""Most experts routed per token and layer."""
+_MAX_NAME = 200
 
 
 class GeometryError(ValueError):
@@ -39,22 +56,24 @@ class RoutingGeometry:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        moe = tuple(int(i) for i in self.moe_layers)
+        num_layers = _bounded("num_layers", self.num_layers, 1, MAX_LAYERS)
+        num_experts = _bounded("num_experts", self.num_experts, 1, MAX_EXPERTS)
+        top_k = _bounded("top_k", self.top_k, 1, min(num_experts, MAX_TOP_K))
+        moe = _layer_indices(self.moe_layers)
+        object.__setattr__(self, "num_layers", num_layers)
+        object.__setattr__(self, "num_experts", num_experts)
+        object.__setattr__(self, "top_k", top_k)
         object.__setattr__(self, "moe_layers", moe)
-        if self.num_layers <= 0:
-            raise GeometryError(f"num_layers must be positive, got {self.num_layers}")
         if not moe:
             raise GeometryError("a routing geometry needs at least one MoE layer")
-        if list(moe) != sorted(set(moe)) or moe[0] < 0 or moe[-1] >= self.num_layers:
+        if list(moe) != sorted(set(moe)) or moe[0] < 0 or moe[-1] >= num_layers:
             raise GeometryError(
-                f"moe_layers must be sorted, unique and in [0, {self.num_layers}): {list(moe)}"
+                f"moe_layers must be sorted, unique and in [0, {num_layers}): {_short(moe)}"
             )
-        if not 1 <= self.top_k <= self.num_experts:
-            raise GeometryError(
-                f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}"
-            )
-        if self.num_experts > 65536:
-            raise GeometryError(f"num_experts={self.num_experts} exceeds uint16 ids")
+        if self.name is not None and (not isinstance(self.name, str)
+                                      or len(self.name) > _MAX_NAME):
+            raise GeometryError(f"name must be a string of at most {_MAX_NAME} characters, "
+                                f"got {self.name!r:.80}")
 
     # ---- derived -------------------------------------------------------------------------
 
@@ -106,20 +125,25 @@ class RoutingGeometry:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RoutingGeometry:
-        """Inverse of :meth:`to_dict`; rejects a dict whose ``id_dtype`` disagrees."""
-        try:
-            g = cls(
-                num_layers=int(d["num_layers"]),
-                moe_layers=tuple(int(i) for i in d["moe_layers"]),
-                top_k=int(d["top_k"]),
-                num_experts=int(d["num_experts"]),
-                name=d.get("name"),
-            )
-        except (KeyError, TypeError) as e:
-            raise GeometryError(f"incomplete geometry record {dict(d)!r}: {e}") from None
-        if "id_dtype" in d and np.dtype(d["id_dtype"]) != g.id_dtype:
+        """Inverse of :meth:`to_dict`; every value must already have its type (a manifest or
+        schema is untrusted: no string or float is coerced), and ``id_dtype``, when present,
+        must fit ``num_experts``."""
+        if not isinstance(d, Mapping):
+            raise GeometryError(f"a geometry record must be an object, got {d!r:.80}")
+        missing = [k for k in ("num_layers", "moe_layers", "top_k", "num_experts") if k not in d]
+        if missing:
+            raise GeometryError(f"incomplete geometry record: no {', '.join(missing)}")
+        g = cls(
+            num_layers=d["num_layers"],
+            moe_layers=d["moe_layers"],
+            top_k=d["top_k"],
+            num_experts=d["num_experts"],
+            name=d.get("name"),
+        )
+        if "id_dtype" in d and d["id_dtype"] != g.id_dtype.name:
             raise GeometryError(
-                f"id_dtype {d['id_dtype']} does not fit num_experts={g.num_experts}"
+                f"id_dtype {d['id_dtype']!r:.40} does not fit num_experts={g.num_experts} "
+                f"({g.id_dtype.name})"
             )
         return g
 
@@ -134,7 +158,7 @@ class RoutingGeometry:
         """
         cfg = _text_config(config)
         model_type = cfg.get("model_type", "?")
-        num_layers = int(cfg["num_hidden_layers"])
+        num_layers = _config_int(cfg, "num_hidden_layers", MAX_LAYERS)
         num_experts = next(
             (cfg[k] for k in ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
              if cfg.get(k)),
@@ -149,7 +173,7 @@ class RoutingGeometry:
                 "(looked for num_experts / n_routed_experts / num_local_experts and "
                 "num_experts_per_tok)"
             )
-        return cls(num_layers, hf_moe_layers(cfg), int(top_k), int(num_experts), name=name)
+        return cls(num_layers, hf_moe_layers(cfg), top_k, num_experts, name=name)
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> RoutingGeometry:
@@ -160,6 +184,8 @@ class RoutingGeometry:
             config = json.loads(cfg_path.read_bytes())
         except FileNotFoundError:
             raise GeometryError(f"no config.json at {cfg_path}") from None
+        except OSError as e:
+            raise GeometryError(f"cannot read {cfg_path}: {e.strerror or e}") from None
         except ValueError as e:
             raise GeometryError(f"{cfg_path} is not valid JSON: {e}") from None
         if not isinstance(config, dict):
@@ -232,7 +258,7 @@ def hf_moe_layers(config: Mapping[str, Any]) -> tuple[int, ...]:
     ``(i + 1) % decoder_sparse_step == 0``. Mixtral has neither and routes in every layer.
     """
     cfg = _text_config(config)
-    layers = range(int(cfg["num_hidden_layers"]))
+    layers = range(_config_int(cfg, "num_hidden_layers", MAX_LAYERS))
     if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:
         first = int(cfg.get("first_k_dense_replace") or 0)
         freq = int(cfg.get("moe_layer_freq") or 1)
@@ -240,6 +266,41 @@ def hf_moe_layers(config: Mapping[str, Any]) -> tuple[int, ...]:
     dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
     step = int(cfg.get("decoder_sparse_step") or 1)
     return tuple(i for i in layers if i not in dense and (i + 1) % step == 0)
+
+
+def _bounded(name: str, value: Any, lo: int, hi: int) -> int:
+    """``value`` as an ``int`` in ``[lo, hi]``: a Python or NumPy integer, never a bool, float
+    or string."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        if lo <= value <= hi:
+            return int(value)
+    raise GeometryError(f"{name} must be an integer in [{lo}, {hi}], got {value!r:.40}")
+
+
+def _layer_indices(values: Any) -> tuple[int, ...]:
+    """MoE layer indices as a tuple of ``int`` (at most :data:`MAX_LAYERS` of them)."""
+    if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__len__"):
+        raise GeometryError(f"moe_layers must be a sequence of integers, got {values!r:.80}")
+    if len(values) > MAX_LAYERS:
+        raise GeometryError(f"moe_layers holds {len(values)} entries, more than "
+                            f"{MAX_LAYERS} layers")
+    for v in values:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+            raise GeometryError(f"moe_layers must be integers, got {v!r:.40}")
+    return tuple(int(v) for v in values)
+
+
+def _short(values: tuple[int, ...]) -> str:
+    return str(list(values)) if len(values) <= 16 else f"[{values[0]}, ..., {values[-1]}]"
+
+
+def _config_int(cfg: Mapping[str, Any], key: str, hi: int) -> int:
+    """An integer field of a Hugging Face config, refused when absurd (before anything is
+    allocated for it)."""
+    value = cfg[key]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value <= hi:
+        return int(value)
+    raise GeometryError(f"{key} must be an integer of at most {hi}, got {value!r:.40}")
 
 
 def _preset_files() -> dict[str, Path]:
