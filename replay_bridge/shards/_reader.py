@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,7 @@ from ._atomic import sha256_file
 from ._errors import ShardError
 from ._manifest import QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry, ShardEntry, member_path
 from ._quarantine import read_chunk
-from ._scan import open_ipc, scan_shard
+from ._scan import open_ipc, regular_file, scan_shard
 from ._schema import list_parts, routed_rows, samples_from_batch
 
 __all__ = ["ShardReader", "default_read_threads", "verify_file"]
@@ -33,7 +34,8 @@ def verify_file(directory: Path, entry: ShardEntry | QuarantineEntry) -> Path:
     path = member_path(directory, entry.file, pattern)
     _check_size(path, entry)
     try:
-        digest = sha256_file(path)
+        with regular_file(path, entry.file) as p:
+            digest = sha256_file(p)
     except OSError as e:
         raise ShardError(f"{entry.file}: cannot read: {e.strerror or e}", file=entry.file) from None
     if digest != entry.sha256:
@@ -44,11 +46,19 @@ def verify_file(directory: Path, entry: ShardEntry | QuarantineEntry) -> Path:
 
 
 def _check_size(path: Path, entry: ShardEntry | QuarantineEntry) -> None:
+    """The listed file is a regular file of the listed size (``stat`` only: nothing opened)."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise ShardError(f"{entry.file}: listed in the manifest but missing",
                          file=entry.file, kind="missing") from None
+    except OSError as e:
+        raise ShardError(f"{entry.file}: cannot stat: {e.strerror or e}",
+                         file=entry.file) from None
+    if not stat.S_ISREG(st.st_mode):
+        with regular_file(path, entry.file):  # raises, naming what it is
+            pass
+    size = st.st_size
     if size != entry.bytes:
         what = "truncated" if size < entry.bytes else "longer than listed"
         raise ShardError(f"{entry.file}: {size} bytes, the manifest says {entry.bytes} "
@@ -241,7 +251,9 @@ class ShardReader:
         for entry in self.manifest.quarantine:
             path = (verify_file(self.dir, entry) if self._verify
                     else member_path(self.dir, entry.file, QUARANTINE_RE))
-            yield from read_chunk(path, entry.file)
+            with regular_file(path, entry.file) as p:
+                records = list(read_chunk(p, entry.file))
+            yield from records
 
     def close(self) -> None:
         """Drop the cached batches and memory maps (views handed out stay valid)."""

@@ -1,7 +1,17 @@
-"""Open one shard file and read what indexing needs (ids, counts) without the routing."""
+"""Open one shard file and read what indexing needs (ids, counts) without the routing.
+
+Every shard and quarantine file is opened through :func:`regular_file`: only a regular file
+is ever read, so a FIFO, a device or a directory under a member's name is an ``unreadable``
+:class:`ShardError`, never a blocked ``open``.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +23,42 @@ from ..geometry import GeometryMismatch, RoutingGeometry
 from ._errors import ShardError
 from ._schema import FORMAT_VERSION, geometry_from_schema
 
-__all__ = ["ShardScan", "open_ipc", "scan_shard"]
+__all__ = ["ShardScan", "open_ipc", "regular_file", "scan_shard"]
+
+_FD_DIR = Path("/proc/self/fd")
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFLNK: "a symlink"}
+
+
+@contextmanager
+def regular_file(path: Path, name: str) -> Iterator[Path]:
+    """A path to read ``path`` through, once it is known to be a regular file.
+
+    The file is opened without blocking (``O_NONBLOCK``: a FIFO opens at once) and without
+    following a symlink, and checked with ``fstat``; on Linux the path handed out is the open
+    descriptor's (``/proc/self/fd/N``), so what is read is the file that was checked even if
+    the name is replaced meanwhile. :class:`ShardError` ``unreadable`` (``missing`` when absent,
+    ``unsafe_path`` for a symlink) naming ``name`` otherwise.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ShardError(f"{name}: missing", file=name, kind="missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ShardError(f"{name} is a symlink; shard files must be regular files",
+                             file=name, kind="unsafe_path") from None
+        raise ShardError(f"{name}: cannot open: {e.strerror or e}", file=name) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = _KINDS.get(stat.S_IFMT(mode), "not a file")
+            raise ShardError(f"{name}: not a regular file ({what}); refusing to read it",
+                             file=name)
+        yield _FD_DIR / str(fd) if _FD_DIR.is_dir() else path
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -27,9 +72,11 @@ class ShardScan:
 
 def open_ipc(path: Path, name: str, geometry: RoutingGeometry,
              options: ipc.IpcReadOptions | None = None) -> ipc.RecordBatchFileReader:
-    """Memory-map and open an IPC file whose schema must carry ``geometry``."""
+    """Memory-map and open an IPC file (a regular file) whose schema must carry ``geometry``."""
     try:
-        reader = ipc.open_file(pa.memory_map(str(path)), options=options)
+        with regular_file(path, name) as p:
+            source = pa.memory_map(str(p))
+        reader = ipc.open_file(source, options=options)
     except FileNotFoundError:
         raise ShardError(f"{name}: missing", file=name, kind="missing") from None
     except (OSError, pa.ArrowException) as e:

@@ -22,7 +22,7 @@ from ._errors import ShardError
 from ._manifest import MANIFEST, Manifest, is_member_name, is_temp_name
 from ._quarantine import read_chunk
 from ._reader import verify_file
-from ._scan import open_ipc
+from ._scan import open_ipc, regular_file
 from ._schema import samples_from_batch
 
 __all__ = ["MAX_LISTED_SAMPLE_FAULTS", "Fault", "ValidationReport", "validate_dir"]
@@ -168,10 +168,11 @@ def _check_quarantine(report: ValidationReport) -> None:
         try:
             path = verify_file(report.directory, entry)
             n = 0
-            for rec in read_chunk(path, entry.file):
-                n += 1
-                key = str(rec.get("outcome", "rejected"))
-                outcomes[key] = outcomes.get(key, 0) + 1
+            with regular_file(path, entry.file) as p:
+                for rec in read_chunk(p, entry.file):
+                    n += 1
+                    key = str(rec.get("outcome", "rejected"))
+                    outcomes[key] = outcomes.get(key, 0) + 1
         except ShardError as e:
             report.faults.append(Fault(entry.file, f"quarantine_{e.kind}", str(e)))
             continue

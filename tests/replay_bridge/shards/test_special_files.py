@@ -1,0 +1,161 @@
+"""A FIFO, a directory or a device node named like a listed shard or quarantine chunk: the reader
+(every verify mode), ``validate`` and a resuming writer refuse it as ``unreadable``, naming the
+file, and never block on it. Each case runs in a child process with a timeout, since the failure
+this guards against is a hang."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from replay_bridge.checks import CheckReport
+from replay_bridge.shards import ShardWriter
+from tests.support.processes import child_env, cli
+
+from .conftest import make_sample
+from .helpers import edit_manifest
+
+TIMEOUT = 90  # seconds for a whole child process; a blocked open() never returns
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    from replay_bridge.shards import ShardError, ShardReader, validate_dir
+
+    def attempt(fn):
+        try:
+            fn()
+            return {"ok": True}
+        except ShardError as e:
+            return {"error": str(e), "kind": e.kind, "file": e.file}
+        except Exception as e:  # what the test must never see
+            return {"crash": f"{type(e).__name__}: {e}"}
+
+    def read_all(d, verify):
+        r = ShardReader(d, verify=verify)
+        for _ in r:
+            pass
+        for sid in r.sample_ids():
+            r.routing(sid)
+        list(r.quarantined())
+
+    out = {}
+    for d in sys.argv[1:]:
+        res = {str(v): attempt(lambda: read_all(d, v)) for v in (True, "lazy", False)}
+        rep = validate_dir(d)
+        res["validate"] = {"ok": rep.ok, "faults": [f.to_dict() for f in rep.faults]}
+        out[d] = res
+    print(json.dumps(out))
+""")
+
+
+def _run_child(*dirs) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, *map(str, dirs)], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _make_dir(path, tiny):
+    with ShardWriter(path, tiny, samples_per_shard=3) as w:
+        for i in range(6):
+            w.add(make_sample(tiny, f"s{i}", 12, seed=i))
+        w.quarantine(CheckReport("bad", kinds=("all_zero",), message="zeros"))
+    return path
+
+
+def _replace(path, what: str) -> None:
+    path.unlink()
+    if what == "fifo":
+        os.mkfifo(path)
+    elif what == "dir":
+        path.mkdir()
+    else:
+        raise AssertionError(what)
+
+
+def _list_as_empty(d, name) -> None:
+    """Make the manifest say ``name`` is an empty file: the size check passes, so only opening
+    it can tell."""
+    empty = hashlib.sha256(b"").hexdigest()
+
+    def fn(doc):
+        for e in doc["shards"]:
+            if e["file"] == name:
+                doc["totals"]["bytes"] -= e["bytes"]
+                e.update(bytes=0, sha256=empty)
+        for e in doc["quarantine"]:
+            if e["file"] == name:
+                e.update(bytes=0, sha256=empty)
+    edit_manifest(d, fn)
+
+
+@pytest.mark.parametrize("what", ["fifo", "dir"])
+def test_special_file_named_like_a_member_is_unreadable_never_a_hang(tmp_path, tiny, what):
+    cases = {}
+    for name in ("shard-000001.arrow", "quarantine-000000.jsonl"):
+        for empty in (False, True):
+            d = _make_dir(tmp_path / f"{name}-{empty}", tiny)
+            _replace(d / name, what)
+            if empty:
+                _list_as_empty(d, name)
+            cases[str(d)] = name
+    results = _run_child(*cases)
+    for d, name in cases.items():
+        res = results[d]
+        for mode in ("True", "lazy", "False"):
+            r = res[mode]
+            assert "crash" not in r, (d, mode, r)
+            assert "ok" not in r, (d, mode, "read a special file as data")
+            assert r["file"] == name, (d, mode, r)
+            if r["kind"] not in ("size", "counts"):  # a size mismatch may be found first
+                assert r["kind"] == "unreadable" and "not a regular file" in r["error"], r
+        faults = res["validate"]["faults"]
+        assert not res["validate"]["ok"]
+        assert {f["file"] for f in faults} == {name}, faults
+        assert any("not a regular file" in f["message"] for f in faults), faults
+
+
+def test_validate_cli_on_a_fifo_shard_exits_1_naming_it(tmp_path, tiny):
+    d = _make_dir(tmp_path / "d", tiny)
+    _replace(d / "shard-000000.arrow", "fifo")
+    _list_as_empty(d, "shard-000000.arrow")
+    proc = subprocess.run(cli("validate", str(d), "--json"), capture_output=True, text=True,
+                          timeout=TIMEOUT, env=child_env())
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert [(f["file"], f["kind"]) for f in doc["faults"]][:1] == [
+        ("shard-000000.arrow", "unreadable")]
+    assert "not a regular file" in doc["faults"][0]["message"]
+    assert "Traceback" not in proc.stderr
+
+
+RESUME = textwrap.dedent("""
+    import sys
+    from replay_bridge.geometry import RoutingGeometry
+    from replay_bridge.shards import ShardError, ShardWriter
+    try:
+        w = ShardWriter(sys.argv[1], RoutingGeometry.from_preset("tiny-qwen3-moe"), resume=True)
+        print("resumed", len(w.stored_ids))
+        w.close()
+    except ShardError as e:
+        print("refused:", e)
+""")
+
+
+@pytest.mark.parametrize("name", ["shard-000007.arrow", "quarantine-000007.jsonl"])
+def test_resuming_writer_never_reads_an_unlisted_fifo(tmp_path, tiny, name):
+    """Recovery adopts complete unlisted files; a FIFO under such a name is skipped or refused
+    by name, never opened."""
+    d = _make_dir(tmp_path / "d", tiny)
+    os.mkfifo(d / name)
+    proc = subprocess.run([sys.executable, "-c", RESUME, str(d)], capture_output=True,
+                          text=True, timeout=TIMEOUT, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(("resumed 6", f"refused: {name}")), proc.stdout
+    assert name not in json.loads((d / "manifest.json").read_text()).__repr__()
