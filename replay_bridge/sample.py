@@ -9,12 +9,56 @@ geometry's narrow id dtype, engine order of the k ids kept).
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DecodeFault", "RoutedSample", "WireSample", "with_routing"]
+__all__ = ["DecodeFault", "RoutedSample", "WireSample", "field_problem", "short_repr",
+           "type_name", "with_routing"]
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def type_name(value: object) -> str:
+    """``"an int"``, ``"a list"``: how a message names the type a value has."""
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def short_repr(value: object) -> str:
+    """``repr`` cut to a few dozen characters, for messages about untrusted values."""
+    return reprlib.repr(value)
+
+
+def field_problem(name: str, value: object) -> str | None:
+    """The rule a sample's ``sample_id`` (a non-empty string), ``group_id`` (a string or
+    ``None``) or ``policy_version`` (an int64, never a bool, or ``None``) breaks, or ``None``.
+
+    Every door a sample enters by (ingest's line envelope, the protocols' decoders) asks this,
+    so nothing wrongly typed reaches the shard writer.
+    """
+    if name == "sample_id":
+        if value is None:
+            return "sample_id is missing"
+        if not isinstance(value, str):
+            return (f"sample_id {short_repr(value)} is {type_name(value)}, expected a "
+                    "non-empty string")
+        return "sample_id is empty" if not value else None
+    if value is None:
+        return None
+    if name == "group_id":
+        return None if isinstance(value, str) else (
+            f"group_id {short_repr(value)} is {type_name(value)}, expected a string")
+    if name == "policy_version":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return (f"policy_version {short_repr(value)} is {type_name(value)}, expected an "
+                    "integer")
+        if not INT64_MIN <= value <= INT64_MAX:
+            return f"policy_version {short_repr(value)} is outside int64"
+        return None
+    raise ValueError(f"no rule for field {name!r}")
 
 
 @dataclass(frozen=True, slots=True)

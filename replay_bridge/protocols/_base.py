@@ -96,6 +96,12 @@ class Protocol:
         """HTTP requests :meth:`plan` makes for one prompt of ``samples`` samples."""
         return samples
 
+    def samples_asked(self, request: dict[str, Any]) -> int:
+        """How many samples an answer to ``request`` holds: indices ``0 .. n-1``, ids
+        ``<sample_id>/<i>`` when more than one. ``1`` when the request says so wrongly
+        (:meth:`decode` then answers with one ``malformed`` sample)."""
+        return 1
+
     def requested_start(self, request: dict[str, Any]) -> Any:
         """The start offset a request asked for, as sent (``0`` when absent)."""
         return request.get(self.start_field, 0) or 0
@@ -107,8 +113,10 @@ class Protocol:
         geometry: RoutingGeometry, sample_id: str, group_id: str | None = None,
         policy_version: int | None = None,
     ) -> list[WireSample]:
-        """One :class:`WireSample` per item / choice of a parsed answer (never raises on bad
-        input: a fault names what is wrong)."""
+        """One :class:`WireSample` per item / choice of a parsed answer, each with its
+        ``index``. Never raises on bad input: a value of the wrong type, a non-integer, an
+        unreadable payload is a ``malformed`` sample whose message names the field, the first
+        bad position and the rule; nothing is coerced."""
         raise NotImplementedError
 
     # ---- encode (the engine side) -------------------------------------------------------

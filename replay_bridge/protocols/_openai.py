@@ -3,12 +3,12 @@ the ``choices`` list of the answer, and a choice on the engine side."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..sample import WireSample
+from ..sample import WireSample, short_repr, type_name
 from . import _assemble as A
 from ._base import Completion, SamplingParams, token_list
 
@@ -53,35 +53,78 @@ def check_chat(messages: Sequence[dict[str, Any]] | None, routed_start: int) -> 
     return CHAT_PATH
 
 
+def asked(request: dict[str, Any]) -> int | str:
+    """The request's ``n`` (``1`` when absent), or what is wrong with it."""
+    n = request.get("n")
+    if n is None:
+        return 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= A.MAX_SAMPLES:
+        return f"request n={short_repr(n)} is not an integer in [1, {A.MAX_SAMPLES}]"
+    return n
+
+
 def choices(
     ctx: A.Context, request: dict[str, Any], response: Any, sample_id: str
-) -> Iterator[tuple[int, int, str, dict[str, Any] | WireSample]]:
-    """``(position, index, sample_id, choice)`` for each choice; a ``malformed`` sample in
-    place of a choice that is not an object. ``index`` is the choice's own ``index`` (its
-    position when absent, ``-1`` when not an integer); ids get ``/<index>`` when there are
-    several choices."""
-    if not isinstance(response, dict) or not isinstance(response.get("choices"), list):
-        yield 0, 0, sample_id, ctx.failed(sample_id, "malformed", "response has no choices list")
-        return
-    items = response["choices"]
-    many = len(items) > 1 or int(request.get("n", 1) or 1) > 1
+) -> list[tuple[int, int, str, dict[str, Any] | WireSample]]:
+    """``(position, index, sample_id, choice)`` for each choice of the answer.
+
+    ``index`` is the choice's own ``index`` (its position when absent); ids get ``/<index>``
+    when the request asks for several (``n`` > 1). A ``malformed`` sample stands in for a
+    choice that is not an object (taking its position as index), and for one whose index is
+    not an integer in ``[0, n)`` or repeats an earlier one (index ``-1``, id
+    ``<sample_id>/choice-<position>``: it answers no asked-for sample). An answer without a
+    choices list, or a request with a bad ``n``, is ``malformed`` for every asked-for sample.
+    """
+    n = asked(request)
+    if isinstance(n, str):
+        return [(0, 0, sample_id, ctx.failed(sample_id, "malformed", n))]
+    if not isinstance(response, dict):
+        return [(i, i, w.sample_id, w) for i, w in enumerate(ctx.all_failed(
+            sample_id, n, f"the answer is {type_name(response)}, expected an object with a "
+                          "choices list"))]
+    items = response.get("choices")
+    if not isinstance(items, list):
+        what = "has no choices list" if items is None else \
+            f"has choices {type_name(items)}, expected a list"
+        return [(i, i, w.sample_id, w) for i, w in enumerate(ctx.all_failed(
+            sample_id, n, f"the answer {what}"))]
+    out: list[tuple[int, int, str, dict[str, Any] | WireSample]] = []
+    seen: set[int] = set()
     for pos, choice in enumerate(items):
         idx = choice.get("index", pos) if isinstance(choice, dict) else pos
-        index = idx if isinstance(idx, int) and not isinstance(idx, bool) else -1
-        sid = f"{sample_id}/{idx}" if many else sample_id
+        usable = isinstance(idx, int) and not isinstance(idx, bool) and 0 <= idx < n
+        if not usable or idx in seen:
+            why = f"repeats index {idx}" if usable else \
+                f"has index {short_repr(idx)}, expected an integer in [0, {n})"
+            if not isinstance(choice, dict):
+                why += f" and is {type_name(choice)}, not an object"
+            junk = f"{sample_id}/choice-{pos}"
+            out.append((pos, -1, junk, ctx.failed(junk, "malformed", f"choice {pos} {why}",
+                                                  index=-1)))
+            continue
+        seen.add(idx)
+        sid = A.answer_id(sample_id, idx, n)
         if isinstance(choice, dict):
-            yield pos, index, sid, choice
+            out.append((pos, idx, sid, choice))
         else:
-            yield pos, index, sid, ctx.failed(sid, "malformed", "choice is not an object",
-                                              index=index)
+            out.append((pos, idx, sid, ctx.failed(
+                sid, "malformed", f"choice {pos} is {type_name(choice)}, not an object",
+                index=idx)))
+    return out
 
 
-def choice_logprobs(choice: dict[str, Any]) -> np.ndarray | None:
-    """OpenAI ``logprobs``: completions (``token_logprobs``) or chat (``content``)."""
+def choice_logprobs(choice: dict[str, Any], completion_len: int) -> np.ndarray | None:
+    """OpenAI ``logprobs``: completions (``token_logprobs``) or chat (``content``);
+    :class:`~._assemble.BadField` when unreadable."""
     lp = choice.get("logprobs")
-    if not isinstance(lp, dict):
+    if lp is None:
         return None
-    return A.logprob_array(lp.get("token_logprobs") or lp.get("content"))
+    if not isinstance(lp, dict):
+        raise A.BadField(f"logprobs is {type_name(lp)}, expected an object")
+    tokens = lp.get("token_logprobs")
+    if tokens is None or tokens == []:
+        return A.logprob_array(lp.get("content"), "logprobs.content", completion_len)
+    return A.logprob_array(tokens, "logprobs.token_logprobs", completion_len)
 
 
 def encode_choice(index: int, prompt: Any, c: Completion) -> dict[str, Any]:

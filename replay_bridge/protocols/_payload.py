@@ -1,17 +1,23 @@
 """Find base64 payloads in raw JSON bytes, so that they never become Python ``str``.
 
 A response body is split into a *skeleton* (the JSON with every ``"routed_experts": "<b64>"``
-value replaced by a short placeholder ``"#<i>"``) and the list of payloads as ``memoryview``
-slices of the body. The skeleton parses in microseconds; each payload is base64-decoded straight
-from the body's bytes. Decoders look a field up in the parsed skeleton and decode it with
+value replaced by a short placeholder) and the list of payloads as ``memoryview`` slices of the
+body. The skeleton parses in microseconds; each payload is base64-decoded straight from the
+body's bytes. Decoders look a field up in the parsed skeleton and decode it with
 :meth:`Payloads.decode` (:meth:`Payloads.resolve` gives the raw text): a placeholder maps back to
-its slice, anything else (a field the scan did not split, e.g. in an unusual encoding) is taken
-as it is, so the split is an optimisation that can never change a result.
+its slice, anything else (a field the scan did not split, e.g. under a key spelled with a JSON
+escape) is taken as it is.
+
+The split is an optimisation that never changes a result. A placeholder is
+``"@<nonce>:<i>"`` with a nonce drawn at random for each body after it was received, so no text
+in a body can name another value's payload; and a skeleton that does not parse (a value holding
+an escaped quote ends the scan's slice early) falls back to parsing the body as it is.
 """
 
 from __future__ import annotations
 
 import binascii
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,18 +27,33 @@ import pybase64
 _WS = b" \t\r\n"
 
 
+def _nonce() -> str:
+    return os.urandom(12).hex()
+
+
 @dataclass
 class Payloads:
-    """The payloads split out of one body; :meth:`decode` base64-decodes a parsed field value."""
+    """The payloads split out of one body; :meth:`decode` base64-decodes a parsed field value.
+
+    ``prefix`` (``"@<nonce>:"``) starts every placeholder of this body; it is random per body,
+    so a value the body spells itself never resolves to a payload.
+    """
 
     views: list[memoryview] = field(default_factory=list)
+    prefix: str = field(default_factory=lambda: f"@{_nonce()}:")
+
+    def placeholder(self, i: int) -> bytes:
+        """The skeleton's text standing for payload ``i``."""
+        return f"{self.prefix}{i}".encode()
 
     def resolve(self, value: Any) -> bytes | memoryview | str | None:
         """The raw base64 text for a field value: a payload slice for a placeholder."""
-        if isinstance(value, str) and value.startswith("#") and value[1:].isdigit():
-            i = int(value[1:])
-            if i < len(self.views):
-                return self.views[i]
+        if isinstance(value, str) and value.startswith(self.prefix):
+            index = value[len(self.prefix):]
+            if index.isdigit() and index.isascii():
+                i = int(index)
+                if i < len(self.views):
+                    return self.views[i]
         return value
 
     def decode(self, value: Any) -> bytes:
@@ -91,7 +112,7 @@ def split(
         if close < 0:
             break
         parts.append(mv[last:first])
-        parts.append(b"#%d" % len(payloads.views))
+        parts.append(payloads.placeholder(len(payloads.views)))
         payloads.views.append(mv[first:close])
         last = pos = close
     if not payloads.views:
@@ -100,9 +121,22 @@ def split(
     return b"".join(parts), payloads
 
 
-def loads(body: bytes | bytearray | memoryview | str) -> tuple[Any, Payloads]:
-    """Parse a JSON body with its routing payloads split out (``ValueError`` if not JSON)."""
+def loads(
+    body: bytes | bytearray | memoryview | str | Any, start: int = 0, end: int | None = None
+) -> tuple[Any, Payloads]:
+    """Parse the JSON in ``body[start:end]`` with its routing payloads split out
+    (``ValueError`` if it is not JSON).
+
+    When the skeleton does not parse, the text is parsed as it is (no payload split out), so
+    the result is always what a plain JSON parser makes of it.
+    """
     if isinstance(body, str):
         body = body.encode()
-    skeleton, payloads = split(body)
-    return orjson.loads(skeleton), payloads
+    skeleton, payloads = split(body, start, end)
+    try:
+        return orjson.loads(skeleton), payloads
+    except orjson.JSONDecodeError:
+        if not payloads.views:
+            raise
+    n = len(body) if end is None else end
+    return orjson.loads(memoryview(body)[start:n]), Payloads()

@@ -3,8 +3,9 @@
 Routing is base64 of raw little-endian ids, C order ``[rows, num_layers, top_k]``, in
 ``routed_experts_dtype`` (int32 when absent); rows start at the request's
 ``routed_experts_start_len``. One request per sample, so that each goes through a PD router's
-merge (:func:`splice_routing`); batched requests are decoded too (one sample per item) but a
-PD router does not merge them.
+merge (:func:`splice_routing`); batched requests (``input_ids`` a list of prompts, or
+``sampling_params.n`` > 1) are decoded too, one sample per item of the answer's list, but a PD
+router does not merge them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pybase64
 
 from ..geometry import RoutingGeometry
-from ..sample import DecodeFault, WireSample
+from ..sample import DecodeFault, WireSample, short_repr, type_name
 from . import _assemble as A
 from ._base import Completion, EngineCall, Protocol, SamplingParams, token_list
 from ._payload import Payloads
@@ -58,18 +59,21 @@ def splice_routing(prefill_value: str, decode_value: str) -> str:
 def routing_from_value(
     value: Any, dtype_name: Any, payloads: Payloads, geometry: RoutingGeometry, expected_rows: int
 ) -> np.ndarray | DecodeFault:
-    """An SGLang ``routed_experts`` value (base64 of raw ids, or a JSON list) as blocks."""
+    """An SGLang ``routed_experts`` value (base64 of raw ids, or a JSON list of integers) as
+    blocks, or the fault."""
     if value is None:
         return DecodeFault("missing_routing", _MISSING)
     if isinstance(value, list):
         try:
-            arr = np.asarray(value, dtype=np.int64)
-        except (TypeError, ValueError, OverflowError):
-            return DecodeFault("malformed", "routed_experts is a list but not a regular array of ints")
+            arr = A.int_array(value, "routed_experts")
+        except A.BadField as e:
+            return DecodeFault("malformed", str(e))
         return A.flat_to_blocks(arr.reshape(-1).tobytes(), "<i8", geometry, expected_rows)
-    dtype = SGLANG_DTYPES.get(str(dtype_name or "int32"))
+    dtype = SGLANG_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else \
+        SGLANG_DTYPES["int32"] if dtype_name is None else None
     if dtype is None:
-        return DecodeFault("malformed", f"unknown routed_experts_dtype {dtype_name!r}")
+        return DecodeFault("malformed", f"unknown routed_experts_dtype {short_repr(dtype_name)};"
+                           f" one of {', '.join(SGLANG_DTYPES)}")
     try:
         raw = payloads.decode(value)
     except ValueError as e:
@@ -135,60 +139,67 @@ class SGLangGenerate(Protocol):
 
         return [EngineCall(self.path, generate(i), (sid,)) for i, sid in enumerate(sample_ids)]
 
+    def samples_asked(self, request: dict[str, Any]) -> int:
+        shape = _batch(request)
+        return 1 if isinstance(shape, str) else len(shape[0]) * shape[1]
+
     def decode(
         self, request: dict[str, Any], response: Any, payloads: Payloads,
         geometry: RoutingGeometry, sample_id: str, group_id: str | None = None,
         policy_version: int | None = None,
     ) -> list[WireSample]:
-        """One sample per response item (``<sample_id>/<i>`` and index ``i`` when batched)."""
+        """One sample per asked-for sample: the answer object, or each item of the answer's
+        list (``<sample_id>/<i>`` and index ``i``) for a batched request or ``n`` > 1. An
+        answer of another shape or length is ``malformed`` for every asked-for sample."""
         ctx = A.Context(self.name, group_id, policy_version)
-        inputs = request.get("input_ids")
-        batched = isinstance(response, list)
-        items = response if batched else [response]
-        prompts: list[Any]
-        if batched:
-            if not isinstance(inputs, list) or not inputs or not isinstance(inputs[0], list):
-                prompts = [None]
-            else:
-                prompts = inputs
-            if len(items) % len(prompts):
-                msg = f"batched response has {len(items)} items for {len(prompts)} prompts"
-                return [ctx.failed(f"{sample_id}/{i}", "malformed", msg, index=i)
-                        for i in range(len(items))]
-            per_prompt = len(items) // len(prompts)
-        else:
-            prompts, per_prompt = [inputs], 1
-        out = []
-        for i, item in enumerate(items):
-            sid = f"{sample_id}/{i}" if batched else sample_id
-            out.append(self._item(ctx, request, item, prompts[i // per_prompt], payloads,
-                                  geometry, sid, i))
-        return out
+        shape = _batch(request)
+        if isinstance(shape, str):
+            return [ctx.failed(sample_id, "malformed", shape)]
+        prompts, n, batched = shape
+        asked = len(prompts) * n
+        if not (batched or n > 1):
+            if isinstance(response, list):
+                return [ctx.failed(sample_id, "malformed", f"the answer is a list of "
+                                   f"{len(response)} items, but the request asks for one sample "
+                                   "(one prompt, n = 1)")]
+            return [self._item(ctx, request, response, prompts[0], payloads, geometry,
+                               sample_id, 0, "the answer")]
+        why = f"{asked} samples asked for ({len(prompts)} prompts x n={n})"
+        if not isinstance(response, list):
+            return ctx.all_failed(sample_id, asked, f"the answer is {type_name(response)}; "
+                                  f"expected a list of {why}")
+        if len(response) != asked:
+            return ctx.all_failed(sample_id, asked, f"the answer holds {len(response)} items "
+                                  f"for {why}")
+        return [self._item(ctx, request, item, prompts[i // n], payloads, geometry,
+                           f"{sample_id}/{i}", i, f"item {i} of the answer")
+                for i, item in enumerate(response)]
 
     def _item(
         self, ctx: A.Context, request: dict[str, Any], item: Any, prompt_ids: Any,
-        payloads: Payloads, geometry: RoutingGeometry, sid: str, index: int,
+        payloads: Payloads, geometry: RoutingGeometry, sid: str, index: int, what: str,
     ) -> WireSample:
-        if not isinstance(item, dict):
-            return ctx.failed(sid, "malformed", f"response item is {type(item).__name__}, "
-                              "expected an object", index=index)
-        meta = item.get("meta_info") or {}
-        aligned = A.align(ctx, sid, request,
-                          prompt_ids if prompt_ids is not None else item.get("prompt_token_ids"),
-                          item.get("output_ids", meta.get("output_ids")), START_FIELD, index)
-        if isinstance(aligned, WireSample):
-            return aligned
-        prompt, output, start = aligned
+        try:
+            if not isinstance(item, dict):
+                raise A.BadField(f"{what} is {type_name(item)}, expected an object")
+            meta = A.as_object(item.get("meta_info"), "meta_info")
+            prompt, output, start = A.align(
+                request, A.first_present(prompt_ids, item.get("prompt_token_ids")),
+                A.first_present(item.get("output_ids"), meta.get("output_ids")), START_FIELD)
+            logprobs = A.logprob_array(meta.get("output_token_logprobs"),
+                                       "output_token_logprobs", int(output.size))
+            finish = A.finish_reason(meta.get("finish_reason"))
+            versions = A.weight_versions(meta, int(output.size))
+        except A.BadField as e:
+            return ctx.failed(sid, "malformed", str(e), index=index)
         expected = max(int(prompt.size + output.size) - 1 - start, 0)
         routing = routing_from_value(meta.get("routed_experts"), meta.get("routed_experts_dtype"),
                                      payloads, geometry, expected)
         return A.build(
             sample_id=sid, index=index, prompt=prompt, output=output, start=start,
             routing=routing, engine=ctx.engine, group_id=ctx.group_id,
-            policy_version=ctx.policy_version,
-            logprobs=A.logprob_array(meta.get("output_token_logprobs")),
-            finish=A.finish_reason(meta.get("finish_reason")),
-            weight_versions=A.weight_versions(meta, int(output.size)),
+            policy_version=ctx.policy_version, logprobs=logprobs, finish=finish,
+            weight_versions=versions,
             extra={k: meta[k] for k in ("id", "cached_tokens") if k in meta},
         )
 
@@ -224,3 +235,27 @@ class SGLangGenerate(Protocol):
             meta.update(routing_meta(c.routing, dtype))
             items.append({"text": "", "output_ids": out, "meta_info": meta})
         return items if batched else items[0]
+
+
+def _batch(request: dict[str, Any]) -> tuple[list[Any], int, bool] | str:
+    """``(prompts, n, batched)`` of a ``/generate`` request (a prompt is ``None`` when sent as
+    text), or what is wrong with it."""
+    inputs, text = request.get("input_ids"), request.get("text")
+    if isinstance(inputs, list) and inputs and isinstance(inputs[0], list):
+        prompts, batched = inputs, True
+    elif inputs is None and isinstance(text, list):
+        prompts, batched = [None] * min(len(text), A.MAX_SAMPLES + 1), True
+    else:
+        prompts, batched = [inputs], False
+    params = request.get("sampling_params")
+    n = 1 if not isinstance(params, dict) else params.get("n", 1)
+    if params is not None and not isinstance(params, dict):
+        return f"sampling_params is {type_name(params)}, expected an object"
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= A.MAX_SAMPLES:
+        return f"sampling_params n={short_repr(n)} is not an integer in [1, {A.MAX_SAMPLES}]"
+    if not 1 <= len(prompts) * n <= A.MAX_SAMPLES:
+        return (f"the request asks for {len(prompts)} prompts x n={n} samples; at most "
+                f"{A.MAX_SAMPLES} are read from one answer")
+    return prompts, n, batched

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..geometry import RoutingGeometry
-from ..sample import DecodeFault, WireSample
+from ..sample import DecodeFault, WireSample, type_name
 from . import _assemble as A
 from . import _openai as O
 from ._base import Completion, EngineCall, Protocol, SamplingParams, token_list
@@ -46,6 +46,10 @@ class SGLangOpenAI(Protocol):
                                            routing_fields=fields), (sid,))
                 for i, sid in enumerate(sample_ids)]
 
+    def samples_asked(self, request: dict[str, Any]) -> int:
+        n = O.asked(request)
+        return n if isinstance(n, int) else 1
+
     def decode(
         self, request: dict[str, Any], response: Any, payloads: Payloads,
         geometry: RoutingGeometry, sample_id: str, group_id: str | None = None,
@@ -56,23 +60,36 @@ class SGLangOpenAI(Protocol):
         SGLang fills for the first choice only: later choices without ``meta_info`` get
         ``missing_routing``."""
         ctx = A.Context(self.name, group_id, policy_version)
-        sglext = (response.get("sglext") if isinstance(response, dict) else None) or {}
+        sglext = response.get("sglext") if isinstance(response, dict) else None
+        if sglext is not None and not isinstance(sglext, dict):
+            return ctx.all_failed(sample_id, self.samples_asked(request),
+                                  f"sglext is {type_name(sglext)}, expected an object")
+        sglext = sglext or {}
         out = []
         for pos, index, sid, choice in O.choices(ctx, request, response, sample_id):
             if isinstance(choice, WireSample):
                 out.append(choice)
                 continue
-            meta = choice.get("meta_info") or {}
-            prompt_ids = A.request_prompt(request) or (
-                choice.get("prompt_token_ids") or response.get("prompt_token_ids")
-                or meta.get("prompt_token_ids") or sglext.get("prompt_token_ids"))
-            output_ids = next((v for v in (choice.get("token_ids"), choice.get("output_ids"),
-                                           meta.get("output_ids")) if v is not None), None)
-            aligned = A.align(ctx, sid, request, prompt_ids, output_ids, START_FIELD, index)
-            if isinstance(aligned, WireSample):
-                out.append(aligned)
+            try:
+                meta = A.as_object(choice.get("meta_info"), "meta_info")
+                prompt_ids = A.first_present(
+                    A.request_prompt(request), choice.get("prompt_token_ids"),
+                    response.get("prompt_token_ids"), meta.get("prompt_token_ids"),
+                    sglext.get("prompt_token_ids"))
+                output_ids = A.first_present(choice.get("token_ids"), choice.get("output_ids"),
+                                             meta.get("output_ids"))
+                prompt, output, start = A.align(request, prompt_ids, output_ids, START_FIELD)
+                completion = int(output.size)
+                logprobs = O.choice_logprobs(choice, completion)
+                if logprobs is None:
+                    logprobs = A.logprob_array(meta.get("output_token_logprobs"),
+                                               "meta_info.output_token_logprobs", completion)
+                finish = A.finish_reason(A.first_present(choice.get("finish_reason"),
+                                                         meta.get("finish_reason")))
+                versions = A.weight_versions(meta or sglext, completion)
+            except A.BadField as e:
+                out.append(ctx.failed(sid, "malformed", str(e), index=index))
                 continue
-            prompt, output, start = aligned
             expected = max(int(prompt.size + output.size) - 1 - start, 0)
             if "routed_experts" in meta:
                 routing = routing_from_value(meta.get("routed_experts"),
@@ -91,11 +108,8 @@ class SGLangOpenAI(Protocol):
             out.append(A.build(
                 sample_id=sid, index=index, prompt=prompt, output=output, start=start,
                 routing=routing, engine=ctx.engine, group_id=group_id,
-                policy_version=policy_version,
-                logprobs=_first_present(O.choice_logprobs(choice),
-                                        A.logprob_array(meta.get("output_token_logprobs"))),
-                finish=A.finish_reason(choice.get("finish_reason") or meta.get("finish_reason")),
-                weight_versions=A.weight_versions(meta or sglext, int(output.size)),
+                policy_version=policy_version, logprobs=logprobs, finish=finish,
+                weight_versions=versions,
             ))
         return out
 
@@ -127,6 +141,3 @@ class SGLangOpenAI(Protocol):
                 resp["sglext"] = ext
         return resp
 
-
-def _first_present(*arrays: np.ndarray | None) -> np.ndarray | None:
-    return next((a for a in arrays if a is not None), None)

@@ -38,14 +38,19 @@ def _routing(choice: dict[str, Any], response: dict[str, Any], payloads: Payload
     if isinstance(value, list):
         # Older JSON-list form: prompt rows at response level, generated rows per choice.
         try:
-            gen = np.asarray(value, dtype=np.int64)
+            gen = A.int_array(value, "routed_experts")
             prompt_part = response.get("prompt_routed_experts")
-            if prompt_part is not None:
-                pr = np.asarray(prompt_part, dtype=np.int64)
-                gen = np.concatenate([pr, gen]) if gen.size else pr
-        except (TypeError, ValueError, OverflowError):
-            return DecodeFault("malformed", "routed_experts is a list but not a regular int array")
-        return gen
+            if prompt_part is None:
+                return gen
+            rows = A.int_array(prompt_part, "prompt_routed_experts")
+        except A.BadField as e:
+            return DecodeFault("malformed", str(e))
+        if not gen.size:
+            return rows
+        if rows.ndim != gen.ndim or rows.shape[1:] != gen.shape[1:] or not rows.ndim:
+            return DecodeFault("malformed", f"prompt_routed_experts {rows.shape} and "
+                               f"routed_experts {gen.shape} do not stack")
+        return np.concatenate([rows, gen])
     try:
         return parse_npy(payloads.decode(value))
     except ValueError as e:
@@ -74,6 +79,10 @@ class VLLM(Protocol):
     def calls_per_prompt(self, samples: int) -> int:
         return 1
 
+    def samples_asked(self, request: dict[str, Any]) -> int:
+        n = O.asked(request)
+        return n if isinstance(n, int) else 1
+
     def decode(
         self, request: dict[str, Any], response: Any, payloads: Payloads,
         geometry: RoutingGeometry, sample_id: str, group_id: str | None = None,
@@ -86,20 +95,22 @@ class VLLM(Protocol):
             if isinstance(choice, WireSample):
                 out.append(choice)
                 continue
-            prompt_ids = A.request_prompt(request) or (
-                choice.get("prompt_token_ids") or response.get("prompt_token_ids"))
-            aligned = A.align(ctx, sid, request, prompt_ids, choice.get("token_ids"),
-                              START_FIELD, index)
-            if isinstance(aligned, WireSample):
-                out.append(aligned)
+            try:
+                prompt_ids = A.first_present(A.request_prompt(request),
+                                             choice.get("prompt_token_ids"),
+                                             response.get("prompt_token_ids"))
+                prompt, output, start = A.align(request, prompt_ids, choice.get("token_ids"),
+                                                START_FIELD)
+                logprobs = O.choice_logprobs(choice, int(output.size))
+                finish = A.finish_reason(choice.get("finish_reason"))
+            except A.BadField as e:
+                out.append(ctx.failed(sid, "malformed", str(e), index=index))
                 continue
-            prompt, output, start = aligned
             out.append(A.build(
                 sample_id=sid, index=index, prompt=prompt, output=output, start=start,
                 routing=_routing(choice, response, payloads), engine=ctx.engine,
-                group_id=group_id, policy_version=policy_version,
-                logprobs=O.choice_logprobs(choice),
-                finish=A.finish_reason(choice.get("finish_reason")),
+                group_id=group_id, policy_version=policy_version, logprobs=logprobs,
+                finish=finish,
             ))
         return out
 

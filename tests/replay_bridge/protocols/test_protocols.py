@@ -142,10 +142,12 @@ def test_vllm_choices_out_of_order_keep_their_index(rng: np.random.Generator) ->
     assert [(w.sample_id, w.index) for w in wires] == [("v/2", 2), ("v/0", 0), ("v/1", 1)]
     for w in wires:
         assert w.tokens[3:].tolist() == outs[w.index] and (w.routing == w.index).all()
-    # An index that is not an integer keeps its text in the id and maps to no sample.
+    # A choice whose index is not an integer answers no sample: it is malformed, named by
+    # its position.
     body = orjson.dumps({"choices": [{**choice(0), "index": "a"}, choice(1)]})
     wires = decode_response("vllm", {"prompt": [1, 2, 3], "n": 2}, body, g, "v")
-    assert [(w.sample_id, w.index) for w in wires] == [("v/a", -1), ("v/1", 1)]
+    assert [(w.sample_id, w.index) for w in wires] == [("v/choice-0", -1), ("v/1", 1)]
+    assert wires[0].fault.kind == "malformed" and "index 'a'" in wires[0].fault.message
 
 
 def test_splice_routing_is_prefills_bytes_then_decodes_rest() -> None:
