@@ -3,23 +3,31 @@
 Each line is ``{"sample_id": ..., "request": {...}, "response": {...}}`` (optionally
 ``group_id`` and ``policy_version``), exactly as sent to and received from the engine. The file is
 memory-mapped; routing payloads are base64-decoded straight from the mapped bytes.
+
+The envelope is checked where it enters: ``sample_id`` a non-empty string, ``group_id`` a string
+(or absent), ``policy_version`` an int64 (or absent); lines of whitespace only are skipped. A
+line that is not a JSON object, or names no usable sample id, is one ``malformed`` verdict
+labelled ``line-<N>`` (its 1-based line number): it is quarantined, never stored, and no id is
+made up for its samples, so it never takes a real sample's id nor makes one a duplicate (the
+label is not an id, though a real id may spell the same text). Any other bad value
+is a verdict for that line's sample(s), and the next line is read. The samples a request asks
+for that its answer does not hold (fewer vLLM choices than ``n``) are ``failed``.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .checks import CheckTally
 from .geometry import RoutingGeometry
-from .protocols import decode_parsed, split_payloads, undecodable
-from .sample import WireSample
+from .protocols import decode_parsed, get_protocol, load_payloads, unanswered, undecodable
+from .sample import WireSample, field_problem, type_name
 from .shards import ShardWriter
 from .sink import SampleSink
 
@@ -29,8 +37,8 @@ __all__ = ["IngestResult", "ingest", "iter_lines"]
 @dataclass
 class IngestResult:
     """What ``ingest`` did: one verdict per sample (:meth:`replay_bridge.sink.Verdict.to_dict`),
-    and the check tally. ``rejected`` counts the samples not stored: outcome ``rejected`` or
-    ``duplicate`` (``by_kind`` tells them apart)."""
+    and the check tally. ``rejected`` counts the samples not stored: outcome ``rejected``,
+    ``duplicate`` or ``failed`` (``by_kind`` and the verdicts tell them apart)."""
 
     tally: CheckTally
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -50,8 +58,12 @@ class IngestResult:
         }
 
 
+_NOT_BLANK = re.compile(rb"[^ \t\r\n\x0b\x0c]")
+
+
 def iter_lines(path: str | Path) -> Iterator[tuple[int, Any, int, int]]:
-    """Yield ``(line_number, buffer, start, end)`` for every non-blank line, zero-copy.
+    """Yield ``(line_number, buffer, start, end)`` for every line that is not whitespace only,
+    zero-copy.
 
     ``buffer`` is a read-only memory map of the whole file (``bytes`` for an empty file).
     """
@@ -70,8 +82,8 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, Any, int, int]]:
             nl = mm.find(b"\n", pos)
             end = size if nl < 0 else nl
             lineno += 1
-            # Skip blank lines (whitespace only) without copying long ones.
-            if end - pos > 64 or mm[pos:end].strip():
+            # Skip blank lines (whitespace only), looking no further than the first other byte.
+            if _NOT_BLANK.search(mm, pos, end):
                 yield lineno, mm, pos, end
             pos = end + 1
     finally:
@@ -81,31 +93,43 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, Any, int, int]]:
             pass
 
 
+Unanswered = list[tuple[str, str]]
+"""``(sample_id, message)`` of asked-for samples an answer holds none for."""
+
+
 def _line_samples(
     buf: Any, start: int, end: int, lineno: int, engine: str, geometry: RoutingGeometry
-) -> list[WireSample]:
-    skeleton, payloads = split_payloads(buf, start, end)
+) -> tuple[list[WireSample], Unanswered]:
+    def refused(message: str, sid: str | None = None) -> tuple[list[WireSample], Unanswered]:
+        return [undecodable(sid or f"line-{lineno}", "malformed", message, engine)], []
+
     try:
-        env = orjson.loads(skeleton)
-    except orjson.JSONDecodeError as e:
-        return [undecodable(f"line-{lineno}", "malformed", f"line {lineno} is not JSON: {e}",
-                            engine)]
+        env, payloads = load_payloads(buf, start, end)
+    except ValueError as e:
+        return refused(f"line {lineno} is not JSON: {e}")
     if not isinstance(env, dict):
-        return [undecodable(f"line-{lineno}", "malformed",
-                            f"line {lineno} is not a JSON object", engine)]
+        return refused(f"line {lineno} is {type_name(env)}, not a JSON object")
     sid = env.get("sample_id")
-    sid = f"line-{lineno}" if sid is None else str(sid)
+    problem = field_problem("sample_id", sid)
+    if problem is not None:
+        return refused(f"line {lineno}: {problem}; a line without a usable sample id is not "
+                       "stored")
     missing = [k for k in ("request", "response") if k not in env]
     if missing:
-        return [undecodable(sid, "malformed", f"line {lineno} has no {' or '.join(missing)}",
-                            engine)]
-    group = env.get("group_id")
-    version = env.get("policy_version")
-    return decode_parsed(
-        engine, env["request"], env["response"], payloads, geometry, sid,
-        group_id=None if group is None else str(group),
-        policy_version=version if isinstance(version, int) else None,
-    )
+        return refused(f"line {lineno} has no {' or '.join(missing)}", sid)
+    group, version = env.get("group_id"), env.get("policy_version")
+    problem = field_problem("group_id", group) or field_problem("policy_version", version)
+    if problem is not None:
+        return refused(f"line {lineno}: {problem}", sid)
+    request = env["request"]
+    wires = decode_parsed(engine, request, env["response"], payloads, geometry, sid,
+                          group_id=group, policy_version=version)
+    lost = unanswered(engine, request, wires, sid)
+    if not lost:
+        return wires, []
+    asked = get_protocol(engine).samples_asked(request)
+    return wires, [(m, f"sample {m!r}: the answer on line {lineno} held {len(wires)} samples "
+                       f"for {asked} asked for; none for this one") for m in lost]
 
 
 def ingest(
@@ -130,11 +154,14 @@ def ingest(
         result = IngestResult(tally=sink.tally)
         for lineno, buf, start, end in iter_lines(path):
             result.lines += 1
-            for ws in _line_samples(buf, start, end, lineno, engine, geometry):
+            wires, lost = _line_samples(buf, start, end, lineno, engine, geometry)
+            for ws in wires:
                 result.samples.append(sink.add(ws).to_dict())
+            for sid, message in lost:
+                result.samples.append(sink.add_failure(sid, message).to_dict())
             if on_line is not None:
                 on_line(lineno, end)
     result.stored = sink.counts["stored"]
-    result.rejected = sink.counts["rejected"] + sink.counts["duplicate"]
+    result.rejected = sink.counts["rejected"] + sink.counts["duplicate"] + sink.counts["failed"]
     result.tokens_stored = sink.tokens_stored
     return result
