@@ -20,12 +20,15 @@ from ._atomic import sha256_file
 from ._errors import ShardError
 from ._manifest import QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry, ShardEntry, member_path
 from ._quarantine import read_chunk
+from ._rules import RuleBreak, batch_breaks
 from ._scan import open_ipc, regular_file, scan_shard
 from ._schema import list_parts, routed_rows, samples_from_batch
 
 __all__ = ["ShardReader", "default_read_threads", "verify_file"]
 
 Verify = bool | Literal["lazy"]
+Breaks = dict[int, RuleBreak]
+"""The rows of a record batch that break a storage rule (:mod:`._rules`), by row."""
 
 
 def verify_file(directory: Path, entry: ShardEntry | QuarantineEntry) -> Path:
@@ -89,14 +92,24 @@ class _Shard:
     def release(self) -> None:
         self._reader = None
 
-    def batch(self, i: int) -> pa.RecordBatch:
+    def batch(self, i: int) -> tuple[pa.RecordBatch, Breaks]:
+        """Record batch ``i``, Arrow-validated, with the rows that break a storage rule."""
         try:
             batch = self.reader.get_batch(i)
             batch.validate(full=True)
-            return batch
-        except (OSError, pa.ArrowException) as e:
+            breaks = batch_breaks(batch, self.geometry)
+        except (OSError, pa.ArrowException, KeyError) as e:
             raise ShardError(f"{self.entry.file}: unreadable record batch {i} ({e})",
                              file=self.entry.file) from None
+        return batch, {b.row: b for b in breaks}
+
+    def refuse(self, i: int, broken: RuleBreak) -> ShardError:
+        """The error for a row of record batch ``i`` that breaks a storage rule."""
+        where = f"row {broken.row} of record batch {i}, storage rule {broken.rule!r}"
+        head = "malformed row: " if broken.unreadable else ""
+        return ShardError(f"{self.entry.file}: {head}{broken.message} ({where})",
+                          file=self.entry.file,
+                          kind="unreadable" if broken.unreadable else "storage_rule")
 
 
 class ShardReader:
@@ -118,7 +131,8 @@ class ShardReader:
         self.manifest = Manifest.read(self.dir)
         self.geometry: RoutingGeometry = self.manifest.geometry
         self._shards = [_Shard(self.dir, e, self.geometry) for e in self.manifest.shards]
-        self._cache: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], tuple[pa.RecordBatch, Breaks]] = \
+            OrderedDict()
         self._cache_size = max(int(cache_batches), 1)
         self._ids: list[str] = []
         locs: list[np.ndarray] = []
@@ -165,7 +179,7 @@ class ShardReader:
         s, b, r = self._loc[i]
         return int(s), int(b), int(r)
 
-    def _batch(self, si: int, bi: int) -> pa.RecordBatch:
+    def _batch(self, si: int, bi: int) -> tuple[pa.RecordBatch, Breaks]:
         key = (si, bi)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -173,23 +187,31 @@ class ShardReader:
         shard = self._shards[si]
         if self._verify:
             shard.verify(self.dir)
-        batch = shard.batch(bi)
-        self._cache[key] = batch
+        checked = shard.batch(bi)
+        self._cache[key] = checked
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return batch
+        return checked
+
+    def _row(self, sample_id: str) -> tuple[pa.RecordBatch, int, str]:
+        """The record batch holding ``sample_id``, its row, and its file name; ShardError when
+        the row breaks a storage rule."""
+        si, bi, row = self._locate(sample_id)
+        batch, breaks = self._batch(si, bi)
+        if row in breaks:
+            raise self._shards[si].refuse(bi, breaks[row])
+        return batch, row, self._shards[si].entry.file
 
     def routing(self, sample_id: str) -> np.ndarray:
         """``[rows, num_moe_layers, top_k]`` ids of one sample: a read-only view, no copy."""
-        si, bi, row = self._locate(sample_id)
-        offsets, values = list_parts(self._batch(si, bi).column("routed"))
+        batch, row, name = self._row(sample_id)
+        offsets, values = list_parts(batch.column("routed"))
         return routed_rows(values, int(offsets[row]), int(offsets[row + 1]), self.geometry,
-                           self._shards[si].entry.file, sample_id)
+                           name, sample_id)
 
     def __getitem__(self, sample_id: str) -> RoutedSample:
-        si, bi, row = self._locate(sample_id)
-        batch = self._batch(si, bi).slice(row, 1)
-        return samples_from_batch(batch, self.geometry, self._shards[si].entry.file)[0]
+        batch, row, name = self._row(sample_id)
+        return samples_from_batch(batch.slice(row, 1), self.geometry, name)[0]
 
     def get(self, sample_id: str, default: Any = None) -> RoutedSample | Any:
         return self[sample_id] if sample_id in self._index else default
@@ -205,27 +227,28 @@ class ShardReader:
             for bi in range(shard.reader.num_record_batches):
                 yield si, bi
 
-    def _batches(self, threads: int | None) -> Iterator[tuple[int, pa.RecordBatch]]:
+    def _batches(self, threads: int | None
+                 ) -> Iterator[tuple[int, int, pa.RecordBatch, Breaks]]:
         if threads is None:  # mapped, uncompressed batches cost nothing to read: no threads
             threads = 1 if self.manifest.compression == "none" else default_read_threads()
         n = max(int(threads), 1)
         if n == 1:
             for si, bi in self._jobs():
-                yield si, self._shards[si].batch(bi)
+                yield si, bi, *self._shards[si].batch(bi)
             return
         # Decompression releases the GIL: read ahead on a few threads, yield in order.
         ex = ThreadPoolExecutor(n, thread_name_prefix="shard-read")
-        pending: deque[tuple[int, Future[pa.RecordBatch]]] = deque()
+        pending: deque[tuple[int, int, Future[tuple[pa.RecordBatch, Breaks]]]] = deque()
         jobs = self._jobs()
         try:
             for si, bi in jobs:
-                pending.append((si, ex.submit(self._shards[si].batch, bi)))
+                pending.append((si, bi, ex.submit(self._shards[si].batch, bi)))
                 if len(pending) > 2 * n:
-                    si0, fut = pending.popleft()
-                    yield si0, fut.result()
+                    si0, bi0, fut = pending.popleft()
+                    yield si0, bi0, *fut.result()
             while pending:
-                si0, fut = pending.popleft()
-                yield si0, fut.result()
+                si0, bi0, fut = pending.popleft()
+                yield si0, bi0, *fut.result()
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
 
@@ -238,13 +261,23 @@ class ShardReader:
     def iter_batches(self, threads: int | None = None) -> Iterator[pa.RecordBatch]:
         """Every record batch, in storage order (the shard schema, metadata included).
         ``threads`` read ahead and decompress in parallel (default: up to 4 CPUs for
-        compressed shards, none for uncompressed ones)."""
-        for _, batch in self._batches(threads):
+        compressed shards, none for uncompressed ones). A batch with a row that breaks a
+        storage rule is a :class:`ShardError` naming the sample."""
+        for si, bi, batch, breaks in self._batches(threads):
+            if breaks:
+                raise self._shards[si].refuse(bi, breaks[min(breaks)])
             yield batch
 
     def __iter__(self) -> Iterator[RoutedSample]:
-        for si, batch in self._batches(None):
-            yield from samples_from_batch(batch, self.geometry, self._shards[si].entry.file)
+        """Every sample in storage order; a :class:`ShardError` naming the sample at the first
+        row that breaks a storage rule."""
+        for si, bi, batch, breaks in self._batches(None):
+            name = self._shards[si].entry.file
+            if breaks:
+                first = min(breaks)
+                yield from samples_from_batch(batch.slice(0, first), self.geometry, name)
+                raise self._shards[si].refuse(bi, breaks[first])
+            yield from samples_from_batch(batch, self.geometry, name)
 
     def quarantined(self) -> Iterator[dict[str, Any]]:
         """Quarantine records (rejected and failed samples), oldest first."""

@@ -79,15 +79,16 @@ def geometry_from_schema(schema: pa.Schema, where: str, *, projected: bool = Fal
     except (ValueError, KeyError, TypeError, GeometryError) as e:
         raise ShardError(f"{where}: bad {METADATA_KEY!r} schema metadata: {e}",
                          file=where) from None
-    if projected:  # a reader that selected some columns sees only those
-        return geometry, version
-    missing = [c for c in _COLUMNS if schema.get_field_index(c) < 0]
-    if missing:
-        raise ShardError(f"{where}: schema lacks columns {missing}", file=where)
-    want = _id_type(geometry)
-    got = schema.field("routed").type
-    if not pa.types.is_list(got) or got.value_type != want:
-        raise ShardError(f"{where}: routed column is {got}, expected list<{want}>", file=where)
+    if not projected:  # a reader that selected some columns sees only those
+        missing = [c for c in _COLUMNS if schema.get_field_index(c) < 0]
+        if missing:
+            raise ShardError(f"{where}: schema lacks columns {missing}", file=where)
+    expected = schema_for(geometry)
+    for f in schema:
+        i = expected.get_field_index(f.name)
+        if i >= 0 and f.type != expected.field(i).type:
+            raise ShardError(f"{where}: {f.name} column is {f.type}, expected "
+                             f"{expected.field(i).type}", file=where)
     return geometry, version
 
 

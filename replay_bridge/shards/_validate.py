@@ -22,6 +22,7 @@ from ._errors import ShardError
 from ._manifest import MANIFEST, Manifest, is_member_name, is_temp_name
 from ._quarantine import read_chunk
 from ._reader import verify_file
+from ._rules import batch_breaks
 from ._scan import open_ipc, regular_file
 from ._schema import samples_from_batch
 
@@ -123,32 +124,46 @@ def _check_shard(report: ValidationReport, entry: Any, seen: dict[str, str],
         faults.append(Fault(name, e.kind, str(e)))
         return False
     rows = tokens = routed_rows = 0
+    per_row = g.ids_per_token
     try:
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             batch.validate(full=True)
-            samples = samples_from_batch(batch, g, name)
-            for s in samples:
-                rows += 1
-                tokens += s.num_tokens
-                routed_rows += s.rows
-                if s.sample_id in seen:
-                    faults.append(Fault(name, "duplicate_id", f"{name}: sample {s.sample_id!r} "
-                                        f"is also stored in {seen[s.sample_id]}", s.sample_id))
+            breaks = {b.row: b for b in batch_breaks(batch, g)}
+            t_off = batch.column("tokens").offsets
+            r_off = batch.column("routed").offsets
+            rows += batch.num_rows
+            tokens += t_off[-1].as_py() - t_off[0].as_py() if batch.num_rows else 0
+            routed_rows += (r_off[-1].as_py() - r_off[0].as_py()) // per_row \
+                if batch.num_rows else 0
+            for sid in batch.column("sample_id").to_pylist():
+                if sid is None:
+                    continue
+                if sid in seen:
+                    faults.append(Fault(name, "duplicate_id", f"{name}: sample {sid!r} is also "
+                                        f"stored in {seen[sid]}", sid))
                 else:
-                    seen[s.sample_id] = name
+                    seen[sid] = name
+            for b in breaks.values():
+                _sample_fault(report, Fault(name, "unreadable" if b.unreadable else
+                                            "storage_rule", f"{name}: {b.message}",
+                                            _id_or_none(b.sample_id)))
+            if breaks:  # the rows that keep every storage rule, one by one
+                samples = [samples_from_batch(batch.slice(r, 1), g, name)[0]
+                           for r in range(batch.num_rows) if r not in breaks]
+            else:
+                samples = samples_from_batch(batch, g, name)
+            for s in samples:
                 check = check_routed(s, g)
                 report.tally.add(check)
                 if not check.ok:
-                    report.sample_faults += 1
-                    if report.sample_faults <= MAX_LISTED_SAMPLE_FAULTS:
-                        faults.append(Fault(name, "routing", check.message, s.sample_id))
+                    _sample_fault(report, Fault(name, "routing", check.message, s.sample_id))
             if on_samples is not None:
-                on_samples(len(samples))
+                on_samples(batch.num_rows)
     except ShardError as e:
         faults.append(Fault(name, "unreadable", str(e)))
         return False
-    except (OSError, pa.ArrowException, ValueError) as e:
+    except (OSError, pa.ArrowException, ValueError, KeyError) as e:
         faults.append(Fault(name, "unreadable", f"{name}: unreadable record batch ({e})"))
         return False
     finally:  # what was read counts, also when a later batch is unreadable
@@ -160,6 +175,18 @@ def _check_shard(report: ValidationReport, entry: Any, seen: dict[str, str],
             faults.append(Fault(name, "counts",
                                 f"{name}: holds {got} {what}, the manifest says {want}"))
     return len(faults) == n_before
+
+
+def _sample_fault(report: ValidationReport, fault: Fault) -> None:
+    """Count a stored sample that breaks a storage rule or fails a routing check; list the
+    first :data:`MAX_LISTED_SAMPLE_FAULTS`."""
+    report.sample_faults += 1
+    if report.sample_faults <= MAX_LISTED_SAMPLE_FAULTS:
+        report.faults.append(fault)
+
+
+def _id_or_none(sample_id: object) -> str | None:
+    return sample_id if isinstance(sample_id, str) else None
 
 
 def _check_quarantine(report: ValidationReport) -> None:

@@ -1,0 +1,270 @@
+"""The storage rules of one shard row, in one place.
+
+A stored sample keeps these rules; :class:`~replay_bridge.shards.ShardWriter` refuses a sample
+that breaks one (:func:`conform`: :class:`UnstorableSample`), the reader refuses a row that
+breaks one when its record batch is read, and ``validate`` reports every such row
+(:func:`batch_breaks`, the same rules over a whole record batch in NumPy). The rules, in the
+order they are checked (a sample is reported under the first it breaks):
+
+=============== =================================================================================
+``sample_id``   a non-empty string
+``fields``      ``group_id``, ``engine``, ``finish_reason``: a string or null; ``policy_version``:
+                an int64 or null; ``weight_versions``: a JSON list or null
+``tokens``      a 1-D integer array of ids in ``[0, 2**31)``
+``positions``   ``0 <= routed_start <= prompt_len <= len(tokens)``
+``routing``     ``[rows, num_moe_layers, top_k]`` integer ids (a whole number of rows)
+``expert_ids``  every id in ``[0, num_experts)``
+``logprobs``    null, or a 1-D array of real numbers, at most one per completion token
+=============== =================================================================================
+
+Whether the routing itself is sound (row count, all-zero and repeated blocks) is a check of
+:mod:`replay_bridge.checks`, not a storage rule: ``validate`` re-runs those separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..geometry import RoutingGeometry
+from ..sample import RoutedSample
+from ._errors import UnstorableSample
+
+__all__ = ["RULES", "RuleBreak", "batch_breaks", "conform", "sample_break"]
+
+RULES = ("sample_id", "fields", "tokens", "positions", "routing", "expert_ids", "logprobs")
+TOKEN_LIMIT = 2**31
+_INT64 = (-(2**63), 2**63)
+
+
+class RuleBreak(NamedTuple):
+    """The first storage rule a sample (or a record batch row) breaks."""
+
+    rule: str
+    """One of :data:`RULES`."""
+    message: str
+    """``sample 'ID': what is wrong`` (the rule, the value, and where)."""
+    sample_id: Any = None
+    row: int = -1
+    """The row in its record batch (:func:`batch_breaks` only)."""
+    unreadable: bool = False
+    """The row cannot be read back as a sample at all (a null in a required column, JSON
+    that does not parse)."""
+
+
+def _message(sample_id: object, text: str) -> str:
+    return f"sample {sample_id!r:.80}{' ' if text.startswith('has ') else ': '}{text}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+# ---- one sample -----------------------------------------------------------------------------
+
+
+def conform(sample: RoutedSample, geometry: RoutingGeometry) -> np.ndarray:
+    """``sample``'s routing in the geometry's id dtype, ready to store; raises
+    :class:`UnstorableSample` naming the first rule it breaks."""
+    routed, broken = _check(sample, geometry)
+    if broken is not None:
+        raise UnstorableSample(broken.message, sample_id=broken.sample_id)
+    assert routed is not None
+    return routed
+
+
+def sample_break(sample: RoutedSample, geometry: RoutingGeometry) -> RuleBreak | None:
+    """The first storage rule ``sample`` breaks, or ``None``."""
+    return _check(sample, geometry)[1]
+
+
+def _check(s: RoutedSample, g: RoutingGeometry) -> tuple[np.ndarray | None, RuleBreak | None]:
+    sid = s.sample_id
+
+    def broken(rule: str, what: str) -> tuple[None, RuleBreak]:
+        return None, RuleBreak(rule, _message(sid, what), sid)
+
+    if not isinstance(sid, str) or not sid:
+        return broken("sample_id", f"sample id must be a non-empty string, got {sid!r:.80}")
+    for name in ("group_id", "engine", "finish_reason"):
+        value = getattr(s, name)
+        if value is not None and not isinstance(value, str):
+            return broken("fields", f"{name} must be a string or null, got "
+                                    f"{type(value).__name__}")
+    v = s.policy_version
+    if v is not None and not (_is_int(v) and _INT64[0] <= v < _INT64[1]):
+        return broken("fields", f"policy_version must be a 64-bit integer or null, got "
+                                f"{v!r:.40}")
+    wv = s.weight_versions
+    if wv is not None:
+        if not isinstance(wv, list):
+            return broken("fields", f"weight_versions must be a list or null, got "
+                                    f"{type(wv).__name__}")
+        try:
+            orjson.dumps(wv, option=orjson.OPT_SERIALIZE_NUMPY)
+        except (orjson.JSONEncodeError, TypeError) as e:
+            return broken("fields", f"weight_versions is not JSON: {e}")
+
+    t = s.tokens
+    if not isinstance(t, np.ndarray) or t.ndim != 1 or (t.size and t.dtype.kind not in "iu"):
+        return broken("tokens", "tokens must be a 1-D integer array")
+    if t.size:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= TOKEN_LIMIT:
+            pos = int(np.argmax((t < 0) | (t >= TOKEN_LIMIT)))
+            return broken("tokens", f"token id {int(t[pos])} at position {pos} is outside "
+                                    f"[0, {TOKEN_LIMIT})")
+    pl, rs = s.prompt_len, s.routed_start
+    if not (_is_int(pl) and _is_int(rs) and 0 <= rs <= pl <= t.size):
+        return broken("positions", f"need 0 <= routed_start ({rs!r:.20}) <= prompt_len "
+                                   f"({pl!r:.20}) <= tokens ({t.size})")
+
+    r = s.routed
+    m, k, e = g.num_moe_layers, g.top_k, g.num_experts
+    if not isinstance(r, np.ndarray) or r.ndim != 3 or tuple(r.shape[1:]) != (m, k):
+        shape = tuple(r.shape) if isinstance(r, np.ndarray) else type(r).__name__
+        return broken("routing", f"routing shape {shape} does not fit the shard geometry "
+                                 f"[rows, {m}, {k}] (MoE layers x top_k)")
+    if r.dtype.kind not in "iu":
+        return broken("routing", f"routing dtype {r.dtype} is not integer")
+    if r.size and not (r.dtype == g.id_dtype and e == 1 << (8 * r.dtype.itemsize)):
+        # Signed ids viewed as unsigned of the same width: a negative id is above any count.
+        u = r.view(r.dtype.str.replace("i", "u")) if r.dtype.kind == "i" else r
+        if int(u.max()) >= e:
+            flat = int(np.argmax(u.reshape(-1) >= e))
+            row, rest = divmod(flat, m * k)
+            return broken("expert_ids", f"expert ids outside [0, {e}): "
+                                        f"{int(r.reshape(-1)[flat])} at position {rs + row}, "
+                                        f"layer {g.moe_layers[rest // k]}")
+    if r.dtype != g.id_dtype:
+        r = r.astype(g.id_dtype)
+
+    lp = s.logprobs
+    if lp is not None:
+        a = np.asarray(lp)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "fiu"):
+            return broken("logprobs", "logprobs must be a 1-D array of real numbers or null")
+        if a.size > t.size - pl:
+            return broken("logprobs", f"{a.size} log-probs for {t.size - pl} completion "
+                                      "tokens (at most one per completion token)")
+    return r, None
+
+
+# ---- a record batch -------------------------------------------------------------------------
+
+
+def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleBreak]:
+    """The first storage rule each row of a shard record batch breaks (rows that keep every
+    rule are left out), in row order.
+
+    Vectorised: a few NumPy reductions over the batch's offsets and value buffers; Python runs
+    only for rows that break a rule (and to parse the small ``weight_versions`` strings). The
+    batch must have the shard schema (the reader checks it when a shard is opened) and be
+    Arrow-valid (``validate(full=True)``).
+    """
+    n = batch.num_rows
+    if n == 0:
+        return []
+    found: dict[int, RuleBreak] = {}
+    ids_col = batch.column("sample_id")
+
+    def flag(rows: np.ndarray, rule: str, what: Callable[[int], str],
+             unreadable: bool = False) -> None:
+        for row in np.flatnonzero(rows) if rows.dtype == bool else rows:
+            row = int(row)
+            if row not in found:
+                sid = ids_col[row].as_py()
+                found[row] = RuleBreak(rule, _message(sid, what(row)), sid, row, unreadable)
+
+    def nulls(name: str) -> np.ndarray | None:
+        col = batch.column(name)
+        return col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
+
+    def null_rule(name: str, rule: str) -> None:
+        mask = nulls(name)
+        if mask is not None:
+            flag(mask, rule, lambda _: f"{name} is null", unreadable=True)
+
+    # sample_id
+    null_rule("sample_id", "sample_id")
+    id_len = pc.binary_length(ids_col).fill_null(1).to_numpy()
+    flag(id_len == 0, "sample_id", lambda _: "sample id must be a non-empty string, got ''")
+
+    # fields (the schema fixes the other columns' types; weight_versions is JSON text)
+    wv = batch.column("weight_versions")
+    if wv.null_count < n:
+        for row, text in enumerate(wv.to_pylist()):
+            if text is None:
+                continue
+            try:
+                ok = isinstance(orjson.loads(text), list)
+            except orjson.JSONDecodeError:
+                flag(np.array([row]), "fields", lambda _: "weight_versions is not JSON",
+                     unreadable=True)
+                continue
+            if not ok:
+                flag(np.array([row]), "fields", lambda _: "weight_versions is not a list")
+
+    # tokens
+    null_rule("tokens", "tokens")
+    t_col = batch.column("tokens")
+    t_off = np.asarray(t_col.offsets)
+    t_val = t_col.values.to_numpy(zero_copy_only=False)[t_off[0]:t_off[-1]]
+    if t_val.size and int(t_val.min()) < 0:  # int32 values: < 2**31 by type
+        bad = np.flatnonzero(t_val < 0)
+        rows = np.searchsorted(t_off, bad + t_off[0], side="right") - 1
+        first = dict(zip(rows[::-1].tolist(), bad[::-1].tolist()))  # row -> its first bad
+
+        def token_msg(row: int) -> str:
+            pos = first[row] + t_off[0] - t_off[row]
+            return (f"token id {int(t_val[first[row]])} at position {pos} is outside "
+                    f"[0, {TOKEN_LIMIT})")
+        flag(np.unique(rows), "tokens", token_msg)
+    n_tok = np.diff(t_off)
+
+    # positions
+    null_rule("prompt_len", "positions")
+    null_rule("routed_start", "positions")
+    pl = batch.column("prompt_len").fill_null(0).to_numpy()
+    rs = batch.column("routed_start").fill_null(0).to_numpy()
+    flag(~((rs >= 0) & (rs <= pl) & (pl <= n_tok)), "positions",
+         lambda row: f"need 0 <= routed_start ({rs[row]}) <= prompt_len ({pl[row]}) <= "
+                     f"tokens ({n_tok[row]})")
+
+    # routing
+    m, k, e = geometry.num_moe_layers, geometry.top_k, geometry.num_experts
+    per_row = m * k
+    null_rule("routed", "routing")
+    r_col = batch.column("routed")
+    r_off = np.asarray(r_col.offsets)
+    n_ids = np.diff(r_off)
+    flag(n_ids % per_row != 0, "routing",
+         lambda row: f"has {n_ids[row]} routing ids, not a whole number of [{m}, {k}] rows")
+
+    # expert_ids: one max over the batch's ids unless the id dtype holds no other values
+    r_val = r_col.values.to_numpy(zero_copy_only=False)[r_off[0]:r_off[-1]]
+    if r_val.size and e < 1 << (8 * r_val.dtype.itemsize) and int(r_val.max()) >= e:
+        bad = np.flatnonzero(r_val >= e)
+        rows = np.searchsorted(r_off, bad + r_off[0], side="right") - 1
+        first = dict(zip(rows[::-1].tolist(), bad[::-1].tolist()))
+
+        def id_msg(row: int) -> str:
+            j = first[row] + r_off[0] - r_off[row]
+            return (f"expert ids outside [0, {e}): {int(r_val[first[row]])} at position "
+                    f"{rs[row] + j // per_row}, layer {geometry.moe_layers[(j % per_row) // k]}")
+        flag(np.unique(rows), "expert_ids", id_msg)
+
+    # logprobs
+    lp = batch.column("logprobs")
+    if lp.null_count < n:
+        n_lp = np.diff(np.asarray(lp.offsets))
+        valid = lp.is_valid().to_numpy(zero_copy_only=False)
+        flag(valid & (n_lp > n_tok - pl), "logprobs",
+             lambda row: f"{n_lp[row]} log-probs for {n_tok[row] - pl[row]} completion tokens "
+                         "(at most one per completion token)")
+    return [found[row] for row in sorted(found)]
