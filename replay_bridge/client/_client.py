@@ -174,7 +174,8 @@ class RolloutClient:
     # ---- CPU half: decode and check ------------------------------------------------------
 
     def finish(self, exchanges: Sequence[Exchange]) -> list[SampleResult]:
-        """Decode and check raw answers: one result per sample id asked for."""
+        """Decode and check raw answers: one result per sample id asked for, whatever the
+        answers hold (a bad answer is a verdict for its own samples, never an exception)."""
         out: list[SampleResult] = []
         for ex in exchanges:
             out.extend(self._finish_one(ex))
@@ -184,16 +185,28 @@ class RolloutClient:
         ids = ex.call.sample_ids
         if ex.body is None:
             return [SampleResult(sid, "failed", error=ex.error) for sid in ids]
+        try:
+            return self._decode_and_check(ex)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: never the run's end
+            why = f"{type(e).__name__}: {e}"
+            return [SampleResult(sid, "rejected", CheckReport(
+                sid, kinds=("malformed",), message=f"sample {sid!r}: malformed: the answer to "
+                f"{ex.call.path} could not be decoded or checked ({why})")) for sid in ids]
+
+    def _decode_and_check(self, ex: Exchange) -> list[SampleResult]:
+        ids = ex.call.sample_ids
         base = ids[0] if len(ids) == 1 else "_"
         wires = decode_response(self.engine, ex.call.payload, ex.body, self.geometry, base,
                                 group_id=ex.group_id, policy_version=ex.policy_version)
-        pairs: list[tuple[str, WireSample]] = []
-        if len(ids) == 1:
-            pairs = [(ids[0], wires[0])] if wires else []
-        else:  # each sample says which of the asked-for ones it answers
-            pairs = [(ids[ws.index], ws) for ws in wires if 0 <= ws.index < len(ids)]
+        # Each sample says which of the asked-for ones it answers (its index); one that
+        # answers none (a choice with a bad index) only explains the ones left unanswered.
         results: dict[str, SampleResult] = {}
-        for sid, ws in pairs:
+        strays: list[WireSample] = []
+        for ws in wires:
+            if not 0 <= ws.index < len(ids):
+                strays.append(ws)
+                continue
+            sid = ids[ws.index]
             if sid in results:
                 continue
             ws.sample_id = sid
@@ -202,12 +215,13 @@ class RolloutClient:
                 results[sid] = SampleResult(sid, "accepted", report, routed)
             else:
                 results[sid] = SampleResult(sid, "rejected", report, wire=ws)
-        missing = [sid for sid in ids if sid not in results]
-        for sid in missing:
-            results[sid] = SampleResult(
-                sid, "failed",
-                error=f"sample {sid!r}: the answer to {ex.call.path} held {len(wires)} samples "
-                      f"for {len(ids)} asked for; none for this one")
+        why = next((f"; {w.fault.message}" for w in strays if w.fault is not None), "")
+        for sid in ids:
+            if sid not in results:
+                results[sid] = SampleResult(
+                    sid, "failed",
+                    error=f"sample {sid!r}: the answer to {ex.call.path} held {len(wires)} "
+                          f"samples for {len(ids)} asked for; none for this one{why}")
         return [results[sid] for sid in ids]
 
     # ---- both ----------------------------------------------------------------------------

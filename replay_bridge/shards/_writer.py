@@ -21,6 +21,7 @@ from ._errors import DuplicateSample, ShardError, UnstorableSample
 from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
                         ShardEntry, is_member_name, is_temp_name, quarantine_name, shard_name)
 from ._quarantine import encode_records, failure_record, outcome_of, read_chunk, rejection_record
+from ._rules import conform
 from ._schema import schema_for, to_record_batch
 from ._scan import scan_shard
 
@@ -291,39 +292,16 @@ class ShardWriter:
             raise ValueError(f"shard writer for {self.dir} is closed")
 
     def _conform(self, s: RoutedSample) -> np.ndarray:
-        g = self.geometry
+        """The routing as it will be stored; :class:`DuplicateSample`, or
+        :class:`UnstorableSample` naming the storage rule broken (``_rules.py``: the rules
+        the reader and ``validate`` check again)."""
         if not isinstance(s, RoutedSample):
             raise TypeError(f"ShardWriter.add takes a RoutedSample, got {type(s).__name__}")
         sid = s.sample_id
-        if not isinstance(sid, str) or not sid:
-            raise UnstorableSample(f"sample id must be a non-empty string, got {sid!r}",
-                                   sample_id=sid)
-        if sid in self._ids:
+        if isinstance(sid, str) and sid in self:
             raise DuplicateSample(f"sample {sid!r} is already stored in {self.dir}",
                                   sample_id=sid)
-        r = np.asarray(s.routed)
-        want = (g.num_moe_layers, g.top_k)
-        if r.ndim != 3 or tuple(r.shape[1:]) != want:
-            raise UnstorableSample(
-                f"sample {sid!r}: routing shape {tuple(r.shape)} does not fit the shard "
-                f"geometry [rows, {want[0]}, {want[1]}] (MoE layers x top_k)", sample_id=sid)
-        if r.dtype != g.id_dtype:
-            if r.dtype.kind not in "iu":
-                raise UnstorableSample(f"sample {sid!r}: routing dtype {r.dtype} is not integer",
-                                       sample_id=sid)
-            if r.size and (int(r.min()) < 0 or int(r.max()) >= g.num_experts):
-                raise UnstorableSample(f"sample {sid!r}: expert ids outside "
-                                       f"[0, {g.num_experts})", sample_id=sid)
-            r = r.astype(g.id_dtype)
-        t = np.asarray(s.tokens)
-        if t.ndim != 1 or (t.size and t.dtype.kind not in "iu"):
-            raise UnstorableSample(f"sample {sid!r}: tokens must be a 1-D integer array",
-                                   sample_id=sid)
-        if not 0 <= s.routed_start <= s.prompt_len <= t.size:
-            raise UnstorableSample(
-                f"sample {sid!r}: need 0 <= routed_start ({s.routed_start}) <= "
-                f"prompt_len ({s.prompt_len}) <= tokens ({t.size})", sample_id=sid)
-        return r
+        return conform(s, self.geometry)
 
     def _write_batch(self) -> None:
         batch = to_record_batch(self._batch, self.geometry, self._schema)
