@@ -27,9 +27,23 @@ def type_name(value: object) -> str:
     return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
 
 
+class _ShortRepr(reprlib.Repr):
+    def repr_str(self, x: str, level: int) -> str:
+        # A long string is never quoted: it may be a credential an engine echoed.
+        return repr(x) if len(x) <= 12 else f"<str of {len(x)} chars>"
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = 4
+_SHORT.maxdict = 2
+_SHORT.maxlevel = 2
+_SHORT.maxlong = 24
+
+
 def short_repr(value: object) -> str:
-    """``repr`` cut to a few dozen characters, for messages about untrusted values."""
-    return reprlib.repr(value)
+    """``repr`` cut short, for messages about untrusted values: a few items of a container,
+    strings of more than 12 characters by their length only."""
+    return _SHORT.repr(value)
 
 
 def field_problem(name: str, value: object) -> str | None:

@@ -481,3 +481,18 @@ def test_decoding_is_total_over_junk(tiny, rng):
         _total("vllm", oreq, value, tiny)
         _total("sglang-openai", oreq, value, tiny)
         assert decode_parsed("vllm", value, obody, split_payloads(b"")[1], tiny, "s")
+
+
+def test_a_long_string_is_never_quoted_in_a_message(tiny, rng):
+    """A value an engine echoed (say a bearer token in a wrong place) appears in the verdict
+    only as its type and length."""
+    secret = "Bearer sk-live-0123456789abcdef"
+    req, body = _sglang(tiny, rng)
+    body["output_ids"] = [4, secret]
+    kinds, message = _only_verdict("sglang", req, body, tiny)
+    assert kinds == ("malformed",) and "completion token ids: position 1" in message
+    assert "sk-" not in message and f"<str of {len(secret)} chars>" in message, message
+    body["output_ids"] = [4, 5]
+    body["meta_info"]["finish_reason"] = [secret]
+    kinds, message = _only_verdict("sglang", req, body, tiny)
+    assert "finish_reason" in message and "sk-" not in message, message
