@@ -3,7 +3,8 @@
 Rules, by verdict kind:
 
 - ``malformed``: the routing could not be decoded (bad base64, bad or pickled ``.npy``, a byte
-  count that is not a whole number of ids or of ``[num_layers, top_k]`` blocks);
+  count that is not a whole number of ids or of ``[num_layers, top_k]`` blocks), or the answer
+  around it is inconsistent (more log-probs than completion tokens: at most one each);
 - ``missing_routing``: the response carried no routing;
 - ``shape``: the layer or top-k axis disagrees with the geometry;
 - ``row_count``: rows != tokens - 1 - routed_start;
@@ -197,6 +198,11 @@ def _check_wire(
     report = CheckReport(sample.sample_id, expected_rows=expected)
     if sample.fault is not None:
         return _fail(report, sample.fault.kind, sample.fault.message), None
+    if sample.logprobs is not None:
+        n_lp, n_out = np.asarray(sample.logprobs).size, max(sample.completion_len, 0)
+        if n_lp > n_out:
+            return _fail(report, "malformed", f"{n_lp} log-probs for {n_out} completion tokens "
+                         "(at most one per completion token)"), None
     r = sample.routing
     if r is None:
         return _fail(report, "missing_routing", "the response carried no routing"), None
