@@ -3,13 +3,21 @@
 A record's ``outcome`` is ``rejected`` or ``failed`` and its ``kinds`` say why (the outcome and
 kind vocabulary: ``docs/shards.md``, "Outcomes and verdict kinds").
 
-Records are JSON objects, one per line, in ``quarantine-NNNNNN.jsonl`` chunks; each chunk is
-written whole (temp file + rename) and listed in the manifest, so a crash never tears one.
-Routing travels as base64 of its raw little-endian bytes, with dtype and shape.
+Records are JSON objects, one per line, in ``quarantine-NNNNNN.jsonl`` chunks. A record is
+written to the open chunk (``NAME.tmp``) as soon as it comes, its routing base64-encoded piece
+by piece, so nothing of it stays in memory; a chunk is sealed (fsync, rename, then listed in the
+manifest) when it reaches its size or record bound and whenever the writer flushes, so a crash
+loses at most the open chunk and never tears a listed one. Routing travels as base64 of its raw
+little-endian bytes, with dtype and shape.
+
+Outcome counts count sample ids, each once (:class:`OutcomeLedger`): an id stored in a shard
+counts as ``stored`` whatever its records say; any other id counts under the outcome of its
+latest record (chunks in manifest order, lines in order).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,13 +29,15 @@ import pybase64
 
 from ..checks import CheckReport
 from ..sample import RoutedSample, WireSample
+from ._atomic import TMP_SUFFIX, HashingFile, fsync_dir
 from ._errors import ShardError
 
-__all__ = ["decode_routing", "encode_records", "failure_record", "outcome_of", "read_chunk",
-           "rejection_record"]
+__all__ = ["ChunkWriter", "OutcomeLedger", "decode_routing", "encode_record",
+           "failure_record", "outcome_of", "read_chunk", "rejection_record"]
 
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
+_B64_PIECE = 3 << 20  # raw bytes per base64 piece: a multiple of 3, so pieces join exactly
+_TAIL = b'"data":""}}}'  # how a record whose routing is written in pieces ends
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -43,8 +53,11 @@ def _sample_dict(sample: WireSample | RoutedSample) -> dict[str, Any]:
         "engine": sample.engine,
         "finish_reason": sample.finish_reason,
     }
+    fault = getattr(sample, "fault", None)
+    if fault is not None:
+        d["fault"] = {"kind": fault.kind, "message": fault.message}
     routing = sample.routed if isinstance(sample, RoutedSample) else sample.routing
-    if routing is not None:
+    if routing is not None:  # last: its data is written in pieces (encode_record)
         arr = np.ascontiguousarray(routing)
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
@@ -52,16 +65,15 @@ def _sample_dict(sample: WireSample | RoutedSample) -> dict[str, Any]:
             "dtype": arr.dtype.str,
             "shape": list(arr.shape),
             "layers": "moe" if isinstance(sample, RoutedSample) else "wire",
-            "data": pybase64.b64encode(arr.tobytes()).decode(),
+            "data": arr,
         }
-    fault = getattr(sample, "fault", None)
-    if fault is not None:
-        d["fault"] = {"kind": fault.kind, "message": fault.message}
     return d
 
 
 def rejection_record(report: CheckReport, sample: WireSample | RoutedSample | None,
                      note: str | None) -> dict[str, Any]:
+    """The record of a rejected sample; its routing (if any) stays an array until
+    :func:`encode_record` writes it."""
     rec: dict[str, Any] = {
         "outcome": "rejected",
         "sample_id": report.sample_id,
@@ -95,8 +107,88 @@ def outcome_of(record: dict[str, Any]) -> str:
     return "failed" if record.get("outcome") == "failed" else "rejected"
 
 
-def encode_records(records: list[dict[str, Any]]) -> bytes:
-    return b"".join(orjson.dumps(r, option=_JSON_OPTS) + b"\n" for r in records)
+def encode_record(record: dict[str, Any]) -> Iterator[bytes]:
+    """One record as a JSON line, in pieces: a routing array is base64-encoded a few MiB at a
+    time, so a record never exists whole in memory."""
+    routing = (record.get("sample") or {}).get("routing")
+    data = None if routing is None else routing.get("data")
+    if not isinstance(data, np.ndarray):
+        yield orjson.dumps(record, option=_JSON_OPTS) + b"\n"
+        return
+    head = orjson.dumps({**record, "sample": {**record["sample"],
+                                              "routing": {**routing, "data": ""}}},
+                        option=_JSON_OPTS)
+    if not head.endswith(_TAIL):  # routing is the last key of sample, sample of the record
+        raise AssertionError("quarantine record layout: routing data is not last")
+    yield head[:-4]  # ... "data":"
+    raw = memoryview(np.ascontiguousarray(data)).cast("B")
+    for i in range(0, raw.nbytes, _B64_PIECE):
+        yield pybase64.b64encode(raw[i:i + _B64_PIECE])
+    yield head[-4:] + b"\n"  # "}}}
+
+
+class ChunkWriter:
+    """The open quarantine chunk: records are appended to ``NAME.tmp`` (a new file, never a
+    link) as they come; :meth:`seal` makes it ``NAME`` (fsync, rename, fsync the directory).
+    Only each record's ``(sample_id, outcome, kinds)`` is kept, for the manifest's counts."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory, self.name = directory, name
+        self._file = HashingFile(directory / (name + TMP_SUFFIX))
+        self.entries: list[tuple[str, str, tuple[str, ...]]] = []
+
+    @property
+    def bytes(self) -> int:
+        return self._file.size
+
+    def write(self, record: dict[str, Any]) -> None:
+        for piece in encode_record(record):
+            self._file.write(piece)
+        self._file.flush()  # on disk as it comes; a crash loses what the OS had not written
+        self.entries.append((record["sample_id"], outcome_of(record),
+                             tuple(record.get("kinds") or ())))
+
+    def seal(self) -> tuple[int, int, str]:
+        """Make the chunk durable under its name; ``(records, bytes, sha256)``."""
+        self._file.sync()
+        self._file.close()
+        os.replace(self.directory / (self.name + TMP_SUFFIX), self.directory / self.name)
+        fsync_dir(self.directory)
+        return len(self.entries), self._file.size, self._file.hexdigest
+
+    def abort(self) -> None:
+        """Close without sealing (the temp file stays, as after a crash)."""
+        self._file.close()
+
+
+class OutcomeLedger:
+    """Outcome counts of a directory with each sample id counted once: an id stored in a shard
+    counts as ``stored`` (only), any other id under its latest record's outcome. Holds the id
+    and outcome of each quarantined id not stored, no data."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {"rejected": 0, "failed": 0}
+        self._outcome: dict[str, str] = {}
+
+    def record(self, sample_id: str, outcome: str, *, stored: bool) -> None:
+        """A quarantine record (in listing order); ``stored``: the id is in a sealed shard."""
+        if stored:
+            return
+        prev = self._outcome.get(sample_id)
+        if prev is not None:
+            self.counts[prev] -= 1
+        self.counts[outcome] += 1
+        self._outcome[sample_id] = outcome
+
+    def outcome(self, sample_id: str) -> str | None:
+        """The outcome ``sample_id`` counts under, if it is quarantined and not stored."""
+        return self._outcome.get(sample_id)
+
+    def stored(self, sample_id: str) -> None:
+        """``sample_id`` is now in a sealed shard: its records no longer count."""
+        prev = self._outcome.pop(sample_id, None)
+        if prev is not None:
+            self.counts[prev] -= 1
 
 
 def read_chunk(path: Path, name: str) -> Iterator[dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -16,11 +15,12 @@ import pyarrow.ipc as ipc
 from ..checks import CheckReport
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, WireSample, with_routing
-from ._atomic import TMP_SUFFIX, HashingFile, atomic_write, fsync_dir, sha256_file
+from ._atomic import TMP_SUFFIX, HashingFile, fsync_dir, remove_stray, sha256_file
 from ._errors import DuplicateSample, ShardError, UnstorableSample
 from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
                         ShardEntry, is_member_name, is_temp_name, quarantine_name, shard_name)
-from ._quarantine import encode_records, failure_record, outcome_of, read_chunk, rejection_record
+from ._quarantine import (ChunkWriter, OutcomeLedger, failure_record, outcome_of, read_chunk,
+                          rejection_record)
 from ._rules import conform
 from ._schema import schema_for, to_record_batch
 from ._scan import scan_shard
@@ -33,7 +33,8 @@ COMPRESSIONS = ("zstd", "lz4", "none")
 @dataclass(frozen=True)
 class ShardStats:
     """Counts of a writer's directory: samples stored (sealed or pending), quarantined
-    (rejected), failed; tokens stored; bytes of sealed shard files."""
+    (rejected), failed (each quarantined id once, under its latest outcome; stored ids count
+    only as stored); tokens stored; bytes of sealed shard files."""
 
     stored: int
     quarantined: int
@@ -66,6 +67,12 @@ class ShardWriter:
     shards; samples of the open shard are not stored (``stored_ids`` of a resumed writer says
     which are).
 
+    Quarantine records are written to the open chunk ``quarantine-NNNNNN.jsonl.tmp`` as they
+    come (never kept in memory), and the chunk is sealed and listed at every flush and whenever
+    it reaches ``quarantine_bytes`` or ``quarantine_records``; a kill loses at most the open
+    chunk. A record is not written again for an id whose latest record has the same outcome
+    and kinds (a resumed run meeting the same rejected sample).
+
     :meth:`add` is :meth:`claim` (check that the sample fits, take its id) then :meth:`append`
     (batch, compress, write). Not thread-safe: use it from one thread, with one exception: the
     ids (``claim``, ``in``, ``stored_ids``) may be used from one thread while ``append``,
@@ -74,6 +81,8 @@ class ShardWriter:
     """
 
     DEFAULT_BATCH_BYTES = 2 << 20
+    DEFAULT_QUARANTINE_BYTES = 64 << 20
+    DEFAULT_QUARANTINE_RECORDS = 1024
 
     def __init__(
         self,
@@ -84,6 +93,8 @@ class ShardWriter:
         compression: str | None = "zstd",
         compression_level: int | None = None,
         batch_bytes: int | None = None,
+        quarantine_bytes: int | None = None,
+        quarantine_records: int | None = None,
         resume: bool = False,
     ) -> None:
         if samples_per_shard < 1:
@@ -92,10 +103,19 @@ class ShardWriter:
         self.geometry = geometry
         self.samples_per_shard = int(samples_per_shard)
         self.batch_bytes = max(int(batch_bytes or self.DEFAULT_BATCH_BYTES), 1)
+        self.quarantine_bytes = max(int(quarantine_bytes or self.DEFAULT_QUARANTINE_BYTES), 1)
+        self.quarantine_records = max(
+            int(quarantine_records or self.DEFAULT_QUARANTINE_RECORDS), 1)
         self._codec = _codec(compression, compression_level)
         self._options = ipc.IpcWriteOptions(compression=self._codec)
         self._schema = schema_for(geometry)
         self._ids: set[str] = set()
+        """Ids claimed by this writer."""
+        self._earlier: set[str] = set()
+        """Ids stored by an earlier run (a resumed directory)."""
+        self._unsealed: set[str] = set()
+        """Ids claimed, not yet in a sealed shard."""
+        self._open_ids: list[str] = []
         self._batch: list[RoutedSample] = []
         self._batch_bytes = 0
         self._open_rows = 0
@@ -103,11 +123,16 @@ class ShardWriter:
         self._open_routed_rows = 0
         self._sink: HashingFile | None = None
         self._ipc: ipc.RecordBatchFileWriter | None = None
-        self._records: list[dict[str, Any]] = []
+        self._chunk: ChunkWriter | None = None
+        self._last: dict[str, tuple[str, tuple[str, ...]]] = {}
+        """Outcome and kinds of each quarantined id's latest record (listed or open chunk)."""
+        self._ledger = OutcomeLedger()
         self._pending_tokens = 0
         self._closed = False
         comp = "none" if self._codec is None else self._codec.name
-        if (self.dir / MANIFEST).exists():
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ShardError(f"{self.dir} is not a directory")
+        if os.path.lexists(self.dir / MANIFEST):
             if not resume:
                 raise ShardError(f"{self.dir} already holds shards; pass resume=True to append")
             self._manifest = Manifest.read(self.dir)
@@ -120,44 +145,51 @@ class ShardWriter:
             if strays:
                 raise ShardError(f"{self.dir} holds shard files but no {MANIFEST}: {strays[:3]}")
             self._manifest = Manifest(geometry=geometry, compression=comp)
-            self._manifest.write(self.dir)
+            self._write_manifest()
 
     # ---- resume --------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Drop temp files, adopt complete files renamed before the manifest caught up, and
-        load the stored ids."""
+        """Drop temp files, adopt complete files renamed before the manifest caught up, load
+        the stored ids and each quarantined id's latest record, and recount the outcomes."""
         for p in self.dir.iterdir():
             if is_temp_name(p.name):
-                p.unlink()
+                remove_stray(p)
         m = self._manifest
         listed = m.files
         for p in sorted(self.dir.iterdir()):
-            if p.name in listed or p.is_symlink():
+            if p.name in listed or p.is_symlink() or not p.is_file():
                 continue
             if SHARD_RE.fullmatch(p.name):
                 scan = scan_shard(p, p.name, m.geometry)
                 m.shards.append(ShardEntry(p.name, scan.rows, scan.tokens, scan.routed_rows,
                                            p.stat().st_size, sha256_file(p)))
-                m.outcomes["stored"] += scan.rows
             elif QUARANTINE_RE.fullmatch(p.name):
-                recs = list(read_chunk(p, p.name))
-                m.quarantine.append(QuarantineEntry(p.name, len(recs), p.stat().st_size,
+                n = sum(1 for _ in read_chunk(p, p.name))
+                m.quarantine.append(QuarantineEntry(p.name, n, p.stat().st_size,
                                                     sha256_file(p)))
-                for r in recs:
-                    m.outcomes[outcome_of(r)] += 1
         for e in m.shards:
-            path = self.dir / e.file
-            if not path.is_file() or path.stat().st_size != e.bytes:
-                raise ShardError(f"{e.file}: missing or not {e.bytes} bytes; run validate",
-                                 file=e.file)
+            path = self._listed_file(e.file, e.bytes)
             ids = scan_shard(path, e.file, m.geometry, what="ids").ids
-            dup = self._ids.intersection(ids)
+            dup = self._earlier.intersection(ids)
             if dup:
                 raise ShardError(f"{e.file}: sample ids stored twice: {sorted(dup)[:5]}",
                                  file=e.file)
-            self._ids.update(ids)
-        m.write(self.dir)
+            self._earlier.update(ids)
+        for q in m.quarantine:
+            for rec in read_chunk(self._listed_file(q.file, q.bytes), q.file):
+                sid, outcome = rec["sample_id"], outcome_of(rec)
+                kinds = rec.get("kinds")
+                self._last[sid] = (outcome, tuple(kinds) if isinstance(kinds, list) else ())
+                self._ledger.record(sid, outcome, stored=sid in self._earlier)
+        self._write_manifest()
+
+    def _listed_file(self, name: str, size: int) -> Path:
+        path = self.dir / name
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
+            raise ShardError(f"{name}: missing, not a regular file or not {size} bytes; run "
+                             "validate", file=name)
+        return path
 
     # ---- public --------------------------------------------------------------------------
 
@@ -168,21 +200,35 @@ class ShardWriter:
     @property
     def stored_ids(self) -> frozenset[str]:
         """Ids stored in sealed shards or pending in the open one."""
-        return frozenset(self._ids)
+        return frozenset(self._ids | self._earlier)
 
     def __contains__(self, sample_id: object) -> bool:
         """Whether ``sample_id`` is stored: in a sealed shard (this run's or, resumed, an
         earlier run's) or pending in the open one."""
-        return sample_id in self._ids
+        return sample_id in self._ids or sample_id in self._earlier
+
+    def stored_earlier(self, sample_id: object) -> bool:
+        """Whether ``sample_id`` was stored by an earlier run (a resumed directory), not by
+        this writer."""
+        return sample_id in self._earlier
 
     @property
     def stats(self) -> ShardStats:
         m = self._manifest
-        pending = Counter(map(outcome_of, self._records))
+        counts = dict(self._ledger.counts)
+        latest: dict[str, str] = {}
+        for sid, outcome, _ in self._chunk.entries if self._chunk is not None else ():
+            if self._sealed(sid):
+                continue
+            prev = latest.get(sid) or self._ledger.outcome(sid)
+            if prev is not None:
+                counts[prev] -= 1
+            counts[outcome] += 1
+            latest[sid] = outcome
         return ShardStats(
             stored=m.samples + self._open_rows + len(self._batch),
-            quarantined=m.outcomes["rejected"] + pending["rejected"],
-            failed=m.outcomes["failed"] + pending["failed"],
+            quarantined=counts["rejected"],
+            failed=counts["failed"],
             tokens=m.tokens + self._open_tokens + self._pending_tokens,
             bytes=m.bytes,
             shards=len(m.shards),
@@ -208,6 +254,7 @@ class ShardWriter:
         routed = self._conform(sample)
         if routed is not sample.routed:
             sample = with_routing(sample, routed)
+        self._unsealed.add(sample.sample_id)  # first: an id in _ids only is a sealed one
         self._ids.add(sample.sample_id)
         return sample
 
@@ -229,39 +276,31 @@ class ShardWriter:
 
     def quarantine(self, report: CheckReport, sample: WireSample | RoutedSample | None = None,
                    note: str | None = None) -> None:
-        """Keep a rejected sample: its report and, when decodable, its tokens and routing."""
+        """Keep a rejected sample: its report and, when decodable, its tokens and routing
+        (written to the open quarantine chunk now)."""
         self._check_open()
-        self._records.append(rejection_record(report, sample, note))
+        self._write_record(rejection_record(report, sample, note))
 
     def record_failure(self, sample_id: str, error: BaseException | str,
                        kind: str = "request_failed") -> None:
         """Record a sample that never came back from the engine (outcome ``failed``)."""
         self._check_open()
-        self._records.append(failure_record(sample_id, error, kind))
+        self._write_record(failure_record(sample_id, error, kind))
 
     def flush(self) -> None:
-        """Seal the open shard and the pending quarantine records; rewrite the manifest."""
+        """Seal the open shard and the open quarantine chunk; rewrite the manifest."""
         self._check_open()
         if self._batch:
             self._write_batch()
-        m = self._manifest
         changed = False
         if self._ipc is not None:
-            entry = self._seal()
-            m.shards.append(entry)
-            m.outcomes["stored"] += entry.rows
+            self._manifest.shards.append(self._seal())
             changed = True
-        if self._records:
-            name = quarantine_name(self._next_index(m.quarantine))
-            data = encode_records(self._records)
-            sha = atomic_write(self.dir / name, data)
-            m.quarantine.append(QuarantineEntry(name, len(self._records), len(data), sha))
-            for r in self._records:
-                m.outcomes[outcome_of(r)] += 1
-            self._records = []
+        if self._chunk is not None:
+            self._seal_chunk()
             changed = True
         if changed:
-            m.write(self.dir)
+            self._write_manifest()
 
     def close(self) -> None:
         if self._closed:
@@ -304,19 +343,44 @@ class ShardWriter:
         return conform(s, self.geometry)
 
     def _write_batch(self) -> None:
-        batch = to_record_batch(self._batch, self.geometry, self._schema)
+        samples = self._batch
+        self._batch, self._batch_bytes, self._pending_tokens = [], 0, 0
+        try:
+            batch = to_record_batch(samples, self.geometry, self._schema)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            samples, batch = self._storable(samples)
+            if batch is None:
+                return
         if self._ipc is None:
             idx = self._next_index(self._manifest.shards)
-            tmp = self.dir / (shard_name(idx) + TMP_SUFFIX)
-            if tmp.exists():
-                tmp.unlink()
-            self._sink = HashingFile(tmp)
+            self._sink = HashingFile(self.dir / (shard_name(idx) + TMP_SUFFIX))
             self._ipc = ipc.new_file(self._sink, self._schema, options=self._options)
         self._ipc.write_batch(batch)
         self._open_rows += batch.num_rows
-        self._open_tokens += self._pending_tokens
-        self._open_routed_rows += sum(s.rows for s in self._batch)
-        self._batch, self._batch_bytes, self._pending_tokens = [], 0, 0
+        self._open_tokens += sum(s.num_tokens for s in samples)
+        self._open_routed_rows += sum(s.rows for s in samples)
+        self._open_ids.extend(s.sample_id for s in samples)
+
+    def _storable(self, samples: list[RoutedSample]
+                  ) -> tuple[list[RoutedSample], pa.RecordBatch | None]:
+        """Arrow refused a record batch (a value that slipped past :meth:`claim`): keep every
+        sample it takes alone; quarantine each one it refuses as ``unstorable`` and give its
+        id back."""
+        good = []
+        for s in samples:
+            try:
+                to_record_batch([s], self.geometry, self._schema)
+            except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+                sid = s.sample_id
+                self._ids.discard(sid)
+                self._unsealed.discard(sid)
+                self._write_record(rejection_record(CheckReport(
+                    sid, kinds=("unstorable",), rows=s.rows, expected_rows=s.expected_rows,
+                    message=f"sample {sid!r}: unstorable: the record batch refused it "
+                            f"({type(e).__name__}: {e})"), s, None))
+                continue
+            good.append(s)
+        return good, to_record_batch(good, self.geometry, self._schema) if good else None
 
     def _seal(self) -> ShardEntry:
         assert self._ipc is not None and self._sink is not None
@@ -331,16 +395,60 @@ class ShardWriter:
                            self._sink.size, self._sink.hexdigest)
         self._ipc = self._sink = None
         self._open_rows = self._open_tokens = self._open_routed_rows = 0
+        for sid in self._open_ids:
+            self._ledger.stored(sid)
+            self._unsealed.discard(sid)
+        self._open_ids = []
         return entry
+
+    # ---- quarantine ----------------------------------------------------------------------
+
+    def _sealed(self, sample_id: str) -> bool:
+        """Whether ``sample_id`` is in a sealed shard (this run's or an earlier one's)."""
+        return sample_id in self._earlier or (sample_id in self._ids
+                                              and sample_id not in self._unsealed)
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        """Append a record to the open chunk (opened if needed), unless the id's latest record
+        says the same; seal the chunk once it reaches its bound."""
+        sid = record["sample_id"]
+        key = (outcome_of(record), tuple(record["kinds"]))
+        if self._last.get(sid) == key:
+            return
+        if self._chunk is None:
+            name = quarantine_name(self._next_index(self._manifest.quarantine))
+            self._chunk = ChunkWriter(self.dir, name)
+        self._chunk.write(record)
+        self._last[sid] = key
+        if (self._chunk.bytes >= self.quarantine_bytes
+                or len(self._chunk.entries) >= self.quarantine_records):
+            self._seal_chunk()
+            self._write_manifest()
+
+    def _seal_chunk(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        assert chunk is not None
+        records, size, sha = chunk.seal()
+        self._manifest.quarantine.append(QuarantineEntry(chunk.name, records, size, sha))
+        for sid, outcome, _ in chunk.entries:
+            self._ledger.record(sid, outcome, stored=self._sealed(sid))
+
+    def _write_manifest(self) -> None:
+        m = self._manifest
+        m.outcomes = {"stored": m.samples, **self._ledger.counts}
+        m.write(self.dir)
 
     def _abort_open(self) -> None:
         if self._sink is not None:
             self._sink.close()
-        self._ipc = self._sink = None
+        if self._chunk is not None:
+            self._chunk.abort()
+        self._ipc = self._sink = self._chunk = None
 
     @staticmethod
     def _next_index(entries: list[Any]) -> int:
         if not entries:
             return 0
         return max(int(e.file.split("-")[1].split(".")[0]) for e in entries) + 1
+
 
