@@ -1,6 +1,8 @@
 """Shared output conventions: JSON on stdout, humans on stderr, exit codes.
 
-Exit codes: 0 success, 1 faults found, 2 usage error or unreadable input.
+Exit codes: 0 success, 1 faults found, 2 usage error or unreadable input. Text that comes
+from input (paths, ids, messages) is printed with its ``[...]`` escaped (``escape``), never
+read as rich markup.
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ from typing import Any, NoReturn
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 EXIT_OK, EXIT_FAULTS, EXIT_USAGE = 0, 1, 2
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False)
+
+
+def escape_markup(text: object) -> str:
+    """``text`` as literal rich text: ``[`` of a path, sample id or message is never markup."""
+    return escape(str(text))
 
 
 def emit_json(obj: Any) -> None:
@@ -32,7 +40,7 @@ def die(message: str, code: int = EXIT_USAGE, as_json: bool = False) -> NoReturn
     if as_json:
         emit_json({"error": message, "exit_code": code})
     else:
-        stderr.print(f"[bold red]error:[/] {message}")
+        stderr.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from ..checks import CheckTally
@@ -43,8 +44,8 @@ def verdict_table(samples: list[dict[str, Any]], limit: int = 20) -> Table:
     t.add_column("reason", overflow="fold")
     rejected = [s for s in samples if not s["stored"]]
     for s in rejected[:limit]:
-        t.add_row(str(s["sample_id"]), s.get("outcome", "rejected"), ", ".join(s["kinds"]),
-                  s.get("message", ""))
+        t.add_row(escape(str(s["sample_id"])), s.get("outcome", "rejected"),
+                  ", ".join(s["kinds"]), escape(s.get("message", "")))
     if len(rejected) > limit:
         t.add_row(f"... {len(rejected) - limit} more", "", "", "")
     return t

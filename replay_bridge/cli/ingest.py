@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._output import EXIT_FAULTS, EXIT_OK, die, emit_json, progress, stderr
+from ._inputs import check_compression, check_input_file, check_out_dir, model_geometry
+from ._output import EXIT_FAULTS, EXIT_OK, die, emit_json, escape_markup, progress, stderr
 from ._tables import check_table, verdict_table
 
 
@@ -29,23 +30,20 @@ def ingest(
 ) -> None:
     """Decode, check and store dumped engine responses; faulty samples go to quarantine.
 
-    Exit 0 when every sample was stored, 1 when some were rejected, 2 on unreadable input.
+    Exit 0 when every sample was stored (or, with --append, stored by an earlier run), 1 when
+    some were rejected, 2 on unreadable input.
     """
-    from ..geometry import GeometryError, RoutingGeometry
+    from ..geometry import GeometryMismatch
     from ..ingest import ingest as run_ingest
-    from ..shards import ShardError
     from ..protocols import PROTOCOLS as ENGINES
+    from ..shards import ShardError
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
-    if not responses.is_file():
-        die(f"no such file: {responses}", as_json=as_json)
-    try:
-        geometry = RoutingGeometry.resolve(model)
-    except GeometryError as e:
-        die(str(e), as_json=as_json)
-    if out.exists() and any(out.iterdir()) and not append:
-        die(f"{out} exists and is not empty; pass --append to add to it", as_json=as_json)
+    check_input_file(responses, as_json)
+    check_compression(compression, as_json)
+    geometry = model_geometry(model, as_json)
+    check_out_dir(out, geometry, add=append, flag="--append", as_json=as_json)
 
     size = os.path.getsize(responses)
     options: dict = {"samples_per_shard": samples_per_shard, "resume": append}
@@ -62,12 +60,14 @@ def ingest(
         try:
             result = run_ingest(responses, geometry, engine, out, writer_options=options,
                                 on_line=on_line)
-        except (ShardError, OSError) as e:
+        except (ShardError, OSError, GeometryMismatch) as e:
             die(f"cannot write {out}: {e}", as_json=as_json)
         bar.update(task, completed=size, status=f"{result.lines} lines")
     seconds = time.perf_counter() - t0
 
-    code = EXIT_OK if result.rejected == 0 else EXIT_FAULTS
+    # Ids an earlier run stored (a rerun after a crash) are not faults of this run.
+    faults = result.rejected - result.tally.by_kind.get("already_stored", 0)
+    code = EXIT_OK if faults == 0 else EXIT_FAULTS
     if as_json:
         emit_json({
             "out": str(out),
@@ -81,7 +81,8 @@ def ingest(
     else:
         stderr.print(
             f"[bold]{result.stored}[/] stored, [bold]{result.rejected}[/] rejected of "
-            f"{len(result.samples)} samples from {result.lines} lines in {seconds:.2f} s -> {out}"
+            f"{len(result.samples)} samples from {result.lines} lines in {seconds:.2f} s -> "
+            f"{escape_markup(out)}"
         )
         if result.rejected:
             stderr.print(verdict_table(result.samples))

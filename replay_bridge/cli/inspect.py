@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._output import EXIT_OK, die, dir_error, emit_json, progress, stdout
+from ._output import EXIT_OK, die, dir_error, emit_json, escape_markup, progress, stdout
 
 
 @app.command()
@@ -31,7 +31,7 @@ def inspect(
         with progress(enabled=not as_json) as bar:
             task = bar.add_task("inspect", total=total, status="")
             result = inspect_dir(directory, on_samples=lambda n: bar.advance(task, n))
-    except ShardError as e:
+    except (ShardError, OSError) as e:
         die(dir_error(directory, e), as_json=as_json)
     plotted = None
     if plot is not None:
@@ -47,7 +47,8 @@ def inspect(
         raise typer.Exit(EXIT_OK)
 
     m, g = result.manifest, result.geometry
-    stdout.print(f"[bold]{directory}[/]: {g.describe()}, {m.compression} compression")
+    stdout.print(f"[bold]{escape_markup(directory)}[/]: {escape_markup(g.describe())}, "
+                 f"{escape_markup(m.compression)} compression")
     stdout.print(
         f"{m.samples:,} samples, {m.tokens:,} tokens in {len(m.shards)} shards; "
         f"{m.outcomes['rejected']:,} rejected and {m.outcomes['failed']:,} failed in quarantine")
@@ -71,4 +72,4 @@ def inspect(
                   f"{100 * row['hottest_share']:.2f}%", str(row["idle_experts"]))
     stdout.print(t)
     if plotted:
-        stdout.print(f"heatmap: {plotted}")
+        stdout.print(f"heatmap: {escape_markup(plotted)}")

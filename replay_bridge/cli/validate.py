@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from ._app import app
-from ._output import EXIT_FAULTS, EXIT_OK, die, dir_error, emit_json, progress, stderr, stdout
+from ._output import (EXIT_FAULTS, EXIT_OK, die, dir_error, emit_json, escape_markup, progress,
+                      stderr, stdout)
 
 
 @app.command()
@@ -31,13 +32,13 @@ def validate(
         from ..shards import Manifest
 
         total = Manifest.read(directory).samples
-    except ShardError as e:
+    except (ShardError, OSError) as e:
         die(dir_error(directory, e), as_json=as_json)
     with progress(enabled=not as_json) as bar:
         task = bar.add_task("validate", total=total, status="")
         try:
             report = validate_dir(directory, on_samples=lambda n: bar.advance(task, n))
-        except ShardError as e:
+        except (ShardError, OSError) as e:
             die(dir_error(directory, e), as_json=as_json)
     code = EXIT_OK if report.ok else EXIT_FAULTS
     if as_json:
@@ -45,7 +46,8 @@ def validate(
         raise typer.Exit(code)
 
     m = report.manifest
-    stdout.print(f"[bold]{directory}[/]: {m.geometry.describe()}; {len(m.shards)} shards, "
+    stdout.print(f"[bold]{escape_markup(directory)}[/]: {escape_markup(m.geometry.describe())}; "
+                 f"{len(m.shards)} shards, "
                  f"{report.samples:,} samples, {report.tokens:,} tokens, "
                  f"{report.quarantine_records:,} quarantine records")
     stdout.print(check_table(report.tally, title="stored routing re-checked"))
@@ -57,10 +59,10 @@ def validate(
         t.add_column("kind")
         t.add_column("message", overflow="fold")
         for f in report.faults:
-            t.add_row(f.file, f.kind, f.message)
+            t.add_row(escape_markup(f.file), f.kind, escape_markup(f.message))
         stdout.print(t)
     for w in report.warnings:
-        stderr.print(f"[yellow]warning:[/] {w}")
+        stderr.print(f"[yellow]warning:[/] {escape_markup(w)}")
     verdict = "[green]clean[/]" if report.ok else "[bold red]faults found[/]"
     stdout.print(f"validate: {verdict}")
     raise typer.Exit(code)
