@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from ._app import app
-from ._output import EXIT_FAULTS, EXIT_OK, EXIT_USAGE, die, emit_json, progress, stderr
+from ._inputs import check_input_file, model_geometry
+from ._output import (EXIT_FAULTS, EXIT_OK, EXIT_USAGE, die, emit_json, escape_markup,
+                      progress, stderr)
 from ._tables import check_table, verdict_table
 
 if TYPE_CHECKING:
@@ -127,19 +129,14 @@ def _require_client_extra(as_json: bool) -> None:
 def _check_inputs(endpoint: str, engine: str, prompts: Path, model: str, out: Path,
                   resume: bool, as_json: bool) -> RoutingGeometry:
     """The routing geometry of ``model``, or exit 2 naming the first bad argument."""
-    from ..geometry import GeometryError, RoutingGeometry
     from ..protocols import PROTOCOLS as ENGINES
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
-    if not prompts.is_file():
-        die(f"no such file: {prompts}", as_json=as_json)
+    check_input_file(prompts, as_json)
     if not endpoint.startswith(("http://", "https://")):
         die(f"--endpoint must be an http(s) URL, got {endpoint!r}", as_json=as_json)
-    try:
-        geometry = RoutingGeometry.resolve(model)
-    except GeometryError as e:
-        die(str(e), as_json=as_json)
+    geometry = model_geometry(model, as_json)
     if out.exists() and not out.is_dir():
         die(f"{out} is not a directory", as_json=as_json)
     if out.exists() and any(out.iterdir()) and not resume:
@@ -214,7 +211,7 @@ def _print_summary(summary: CollectSummary, out: Path) -> None:
         f"[bold]{summary.stored}[/] stored, [bold]{summary.rejected}[/] rejected, "
         f"[bold]{summary.failed}[/] failed of {summary.samples} samples from "
         f"{summary.prompts} prompts{skipped} in {summary.seconds:.2f} s "
-        f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) -> {out}")
+        f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) -> {escape_markup(out)}")
     if summary.first_rejected:
         stderr.print(verdict_table(summary.first_rejected))
         more = summary.rejected + summary.failed - len(summary.first_rejected)
