@@ -56,13 +56,16 @@ VERDICT_KINDS: Mapping[str, str] = MappingProxyType({
     # the sink's own
     "unstorable": "passed the checks, but the shard writer refused it (routing shape, dtype "
                   "or ids, tokens or row offsets that do not fit the directory's geometry)",
-    "duplicate_sample_id": "the sample id is stored in the directory already",
+    "duplicate_sample_id": "the sample id was stored in the directory earlier in this run",
+    "already_stored": "the sample id was stored by an earlier run into this directory (a "
+                      "resumed or repeated ingest): expected on a rerun, not a fault",
     "request_failed": "no answer for the sample: transport errors past the retry budget, or an "
                       "answer that did not hold it",
 })
 """Every kind a verdict or quarantine record can carry, with its meaning: the check kinds
-(``checks.KINDS``), then ``unstorable`` (outcome rejected), ``duplicate_sample_id`` (outcome
-duplicate) and ``request_failed`` (outcome failed)."""
+(``checks.KINDS``), then ``unstorable`` (outcome rejected), ``duplicate_sample_id`` and
+``already_stored`` (outcome duplicate) and ``request_failed`` (outcome failed). Every verdict
+but ``stored`` and ``already_stored`` is a fault of the run (exit code 1)."""
 
 _SINK_OUTCOMES = ("stored", "rejected", "duplicate", "failed")
 
@@ -174,9 +177,14 @@ class SampleSink:
             self._call(self.writer.quarantine, report, wire)
             return self._verdict(report, "rejected", wire)
         if sid in self.writer:
-            dup = CheckReport(sid, kinds=("duplicate_sample_id",),
-                              message=f"sample {sid!r}: duplicate_sample_id: already stored in "
-                                      "this shard directory; the stored copy is kept")
+            if self.writer.stored_earlier(sid):
+                dup = CheckReport(sid, kinds=("already_stored",),
+                                  message=f"sample {sid!r}: already_stored: an earlier run "
+                                          "stored it in this shard directory; kept as it is")
+            else:
+                dup = CheckReport(sid, kinds=("duplicate_sample_id",),
+                                  message=f"sample {sid!r}: duplicate_sample_id: stored "
+                                          "earlier in this run; the stored copy is kept")
             return self._verdict(dup, "duplicate", routed)
         try:
             claimed = self.writer.claim(routed)
@@ -194,6 +202,14 @@ class SampleSink:
         self._call(self.writer.record_failure, sample_id, error, "request_failed")
         self.counts["failed"] += 1
         return Verdict(sample_id, "failed", ("request_failed",), str(error))
+
+    @property
+    def faults(self) -> int:
+        """Verdicts that are faults of this run: rejected, failed, and duplicates of ids this
+        run stored (``already_stored`` is what a rerun expects, not a fault)."""
+        c = self.counts
+        return (c["rejected"] + c["failed"] + c["duplicate"]
+                - self.tally.by_kind.get("already_stored", 0))
 
     def close(self) -> None:
         """Wait for the background thread's queued calls; raise its error, if any."""

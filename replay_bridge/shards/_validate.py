@@ -20,7 +20,7 @@ import pyarrow as pa
 from ..checks import CheckTally, check_routed
 from ._errors import ShardError
 from ._manifest import MANIFEST, Manifest, is_member_name, is_temp_name
-from ._quarantine import read_chunk
+from ._quarantine import OutcomeLedger, outcome_of, read_chunk
 from ._reader import verify_file
 from ._rules import batch_breaks
 from ._scan import open_ipc, regular_file
@@ -101,7 +101,7 @@ def validate_dir(directory: str | os.PathLike[str],
     for entry in manifest.shards:
         if not _check_shard(report, entry, seen, on_samples):
             report.shards_bad += 1
-    _check_quarantine(report)
+    _check_quarantine(report, seen)
     _check_strays(report)
     return report
 
@@ -189,8 +189,12 @@ def _id_or_none(sample_id: object) -> str | None:
     return sample_id if isinstance(sample_id, str) else None
 
 
-def _check_quarantine(report: ValidationReport) -> None:
-    outcomes: dict[str, int] = {}
+def _check_quarantine(report: ValidationReport, stored: dict[str, str]) -> None:
+    """Every chunk's records; the outcome counts, each sample id once (stored wins, else its
+    latest record), against the manifest's."""
+    ledger = OutcomeLedger()
+    per_record = {"rejected": 0, "failed": 0}
+    readable = True
     for entry in report.manifest.quarantine:
         try:
             path = verify_file(report.directory, entry)
@@ -198,16 +202,28 @@ def _check_quarantine(report: ValidationReport) -> None:
             with regular_file(path, entry.file) as p:
                 for rec in read_chunk(p, entry.file):
                     n += 1
-                    key = str(rec.get("outcome", "rejected"))
-                    outcomes[key] = outcomes.get(key, 0) + 1
+                    outcome = outcome_of(rec)
+                    per_record[outcome] += 1
+                    ledger.record(rec["sample_id"], outcome, stored=rec["sample_id"] in stored)
         except ShardError as e:
             report.faults.append(Fault(entry.file, f"quarantine_{e.kind}", str(e)))
+            readable = False
             continue
         report.quarantine_records += n
         if n != entry.records:
             report.faults.append(Fault(entry.file, "counts", f"{entry.file}: holds {n} records, "
                                        f"the manifest says {entry.records}"))
-    report.quarantine_outcomes = outcomes
+    report.quarantine_outcomes = dict(ledger.counts)
+    said = {k: report.manifest.outcomes[k] for k in ledger.counts}
+    if not readable or said == ledger.counts:
+        return
+    if said == per_record:  # an older writer counted records, not sample ids
+        report.warnings.append(f"{MANIFEST}: outcomes count quarantine records ({said}), not "
+                               f"sample ids ({ledger.counts}); a resumed writer recounts them")
+    else:
+        report.faults.append(Fault(MANIFEST, "counts", f"{MANIFEST}: outcomes say {said}, the "
+                                   f"quarantine holds {ledger.counts} (each sample id once: "
+                                   "stored wins, else its latest record)"))
 
 
 def _check_strays(report: ValidationReport) -> None:

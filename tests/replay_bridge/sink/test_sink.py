@@ -21,7 +21,7 @@ from tests.replay_bridge.protocols.engines import routing, sglang_generate
 from tests.support.processes import ROOT
 
 SINK_KINDS = {"unstorable": "rejected", "duplicate_sample_id": "duplicate",
-              "request_failed": "failed"}
+              "already_stored": "duplicate", "request_failed": "failed"}
 
 
 def wire(geometry: RoutingGeometry, sid: str, seed: int, *, zero: bool = False,
