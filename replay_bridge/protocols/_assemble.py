@@ -118,12 +118,17 @@ _NUMBERS = {float, int, type(None)}
 _MISSING = object()
 
 
-def logprob_array(values: Any, what: str, completion_len: int) -> np.ndarray | None:
-    """Completion log-probs as ``float32`` (``null`` -> NaN) from SGLang triples
-    ``[logprob, token_id, text]``, OpenAI objects ``{"logprob": ...}`` or plain numbers;
-    ``None`` when absent or empty. :class:`BadField` naming the first item that is not one of
-    them (a numeric string, a bool, a mix of forms), and for more values than
-    ``completion_len`` tokens: nothing is dropped or coerced silently."""
+_FORMS = {"triples": (list, "a [logprob, token id, text] list"),
+          "objects": (dict, "a {logprob, ...} object"), "numbers": (None, "a number")}
+
+
+def logprob_array(values: Any, what: str, completion_len: int, form: str) -> np.ndarray | None:
+    """Completion log-probs as ``float32`` (``null`` -> NaN) from a list in the field's
+    ``form``: SGLang ``triples`` ``[logprob, token_id, text]``, OpenAI chat ``objects``
+    ``{"logprob": ...}`` or plain ``numbers``; ``None`` when absent or empty.
+    :class:`BadField` naming the first item that is not of the form (a numeric string, a bool,
+    another form), and for more values than ``completion_len`` tokens: nothing is dropped or
+    coerced silently."""
     if values is None:
         return None
     if not isinstance(values, list):
@@ -133,15 +138,13 @@ def logprob_array(values: Any, what: str, completion_len: int) -> np.ndarray | N
     if len(values) > completion_len:
         raise BadField(f"{what} holds {len(values)} log-probs for {completion_len} completion "
                        "tokens")
-    form = type(values[0])
+    kind, like = _FORMS[form]
     col: list[Any] = values
-    if form is list or form is dict:
-        if set(map(type, values)) != {form}:
-            i = next(i for i, v in enumerate(values) if type(v) is not form)
-            like = "a [logprob, token id, text] list" if form is list else "a {logprob} object"
-            raise BadField(f"{what}: item {i} is {type_name(values[i])}, expected {like} like "
-                           "item 0")
-        if form is list:
+    if kind is not None:
+        if set(map(type, values)) != {kind}:
+            i = next(i for i, v in enumerate(values) if type(v) is not kind)
+            raise BadField(f"{what}: item {i} is {type_name(values[i])}, expected {like}")
+        if kind is list:
             try:
                 col = list(map(itemgetter(0), values))
             except IndexError:

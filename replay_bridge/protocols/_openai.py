@@ -123,8 +123,9 @@ def choice_logprobs(choice: dict[str, Any], completion_len: int) -> np.ndarray |
         raise A.BadField(f"logprobs is {type_name(lp)}, expected an object")
     tokens = lp.get("token_logprobs")
     if tokens is None or tokens == []:
-        return A.logprob_array(lp.get("content"), "logprobs.content", completion_len)
-    return A.logprob_array(tokens, "logprobs.token_logprobs", completion_len)
+        return A.logprob_array(lp.get("content"), "logprobs.content", completion_len,
+                               "objects")
+    return A.logprob_array(tokens, "logprobs.token_logprobs", completion_len, "numbers")
 
 
 def encode_choice(index: int, prompt: Any, c: Completion) -> dict[str, Any]:

@@ -187,7 +187,7 @@ class SGLangGenerate(Protocol):
                 request, A.first_present(prompt_ids, item.get("prompt_token_ids")),
                 A.first_present(item.get("output_ids"), meta.get("output_ids")), START_FIELD)
             logprobs = A.logprob_array(meta.get("output_token_logprobs"),
-                                       "output_token_logprobs", int(output.size))
+                                       "output_token_logprobs", int(output.size), "triples")
             finish = A.finish_reason(meta.get("finish_reason"))
             versions = A.weight_versions(meta, int(output.size))
         except A.BadField as e:

@@ -83,7 +83,8 @@ class SGLangOpenAI(Protocol):
                 logprobs = O.choice_logprobs(choice, completion)
                 if logprobs is None:
                     logprobs = A.logprob_array(meta.get("output_token_logprobs"),
-                                               "meta_info.output_token_logprobs", completion)
+                                               "meta_info.output_token_logprobs", completion,
+                                               "triples")
                 finish = A.finish_reason(A.first_present(choice.get("finish_reason"),
                                                          meta.get("finish_reason")))
                 versions = A.weight_versions(meta or sglext, completion)

@@ -47,6 +47,8 @@ def _routing(choice: dict[str, Any], response: dict[str, Any], payloads: Payload
             return DecodeFault("malformed", str(e))
         if not gen.size:
             return rows
+        if not rows.size:
+            return gen
         if rows.ndim != gen.ndim or rows.shape[1:] != gen.shape[1:] or not rows.ndim:
             return DecodeFault("malformed", f"prompt_routed_experts {rows.shape} and "
                                f"routed_experts {gen.shape} do not stack")

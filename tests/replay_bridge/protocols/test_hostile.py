@@ -75,7 +75,10 @@ SGLANG_BAD: dict[str, tuple[Mutation, str]] = {
                         "output_token_logprobs is a dict"),
     "logprobs dicts and ints": (
         _meta(lambda m: m.update(output_token_logprobs=[{"logprob": -1.0}, 3])),
-        "output_token_logprobs: item 1 is an int"),
+        "output_token_logprobs: item 0 is a dict, expected a [logprob, token id, text] list"),
+    "logprobs plain numbers": (
+        _meta(lambda m: m.update(output_token_logprobs=[-1.0, -2.0])),
+        "output_token_logprobs: item 0 is a float, expected a [logprob, token id, text] list"),
     "logprobs triples and ints": (
         _meta(lambda m: m.update(output_token_logprobs=[[-1.0, 4, None], 3])),
         "output_token_logprobs: item 1 is an int"),
@@ -139,6 +142,9 @@ OPENAI_BAD: dict[str, tuple[Mutation, Mutation | None, str]] = {
     "token_logprobs numeric strings": (
         lambda b: b["choices"][0].update(logprobs={"token_logprobs": ["-0.5", "-0.25"]}), None,
         "token_logprobs: item 0 is a str"),
+    "token_logprobs triples": (
+        lambda b: b["choices"][0].update(logprobs={"token_logprobs": [[-0.5], [-0.25]]}), None,
+        "token_logprobs: item 0 is a list"),
     "token_logprobs bools": (
         lambda b: b["choices"][0].update(logprobs={"token_logprobs": [-0.5, True]}), None,
         "token_logprobs: item 1 is a bool"),
