@@ -118,3 +118,34 @@ def test_collect_resume_counts_each_sample_once(tmp_path: Path, tiny: RoutingGeo
     code, doc, _ = run_cli("validate", out, "--json")
     assert code == 0, doc["faults"]
     assert doc["quarantine"]["outcomes"] == {"rejected": 0, "failed": failed}
+
+
+@pytest.mark.parametrize("version", [True, 1.5])
+def test_a_bad_policy_version_past_the_door_never_stops_collect_or_its_resume(
+        tmp_path: Path, tiny: RoutingGeometry, version: object) -> None:
+    """A prompt whose policy_version is not an int64 (built past the prompt reader): its
+    samples get a verdict, the 40 others are stored, and --resume finishes without asking the
+    writer to store it again or recording it twice."""
+    prompts = [Prompt(f"p{i:02d}", [10 + i, 2, 3]) for i in range(40)]
+    prompts.insert(17, Prompt("bad", [9, 2, 3], policy_version=version))  # type: ignore[arg-type]
+    out = tmp_path / "out"
+
+    def run(resume: bool) -> Any:
+        async def go() -> Any:
+            writer = ShardWriter(out, tiny, resume=resume, batch_bytes=1 << 30)
+            client = RolloutClient("mock://engine", "sglang", tiny, params=SamplingParams(4),
+                                   transport=MockTransport(_handler(tiny, set())))
+            async with client:
+                summary = await collect(client, prompts, writer, keep_verdicts=True)
+            writer.close()
+            return summary
+        return asyncio.run(go())
+
+    for resume in (False, True):
+        summary = run(resume)
+        (bad,) = [v for v in summary.verdicts if v["sample_id"] == "bad"]
+        assert bad["outcome"] == "rejected" and "policy_version" in bad["message"]
+    assert summary.prompts_skipped == 40
+    reader = ShardReader(out)
+    assert sorted(reader.sample_ids()) == [f"p{i:02d}" for i in range(40)]
+    assert [r["sample_id"] for r in reader.quarantined()] == ["bad"]
