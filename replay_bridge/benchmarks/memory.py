@@ -193,11 +193,15 @@ def _pair(small: dict[str, Any], large: dict[str, Any], factor: int,
 
 
 def run(*, samples: int = 32, factor: int = 8, rows: int = 20_000,
-        model: str = "tiny-qwen3-moe", concurrency: int = 16, workdir: Path | None = None,
+        model: str = "tiny-qwen3-moe", concurrency: int = 4, workdir: Path | None = None,
         parts: tuple[str, ...] = ("ingest", "collect")) -> dict[str, Any]:
     """Peak RSS of ``ingest`` and ``collect`` over ``samples`` and ``factor * samples``
     rejected samples of ``rows`` routing rows each, each in a child process; the ratios of the
-    large run's peak to the small one's."""
+    large run's peak to the small one's.
+
+    ``collect`` holds up to ``concurrency`` answers in flight and as many queued for the store
+    thread: that memory follows the samples in flight, and a fair comparison needs the small
+    run to fill the pipeline many times over (``samples`` >= 8 x ``concurrency``)."""
     geometry = RoutingGeometry.resolve(model)
     sizes = (samples, samples * factor)
     root = Path(tempfile.mkdtemp(prefix="rb-bench-memory-", dir=workdir))
@@ -243,7 +247,9 @@ def run(*, samples: int = 32, factor: int = 8, rows: int = 20_000,
     out["note"] = ("peak RSS = VmHWM of a child process running only that measurement; every "
                    "sample carries all-zero routing and is rejected (all_zero) with its "
                    "routing quarantined. baseline = a child that only imports what the "
-                   "measured one imports; above_baseline = peak - baseline.")
+                   "measured one imports; above_baseline = peak - baseline. collect holds up "
+                   "to 2 x concurrency answers (in flight and queued), so the small run should "
+                   "have >= 8 x concurrency samples.")
     return out
 
 

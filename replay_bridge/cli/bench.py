@@ -89,7 +89,8 @@ def bench_memory(
     factor: int = typer.Option(8, min=2, help="The large run has factor * N samples."),
     rows: int = typer.Option(20_000, min=16, help="Routing rows (tokens) per sample."),
     model: str = typer.Option("tiny-qwen3-moe", help="Model preset, directory or config.json."),
-    concurrency: int = typer.Option(16, min=1, help="collect: requests in flight."),
+    concurrency: int = typer.Option(4, min=1, help="collect: requests in flight (keep "
+                                    "N >= 8 x this, so the small run fills the pipeline)."),
     only: Optional[str] = typer.Option(None, help="Measure only ingest or only collect."),
     workdir: Optional[Path] = typer.Option(None, help="Where to put temporary files."),
     as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
