@@ -121,7 +121,7 @@ def encode_record(record: dict[str, Any]) -> Iterator[bytes]:
     if not head.endswith(_TAIL):  # routing is the last key of sample, sample of the record
         raise AssertionError("quarantine record layout: routing data is not last")
     yield head[:-4]  # ... "data":"
-    raw = memoryview(np.ascontiguousarray(data)).cast("B")
+    raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
     for i in range(0, raw.nbytes, _B64_PIECE):
         yield pybase64.b64encode(raw[i:i + _B64_PIECE])
     yield head[-4:] + b"\n"  # "}}}

@@ -96,6 +96,9 @@ def test_routing_round_trips_through_the_piecewise_encoder(tmp_path: Path,
     monkeypatch.setattr(_quarantine, "_B64_PIECE", 3 * 7)  # many pieces, a short last one
     d = tmp_path / "d"
     wide = [rejected(tiny, f"r{i}", rows, seed=i) for i, rows in enumerate((1, 5, 77))]
+    empty = rejected(tiny, "empty", 1)
+    empty.routing = empty.routing[:0]  # no rows at all: shape (0, layers, k)
+    wide.append(empty)
     with ShardWriter(d, tiny) as w:
         for s in wide:
             w.quarantine(report(s.sample_id), s, note="piecewise")
