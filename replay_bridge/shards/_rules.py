@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample
@@ -162,41 +161,46 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
     """The first storage rule each row of a shard record batch breaks (rows that keep every
     rule are left out), in row order.
 
-    Vectorised: a few NumPy reductions over the batch's offsets and value buffers; Python runs
-    only for rows that break a rule (and to parse the small ``weight_versions`` strings). The
+    Vectorised and cheap enough for every batch the reader hands out: the buffers are read
+    in place, one min over the token ids, one max over the routing ids (skipped when the id
+    dtype holds nothing but expert ids), arithmetic on the offsets; Python runs only for rows
+    that break a rule and to parse ``weight_versions`` (small JSON strings, when present). The
     batch must have the shard schema (the reader checks it when a shard is opened) and be
     Arrow-valid (``validate(full=True)``).
     """
     n = batch.num_rows
     if n == 0:
         return []
+    cols = dict(zip(batch.schema.names, batch.columns))
+    ids_col = cols["sample_id"]
     found: dict[int, RuleBreak] = {}
-    ids_col = batch.column("sample_id")
 
-    def flag(rows: np.ndarray, rule: str, what: Callable[[int], str],
+    def flag(mask: np.ndarray, rule: str, what: Callable[[int], str],
              unreadable: bool = False) -> None:
-        for row in np.flatnonzero(rows) if rows.dtype == bool else rows:
-            row = int(row)
+        if not mask.any():
+            return
+        for row in np.flatnonzero(mask).tolist():
             if row not in found:
                 sid = ids_col[row].as_py()
                 found[row] = RuleBreak(rule, _message(sid, what(row)), sid, row, unreadable)
 
-    def nulls(name: str) -> np.ndarray | None:
-        col = batch.column(name)
-        return col.is_null().to_numpy(zero_copy_only=False) if col.null_count else None
-
     def null_rule(name: str, rule: str) -> None:
-        mask = nulls(name)
-        if mask is not None:
-            flag(mask, rule, lambda _: f"{name} is null", unreadable=True)
+        col = cols[name]
+        if col.null_count:
+            flag(col.is_null().to_numpy(zero_copy_only=False), rule,
+                 lambda _: f"{name} is null", unreadable=True)
+
+    def ints(name: str) -> np.ndarray:
+        col = cols[name]
+        return (col.fill_null(0) if col.null_count else col).to_numpy()
 
     # sample_id
     null_rule("sample_id", "sample_id")
-    id_len = pc.binary_length(ids_col).fill_null(1).to_numpy()
-    flag(id_len == 0, "sample_id", lambda _: "sample id must be a non-empty string, got ''")
+    flag(np.diff(_offsets(ids_col)) == 0, "sample_id",
+         lambda _: "sample id must be a non-empty string, got ''")
 
     # fields (the schema fixes the other columns' types; weight_versions is JSON text)
-    wv = batch.column("weight_versions")
+    wv = cols["weight_versions"]
     if wv.null_count < n:
         for row, text in enumerate(wv.to_pylist()):
             if text is None:
@@ -204,44 +208,38 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
             try:
                 ok = isinstance(orjson.loads(text), list)
             except orjson.JSONDecodeError:
-                flag(np.array([row]), "fields", lambda _: "weight_versions is not JSON",
+                flag(_row_mask(n, row), "fields", lambda _: "weight_versions is not JSON",
                      unreadable=True)
                 continue
             if not ok:
-                flag(np.array([row]), "fields", lambda _: "weight_versions is not a list")
+                flag(_row_mask(n, row), "fields", lambda _: "weight_versions is not a list")
 
-    # tokens
+    # tokens: int32 values, so < 2**31 by type; only negatives are out
     null_rule("tokens", "tokens")
-    t_col = batch.column("tokens")
-    t_off = np.asarray(t_col.offsets)
+    t_col = cols["tokens"]
+    t_off = _offsets(t_col)
     t_val = t_col.values.to_numpy(zero_copy_only=False)[t_off[0]:t_off[-1]]
-    if t_val.size and int(t_val.min()) < 0:  # int32 values: < 2**31 by type
-        bad = np.flatnonzero(t_val < 0)
-        rows = np.searchsorted(t_off, bad + t_off[0], side="right") - 1
-        first = dict(zip(rows[::-1].tolist(), bad[::-1].tolist()))  # row -> its first bad
-
-        def token_msg(row: int) -> str:
-            pos = first[row] + t_off[0] - t_off[row]
-            return (f"token id {int(t_val[first[row]])} at position {pos} is outside "
-                    f"[0, {TOKEN_LIMIT})")
-        flag(np.unique(rows), "tokens", token_msg)
+    if t_val.size and int(t_val.min()) < 0:
+        first_t = _first_per_row(t_val < 0, t_off)
+        flag(first_t >= 0, "tokens",
+             lambda row: f"token id {int(t_val[first_t[row]])} at position "
+                         f"{first_t[row] + t_off[0] - t_off[row]} is outside [0, {TOKEN_LIMIT})")
     n_tok = np.diff(t_off)
 
     # positions
     null_rule("prompt_len", "positions")
     null_rule("routed_start", "positions")
-    pl = batch.column("prompt_len").fill_null(0).to_numpy()
-    rs = batch.column("routed_start").fill_null(0).to_numpy()
+    pl, rs = ints("prompt_len"), ints("routed_start")
     flag(~((rs >= 0) & (rs <= pl) & (pl <= n_tok)), "positions",
          lambda row: f"need 0 <= routed_start ({rs[row]}) <= prompt_len ({pl[row]}) <= "
                      f"tokens ({n_tok[row]})")
 
-    # routing
+    # routing: a whole number of [num_moe_layers, top_k] rows per sample
     m, k, e = geometry.num_moe_layers, geometry.top_k, geometry.num_experts
     per_row = m * k
     null_rule("routed", "routing")
-    r_col = batch.column("routed")
-    r_off = np.asarray(r_col.offsets)
+    r_col = cols["routed"]
+    r_off = _offsets(r_col)
     n_ids = np.diff(r_off)
     flag(n_ids % per_row != 0, "routing",
          lambda row: f"has {n_ids[row]} routing ids, not a whole number of [{m}, {k}] rows")
@@ -249,22 +247,43 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
     # expert_ids: one max over the batch's ids unless the id dtype holds no other values
     r_val = r_col.values.to_numpy(zero_copy_only=False)[r_off[0]:r_off[-1]]
     if r_val.size and e < 1 << (8 * r_val.dtype.itemsize) and int(r_val.max()) >= e:
-        bad = np.flatnonzero(r_val >= e)
-        rows = np.searchsorted(r_off, bad + r_off[0], side="right") - 1
-        first = dict(zip(rows[::-1].tolist(), bad[::-1].tolist()))
+        first_r = _first_per_row(r_val >= e, r_off)
 
         def id_msg(row: int) -> str:
-            j = first[row] + r_off[0] - r_off[row]
-            return (f"expert ids outside [0, {e}): {int(r_val[first[row]])} at position "
+            j = first_r[row] + r_off[0] - r_off[row]
+            return (f"expert ids outside [0, {e}): {int(r_val[first_r[row]])} at position "
                     f"{rs[row] + j // per_row}, layer {geometry.moe_layers[(j % per_row) // k]}")
-        flag(np.unique(rows), "expert_ids", id_msg)
+        flag(first_r >= 0, "expert_ids", id_msg)
 
     # logprobs
-    lp = batch.column("logprobs")
+    lp = cols["logprobs"]
     if lp.null_count < n:
-        n_lp = np.diff(np.asarray(lp.offsets))
-        valid = lp.is_valid().to_numpy(zero_copy_only=False)
+        n_lp = np.diff(_offsets(lp))
+        valid = lp.is_valid().to_numpy(zero_copy_only=False) if lp.null_count else True
         flag(valid & (n_lp > n_tok - pl), "logprobs",
              lambda row: f"{n_lp[row]} log-probs for {n_tok[row] - pl[row]} completion tokens "
                          "(at most one per completion token)")
     return [found[row] for row in sorted(found)]
+
+
+def _offsets(col: pa.Array) -> np.ndarray:
+    """The ``len + 1`` offsets of a list or string array, read in place (absolute positions
+    into its values)."""
+    return np.frombuffer(col.buffers()[1], dtype=np.int32, count=len(col) + 1,
+                         offset=4 * col.offset)
+
+
+def _row_mask(n: int, row: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    mask[row] = True
+    return mask
+
+
+def _first_per_row(bad: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """For each row, the index into ``bad`` (values from ``offsets[0]`` on) of its first
+    ``True``, or ``-1``. Only run when some value is bad."""
+    idx = np.flatnonzero(bad)
+    rows = np.searchsorted(offsets, idx + offsets[0], side="right") - 1
+    first = np.full(len(offsets) - 1, -1, dtype=np.int64)
+    first[rows[::-1]] = idx[::-1]  # the last assignment per row wins: its first bad value
+    return first
