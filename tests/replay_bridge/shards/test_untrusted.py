@@ -355,3 +355,30 @@ def test_fuzzed_manifest_values(tmp_path_factory, fuzz_src, path, value):
             pass
     edit_manifest(d, fn)
     _read_everything(d)
+
+
+@pytest.mark.parametrize("key, value", [("num_layers", 10**13), ("num_experts", 10**30),
+                                        ("top_k", 2**20), ("moe_layers", "0123"),
+                                        ("num_layers", "4")])
+def test_absurd_geometry_in_a_shard_schema(shard_dir, key, value):
+    """A consistent rewrite whose only fault is the shard schema's geometry metadata: validate
+    names the shard (exit 1), the reader and inspect refuse it (exit 2), nothing allocates."""
+    import json
+
+    def fn(table):
+        meta = dict(table.schema.metadata)
+        doc = json.loads(meta[b"routing_replay"])
+        doc[key] = value
+        meta[b"routing_replay"] = json.dumps(doc).encode()
+        return table.replace_schema_metadata(meta)
+    _rewrite_shard(shard_dir, "shard-000001.arrow", fn)
+    with pytest.raises(ShardError, match=f"shard-000001.arrow: bad 'routing_replay' schema "
+                       f"metadata: {key} must be"):
+        ShardReader(shard_dir)
+    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    assert code == 1
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [("shard-000001.arrow",
+                                                                 "unreadable")]
+    assert doc["samples"] == 7  # the other shards still checked
+    code, doc, _ = run_cli("inspect", shard_dir, "--json")
+    assert code == 2 and "shard-000001.arrow" in doc["error"] and key in doc["error"]
