@@ -115,7 +115,7 @@ def _check_shard(report: ValidationReport, entry: Any, seen: dict[str, str],
         path = verify_file(root, entry)
     except ShardError as e:
         faults.append(Fault(name, e.kind, str(e)))
-        if e.kind in ("missing", "unsafe_path"):
+        if e.kind in ("missing", "unsafe_path", "unreadable"):  # nothing more to read
             return False
         path = root / name
     try:
