@@ -141,3 +141,22 @@ def test_a_decoder_or_check_failure_is_a_malformed_verdict(tiny, monkeypatch):
     assert first.report.kinds == ("malformed",)
     assert "'p/0'" in first.report.message and "RuntimeError: boom" in first.report.message
     assert second.outcome == "accepted"
+
+
+@pytest.mark.parametrize("version", [True, 1.5, "3", 2**63])
+def test_a_wrongly_typed_policy_version_never_reaches_the_writer(tiny, version):
+    """A prompt's policy_version that is not an int64 makes its samples malformed verdicts at
+    decode, so no such sample is ever handed to a shard writer."""
+    def handler(path: str, payload: dict[str, Any]) -> bytes:
+        return orjson.dumps(_answer("vllm", tiny, payload))
+
+    async def go() -> list[Any]:
+        async with RolloutClient("mock://", "vllm", tiny, params=SamplingParams(2),
+                                 transport=MockTransport(handler)) as client:
+            return await client.generate(Prompt("p", [1, 2, 3], version), samples=2)
+
+    results = asyncio.run(go())
+    assert [r.outcome for r in results] == ["rejected", "rejected"]
+    for r in results:
+        assert r.report.kinds == ("malformed",) and "policy_version" in r.report.message
+        assert r.wire.policy_version is None
