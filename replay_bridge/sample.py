@@ -123,8 +123,8 @@ class WireSample(_SampleFields):
     sent (a view of the decoded bytes where possible), or ``None`` when ``fault`` says why
     there is none.
 
-    Its other fields are typed by the decoders, whatever the engine sent: ``sample_id`` a
-    non-empty string, ``group_id`` / ``policy_version`` as :func:`field_problem` says,
+    Its other fields are typed by the decoders, whatever the engine sent: ``group_id`` and
+    ``policy_version`` as :func:`field_problem` says (ingest checks ``sample_id`` too),
     ``tokens`` ``int32`` in ``[0, 2**31)``, ``0 <= routed_start <= prompt_len``, ``logprobs``
     ``float32`` no longer than the completion, ``finish_reason`` a string, ``weight_versions``
     ``{"version", "start", "end"}`` spans within the completion. A value that breaks one of
