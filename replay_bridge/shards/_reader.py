@@ -92,16 +92,32 @@ class _Shard:
     def release(self) -> None:
         self._reader = None
 
-    def batch(self, i: int) -> tuple[pa.RecordBatch, Breaks]:
-        """Record batch ``i``, Arrow-validated, with the rows that break a storage rule."""
+    def batch(self, i: int) -> pa.RecordBatch:
+        """Record batch ``i``, Arrow-validated."""
         try:
             batch = self.reader.get_batch(i)
             batch.validate(full=True)
-            breaks = batch_breaks(batch, self.geometry)
-        except (OSError, pa.ArrowException, KeyError) as e:
+            return batch
+        except (OSError, pa.ArrowException) as e:
             raise ShardError(f"{self.entry.file}: unreadable record batch {i} ({e})",
                              file=self.entry.file) from None
-        return batch, {b.row: b for b in breaks}
+
+    def checked(self, i: int) -> tuple[pa.RecordBatch, Breaks]:
+        """Record batch ``i`` with the rows that break a storage rule (the whole batch)."""
+        batch = self.batch(i)
+        return batch, {b.row: b for b in self._breaks(batch, i)}
+
+    def row_break(self, batch: pa.RecordBatch, i: int, row: int) -> RuleBreak | None:
+        """The storage rule one row of record batch ``i`` breaks (only that row is read)."""
+        found = self._breaks(batch.slice(row, 1), i)
+        return found[0]._replace(row=row) if found else None
+
+    def _breaks(self, batch: pa.RecordBatch, i: int) -> list[RuleBreak]:
+        try:
+            return batch_breaks(batch, self.geometry)
+        except (pa.ArrowException, KeyError, ValueError) as e:
+            raise ShardError(f"{self.entry.file}: unreadable record batch {i} ({e})",
+                             file=self.entry.file) from None
 
     def refuse(self, i: int, broken: RuleBreak) -> ShardError:
         """The error for a row of record batch ``i`` that breaks a storage rule."""
@@ -131,8 +147,7 @@ class ShardReader:
         self.manifest = Manifest.read(self.dir)
         self.geometry: RoutingGeometry = self.manifest.geometry
         self._shards = [_Shard(self.dir, e, self.geometry) for e in self.manifest.shards]
-        self._cache: OrderedDict[tuple[int, int], tuple[pa.RecordBatch, Breaks]] = \
-            OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
         self._cache_size = max(int(cache_batches), 1)
         self._ids: list[str] = []
         locs: list[np.ndarray] = []
@@ -179,7 +194,7 @@ class ShardReader:
         s, b, r = self._loc[i]
         return int(s), int(b), int(r)
 
-    def _batch(self, si: int, bi: int) -> tuple[pa.RecordBatch, Breaks]:
+    def _batch(self, si: int, bi: int) -> pa.RecordBatch:
         key = (si, bi)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -187,19 +202,20 @@ class ShardReader:
         shard = self._shards[si]
         if self._verify:
             shard.verify(self.dir)
-        checked = shard.batch(bi)
-        self._cache[key] = checked
+        batch = shard.batch(bi)
+        self._cache[key] = batch
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return checked
+        return batch
 
     def _row(self, sample_id: str) -> tuple[pa.RecordBatch, int, str]:
         """The record batch holding ``sample_id``, its row, and its file name; ShardError when
-        the row breaks a storage rule."""
+        the row breaks a storage rule (a lookup checks its own row, not the whole batch)."""
         si, bi, row = self._locate(sample_id)
-        batch, breaks = self._batch(si, bi)
-        if row in breaks:
-            raise self._shards[si].refuse(bi, breaks[row])
+        batch = self._batch(si, bi)
+        broken = self._shards[si].row_break(batch, bi, row)
+        if broken is not None:
+            raise self._shards[si].refuse(bi, broken)
         return batch, row, self._shards[si].entry.file
 
     def routing(self, sample_id: str) -> np.ndarray:
@@ -234,7 +250,7 @@ class ShardReader:
         n = max(int(threads), 1)
         if n == 1:
             for si, bi in self._jobs():
-                yield si, bi, *self._shards[si].batch(bi)
+                yield si, bi, *self._shards[si].checked(bi)
             return
         # Decompression releases the GIL: read ahead on a few threads, yield in order.
         ex = ThreadPoolExecutor(n, thread_name_prefix="shard-read")
@@ -242,7 +258,7 @@ class ShardReader:
         jobs = self._jobs()
         try:
             for si, bi in jobs:
-                pending.append((si, bi, ex.submit(self._shards[si].batch, bi)))
+                pending.append((si, bi, ex.submit(self._shards[si].checked, bi)))
                 if len(pending) > 2 * n:
                     si0, bi0, fut = pending.popleft()
                     yield si0, bi0, *fut.result()

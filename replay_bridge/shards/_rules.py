@@ -171,7 +171,7 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
     n = batch.num_rows
     if n == 0:
         return []
-    cols = dict(zip(batch.schema.names, batch.columns))
+    cols = _Columns(batch)
     ids_col = cols["sample_id"]
     found: dict[int, RuleBreak] = {}
 
@@ -196,7 +196,7 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
 
     # sample_id
     null_rule("sample_id", "sample_id")
-    flag(np.diff(_offsets(ids_col)) == 0, "sample_id",
+    flag(_lengths(_offsets(ids_col)) == 0, "sample_id",
          lambda _: "sample id must be a non-empty string, got ''")
 
     # fields (the schema fixes the other columns' types; weight_versions is JSON text)
@@ -224,7 +224,7 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
         flag(first_t >= 0, "tokens",
              lambda row: f"token id {int(t_val[first_t[row]])} at position "
                          f"{first_t[row] + t_off[0] - t_off[row]} is outside [0, {TOKEN_LIMIT})")
-    n_tok = np.diff(t_off)
+    n_tok = _lengths(t_off)
 
     # positions
     null_rule("prompt_len", "positions")
@@ -240,7 +240,7 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
     null_rule("routed", "routing")
     r_col = cols["routed"]
     r_off = _offsets(r_col)
-    n_ids = np.diff(r_off)
+    n_ids = _lengths(r_off)
     flag(n_ids % per_row != 0, "routing",
          lambda row: f"has {n_ids[row]} routing ids, not a whole number of [{m}, {k}] rows")
 
@@ -258,12 +258,30 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
     # logprobs
     lp = cols["logprobs"]
     if lp.null_count < n:
-        n_lp = np.diff(_offsets(lp))
+        n_lp = _lengths(_offsets(lp))
         valid = lp.is_valid().to_numpy(zero_copy_only=False) if lp.null_count else True
         flag(valid & (n_lp > n_tok - pl), "logprobs",
              lambda row: f"{n_lp[row]} log-probs for {n_tok[row] - pl[row]} completion tokens "
                          "(at most one per completion token)")
     return [found[row] for row in sorted(found)]
+
+
+class _Columns:
+    """A record batch's columns by name, each looked up once."""
+
+    def __init__(self, batch: pa.RecordBatch) -> None:
+        self._batch = batch
+        self._cols: dict[str, pa.Array] = {}
+
+    def __getitem__(self, name: str) -> pa.Array:
+        col = self._cols.get(name)
+        if col is None:
+            col = self._cols[name] = self._batch.column(name)
+        return col
+
+
+def _lengths(offsets: np.ndarray) -> np.ndarray:
+    return offsets[1:] - offsets[:-1]
 
 
 def _offsets(col: pa.Array) -> np.ndarray:
