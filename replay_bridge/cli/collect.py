@@ -69,7 +69,11 @@ def collect(
                                                "(default: none; the server's only model)."),
     timeout: float = typer.Option(600.0, min=0.001, help="Seconds per request."),
     retries: int = typer.Option(5, min=0, help="Retries per request on connection errors, "
-                                "timeouts and 5xx (never on 4xx)."),
+                                "timeouts and 5xx (never on 4xx), at least."),
+    retry_seconds: float = typer.Option(120.0, min=0.0, help="Keep retrying a request for this "
+                                        "long after its first try, however many retries that "
+                                        "takes: an engine outage shorter than this is "
+                                        "survived (0: count --retries only)."),
     max_retry_delay: float = typer.Option(8.0, min=0.0, help="Cap on one backoff delay (s)."),
     max_response_mb: float = typer.Option(1024.0, min=0.001, help="Largest response accepted."),
     api_key_env: str = typer.Option("REPLAY_BRIDGE_API_KEY", help="Environment variable "
@@ -92,7 +96,8 @@ def collect(
         endpoint, engine, geometry, model=served_model,
         params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
         concurrency=concurrency, timeout=timeout,
-        retry=RetryPolicy(max_attempts=retries + 1, max_delay=max_retry_delay),
+        retry=RetryPolicy(max_attempts=retries + 1, max_delay=max_retry_delay,
+                          max_elapsed=retry_seconds),
         max_response_bytes=int(max_response_mb * (1 << 20)), api_key_env=api_key_env,
     )
     model_dir = Path(model)
@@ -104,7 +109,7 @@ def collect(
             "out": str(out),
             "geometry": geometry.to_dict(),
             "engine": engine,
-            "endpoint": endpoint,
+            "endpoint": client.transport.redact(endpoint),
             "samples_per_prompt": samples_per_prompt,
             "seconds": round(summary.seconds, 3),
             "totals": summary.totals(),
@@ -129,13 +134,14 @@ def _require_client_extra(as_json: bool) -> None:
 def _check_inputs(endpoint: str, engine: str, prompts: Path, model: str, out: Path,
                   resume: bool, as_json: bool) -> RoutingGeometry:
     """The routing geometry of ``model``, or exit 2 naming the first bad argument."""
+    from ..client import redact
     from ..protocols import PROTOCOLS as ENGINES
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
     check_input_file(prompts, as_json)
     if not endpoint.startswith(("http://", "https://")):
-        die(f"--endpoint must be an http(s) URL, got {endpoint!r}", as_json=as_json)
+        die(f"--endpoint must be an http(s) URL, got {redact(endpoint)!r}", as_json=as_json)
     geometry = model_geometry(model, as_json)
     if out.exists() and not out.is_dir():
         die(f"{out} is not a directory", as_json=as_json)

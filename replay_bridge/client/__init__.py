@@ -12,6 +12,8 @@ The client reaches the engine through a transport: :class:`HTTPTransport` by def
 :class:`BaseTransport` given as ``RolloutClient(..., transport=...)``, such as a
 :class:`MockTransport` that answers from a function without sockets. :func:`free_port` and
 :func:`wait_healthy` start-and-wait an engine process before the client talks to it.
+Credentials (the API key, a ``user:password@`` in the endpoint) never reach an error message,
+a log line or a quarantine record: :func:`redact` is the one rule.
 """
 
 from ..protocols import SamplingParams
@@ -20,6 +22,7 @@ from ._collect import CollectSummary, collect
 from ._health import NotHealthyError, free_port, wait_healthy
 from ._http import HTTPError, HTTPTransport, ResponseTooLarge
 from ._prompts import Prompt, PromptError, read_prompts, sample_ids_for
+from ._redact import redact
 from ._transport import BaseTransport, MockTransport, RetryPolicy, TransportError
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "free_port",
     "join_turns",
     "read_prompts",
+    "redact",
     "sample_ids_for",
     "wait_healthy",
 ]

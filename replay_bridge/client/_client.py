@@ -147,7 +147,10 @@ class RolloutClient:
         routed_start: int = 0,
     ) -> list[Exchange]:
         """Send the requests for ``samples`` samples of ``prompt`` (or exactly ``sample_ids``)
-        and return their raw answers; nothing is decoded."""
+        and return their raw answers; nothing is decoded.
+
+        A request that fails for good, or whose transport raises anything unexpected, comes
+        back as an :class:`Exchange` with ``error`` (secrets redacted), not as an exception."""
         ids = list(sample_ids) if sample_ids is not None else sample_ids_for(prompt.prompt_id,
                                                                               samples)
         try:
@@ -168,8 +171,13 @@ class RolloutClient:
             try:
                 body = await self.transport.post(call.path, call.payload)
             except TransportError as e:
-                return Exchange(call, error=str(e), group_id=group_id, policy_version=version)
-        return Exchange(call, body=body, group_id=group_id, policy_version=version)
+                error = str(e)
+            except Exception as e:  # noqa: BLE001 - a transport's surprise fails this request only
+                error = f"{type(e).__name__} on POST {call.path}: {e}"
+            else:
+                return Exchange(call, body=body, group_id=group_id, policy_version=version)
+        return Exchange(call, error=self.transport.redact(error), group_id=group_id,
+                        policy_version=version)
 
     # ---- CPU half: decode and check ------------------------------------------------------
 

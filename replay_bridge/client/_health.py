@@ -13,12 +13,15 @@ import subprocess
 import time
 import urllib.request
 
+from ._redact import redact
+
 __all__ = ["NotHealthyError", "free_port", "wait_healthy"]
 
 
 class NotHealthyError(RuntimeError):
     """The engine at ``url`` did not answer 200 in time, or its process exited first
-    (``returncode`` is then the exit code, else ``None``)."""
+    (``returncode`` is then the exit code, else ``None``). ``url`` and the message carry no
+    credentials of the URL."""
 
     def __init__(self, message: str, *, url: str, returncode: int | None = None) -> None:
         super().__init__(message)
@@ -47,13 +50,14 @@ def wait_healthy(
     exits first, naming its command and exit code, or after ``timeout`` seconds.
     """
     target = url.rstrip("/") + path
+    shown = redact(target)  # messages never carry a user:password@ of the URL
     deadline = time.monotonic() + timeout
     while True:
         if process is not None and process.poll() is not None:
             args = process.args if isinstance(process.args, (str, bytes)) else \
                 " ".join(map(str, list(process.args)[:4]))
-            raise NotHealthyError(f"{args} exited with code {process.returncode} before "
-                                  f"{target} answered", url=url,
+            raise NotHealthyError(f"{redact(str(args))} exited with code "
+                                  f"{process.returncode} before {shown} answered", url=redact(url),
                                   returncode=process.returncode)
         try:
             with urllib.request.urlopen(target, timeout=2) as r:  # noqa: S310 - loopback/user URL
@@ -62,5 +66,5 @@ def wait_healthy(
         except (OSError, http.client.HTTPException):  # not up yet (URLError is an OSError)
             pass
         if time.monotonic() > deadline:
-            raise NotHealthyError(f"{target} not healthy within {timeout:g} s", url=url)
+            raise NotHealthyError(f"{shown} not healthy within {timeout:g} s", url=redact(url))
         time.sleep(interval)

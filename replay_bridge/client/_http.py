@@ -5,32 +5,60 @@ token read from the environment.
 Retried: connection errors, timeouts and 5xx answers. Never retried: 4xx answers, an oversized
 response, a response that is not what the caller can read. The token goes into the
 ``Authorization`` header of each request only; it is never logged, never part of an error
-message and never stored.
+message and never stored. Credentials in the endpoint URL (``http://user:pass@host``) are sent
+as HTTP Basic auth (unless a token is set: one ``Authorization`` header) and are cut from the
+URL every message names; both secrets are redacted from every error, echoed bodies included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
 
+from ._redact import Redactor, split_userinfo
 from ._transport import BaseTransport, RetryPolicy, TransportError
 
 __all__ = ["DEFAULT_API_KEY_ENV", "HTTPError", "HTTPTransport", "ResponseTooLarge"]
 
 DEFAULT_API_KEY_ENV = "REPLAY_BRIDGE_API_KEY"
+SNIPPET_CHARS = 200
+"""How much of an error answer's body a message quotes (after redaction)."""
+
+log = logging.getLogger("replay_bridge.client")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\s]+")
+
+
+def _snippet(body: bytes, redact: Callable[[str], str]) -> str:
+    """The start of an error body, safe to print: redacted first (so that no secret is cut in
+    half at the end), control characters and runs of white space made one space, then cut to
+    :data:`SNIPPET_CHARS`."""
+    text = _CONTROL.sub(" ", redact(body.decode("utf-8", "replace"))).strip()
+    return text if len(text) <= SNIPPET_CHARS else text[:SNIPPET_CHARS] + "..."
 
 
 class HTTPError(TransportError):
-    """An HTTP error status; ``body`` holds the start of the answer (for diagnostics)."""
+    """An HTTP error status; ``snippet`` holds the redacted start of the answer (diagnostics).
 
-    def __init__(self, status: int, url: str, body: bytes, attempts: int = 1) -> None:
-        snippet = body[:300].decode("utf-8", "replace")
-        super().__init__(f"HTTP {status} from {url}: {snippet}", retryable=status >= 500,
-                         attempts=attempts)
+    ``redact`` removes the sender's secrets from ``url`` and ``body`` before the message is
+    built; recognisable credentials (URL userinfo, bearer tokens, authorization headers) are
+    removed whatever it is.
+    """
+
+    def __init__(self, status: int, url: str, body: bytes, attempts: int = 1, *,
+                 redact: Callable[[str], str] | None = None) -> None:
+        redact = redact or Redactor()
+        self.snippet = _snippet(body, redact)
+        where = redact(url)
+        super().__init__(f"HTTP {status} from {where}: {self.snippet}".rstrip(": "),
+                         retryable=status >= 500, attempts=attempts)
         self.status = status
 
 
@@ -53,26 +81,39 @@ class HTTPTransport(BaseTransport):
         read_bufsize: int = 4194304,
         seed: int | None = None,
     ) -> None:
-        super().__init__(retry=retry, seed=seed)
-        self.endpoint = endpoint.rstrip("/")
+        key = os.environ.get(api_key_env) if api_key_env else None
+        clean, user, password = split_userinfo(endpoint)
+        # A lone user name (``http://TOKEN@host``) is a token too.
+        secrets = [key, password, f"{user}:{password}"] if password is not None else [key, user]
+        super().__init__(retry=retry, seed=seed, secrets=secrets)
+        self.endpoint = clean.rstrip("/")
+        """The base URL without its userinfo: what requests go to."""
+        self._userinfo = user is not None
         self.timeout = timeout
         self.max_response_bytes = int(max_response_bytes)
         self._headers = {"Content-Type": "application/json"}
-        key = os.environ.get(api_key_env) if api_key_env else None
+        self._auth: aiohttp.BasicAuth | None = None
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
+            if user is not None:
+                log.warning("the credentials in the endpoint URL are not sent: the token from "
+                            "$%s is (one Authorization header per request)", api_key_env)
+        elif user is not None:
+            self._auth = aiohttp.BasicAuth(user, password or "")
         self._connection_limit = connection_limit
         self.read_bufsize = read_bufsize
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        auth = "bearer" if "Authorization" in self._headers else "none"
-        return f"HTTPTransport({self.endpoint!r}, auth={auth})"
+        auth = "bearer" if "Authorization" in self._headers else \
+            "basic" if self._auth is not None else "none"
+        return f"HTTPTransport({self.url('')!r}, auth={auth})"
 
     async def open(self) -> None:
         if self._session is None:
             conn = aiohttp.TCPConnector(limit=self._connection_limit, force_close=False)
             self._session = aiohttp.ClientSession(connector=conn, headers=self._headers,
+                                                  auth=self._auth,
                                                   read_bufsize=self.read_bufsize)
             # aiohttp logs nothing of headers; our own log lines never carry them either.
 
@@ -82,7 +123,12 @@ class HTTPTransport(BaseTransport):
             self._session = None
 
     def url(self, path: str) -> str:
-        return self.endpoint + path
+        """``endpoint + path`` as messages show it: ``***@`` where the userinfo was."""
+        shown = self.redact(self.endpoint + path)
+        if self._userinfo:
+            scheme, sep, rest = shown.partition("://")
+            shown = f"{scheme}{sep}***@{rest}" if sep else shown
+        return shown
 
     async def send_once(self, path: str, payload: Any) -> bytes:
         """One POST of ``payload`` as JSON to ``endpoint + path``; connection errors and
@@ -90,24 +136,26 @@ class HTTPTransport(BaseTransport):
         await self.open()
         url = self.url(path)
         try:
-            return await self._post_once(url, orjson.dumps(payload))
+            return await self._post_once(self.endpoint + path, url, orjson.dumps(payload))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             kind = "timeout" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
             raise TransportError(f"{kind} on POST {url}: {e}".rstrip(": "),
                                  retryable=True) from None
 
-    async def _post_once(self, url: str, data: bytes) -> bytes:
+    async def _post_once(self, target: str, url: str, data: bytes) -> bytes:
+        """POST ``data`` to ``target``; messages call it ``url``."""
         assert self._session is not None
         cap = self.max_response_bytes
         timeout = aiohttp.ClientTimeout(total=self.timeout)
-        async with self._session.post(url, data=data, timeout=timeout) as resp:
+        async with self._session.post(target, data=data, timeout=timeout) as resp:
             length = resp.content_length
             if length is not None and length > cap:
                 raise ResponseTooLarge(
                     f"response from {url} is {length} bytes, over the {cap}-byte cap",
                     retryable=False)
             if resp.status >= 400:
-                raise HTTPError(resp.status, url, await resp.content.read(4096))
+                raise HTTPError(resp.status, url, await resp.content.read(4096),
+                                redact=self.redact)
             # Chunks as received (no intermediate joins), one copy at the end.
             chunks, size = [], 0
             async for chunk, _ in resp.content.iter_chunks():

@@ -77,13 +77,29 @@ def test_unreachable_engine_fails_samples(tmp_path: Path) -> None:
     prompts = write_prompts(tmp_path / "p.jsonl", 2)
     code, out = run("collect", "--endpoint", f"http://127.0.0.1:{free_port()}", "--engine",
                     "vllm", "--prompts", str(prompts), "--model", "tiny-qwen3-moe", "--out",
-                    str(tmp_path / "o"), "--retries", "1", "--max-retry-delay", "0.01", "--json")
+                    str(tmp_path / "o"), "--retries", "1", "--retry-seconds", "0",
+                    "--max-retry-delay", "0.01", "--json")
     doc = json.loads(out)
     assert code == 1 and doc["totals"]["failed"] == 2
     assert all(s["outcome"] == "failed" and "gave up after 2 attempts" in s["message"]
                for s in doc["samples"])
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["outcomes"]["failed"] == 2
+
+
+def test_retry_seconds_keeps_retrying_past_the_retry_count(tmp_path: Path) -> None:
+    """--retries 0 with --retry-seconds: a refused connection (answered at once) is tried
+    again until the time budget is spent, not once."""
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    code, out = run("collect", "--endpoint", f"http://127.0.0.1:{free_port()}", "--engine",
+                    "sglang", "--prompts", str(prompts), "--model", "tiny-qwen3-moe", "--out",
+                    str(tmp_path / "o"), "--retries", "0", "--retry-seconds", "0.3",
+                    "--max-retry-delay", "0.01", "--json")
+    doc = json.loads(out)
+    assert code == 1 and doc["totals"]["failed"] == 1 and doc["totals"]["retries"] >= 1
+    (sample,) = doc["samples"]
+    attempts = int(sample["message"].split("gave up after ")[1].split(" attempts")[0])
+    assert attempts == doc["totals"]["retries"] + 1 >= 2
 
 
 @pytest.mark.parametrize("case", ["not-empty", "bad-line", "bad-engine", "no-text-tokenizer"])

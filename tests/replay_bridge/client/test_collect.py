@@ -20,7 +20,7 @@ from replay_bridge.shards import ShardReader, ShardWriter, UnstorableSample
 
 from .conftest import loopback_client, running
 
-FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
+FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01, max_elapsed=0.0)
 FAIL_TOKEN, DROP_TOKEN = 999, 998
 
 

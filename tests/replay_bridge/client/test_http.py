@@ -15,7 +15,7 @@ from replay_bridge.client import (HTTPError, HTTPTransport, ResponseTooLarge, Re
 
 from .conftest import running
 
-FAST = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.01)
+FAST = RetryPolicy(max_attempts=4, base_delay=0.001, max_delay=0.01, max_elapsed=0.0)
 
 
 def counting_app(statuses: list[int], body: bytes = b'{"ok": true}',

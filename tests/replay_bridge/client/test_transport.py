@@ -19,7 +19,7 @@ from replay_bridge.protocols import Completion, get_protocol
 from replay_bridge.shards import ShardReader, ShardWriter
 from reference_engine.loopback import synthetic_completion, synthetic_routing
 
-FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01)
+FAST = RetryPolicy(max_attempts=3, base_delay=0.001, max_delay=0.01, max_elapsed=0.0)
 
 
 def answer(engine: str, geometry: RoutingGeometry, payload: dict[str, Any], *,
