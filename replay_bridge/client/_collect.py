@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..checks import CheckTally
-from ..shards import ShardWriter
-from ..sink import SampleSink
+from ..checks import CheckReport, CheckTally
+from ..shards import ShardError, ShardWriter
+from ..sink import SampleSink, Verdict
 from ._client import Exchange, RolloutClient, SampleResult
 from ._prompts import Prompt, sample_ids_for
 
@@ -101,14 +101,10 @@ class _Store:
         self.client, self.sink, self.summary, self.on_result = client, sink, summary, on_result
 
     def __call__(self, exchanges: list[Exchange]) -> None:
-        results = self.client.finish(exchanges)
+        results = [r for ex in exchanges for r in self._finish(ex)]
         s, sink = self.summary, self.sink
         for r in results:
-            if r.outcome == "failed":
-                verdict = sink.add_failure(r.sample_id, r.error or "no answer")
-            else:
-                assert r.report is not None
-                verdict = sink.add_checked(r.report, r.sample, r.wire)
+            verdict = self._store(r)
             s.samples += 1
             s.tokens += r.num_tokens
             if s.verdicts is not None:
@@ -121,6 +117,34 @@ class _Store:
         s.tokens_stored = sink.tokens_stored
         if self.on_result is not None:
             self.on_result(s, results)
+
+    # One answer that breaks decoding, checking or storing is a verdict for its samples, never
+    # the end of the run; only the writer's own faults (disk, directory) stop it.
+
+    def _finish(self, ex: Exchange) -> list[SampleResult]:
+        try:
+            return self.client.finish([ex])
+        except Exception as e:  # noqa: BLE001
+            why = self.client.transport.redact(f"{type(e).__name__}: {e}")
+            return [SampleResult(sid, "rejected", CheckReport(
+                sid, kinds=("malformed",), message=f"sample {sid!r}: malformed: the answer to "
+                f"{ex.call.path} could not be decoded or checked: {why}"))
+                for sid in ex.call.sample_ids]
+
+    def _store(self, r: SampleResult) -> Verdict:
+        sink = self.sink
+        if r.outcome == "failed":
+            return sink.add_failure(r.sample_id, r.error or "no answer")
+        assert r.report is not None
+        try:
+            return sink.add_checked(r.report, r.sample, r.wire)
+        except (OSError, ShardError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            why = self.client.transport.redact(f"{type(e).__name__}: {e}")
+            report = CheckReport(r.sample_id, kinds=("unstorable",),
+                                 message=f"sample {r.sample_id!r}: unstorable: {why}")
+            return sink.add_checked(report, None, None)
 
 
 async def collect(
@@ -175,6 +199,8 @@ async def collect(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="replay-bridge-store") as pool:
         failing = True
+        end: asyncio.Future[None] = loop.create_future()
+        end.set_result(None)
         consumer = asyncio.ensure_future(consume(pool))
         producers = [asyncio.ensure_future(produce()) for _ in range(workers)]
         try:
@@ -185,13 +211,15 @@ async def collect(
                 consumer.result()
                 raise RuntimeError("the store worker stopped before the prompts ran out")
             produced.result()
-            await queue.put(None)
+            # The consumer may fail while the queue is full: never wait on the put alone.
+            end = asyncio.ensure_future(queue.put(None))
+            await asyncio.wait([consumer, end], return_when=asyncio.FIRST_COMPLETED)
             await consumer
             failing = False
         finally:
-            for task in (*producers, consumer):
+            for task in (*producers, consumer, end):
                 task.cancel()
-            await asyncio.gather(*producers, consumer, return_exceptions=True)
+            await asyncio.gather(*producers, consumer, end, return_exceptions=True)
             # Seal what was stored so far, also when stopping on an error or a cancel.
             try:
                 await loop.run_in_executor(pool, writer.flush)
