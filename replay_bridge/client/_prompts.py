@@ -65,6 +65,17 @@ def _token_list(value: Any, where: str) -> list[int]:
     return value
 
 
+def _policy_version(obj: dict[str, Any], where: str) -> int | None:
+    """The line's ``policy_version``: absent or ``null`` -> ``None``; an integer (not a bool) in
+    int64; anything else is a :class:`PromptError` naming the line (never silently dropped)."""
+    version = obj.get("policy_version")
+    if version is None:
+        return None
+    if type(version) is not int or not -(2**63) <= version < 2**63:
+        raise PromptError(f"{where}: policy_version must be an integer, got {version!r}")
+    return version
+
+
 def read_prompts(
     path: str | Path, *, tokenizer: str | Path | None = None
 ) -> Iterator[Prompt]:
@@ -103,8 +114,7 @@ def read_prompts(
                         isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
                     raise PromptError(f"{where}: messages must be a non-empty list of "
                                       '{"role", "content"} objects')
-                version = obj.get("policy_version")
-                yield Prompt(pid, (), version if isinstance(version, int) else None, msgs)
+                yield Prompt(pid, (), _policy_version(obj, where), msgs)
                 continue
             elif isinstance(obj.get("text"), str):
                 if tokenizer is None:
@@ -115,5 +125,4 @@ def read_prompts(
                 ids = _token_list(encode(obj["text"]), where)
             else:
                 raise PromptError(f"{where}: needs input_ids, text or messages")
-            version = obj.get("policy_version")
-            yield Prompt(pid, ids, version if isinstance(version, int) else None)
+            yield Prompt(pid, ids, _policy_version(obj, where))

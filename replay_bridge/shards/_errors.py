@@ -10,7 +10,7 @@ class ShardError(Exception):
 
     ``file`` names the offending file (relative to the shard directory) when there is one;
     ``kind`` says what is wrong with it (``missing``, ``size``, ``checksum``, ``unsafe_path``,
-    ``unreadable``, ``geometry``, ``counts``, ``manifest``, ``duplicate_id``).
+    ``unreadable``, ``geometry``, ``counts``, ``manifest``, ``duplicate_id``, ``storage_rule``).
     """
 
     def __init__(self, message: str, *, file: str | None = None,

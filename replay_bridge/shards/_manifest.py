@@ -189,7 +189,7 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise _bad(f"{MANIFEST} is not a {FORMAT} manifest")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:  # true == 1 == 1.0
             raise _bad(f"{MANIFEST}: unsupported format_version {version!r} "
                              f"(this reader knows {FORMAT_VERSION})")
         try:

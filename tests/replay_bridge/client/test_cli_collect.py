@@ -156,13 +156,22 @@ def test_prompt_file_forms(tmp_path: Path) -> None:
     a, b = read_prompts(path)
     assert (a.prompt_id, list(a.input_ids), a.messages) == ("1", [4, 5], None)
     assert b.messages == [{"role": "user", "content": "hi"}] and not b.input_ids
+    assert a.policy_version is None
+    path.write_text('{"prompt_id": "v", "input_ids": [1], "policy_version": 7}\n')
+    assert [p.policy_version for p in read_prompts(path)] == [7]
     for bad, rule in [('{"prompt_id": "a/b", "input_ids": [1]}', "must not contain '/'"),
                       ('{"input_ids": [1]}', "needs a prompt_id"),
                       ('{"prompt_id": "x"}', "needs input_ids, text or messages"),
                       ('{"prompt_id": "x", "messages": []}', "messages must be"),
                       ('[1, 2]', "expected a JSON object"),
                       ('{"prompt_id": "1", "input_ids": [1]}\n{"prompt_id": 1, "input_ids": [2]}',
-                       ":2: prompt_id '1' repeats")]:
+                       ":2: prompt_id '1' repeats"),
+                      ('{"prompt_id": "v", "input_ids": [1], "policy_version": true}',
+                       ":1: policy_version must be an integer, got True"),
+                      ('{"prompt_id": "v", "input_ids": [1], "policy_version": 1.5}',
+                       "policy_version must be an integer"),
+                      ('{"prompt_id": "v", "messages": [{"role": "user"}], '
+                       '"policy_version": "3"}', "policy_version must be an integer")]:
         path.write_text(bad + "\n")
         with pytest.raises(PromptError, match=rule):
             list(read_prompts(path))

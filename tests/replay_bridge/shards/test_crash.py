@@ -209,4 +209,7 @@ def test_sigkill_at_random_instants_while_quarantine_records_stream(tmp_path, ti
         for i in range(n + 3):  # the listed ones are not written again, the rest are
             w.quarantine(CheckReport(f"q{i:05d}", kinds=("all_zero",), message="zeros"))
     final = [r["sample_id"] for r in ShardReader(d).quarantined()]
-    assert final == [f"q{i:05d}" for i in range(n + 3)]
+    # Each once, in order. A kill between a chunk's rename and the manifest's rewrite leaves a
+    # complete chunk (5 records) that the resumed writer adopts: up to 2 records past n + 3.
+    assert final == [f"q{i:05d}" for i in range(len(final))]
+    assert n + 3 <= len(final) <= n + 5

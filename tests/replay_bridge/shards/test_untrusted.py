@@ -98,6 +98,8 @@ def test_wrong_per_shard_counts(shard_dir, field, value, message):
     (lambda d: d["outcomes"].update(stored=3), "outcomes.stored is 3"),
     (lambda d: d["shards"][0].update(rows=-1), "'rows' must be a non-negative integer"),
     (lambda d: d.update(format_version=99), "unsupported format_version 99"),
+    (lambda d: d.update(format_version=True), "unsupported format_version True"),
+    (lambda d: d.update(format_version=1.0), "unsupported format_version 1.0"),
     (lambda d: d["shards"].append(dict(d["shards"][0])), "lists a file twice"),
     (lambda d: d.update(geometry={"num_layers": 4}), "bad geometry"),
     (lambda d: d["geometry"].update(id_dtype="not-a-dtype"), "bad geometry"),
