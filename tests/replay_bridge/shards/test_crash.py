@@ -19,12 +19,11 @@ from replay_bridge.shards import ShardReader, ShardWriter
 
 from .conftest import make_sample
 from .helpers import run_cli
-from tests.support.processes import ROOT
+from tests.support.processes import child_env
 
 
 CHILD = r"""
 import sys, time
-sys.path.insert(0, {root!r})
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.checks import CheckReport
 from replay_bridge.shards import ShardWriter
@@ -35,11 +34,11 @@ w = ShardWriter(sys.argv[1], g, samples_per_shard=3, batch_bytes=1, resume=True)
 print("started", flush=True)
 i = 0
 while True:
-    sid = f"s{{i:05d}}"
+    sid = f"s{i:05d}"
     if sid not in w.stored_ids:
         w.add(make_sample(g, sid, 40 + i % 17, seed=i))
         if i % 4 == 0:
-            w.quarantine(CheckReport(f"q{{i:05d}}", kinds=("all_zero",), message="zeros"))
+            w.quarantine(CheckReport(f"q{i:05d}", kinds=("all_zero",), message="zeros"))
     i += 1
     if i == stop_after:
         print("ready", flush=True)
@@ -49,7 +48,7 @@ while True:
 
 def _spawn(d: Path, stop_after: int) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD.format(root=str(ROOT)), str(d), str(stop_after)],
+        [sys.executable, "-c", CHILD, str(d), str(stop_after)], env=child_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -121,7 +120,6 @@ def test_sigkill_at_random_instants(tmp_path, tiny):
 
 STREAM_CHILD = r"""
 import sys, time
-sys.path.insert(0, {root!r})
 import numpy as np
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.checks import CheckReport
@@ -135,14 +133,14 @@ w = ShardWriter(sys.argv[1], g, samples_per_shard=int(sys.argv[3]), quarantine_r
 print("started", flush=True)
 i = 0
 while True:
-    sid = f"q{{i:05d}}"
+    sid = f"q{i:05d}"
     routing = np.zeros((300, g.num_layers, g.top_k), np.int32)
     routing[:, 0, 0] = i % g.num_experts  # each record's routing says whose it is
     w.quarantine(CheckReport(sid, kinds=("all_zero",), message="zeros"),
                  WireSample(sample_id=sid, tokens=np.arange(301, dtype=np.int32), prompt_len=1,
                             routing=routing))
-    if i % 3 == 0 and f"s{{i:05d}}" not in w:
-        w.add(make_sample(g, f"s{{i:05d}}", 20, seed=i))
+    if i % 3 == 0 and f"s{i:05d}" not in w:
+        w.add(make_sample(g, f"s{i:05d}", 20, seed=i))
     i += 1
     if i == stop_after:
         print("ready", flush=True)
@@ -152,9 +150,8 @@ while True:
 
 def _spawn_stream(d: Path, stop_after: int, per_shard: int = 4) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", STREAM_CHILD.format(root=str(ROOT)), str(d), str(stop_after),
-         str(per_shard)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-c", STREAM_CHILD, str(d), str(stop_after), str(per_shard)],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _listed_records(d: Path) -> list[str]:
