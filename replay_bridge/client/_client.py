@@ -196,7 +196,7 @@ class RolloutClient:
         try:
             return self._decode_and_check(ex)
         except Exception as e:  # noqa: BLE001 - the last line of defence: never the run's end
-            why = f"{type(e).__name__}: {e}"
+            why = self.transport.redact(f"{type(e).__name__}: {e}")
             return [SampleResult(sid, "rejected", CheckReport(
                 sid, kinds=("malformed",), message=f"sample {sid!r}: malformed: the answer to "
                 f"{ex.call.path} could not be decoded or checked ({why})")) for sid in ids]

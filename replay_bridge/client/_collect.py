@@ -101,7 +101,7 @@ class _Store:
         self.client, self.sink, self.summary, self.on_result = client, sink, summary, on_result
 
     def __call__(self, exchanges: list[Exchange]) -> None:
-        results = [r for ex in exchanges for r in self._finish(ex)]
+        results = self.client.finish(exchanges)
         s, sink = self.summary, self.sink
         for r in results:
             verdict = self._store(r)
@@ -118,18 +118,9 @@ class _Store:
         if self.on_result is not None:
             self.on_result(s, results)
 
-    # One answer that breaks decoding, checking or storing is a verdict for its samples, never
-    # the end of the run; only the writer's own faults (disk, directory) stop it.
-
-    def _finish(self, ex: Exchange) -> list[SampleResult]:
-        try:
-            return self.client.finish([ex])
-        except Exception as e:  # noqa: BLE001
-            why = self.client.transport.redact(f"{type(e).__name__}: {e}")
-            return [SampleResult(sid, "rejected", CheckReport(
-                sid, kinds=("malformed",), message=f"sample {sid!r}: malformed: the answer to "
-                f"{ex.call.path} could not be decoded or checked: {why}"))
-                for sid in ex.call.sample_ids]
+    # A store that raises is a verdict for its sample, never the end of the run (a decoder or a
+    # check that raises already is one: RolloutClient.finish); only the writer's own faults
+    # (disk, directory) stop it.
 
     def _store(self, r: SampleResult) -> Verdict:
         sink = self.sink
