@@ -22,7 +22,7 @@ from ..sample import WireSample, field_problem, type_name
 from ._assemble import Context, answer_id, undecodable
 from ._base import Completion, EngineCall, Protocol, SamplingParams
 from ._npy import parse_npy, to_npy
-from ._payload import Payloads, loads
+from ._payload import Payloads
 from ._payload import loads as load_payloads
 from ._payload import split as split_payloads
 from ._sglang_generate import SGLangGenerate, splice_routing
@@ -128,7 +128,7 @@ def decode_response(
     """
     if isinstance(body, (bytes, bytearray, memoryview)):
         try:
-            response, payloads = loads(body)
+            response, payloads = load_payloads(body)
         except ValueError as e:
             return _refused(engine, request, sample_id, f"response is not JSON: {e}", group_id,
                             policy_version)

@@ -10,10 +10,21 @@ import numpy as np
 
 from ..sample import WireSample, short_repr, type_name
 from . import _assemble as A
-from ._base import Completion, SamplingParams, token_list
+from ._base import Completion, Protocol, SamplingParams, token_list
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+
+
+class OpenAIProtocol(Protocol):
+    """What the OpenAI-shaped protocols share: the endpoints, and ``n`` samples a request."""
+
+    path = COMPLETIONS_PATH
+    chat_path = CHAT_PATH
+
+    def samples_asked(self, request: dict[str, Any]) -> int:
+        n = asked(request)
+        return n if isinstance(n, int) else 1
 
 
 def request(

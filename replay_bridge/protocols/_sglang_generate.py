@@ -107,7 +107,19 @@ def finish_object(c: Completion) -> dict[str, Any]:
     return {"type": c.finish_reason}
 
 
-class SGLangGenerate(Protocol):
+class SGLangRouting:
+    """SGLang's ``routed_experts`` value (base64 of raw ids in ``routed_experts_dtype``), for
+    every SGLang protocol."""
+
+    def encode_routing(self, rows: np.ndarray, dtype: str | None = None) -> str:
+        return encode_routing(rows, dtype)
+
+    def decode_routing(self, value: Any, geometry: RoutingGeometry,
+                       dtype: str | None = None) -> np.ndarray:
+        return decode_routing(value, geometry, dtype)
+
+
+class SGLangGenerate(SGLangRouting, Protocol):
     """SGLang ``POST /generate``: one request per sample."""
 
     name = "sglang"
@@ -202,13 +214,6 @@ class SGLangGenerate(Protocol):
             weight_versions=versions,
             extra={k: meta[k] for k in ("id", "cached_tokens") if k in meta},
         )
-
-    def encode_routing(self, rows: np.ndarray, dtype: str | None = None) -> str:
-        return encode_routing(rows, dtype)
-
-    def decode_routing(self, value: Any, geometry: RoutingGeometry,
-                       dtype: str | None = None) -> np.ndarray:
-        return decode_routing(value, geometry, dtype)
 
     def encode_response(
         self, request: dict[str, Any], completions: Sequence[Completion], *,

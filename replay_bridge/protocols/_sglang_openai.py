@@ -11,27 +11,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 
 from ..geometry import RoutingGeometry
 from ..sample import DecodeFault, WireSample, type_name
 from . import _assemble as A
 from . import _openai as O
-from ._base import Completion, EngineCall, Protocol, SamplingParams, token_list
+from ._base import Completion, EngineCall, SamplingParams, token_list
 from ._payload import Payloads
-from ._sglang_generate import (START_FIELD, decode_routing, encode_routing, routing_from_value,
-                               routing_meta)
+from ._sglang_generate import START_FIELD, SGLangRouting, routing_from_value, routing_meta
 
 __all__ = ["SGLangOpenAI"]
 
 
-class SGLangOpenAI(Protocol):
+class SGLangOpenAI(SGLangRouting, O.OpenAIProtocol):
     """SGLang ``POST /v1/completions`` (chat: ``/v1/chat/completions``): one request per
     sample, ``n = 1``."""
 
     name = "sglang-openai"
-    path = O.COMPLETIONS_PATH
-    chat_path = O.CHAT_PATH
     start_field = START_FIELD
 
     def plan(
@@ -45,10 +41,6 @@ class SGLangOpenAI(Protocol):
         return [EngineCall(path, O.request(ids, params, 1, i, model=model, messages=messages,
                                            routing_fields=fields), (sid,))
                 for i, sid in enumerate(sample_ids)]
-
-    def samples_asked(self, request: dict[str, Any]) -> int:
-        n = O.asked(request)
-        return n if isinstance(n, int) else 1
 
     def decode(
         self, request: dict[str, Any], response: Any, payloads: Payloads,
@@ -113,13 +105,6 @@ class SGLangOpenAI(Protocol):
                 weight_versions=versions,
             ))
         return out
-
-    def encode_routing(self, rows: np.ndarray, dtype: str | None = None) -> str:
-        return encode_routing(rows, dtype)
-
-    def decode_routing(self, value: Any, geometry: RoutingGeometry,
-                       dtype: str | None = None) -> np.ndarray:
-        return decode_routing(value, geometry, dtype)
 
     def encode_response(
         self, request: dict[str, Any], completions: Sequence[Completion], *,

@@ -17,7 +17,7 @@ from ..geometry import RoutingGeometry
 from ..sample import DecodeFault, WireSample
 from . import _assemble as A
 from . import _openai as O
-from ._base import Completion, EngineCall, Protocol, SamplingParams, token_list
+from ._base import Completion, EngineCall, SamplingParams, token_list
 from ._npy import parse_npy, to_npy
 from ._payload import Payloads
 
@@ -59,13 +59,11 @@ def _routing(choice: dict[str, Any], response: dict[str, Any], payloads: Payload
         return DecodeFault("malformed", f"routed_experts: {e}")
 
 
-class VLLM(Protocol):
+class VLLM(O.OpenAIProtocol):
     """vLLM ``POST /v1/completions`` (chat: ``/v1/chat/completions``): one request per
     prompt, ``n = G``."""
 
     name = "vllm"
-    path = O.COMPLETIONS_PATH
-    chat_path = O.CHAT_PATH
     start_field = START_FIELD
 
     def plan(
@@ -80,10 +78,6 @@ class VLLM(Protocol):
 
     def calls_per_prompt(self, samples: int) -> int:
         return 1
-
-    def samples_asked(self, request: dict[str, Any]) -> int:
-        n = O.asked(request)
-        return n if isinstance(n, int) else 1
 
     def decode(
         self, request: dict[str, Any], response: Any, payloads: Payloads,

@@ -16,7 +16,7 @@ from ..checks import CheckReport
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, WireSample, with_routing
 from ._atomic import TMP_SUFFIX, HashingFile, fsync_dir, remove_stray, sha256_file
-from ._errors import DuplicateSample, ShardError, UnstorableSample
+from ._errors import DuplicateSample, ShardError
 from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
                         ShardEntry, is_member_name, is_temp_name, quarantine_name, shard_name)
 from ._quarantine import (ChunkWriter, OutcomeLedger, failure_record, outcome_of, read_chunk,
