@@ -39,7 +39,6 @@ class RoutingMeter:
         if found != tuple(layers):
             raise ValueError(f"the model's routers are at layers {found}, expected {tuple(layers)}")
         self.layers = tuple(layers)
-        self.top_k = top_k
         self._counter = AgreementCounter(self.layers, top_k)
         self._ids: torch.Tensor | None = None
         self._region: torch.Tensor | None = None

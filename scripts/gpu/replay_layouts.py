@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
-from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry
+from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry, moe_routers
 from trainer_hooks.megatron.steps import make_forward_step
 
 VOCAB = 128
@@ -231,15 +231,9 @@ def expected_table(samples: list[RoutedSample], packing: Packing, geo: RoutingGe
 
 class Capture:
     def __init__(self, chunks: list[Any]) -> None:
-        from megatron.core.transformer.moe.router import TopKRouter
-
         self.calls: dict[int, list[tuple[bool, torch.Tensor]]] = {}
-        self.handles = []
-        for c in chunks:
-            for name, mod in c.named_modules():
-                if isinstance(mod, TopKRouter) and "mtp" not in name.split("."):
-                    layer = int(mod.layer_number) - 1
-                    self.handles.append(mod.register_forward_hook(self._hook(layer)))
+        self.handles = [r.module.register_forward_hook(self._hook(r.layer))
+                        for r in moe_routers(chunks)]
 
     def _hook(self, layer: int):
         def hook(mod: Any, inp: Any, out: Any) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from replay_bridge.sample import RoutedSample
-from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry
+from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry, moe_routers
 from trainer_hooks.megatron.steps import make_forward_step
 
 
@@ -117,12 +117,10 @@ def main() -> None:
     forward_step = make_forward_step()  # mean(output ** 2) as the loss
 
     # Record the model's own routing (replay off) and store it as the rollout's.
-    from megatron.core.transformer.moe.router import TopKRouter
-
     native: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(
-        lambda mod, i, o, l=int(m.layer_number) - 1: native.__setitem__(l, o[1].detach()))
-        for m in model.modules() if isinstance(m, TopKRouter)]
+    hooks = [r.module.register_forward_hook(
+        lambda mod, i, o, l=r.layer: native.__setitem__(l, o[1].detach()))
+        for r in moe_routers(model, mtp=True)]
     fb = get_forward_backward_func()
     with torch.no_grad():
         fb(forward_step_func=forward_step, data_iterator=iter([batch]), model=[model],

@@ -11,7 +11,7 @@ import torch
 
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
-from trainer_hooks.megatron import Packing
+from trainer_hooks.megatron import Packing, moe_routers
 from trainer_hooks.megatron.steps import make_forward_step
 
 VOCAB = 64
@@ -111,14 +111,9 @@ class RoutingCapture:
     """Records every router call's routing map (``bool [tokens, experts]``) by wire layer."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        from megatron.core.transformer.moe.router import TopKRouter
-
         self.calls: dict[int, list[torch.Tensor]] = {}
-        self._handles = []
-        for name, mod in model.named_modules():
-            if isinstance(mod, TopKRouter) and "mtp" not in name.split("."):
-                layer = int(mod.layer_number) - 1
-                self._handles.append(mod.register_forward_hook(self._hook(layer)))
+        self._handles = [r.module.register_forward_hook(self._hook(r.layer))
+                         for r in moe_routers(model)]
 
     def _hook(self, layer: int):
         def hook(mod: Any, inp: Any, out: Any) -> None:
