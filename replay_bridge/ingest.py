@@ -45,6 +45,9 @@ class IngestResult:
     lines: int = 0
     stored: int = 0
     rejected: int = 0
+    faults: int = 0
+    """Samples not stored for a fault of this run (``rejected`` less ids an earlier run stored:
+    :attr:`replay_bridge.sink.SampleSink.faults`)."""
     tokens_stored: int = 0
 
     def totals(self) -> dict[str, Any]:
@@ -181,5 +184,6 @@ def ingest(
                 on_line(lineno, end)
     result.stored = sink.counts["stored"]
     result.rejected = sink.counts["rejected"] + sink.counts["duplicate"] + sink.counts["failed"]
+    result.faults = sink.faults
     result.tokens_stored = sink.tokens_stored
     return result

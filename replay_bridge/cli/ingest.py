@@ -66,8 +66,7 @@ def ingest(
     seconds = time.perf_counter() - t0
 
     # Ids an earlier run stored (a rerun after a crash) are not faults of this run.
-    faults = result.rejected - result.tally.by_kind.get("already_stored", 0)
-    code = EXIT_OK if faults == 0 else EXIT_FAULTS
+    code = EXIT_OK if result.faults == 0 else EXIT_FAULTS
     if as_json:
         emit_json({
             "out": str(out),

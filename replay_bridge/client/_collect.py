@@ -107,10 +107,11 @@ class _Store:
             verdict = self._store(r)
             s.samples += 1
             s.tokens += r.num_tokens
+            d = verdict.to_dict()
             if s.verdicts is not None:
-                s.verdicts.append(verdict.to_dict())
+                s.verdicts.append(d)
             if not verdict.stored and len(s.first_rejected) < 20:
-                s.first_rejected.append(verdict.to_dict())
+                s.first_rejected.append(d)
         counts = sink.counts
         s.stored, s.failed = counts["stored"], counts["failed"]
         s.rejected = counts["rejected"] + counts["duplicate"]

@@ -18,7 +18,7 @@ latest record (chunks in manifest order, lines in order).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from ..checks import CheckReport
 from ..sample import RoutedSample, WireSample
 from ._atomic import TMP_SUFFIX, HashingFile, fsync_dir
 from ._errors import ShardError
+from ._scan import regular_file
 
 __all__ = ["ChunkWriter", "OutcomeLedger", "decode_routing", "encode_record",
            "failure_record", "outcome_of", "read_chunk", "rejection_record"]
@@ -180,6 +181,22 @@ class OutcomeLedger:
         self.counts[outcome] += 1
         self._outcome[sample_id] = outcome
 
+    def counts_with(self, records: Iterable[tuple[str, str]],
+                    stored: Callable[[str], bool]) -> dict[str, int]:
+        """The counts once ``records`` (``(sample_id, outcome)``, not yet listed) are recorded
+        too, without recording them; ``stored(sample_id)``: the id is in a sealed shard."""
+        counts = dict(self.counts)
+        latest: dict[str, str] = {}
+        for sid, outcome in records:
+            if stored(sid):
+                continue
+            prev = latest.get(sid) or self._outcome.get(sid)
+            if prev is not None:
+                counts[prev] -= 1
+            counts[outcome] += 1
+            latest[sid] = outcome
+        return counts
+
     def outcome(self, sample_id: str) -> str | None:
         """The outcome ``sample_id`` counts under, if it is quarantined and not stored."""
         return self._outcome.get(sample_id)
@@ -192,11 +209,13 @@ class OutcomeLedger:
 
 
 def read_chunk(path: Path, name: str) -> Iterator[dict[str, Any]]:
-    """The records of one chunk; :class:`ShardError` naming the file and line on a bad one."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ShardError(f"{name}: cannot read: {e.strerror or e}", file=name) from None
+    """The records of one chunk; :class:`ShardError` naming the file and line on a bad one,
+    or the file when it is not a regular file (read through :func:`regular_file`)."""
+    with regular_file(path, name) as p:
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ShardError(f"{name}: cannot read: {e.strerror or e}", file=name) from None
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue

@@ -300,9 +300,7 @@ class ShardReader:
         for entry in self.manifest.quarantine:
             path = (verify_file(self.dir, entry) if self._verify
                     else member_path(self.dir, entry.file, QUARANTINE_RE))
-            with regular_file(path, entry.file) as p:
-                records = list(read_chunk(p, entry.file))
-            yield from records
+            yield from read_chunk(path, entry.file)
 
     def close(self) -> None:
         """Drop the cached batches and memory maps (views handed out stay valid)."""

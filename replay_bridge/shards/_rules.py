@@ -31,14 +31,13 @@ import orjson
 import pyarrow as pa
 
 from ..geometry import RoutingGeometry
-from ..sample import RoutedSample
+from ..sample import INT64_MAX, INT64_MIN, RoutedSample
 from ._errors import UnstorableSample
 
 __all__ = ["RULES", "RuleBreak", "batch_breaks", "conform", "sample_break"]
 
 RULES = ("sample_id", "fields", "tokens", "positions", "routing", "expert_ids", "logprobs")
 TOKEN_LIMIT = 2**31
-_INT64 = (-(2**63), 2**63)
 
 
 class RuleBreak(NamedTuple):
@@ -96,7 +95,7 @@ def _check(s: RoutedSample, g: RoutingGeometry) -> tuple[np.ndarray | None, Rule
             return broken("fields", f"{name} must be a string or null, got "
                                     f"{type(value).__name__}")
     v = s.policy_version
-    if v is not None and not (_is_int(v) and _INT64[0] <= v < _INT64[1]):
+    if v is not None and not (_is_int(v) and INT64_MIN <= v <= INT64_MAX):
         return broken("fields", f"policy_version must be a 64-bit integer or null, got "
                                 f"{v!r:.40}")
     wv = s.weight_versions

@@ -215,16 +215,9 @@ class ShardWriter:
     @property
     def stats(self) -> ShardStats:
         m = self._manifest
-        counts = dict(self._ledger.counts)
-        latest: dict[str, str] = {}
-        for sid, outcome, _ in self._chunk.entries if self._chunk is not None else ():
-            if self._sealed(sid):
-                continue
-            prev = latest.get(sid) or self._ledger.outcome(sid)
-            if prev is not None:
-                counts[prev] -= 1
-            counts[outcome] += 1
-            latest[sid] = outcome
+        pending = self._chunk.entries if self._chunk is not None else ()
+        counts = self._ledger.counts_with(((sid, outcome) for sid, outcome, _ in pending),
+                                          self._sealed)
         return ShardStats(
             stored=m.samples + self._open_rows + len(self._batch),
             quarantined=counts["rejected"],
