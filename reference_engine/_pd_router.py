@@ -47,7 +47,7 @@ class RouterConfig:
 class _Router:
     config: RouterConfig
     session: aiohttp.ClientSession | None = None
-    geometry: dict[str, Any] | None = field(default=None)
+    geometry: RoutingGeometry | None = field(default=None)
 
     @property
     def prefill(self) -> str:
@@ -71,18 +71,17 @@ class _Router:
             out.pop("return_routed_experts", None)
         return out
 
-    async def routing_geometry(self) -> dict[str, Any]:
+    async def routing_geometry(self) -> RoutingGeometry:
         if self.geometry is None:
             assert self.session is not None
             async with self.session.get(f"{self.prefill}/get_model_info") as r:
-                self.geometry = (await r.json())["routed_experts_geometry"]
+                info = (await r.json())["routed_experts_geometry"]
+            self.geometry = RoutingGeometry.from_dict(info)
         return self.geometry
 
     async def fault_value(self, value: str, prompt_rows: int) -> str:
         """Apply a rows-level fault to one base64 routing value."""
-        g = await self.routing_geometry()
-        geometry = RoutingGeometry(g["num_layers"], tuple(g["moe_layers"]), g["top_k"],
-                                   g["num_experts"])
+        geometry = await self.routing_geometry()
         rows = SGLANG.decode_routing(value, geometry)
         return SGLANG.encode_routing(apply_rows_fault(self.config.fault, rows, prompt_rows,
                                                       geometry.moe_layers))

@@ -74,13 +74,12 @@ _SINK_OUTCOMES = ("stored", "rejected", "duplicate", "failed")
 class Verdict:
     """What became of one sample: an ``outcome`` of :data:`OUTCOMES`, the ``kinds`` of
     :data:`VERDICT_KINDS` that say why it was not stored, the ``message`` naming sample,
-    position and rule, and its ``tokens``."""
+    position and rule."""
 
     sample_id: str
     outcome: str
     kinds: tuple[str, ...] = ()
     message: str = ""
-    tokens: int = 0
 
     @property
     def stored(self) -> bool:
@@ -175,7 +174,7 @@ class SampleSink:
         sid = report.sample_id
         if routed is None:
             self._call(self.writer.quarantine, report, wire)
-            return self._verdict(report, "rejected", wire)
+            return self._verdict(report, "rejected")
         if sid in self.writer:
             if self.writer.stored_earlier(sid):
                 dup = CheckReport(sid, kinds=("already_stored",),
@@ -185,17 +184,17 @@ class SampleSink:
                 dup = CheckReport(sid, kinds=("duplicate_sample_id",),
                                   message=f"sample {sid!r}: duplicate_sample_id: stored "
                                           "earlier in this run; the stored copy is kept")
-            return self._verdict(dup, "duplicate", routed)
+            return self._verdict(dup, "duplicate")
         try:
             claimed = self.writer.claim(routed)
         except UnstorableSample as e:
             refused = CheckReport(sid, kinds=("unstorable",), message=str(e), rows=routed.rows,
                                   expected_rows=routed.expected_rows)
             self._call(self.writer.quarantine, refused, wire if wire is not None else routed)
-            return self._verdict(refused, "rejected", routed)
+            return self._verdict(refused, "rejected")
         self._call(self.writer.append, claimed)
         self.tokens_stored += claimed.num_tokens
-        return self._verdict(report, "stored", claimed)
+        return self._verdict(report, "stored")
 
     def add_failure(self, sample_id: str, error: BaseException | str) -> Verdict:
         """Record a sample the engine never answered (kind ``request_failed``)."""
@@ -238,9 +237,7 @@ class SampleSink:
         else:
             self._thread.submit(method, *args)
 
-    def _verdict(self, report: CheckReport, outcome: str,
-                 sample: WireSample | RoutedSample | None) -> Verdict:
+    def _verdict(self, report: CheckReport, outcome: str) -> Verdict:
         self.tally.add(report)
         self.counts[outcome] += 1
-        return Verdict(report.sample_id, outcome, report.kinds, report.message,
-                       0 if sample is None else sample.num_tokens)
+        return Verdict(report.sample_id, outcome, report.kinds, report.message)

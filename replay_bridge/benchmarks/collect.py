@@ -10,12 +10,9 @@ payloads given as bytes: no client can do less than decode them.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,47 +27,10 @@ from ..checks import accept
 from ..geometry import RoutingGeometry
 from ..shards import ShardWriter
 from ..protocols import decode_response, get_protocol
-from ..client import (NotHealthyError, Prompt, RolloutClient, SamplingParams, collect, free_port,
-                      wait_healthy)
+from ..client import Prompt, RolloutClient, SamplingParams, collect
+from .responder import start_responder, stop_responder
 
 __all__ = ["run"]
-
-
-RESPONDER = "reference_engine.loopback"
-RESPONDER_TIMEOUT_S = 60.0
-
-
-def _start_responder(engine: str, model: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m reference_engine.loopback`` on a free port, once it answers ``/health``."""
-    if importlib.util.find_spec(RESPONDER.partition(".")[0]) is None:
-        raise RuntimeError(
-            f"bench collect runs the light responder (python -m {RESPONDER}), but the "
-            f"reference_engine package is not importable by {sys.executable}: install the "
-            "project (pip install -e '.[client]' from the checkout) into this environment")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", RESPONDER, "--engine", engine, "--model", model,
-         "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, timeout=RESPONDER_TIMEOUT_S)
-    except NotHealthyError as e:
-        if e.returncode is None:
-            proc.kill()
-            raise RuntimeError(f"responder did not come up within {RESPONDER_TIMEOUT_S:.0f} s"
-                               ) from None
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        raise RuntimeError(f"responder exited: {err[-2000:]}") from None
-    return proc, url
-
-
-def _stop_responder(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def _raw_receive_cpu(url: str, calls: list[tuple[str, dict[str, Any]]]) -> float:
@@ -104,7 +64,7 @@ def _raw_receive_cpu(url: str, calls: list[tuple[str, dict[str, Any]]]) -> float
 
 
 def _payloads(engine: str, body: bytes) -> list[bytes]:
-    # Parsing each body (rather than wire._payload.split) also leaves glibc's malloc with its
+    # Parsing each body (rather than protocols.split_payloads) also leaves glibc's malloc with its
     # mmap/trim thresholds raised by the large freed strings; the floor and decode figures
     # below depend on that (vLLM wire: ~26 vs ~190 ns/token floor with a cold allocator).
     obj = orjson.loads(body)
@@ -231,7 +191,7 @@ def run(
     prompt_list = [Prompt(f"b{i:06d}", rng.integers(0, 50_000, prompt_len).tolist())
                    for i in range(prompts)]
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    proc, url = _start_responder(engine, model)
+    proc, url = start_responder("bench collect", engine, model)
     setup = _Setup(url, engine, geometry, params, concurrency)
     tmp = tempfile.TemporaryDirectory(dir=workdir)
     try:
@@ -253,7 +213,7 @@ def run(
         floor, floor_discard = _floor_cpu(payloads)
         decode, check, stored = _stage_cpu(engine, geometry, bodies, Path(tmp.name) / "stages")
     finally:
-        _stop_responder(proc)
+        stop_responder(proc)
         tmp.cleanup()
 
     return _report(setup, model, prompts, prompt_len + max_new_tokens, _Measured(

@@ -16,7 +16,6 @@ process, never imported). A child that only imports the modules gives the baseli
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -30,11 +29,11 @@ import orjson
 
 from ..geometry import RoutingGeometry
 from ..protocols import Completion, SamplingParams, get_protocol
+from .responder import start_responder, stop_responder
 
 __all__ = ["TARGET_RATIO", "run", "write_rejected_jsonl"]
 
 TARGET_RATIO = 1.2
-RESPONDER = "reference_engine.loopback"
 PROMPT_LEN = 16
 _MIB = 1 << 20
 
@@ -149,37 +148,6 @@ def _measure(*args: str) -> dict[str, Any]:
     return orjson.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _start_responder(model: str) -> tuple[subprocess.Popen[bytes], str]:
-    from ..client import NotHealthyError, free_port, wait_healthy
-
-    if importlib.util.find_spec(RESPONDER.partition(".")[0]) is None:
-        raise RuntimeError(f"bench memory runs the light responder (python -m {RESPONDER}), "
-                           f"but the reference_engine package is not importable by "
-                           f"{sys.executable}")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", RESPONDER, "--engine", "sglang", "--model", model,
-         "--port", str(port), "--zero-routing"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, timeout=60.0)
-    except NotHealthyError:
-        proc.kill()
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        raise RuntimeError(f"responder did not come up: {err[-2000:]}") from None
-    return proc, url
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _pair(small: dict[str, Any], large: dict[str, Any], factor: int,
           baseline: int) -> dict[str, Any]:
     """Both runs, and the ratio of their peaks (also above the baseline)."""
@@ -229,14 +197,14 @@ def run(*, samples: int = 32, factor: int = 8, rows: int = 20_000,
             out["ingest"] = _pair(*runs, factor, baseline)
         if "collect" in parts:
             baseline = _measure("idle", "--part", "collect")["peak_rss_bytes"]
-            proc, url = _start_responder(model)
+            proc, url = start_responder("bench memory", "sglang", model, "--zero-routing")
             try:
                 runs = [_measure("collect", "--model", model, "--url", url,
                                  "--out", str(root / f"collect-{n}"), "--samples", str(n),
                                  "--rows", str(rows), "--concurrency", str(concurrency))
                         for n in sizes]
             finally:
-                _stop(proc)
+                stop_responder(proc)
             out["collect"] = _pair(*runs, factor, baseline)
             out["concurrency"] = concurrency
     finally:

@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 
+from ..sample import field_problem
+
 __all__ = ["Prompt", "PromptError", "read_prompts", "sample_ids_for"]
 
 
@@ -71,7 +73,7 @@ def _policy_version(obj: dict[str, Any], where: str) -> int | None:
     version = obj.get("policy_version")
     if version is None:
         return None
-    if type(version) is not int or not -(2**63) <= version < 2**63:
+    if field_problem("policy_version", version) is not None:
         raise PromptError(f"{where}: policy_version must be an integer, got {version!r}")
     return version
 
