@@ -44,8 +44,8 @@ from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
 from replay_recipes.grpo import group_advantages, policy_loss, rewards, token_logprobs
 from trainer_hooks.megatron import (
-    ReplayOptions,
     add_routing_replay_args,
+    args_from_options,
     build_routing_replay,
     options_from_args,
     options_from_config,
@@ -107,7 +107,7 @@ def load_trainer_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         for key, value in values.items():
             defaults[key] = _typed(actions[key], value, f"{path}: {section}.{key}")
     if "routing_replay" in data:
-        defaults.update(_replay_defaults(options_from_config(data)))
+        defaults.update(args_from_options(options_from_config(data)))
     return defaults
 
 
@@ -124,20 +124,6 @@ def _typed(action: argparse.Action, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         pass
     raise ValueError(f"{where} must be a {action.type.__name__}, got {value!r}")
-
-
-def _replay_defaults(o: ReplayOptions) -> dict[str, Any]:
-    """The ``--routing-replay*`` argument values that give ``o`` (``options_from_args``)."""
-    return {
-        "routing_replay": o.enabled,
-        "routing_replay_shards": o.shards,
-        "routing_replay_packing": o.packing,
-        "routing_replay_seq_length": o.seq_length,
-        "routing_replay_pad_multiple": o.pad_multiple,
-        "routing_replay_no_agreement": not o.agreement,
-        "routing_replay_skip_id_check": not o.validate_ids,
-        "routing_replay_allow_token_dropping": o.allow_token_dropping,
-    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

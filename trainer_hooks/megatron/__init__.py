@@ -17,6 +17,7 @@ inside :meth:`RoutingReplay.replaying`::
 from ._flag import (
     ReplayOptions,
     add_routing_replay_args,
+    args_from_options,
     build_routing_replay,
     options_from_args,
     options_from_config,
@@ -53,6 +54,7 @@ __all__ = [
     "ReplayStateError",
     "RoutingReplay",
     "add_routing_replay_args",
+    "args_from_options",
     "build_routing_replay",
     "layout_routing",
     "model_geometry",

@@ -94,6 +94,21 @@ def options_from_args(args: argparse.Namespace) -> ReplayOptions:
     )
 
 
+def args_from_options(o: ReplayOptions) -> dict[str, Any]:
+    """The ``add_routing_replay_args`` argument values that give ``o`` (the inverse of
+    :func:`options_from_args`): a config's ``routing_replay:`` section as parser defaults."""
+    return {
+        "routing_replay": o.enabled,
+        "routing_replay_shards": o.shards,
+        "routing_replay_packing": o.packing,
+        "routing_replay_seq_length": o.seq_length,
+        "routing_replay_pad_multiple": o.pad_multiple,
+        "routing_replay_no_agreement": not o.agreement,
+        "routing_replay_skip_id_check": not o.validate_ids,
+        "routing_replay_allow_token_dropping": o.allow_token_dropping,
+    }
+
+
 def options_from_config(config: Mapping[str, Any] | str | os.PathLike[str]) -> ReplayOptions:
     """:class:`ReplayOptions` from a trainer config's ``routing_replay:`` section: a YAML file,
     a whole config mapping holding the section, or the section itself. Unknown keys are an
