@@ -6,6 +6,7 @@ knows the format lives here, :func:`validate_dir` (the offline re-check) include
 ``docs/shards.md``.
 """
 
+from ._batches import from_record_batch, to_record_batch
 from ._errors import DuplicateSample, ShardError, UnstorableSample
 from ._manifest import Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import decode_routing
@@ -31,6 +32,8 @@ __all__ = [
     "UnstorableSample",
     "ValidationReport",
     "decode_routing",
+    "from_record_batch",
     "schema_for",
+    "to_record_batch",
     "validate_dir",
 ]
