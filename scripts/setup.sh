@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv in the checkout and install the bridge with everything its tests and demo need.
+# Create .venv in the checkout and install the bridge with everything its tests and demo need:
+# the extras `all` (Ray included) and `test` (pytest, moto's S3-compatible server for the storage
+# suite on S3, boto3).
 # torch: a machine that already has an importable torch keeps it; otherwise torch==2.13.0 is
 # installed first (pip takes a local CPU wheel where one lies in its find-links), so that no
 # later requirement pulls a multi-GB CUDA build.
@@ -16,4 +18,9 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install --quiet "torch==2.13.0"
 fi
 "$VPY" -m pip install --quiet -e ".[all,test]"
+# The S3 storage suite and the Ray tests run in CI: fail here, not as skips, when they cannot.
+"$VPY" -c "import moto.server, boto3, ray, pyarrow.fs; pyarrow.fs.S3FileSystem" || {
+    echo "setup: moto[server], boto3, ray or pyarrow's S3 support is missing from .venv" >&2
+    exit 1
+}
 echo "setup: ready ($("$VPY" -c 'import torch, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")'))" >&2
