@@ -1,26 +1,34 @@
-"""Arrow IPC shards of checked samples: writer, reader, manifest.
+"""Datasets of checked samples: Arrow IPC shards on any filesystem, many writers, readers that
+read only what they ask for.
 
-A shard directory holds ``shard-NNNNNN.arrow`` (Arrow IPC file format, one row per sample),
-``quarantine-NNNNNN.jsonl`` (rejected and failed samples) and ``manifest.json``; everything that
-knows the format lives here, :func:`validate_dir` (the offline re-check) included. See
+A dataset is a URI (a local path, ``file://``, ``s3://``, anything ``pyarrow.fs`` resolves).
+Its top level holds only shards (``part-<writer>-<seq>.arrow``, Arrow IPC files that
+``pyarrow.dataset`` and ``polars.scan_ipc`` read); ``_routing_replay/`` holds each writer's
+manifest and compact index and the quarantine. Everything that knows the format lives here,
+:func:`validate_dataset` (the offline re-check) and :func:`cleanup_dataset` included. See
 ``docs/shards.md``.
 """
 
 from ._batches import from_record_batch, to_record_batch
 from ._errors import DuplicateSample, ShardError, UnstorableSample
-from ._manifest import Manifest, QuarantineEntry, ShardEntry
+from ._manifest import IndexEntry, Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import decode_routing
 from ._reader import ShardReader
 from ._schema import FORMAT_VERSION, METADATA_KEY, schema_for
-from ._validate import MAX_LISTED_SAMPLE_FAULTS, Fault, ValidationReport, validate_dir
-from ._writer import COMPRESSIONS, ShardStats, ShardWriter
+from ._store import display_uri
+from ._strays import CleanupReport, cleanup_dataset
+from ._validate import (MAX_LISTED_SAMPLE_FAULTS, Fault, ValidationReport, validate_dataset,
+                        validate_dir)
+from ._writer import COMPRESSIONS, ShardStats, ShardWriter, new_writer_id
 
 __all__ = [
     "COMPRESSIONS",
+    "CleanupReport",
     "DuplicateSample",
-    "Fault",
-    "MAX_LISTED_SAMPLE_FAULTS",
     "FORMAT_VERSION",
+    "Fault",
+    "IndexEntry",
+    "MAX_LISTED_SAMPLE_FAULTS",
     "METADATA_KEY",
     "Manifest",
     "QuarantineEntry",
@@ -31,9 +39,13 @@ __all__ = [
     "ShardWriter",
     "UnstorableSample",
     "ValidationReport",
+    "cleanup_dataset",
     "decode_routing",
+    "display_uri",
     "from_record_batch",
+    "new_writer_id",
     "schema_for",
     "to_record_batch",
+    "validate_dataset",
     "validate_dir",
 ]

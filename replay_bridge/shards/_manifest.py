@@ -1,83 +1,87 @@
-"""``manifest.json``: the list of complete shards and quarantine chunks of a directory.
+"""Names of a dataset's objects and the per-writer manifest that publishes them.
 
-The manifest is untrusted input when read: every field is type-checked, every file name must
-be a plain ``shard-NNNNNN.arrow`` / ``quarantine-NNNNNN.jsonl`` inside the directory, and the
-totals must add up.
+A dataset is the union of its writers' manifests (``_routing_replay/manifests/<writer>.json``).
+Each manifest lists the complete objects its writer published: shards at the top level
+(``part-<writer>-<seq>.arrow``), quarantine chunks and one compact index. A manifest is
+untrusted input when read: every field is type-checked, every name must be one of the format's
+names for that writer, and the totals must add up.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from ..geometry import GeometryError, RoutingGeometry
-from ._atomic import TMP_SUFFIX, atomic_write
 from ._errors import ShardError
 from ._schema import FORMAT_VERSION
 
 __all__ = [
-    "MANIFEST",
+    "FOLDER",
+    "INDEX_DIR",
+    "MANIFEST_DIR",
+    "QUARANTINE_DIR",
+    "IndexEntry",
     "Manifest",
     "QuarantineEntry",
     "ShardEntry",
-    "is_member_name",
-    "is_temp_name",
-    "member_path",
+    "index_name",
+    "manifest_name",
     "quarantine_name",
     "shard_name",
+    "writer_of",
 ]
 
-MANIFEST = "manifest.json"
-FORMAT = "routing-replay-shards"
-SHARD_RE = re.compile(r"shard-([0-9]{6,9})\.arrow")
-QUARANTINE_RE = re.compile(r"quarantine-([0-9]{6,9})\.jsonl")
+FORMAT = "routing-replay-dataset"
+FOLDER = "_routing_replay"
+MANIFEST_DIR = f"{FOLDER}/manifests"
+INDEX_DIR = f"{FOLDER}/index"
+QUARANTINE_DIR = f"{FOLDER}/quarantine"
+WRITER = r"[A-Za-z0-9][A-Za-z0-9_-]{0,79}"
+WRITER_RE = re.compile(WRITER)
+SHARD_RE = re.compile(rf"part-(?P<writer>{WRITER})-(?P<seq>[0-9]{{6,9}})\.arrow")
+QUARANTINE_RE = re.compile(rf"{QUARANTINE_DIR}/(?P<writer>{WRITER})-(?P<seq>[0-9]{{6,9}})\.jsonl")
+INDEX_RE = re.compile(rf"{INDEX_DIR}/(?P<writer>{WRITER})-(?P<seq>[0-9]{{6,9}})\.arrow")
+MANIFEST_RE = re.compile(rf"{MANIFEST_DIR}/(?P<writer>{WRITER})\.json")
 OUTCOMES = ("stored", "rejected", "failed")
-_MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 256 << 20
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.arrow"
+def shard_name(writer: str, seq: int) -> str:
+    return f"part-{writer}-{seq:06d}.arrow"
 
 
-def quarantine_name(index: int) -> str:
-    return f"quarantine-{index:06d}.jsonl"
+def quarantine_name(writer: str, seq: int) -> str:
+    return f"{QUARANTINE_DIR}/{writer}-{seq:06d}.jsonl"
 
 
-def is_member_name(name: str) -> bool:
-    """Whether ``name`` is a shard or quarantine file name."""
-    return bool(SHARD_RE.fullmatch(name) or QUARANTINE_RE.fullmatch(name))
+def index_name(writer: str, gen: int) -> str:
+    return f"{INDEX_DIR}/{writer}-{gen:06d}.arrow"
 
 
-def is_temp_name(name: str) -> bool:
-    """Whether ``name`` is the temp file of an interrupted write of a member or the manifest."""
-    if not name.endswith(TMP_SUFFIX):
-        return False
-    base = name[: -len(TMP_SUFFIX)]
-    return is_member_name(base) or base == MANIFEST
+def manifest_name(writer: str) -> str:
+    return f"{MANIFEST_DIR}/{writer}.json"
 
 
-def member_path(directory: Path, name: object, pattern: re.Pattern[str]) -> Path:
-    """The path of a file the manifest names, refusing anything that could leave the
-    directory: other names, separators, ``..``, absolute paths, symlinks."""
-    if not isinstance(name, str) or not pattern.fullmatch(name):
-        raise ShardError(
-            f"{MANIFEST} names {name!r}, which is not a {pattern.pattern!r} file inside the "
-            "shard directory", file=MANIFEST, kind="unsafe_path")
-    path = directory / name
-    if path.is_symlink():
-        raise ShardError(f"{name} is a symlink; shard files must be regular files", file=name,
-                         kind="unsafe_path")
-    root = os.path.realpath(directory)
-    if os.path.dirname(os.path.realpath(path)) != root:
-        raise ShardError(f"{name} resolves outside the shard directory", file=name,
-                         kind="unsafe_path")
-    return path
+def writer_of(name: str) -> str | None:
+    """The writer an object name belongs to, or None when it is not one of the format's."""
+    for pattern in (SHARD_RE, QUARANTINE_RE, INDEX_RE, MANIFEST_RE):
+        m = pattern.fullmatch(name)
+        if m:
+            return m.group("writer")
+    return None
+
+
+def seq_of(name: str) -> int:
+    for pattern in (SHARD_RE, QUARANTINE_RE, INDEX_RE):
+        m = pattern.fullmatch(name)
+        if m:
+            return int(m.group("seq"))
+    raise ValueError(name)
 
 
 @dataclass
@@ -100,17 +104,32 @@ class QuarantineEntry:
 
 
 @dataclass
+class IndexEntry:
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass
 class Manifest:
-    """What a shard directory holds. ``outcomes`` counts sample ids stored, rejected
-    (quarantined) and failed (never came back), each id once: stored when it is in a shard,
-    else the outcome of its latest quarantine record."""
+    """What one writer published. ``outcomes`` counts the sample ids this writer stored,
+    rejected (quarantined) and failed (never came back), each once: stored when in one of its
+    shards, else the outcome of its latest quarantine record."""
 
     geometry: RoutingGeometry
+    writer: str = "-"
     compression: str = "zstd"
     shards: list[ShardEntry] = field(default_factory=list)
     quarantine: list[QuarantineEntry] = field(default_factory=list)
+    index: IndexEntry | None = None
     outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     format_version: int = FORMAT_VERSION
+    started: str = field(default_factory=_now)
 
     # ---- derived -------------------------------------------------------------------------
 
@@ -136,8 +155,11 @@ class Manifest:
 
     @property
     def files(self) -> set[str]:
-        """The shard and quarantine files listed."""
-        return {s.file for s in self.shards} | {q.file for q in self.quarantine}
+        """Every object listed: shards, quarantine chunks, the index."""
+        out = {s.file for s in self.shards} | {q.file for q in self.quarantine}
+        if self.index is not None:
+            out.add(self.index.file)
+        return out
 
     def totals(self) -> dict[str, int]:
         return {
@@ -153,121 +175,136 @@ class Manifest:
         return {
             "format": FORMAT,
             "format_version": self.format_version,
+            "writer": self.writer,
+            "started": self.started,
+            "updated": _now(),
             "geometry": self.geometry.to_dict(),
             "compression": self.compression,
             "shards": [vars(s) for s in self.shards],
             "quarantine": [vars(q) for q in self.quarantine],
+            "index": vars(self.index) if self.index is not None else None,
             "totals": self.totals(),
             "outcomes": dict(self.outcomes),
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
-    # ---- io ------------------------------------------------------------------------------
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2)
 
-    def write(self, directory: Path) -> None:
-        """Rewrite ``manifest.json`` atomically."""
-        atomic_write(directory / MANIFEST, orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2))
+    # ---- read ----------------------------------------------------------------------------
 
     @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        """Read and check ``manifest.json``; :class:`ShardError` on anything off."""
-        path = directory / MANIFEST
-        if not directory.is_dir():
-            raise ShardError(f"{directory} is not a directory")
-        if not path.is_file() or path.is_symlink():
-            raise _bad(f"{directory} is not a shard directory: no {MANIFEST}")
-        if path.stat().st_size > _MAX_MANIFEST_BYTES:
-            raise _bad(f"{MANIFEST} is implausibly large")
+    def read(cls, uri: Any) -> Manifest:
+        """The whole dataset at ``uri`` as one manifest (writer ``*``): every writer's shards
+        and quarantine chunks, outcomes counting each sample id once."""
+        from ._dataset import DatasetView
+        from ._store import open_store
+
+        return DatasetView.load(open_store(uri)).merged()
+
+    # ---- parse ---------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, data: bytes, name: str) -> Manifest:
+        """Read and check one writer's manifest (``name``: its object name)."""
         try:
-            doc = orjson.loads(path.read_bytes())
+            doc = orjson.loads(data)
         except orjson.JSONDecodeError as e:
-            raise _bad(f"{MANIFEST} is not valid JSON: {e}") from None
-        return cls.from_dict(doc, directory)
+            raise _bad(name, f"not valid JSON: {e}") from None
+        return cls.from_dict(doc, name)
 
     @classmethod
-    def from_dict(cls, doc: Any, directory: Path) -> Manifest:
+    def from_dict(cls, doc: Any, name: str) -> Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise _bad(f"{MANIFEST} is not a {FORMAT} manifest")
+            raise _bad(name, f"not a {FORMAT} manifest")
         version = doc.get("format_version")
         if type(version) is not int or version != FORMAT_VERSION:  # true == 1 == 1.0
-            raise _bad(f"{MANIFEST}: unsupported format_version {version!r} "
-                             f"(this reader knows {FORMAT_VERSION})")
+            raise _bad(name, f"unsupported format_version {version!r} (this reader knows "
+                             f"{FORMAT_VERSION})")
+        m = MANIFEST_RE.fullmatch(name)
+        writer = doc.get("writer")
+        if m is None or writer != m.group("writer"):
+            raise _bad(name, f"writer {writer!r:.80} does not match its name")
         try:
-            geometry = RoutingGeometry.from_dict(_get(doc, "geometry", dict))
+            geometry = RoutingGeometry.from_dict(_get(name, doc, "geometry", dict))
         except (GeometryError, ValueError, TypeError) as e:
-            raise _bad(f"{MANIFEST}: bad geometry: {e}") from None
-        shards = [
-            ShardEntry(
-                file=_name(directory, e, SHARD_RE),
-                rows=_count(e, "rows"), tokens=_count(e, "tokens"),
-                routed_rows=_count(e, "routed_rows"), bytes=_count(e, "bytes"),
-                sha256=_sha(e),
-            )
-            for e in _get(doc, "shards", list)
-        ]
-        quarantine = [
-            QuarantineEntry(file=_name(directory, e, QUARANTINE_RE), records=_count(e, "records"),
-                            bytes=_count(e, "bytes"), sha256=_sha(e))
-            for e in _get(doc, "quarantine", list)
-        ]
-        outcomes = _get(doc, "outcomes", dict)
-        m = cls(
-            geometry=geometry,
-            compression=str(doc.get("compression", "")),
-            shards=shards,
-            quarantine=quarantine,
-            outcomes={k: _count(outcomes, k) for k in OUTCOMES},
-        )
+            raise _bad(name, f"bad geometry: {e}") from None
+        shards = [ShardEntry(file=_member(name, writer, e, SHARD_RE), rows=_count(name, e, "rows"),
+                             tokens=_count(name, e, "tokens"),
+                             routed_rows=_count(name, e, "routed_rows"),
+                             bytes=_count(name, e, "bytes"), sha256=_sha(name, e))
+                  for e in _get(name, doc, "shards", list)]
+        quarantine = [QuarantineEntry(file=_member(name, writer, e, QUARANTINE_RE),
+                                      records=_count(name, e, "records"),
+                                      bytes=_count(name, e, "bytes"), sha256=_sha(name, e))
+                      for e in _get(name, doc, "quarantine", list)]
+        raw_index = doc.get("index")
+        index = None
+        if raw_index is not None:
+            index = IndexEntry(file=_member(name, writer, raw_index, INDEX_RE),
+                               rows=_count(name, raw_index, "rows"),
+                               bytes=_count(name, raw_index, "bytes"),
+                               sha256=_sha(name, raw_index))
+        elif shards or quarantine:
+            raise _bad(name, "lists objects but no index")
+        outcomes = _get(name, doc, "outcomes", dict)
+        started = doc.get("started")
+        man = cls(geometry=geometry, writer=writer, compression=str(doc.get("compression", "")),
+                  shards=shards, quarantine=quarantine, index=index,
+                  outcomes={k: _count(name, outcomes, k) for k in OUTCOMES},
+                  started=started if isinstance(started, str) else "")
         for group in (shards, quarantine):
             names = [e.file for e in group]
             if len(set(names)) != len(names):
-                raise _bad(f"{MANIFEST} lists a file twice")
-        totals = _get(doc, "totals", dict)
-        for key, value in m.totals().items():
-            if _count(totals, key) != value:
-                raise _bad(
-                    f"{MANIFEST}: totals.{key} is {totals[key]} but the listed files add up to "
-                    f"{value}")
-        if m.outcomes["stored"] != m.samples:
-            raise _bad(f"{MANIFEST}: outcomes.stored is {m.outcomes['stored']} but the "
-                             f"shards hold {m.samples} samples")
-        if m.outcomes["rejected"] + m.outcomes["failed"] > m.quarantined:
-            # Each quarantined id counts once, under its latest outcome, and not at all once
-            # stored: the counts never exceed the records.
-            raise _bad(
-                f"{MANIFEST}: outcomes rejected {m.outcomes['rejected']} + failed "
-                f"{m.outcomes['failed']} > {m.quarantined} quarantine records")
-        return m
+                raise _bad(name, "lists an object twice")
+        totals = _get(name, doc, "totals", dict)
+        for key, value in man.totals().items():
+            if _count(name, totals, key) != value:
+                raise _bad(name, f"totals.{key} is {totals[key]} but the listed objects add up "
+                                 f"to {value}")
+        if man.outcomes["stored"] != man.samples:
+            raise _bad(name, f"outcomes.stored is {man.outcomes['stored']} but the shards hold "
+                             f"{man.samples} samples")
+        if man.outcomes["rejected"] + man.outcomes["failed"] > man.quarantined:
+            raise _bad(name, f"outcomes rejected {man.outcomes['rejected']} + failed "
+                             f"{man.outcomes['failed']} > {man.quarantined} quarantine records")
+        if index is not None and index.rows < man.samples:
+            raise _bad(name, f"the index has {index.rows} rows for {man.samples} samples")
+        return man
 
 
-def _bad(message: str) -> ShardError:
-    return ShardError(message, file=MANIFEST, kind="manifest")
+def _bad(name: str, message: str) -> ShardError:
+    return ShardError(f"{name}: {message}", file=name, kind="manifest")
 
 
-def _get(doc: dict[str, Any], key: str, kind: type) -> Any:
+def _get(name: str, doc: dict[str, Any], key: str, kind: type) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind):
-        raise _bad(f"{MANIFEST}: {key!r} must be a {kind.__name__}, got {value!r:.80}")
+        raise _bad(name, f"{key!r} must be a {kind.__name__}, got {value!r:.80}")
     return value
 
 
-def _count(entry: Any, key: str) -> int:
+def _count(name: str, entry: Any, key: str) -> int:
     value = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _bad(f"{MANIFEST}: {key!r} must be a non-negative integer in {entry!r:.120}")
+        raise _bad(name, f"{key!r} must be a non-negative integer in {entry!r:.120}")
     return value
 
 
-def _sha(entry: dict[str, Any]) -> str:
+def _sha(name: str, entry: dict[str, Any]) -> str:
     value = entry.get("sha256")
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise _bad(f"{MANIFEST}: bad sha256 {value!r:.80} for {entry.get('file')!r:.80}")
+        raise _bad(name, f"bad sha256 {value!r:.80} for {entry.get('file')!r:.80}")
     return value
 
 
-def _name(directory: Path, entry: Any, pattern: re.Pattern[str]) -> str:
+def _member(name: str, writer: str, entry: Any, pattern: re.Pattern[str]) -> str:
+    """A listed object's name: one of the format's names, of this manifest's writer."""
     if not isinstance(entry, dict):
-        raise _bad(f"{MANIFEST}: file entry {entry!r:.80} is not an object")
-    name = entry.get("file")
-    member_path(directory, name, pattern)
-    return name
+        raise ShardError(f"{name}: entry {entry!r:.80} is not an object", file=name,
+                         kind="manifest")
+    file = entry.get("file")
+    m = pattern.fullmatch(file) if isinstance(file, str) else None
+    if m is None or m.group("writer") != writer:
+        raise ShardError(f"{name} names {file!r:.120}, which is not a {pattern.pattern!r} "
+                         f"object of writer {writer!r}", file=name, kind="unsafe_path")
+    return file

@@ -17,10 +17,8 @@ latest record (chunks in manifest order, lines in order).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,9 +27,8 @@ import pybase64
 
 from ..checks import CheckReport
 from ..sample import RoutedSample, WireSample
-from ._atomic import TMP_SUFFIX, HashingFile, fsync_dir
 from ._errors import ShardError
-from ._scan import regular_file
+from ._store import Store
 
 __all__ = ["ChunkWriter", "OutcomeLedger", "decode_routing", "encode_record",
            "failure_record", "outcome_of", "read_chunk", "rejection_record"]
@@ -129,13 +126,13 @@ def encode_record(record: dict[str, Any]) -> Iterator[bytes]:
 
 
 class ChunkWriter:
-    """The open quarantine chunk: records are appended to ``NAME.tmp`` (a new file, never a
-    link) as they come; :meth:`seal` makes it ``NAME`` (fsync, rename, fsync the directory).
-    Only each record's ``(sample_id, outcome, kinds)`` is kept, for the manifest's counts."""
+    """The open quarantine chunk: records are appended to a new object as they come (a local
+    temp file, never a link, or an upload); :meth:`seal` publishes it under its name. Only each
+    record's ``(sample_id, outcome, kinds)`` is kept, for the manifest's counts and index."""
 
-    def __init__(self, directory: Path, name: str) -> None:
-        self.directory, self.name = directory, name
-        self._file = HashingFile(directory / (name + TMP_SUFFIX))
+    def __init__(self, store: Store, name: str) -> None:
+        self.name = name
+        self._file = store.create(name)
         self.entries: list[tuple[str, str, tuple[str, ...]]] = []
 
     @property
@@ -150,16 +147,13 @@ class ChunkWriter:
                              tuple(record.get("kinds") or ())))
 
     def seal(self) -> tuple[int, int, str]:
-        """Make the chunk durable under its name; ``(records, bytes, sha256)``."""
-        self._file.sync()
-        self._file.close()
-        os.replace(self.directory / (self.name + TMP_SUFFIX), self.directory / self.name)
-        fsync_dir(self.directory)
+        """Publish the chunk under its name (durably); ``(records, bytes, sha256)``."""
+        self._file.commit()
         return len(self.entries), self._file.size, self._file.hexdigest
 
     def abort(self) -> None:
-        """Close without sealing (the temp file stays, as after a crash)."""
-        self._file.close()
+        """Drop the unsealed chunk."""
+        self._file.abort()
 
 
 class OutcomeLedger:
@@ -208,14 +202,10 @@ class OutcomeLedger:
             self.counts[prev] -= 1
 
 
-def read_chunk(path: Path, name: str) -> Iterator[dict[str, Any]]:
+def read_chunk(store: Store, name: str) -> Iterator[dict[str, Any]]:
     """The records of one chunk; :class:`ShardError` naming the file and line on a bad one,
-    or the file when it is not a regular file (read through :func:`regular_file`)."""
-    with regular_file(path, name) as p:
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise ShardError(f"{name}: cannot read: {e.strerror or e}", file=name) from None
+    or the file when it is not a regular file."""
+    data = store.read(name)
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue

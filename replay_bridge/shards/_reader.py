@@ -1,312 +1,445 @@
-"""Read a shard directory: by sample id, in storage order, or as Arrow record batches."""
+"""Read a dataset: by sample id, a subset of ids, in storage order, or as Arrow record batches.
+
+Opening reads the writers' manifests and compact indexes, never a shard. A sample is found
+through the index (object, record batch, row) and its record batch is fetched as one byte
+range (a slice of a memory map locally, a ranged read on an object store), checked against
+the CRC-32 the writer recorded for it, decoded and kept in a small cache.
+"""
 
 from __future__ import annotations
 
 import os
-import stat
+import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample
-from ._atomic import sha256_file
+from ._dataset import DatasetView
 from ._errors import ShardError
-from ._manifest import QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry, ShardEntry, member_path
+from ._manifest import Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import read_chunk
 from ._rules import RuleBreak, batch_breaks
-from ._scan import open_ipc, regular_file, scan_shard
-from ._schema import list_parts, routed_rows, samples_from_batch
+from ._schema import list_parts, routed_rows, samples_from_batch, schema_for
+from ._store import Store, open_store
 
-__all__ = ["ShardReader", "default_read_threads", "verify_file"]
+__all__ = ["ShardReader", "default_read_threads", "verify_object"]
 
-Verify = bool | Literal["lazy"]
+Verify = bool | Literal["read", "lazy", "all"]
 Breaks = dict[int, RuleBreak]
 """The rows of a record batch that break a storage rule (:mod:`._rules`), by row."""
+INDEX_COLUMNS = ("sample_id", "group_id", "tokens", "prompt_len", "routed_start")
 
 
-def verify_file(directory: Path, entry: ShardEntry | QuarantineEntry) -> Path:
-    """Check a listed file's size and sha256 against the manifest; return its path."""
-    pattern = SHARD_RE if isinstance(entry, ShardEntry) else QUARANTINE_RE
-    path = member_path(directory, entry.file, pattern)
-    _check_size(path, entry)
-    try:
-        with regular_file(path, entry.file) as p:
-            digest = sha256_file(p)
-    except OSError as e:
-        raise ShardError(f"{entry.file}: cannot read: {e.strerror or e}", file=entry.file) from None
+def verify_object(store: Store, entry: ShardEntry | QuarantineEntry) -> None:
+    """Check a listed object's size and sha256 against its manifest entry."""
+    info = store.info(entry.file)
+    if info is None:
+        raise ShardError(f"{entry.file}: listed in the manifest but missing",
+                         file=entry.file, kind="missing")
+    if not info.regular:
+        store.read(entry.file, 0)  # raises, naming what it is
+    if info.size != entry.bytes:
+        what = "truncated" if info.size < entry.bytes else "longer than listed"
+        raise ShardError(f"{entry.file}: {info.size} bytes, the manifest says {entry.bytes} "
+                         f"({what})", file=entry.file, kind="size")
+    digest = store.sha256(entry.file)
     if digest != entry.sha256:
         raise ShardError(f"{entry.file}: sha256 {digest[:16]}... does not match the manifest "
-                         f"({entry.sha256[:16]}...): the file is corrupted", file=entry.file,
+                         f"({entry.sha256[:16]}...): the object is corrupted", file=entry.file,
                          kind="checksum")
-    return path
 
 
-def _check_size(path: Path, entry: ShardEntry | QuarantineEntry) -> None:
-    """The listed file is a regular file of the listed size (``stat`` only: nothing opened)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise ShardError(f"{entry.file}: listed in the manifest but missing",
-                         file=entry.file, kind="missing") from None
-    except OSError as e:
-        raise ShardError(f"{entry.file}: cannot stat: {e.strerror or e}",
-                         file=entry.file) from None
-    if not stat.S_ISREG(st.st_mode):
-        with regular_file(path, entry.file):  # raises, naming what it is
-            pass
-    size = st.st_size
-    if size != entry.bytes:
-        what = "truncated" if size < entry.bytes else "longer than listed"
-        raise ShardError(f"{entry.file}: {size} bytes, the manifest says {entry.bytes} "
-                         f"({what})", file=entry.file, kind="size")
-
-
-class _Shard:
-    """One listed shard file, opened (memory-mapped) on first use."""
-
-    def __init__(self, directory: Path, entry: ShardEntry, geometry: RoutingGeometry) -> None:
-        self.entry = entry
-        self.path = member_path(directory, entry.file, SHARD_RE)
-        self.geometry = geometry
-        self.verified = False
-        self._reader: ipc.RecordBatchFileReader | None = None
-
-    def verify(self, directory: Path) -> None:
-        if not self.verified:
-            verify_file(directory, self.entry)
-            self.verified = True
-
-    @property
-    def reader(self) -> ipc.RecordBatchFileReader:
-        if self._reader is None:
-            self._reader = open_ipc(self.path, self.entry.file, self.geometry)
-        return self._reader
-
-    def release(self) -> None:
-        self._reader = None
-
-    def batch(self, i: int) -> pa.RecordBatch:
-        """Record batch ``i``, Arrow-validated."""
-        try:
-            batch = self.reader.get_batch(i)
-            batch.validate(full=True)
-            return batch
-        except (OSError, pa.ArrowException) as e:
-            raise ShardError(f"{self.entry.file}: unreadable record batch {i} ({e})",
-                             file=self.entry.file) from None
-
-    def checked(self, i: int) -> tuple[pa.RecordBatch, Breaks]:
-        """Record batch ``i`` with the rows that break a storage rule (the whole batch)."""
-        batch = self.batch(i)
-        return batch, {b.row: b for b in self._breaks(batch, i)}
-
-    def row_break(self, batch: pa.RecordBatch, i: int, row: int) -> RuleBreak | None:
-        """The storage rule one row of record batch ``i`` breaks (only that row is read)."""
-        found = self._breaks(batch.slice(row, 1), i)
-        return found[0]._replace(row=row) if found else None
-
-    def _breaks(self, batch: pa.RecordBatch, i: int) -> list[RuleBreak]:
-        try:
-            return batch_breaks(batch, self.geometry)
-        except (pa.ArrowException, KeyError, ValueError) as e:
-            raise ShardError(f"{self.entry.file}: unreadable record batch {i} ({e})",
-                             file=self.entry.file) from None
-
-    def refuse(self, i: int, broken: RuleBreak) -> ShardError:
-        """The error for a row of record batch ``i`` that breaks a storage rule."""
-        where = f"row {broken.row} of record batch {i}, storage rule {broken.rule!r}"
-        head = "malformed row: " if broken.unreadable else ""
-        return ShardError(f"{self.entry.file}: {head}{broken.message} ({where})",
-                          file=self.entry.file,
-                          kind="unreadable" if broken.unreadable else "storage_rule")
+def _mode(verify: Verify) -> str | bool:
+    if verify is True or verify == "all":
+        return "all"
+    if verify in ("read", "lazy"):
+        return "read"
+    if verify is False:
+        return False
+    raise ValueError(f"verify must be 'read', True ('all') or False, got {verify!r}")
 
 
 class ShardReader:
-    """A read-only view of a shard directory.
+    """A read-only view of a dataset (a local path or any ``pyarrow.fs`` URI).
 
-    ``verify=True`` checks the sha256 of every listed file on open, ``"lazy"`` before a shard's
-    first record batch is read, ``False`` never (sizes are always checked). The id index is
-    built from the ``sample_id`` columns on open. Uncompressed shards are memory-mapped and
-    :meth:`routing` returns views of the file; compressed ones are decompressed one record batch
-    at a time (the last ``cache_batches`` are kept).
+    ``verify="read"`` (default) checks each record batch's bytes against the CRC-32 its
+    writer recorded, the first time that batch is read; ``True`` (``"all"``) also hashes every
+    listed shard whole (sha256) on open; ``False`` checks nothing but sizes and Arrow's own
+    validation. Every record batch read is Arrow-validated and its rows are checked against
+    the storage rules.
+
+    When two writers stored the same sample id, the copy of the writer that started first is
+    read (:attr:`duplicates` lists the others). A reader pickles as its URI and the shards it
+    saw; the copy reopens lazily, reading exactly those shards.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], verify: Verify = True,
+    def __init__(self, uri: str | os.PathLike[str], verify: Verify = "read",
                  cache_batches: int = 4) -> None:
-        if verify not in (True, False, "lazy"):
-            raise ValueError(f"verify must be True, False or 'lazy', got {verify!r}")
-        self.dir = Path(directory)
-        self._verify = verify
-        self.manifest = Manifest.read(self.dir)
-        self.geometry: RoutingGeometry = self.manifest.geometry
-        self._shards = [_Shard(self.dir, e, self.geometry) for e in self.manifest.shards]
-        self._cache: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
+        self._verify = _mode(verify)
+        self._uri = uri if isinstance(uri, Store) else os.fspath(uri)
         self._cache_size = max(int(cache_batches), 1)
-        self._ids: list[str] = []
-        locs: list[np.ndarray] = []
-        for si, shard in enumerate(self._shards):
-            _check_size(shard.path, shard.entry)
-            if verify is True:
-                shard.verify(self.dir)
-            scan = scan_shard(shard.path, shard.entry.file, self.geometry, what="tokens")
-            if scan.rows != shard.entry.rows or scan.tokens != shard.entry.tokens:
-                raise ShardError(
-                    f"{shard.entry.file}: holds {scan.rows} samples / {scan.tokens} tokens, the "
-                    f"manifest says {shard.entry.rows} / {shard.entry.tokens}",
-                    file=shard.entry.file, kind="counts")
-            self._ids.extend(scan.ids)
-            counts = np.asarray(scan.batch_rows, dtype=np.int64)
-            batch = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
-            starts = np.cumsum(counts) - counts
-            row = (np.arange(scan.rows, dtype=np.int64) - np.repeat(starts, counts)).astype(
-                np.int32)
-            locs.append(np.stack([np.full(scan.rows, si, np.int32), batch, row], axis=1))
-        self._loc = np.concatenate(locs) if locs else np.empty((0, 3), np.int32)
-        self._index = dict(zip(self._ids, range(len(self._ids))))
-        if len(self._index) != len(self._ids):
-            raise ShardError(_duplicates_message(self._ids, self._loc, self._shards),
-                             kind="duplicate_id")
+        self._snapshot: dict[str, list[str]] | None = None
+        self._view: DatasetView | None = None
+        self._load()
 
-    # ---- lookup --------------------------------------------------------------------------
+    # ---- opening -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        store = open_store(self._uri)
+        view = DatasetView.load(store, self._snapshot)
+        self._store = store
+        self._view = view
+        self.geometry: RoutingGeometry = view.geometry
+        self._schema = schema_for(self.geometry)
+        t = view.stored
+        self._ids = t.column("sample_id").combine_chunks()
+        self._obj = t.column("object").to_numpy()
+        self._batchno = t.column("batch").to_numpy()
+        self._row = t.column("row").to_numpy()
+        self._offset = t.column("offset").to_numpy()
+        self._length = t.column("length").to_numpy()
+        self._crc = t.column("crc32").to_numpy()
+        n = len(self._obj)
+        change = np.ones(n, bool)
+        if n:
+            change[1:] = (self._obj[1:] != self._obj[:-1]) | (self._batchno[1:] != self._batchno[:-1])
+        self._block_starts = np.flatnonzero(change)
+        self._lookup: dict[str, int] | None = None
+        self._cache: OrderedDict[tuple[int, int], pa.RecordBatch] = OrderedDict()
+        self._files: dict[int, pa.NativeFile] = {}
+        self._checked: set[tuple[int, int]] = set()
+        self._merged: Manifest | None = None
+        self._snapshot = {m.writer: [s.file for s in m.shards] for m in view.manifests}
+        if self._verify == "all":
+            for m in view.manifests:
+                for entry in m.shards:
+                    verify_object(store, entry)
+
+    @property
+    def _v(self) -> DatasetView:
+        if self._view is None:
+            self._load()
+        assert self._view is not None
+        return self._view
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._v  # noqa: B018 - a reader pickled before first use still names its shards
+        return {"uri": self._uri, "verify": self._verify, "cache": self._cache_size,
+                "snapshot": self._snapshot}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._uri, self._verify = state["uri"], state["verify"]
+        self._cache_size, self._snapshot = state["cache"], state["snapshot"]
+        self._view = None
+
+    def __getattr__(self, name: str) -> Any:
+        # An unpickled reader opens on first use of anything it loads.
+        if name.startswith("__") or self.__dict__.get("_view", 0) is not None:
+            raise AttributeError(name)
+        self._load()
+        return getattr(self, name)
+
+    # ---- what the dataset holds ----------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        """The dataset's URI for display (no credentials)."""
+        return self._store.display if self._view is not None else open_store(self._uri).display
+
+    @property
+    def manifest(self) -> Manifest:
+        """The whole dataset as one manifest (writer ``*``): every shard and quarantine chunk,
+        totals, and outcomes counting each sample id once."""
+        self._v  # noqa: B018
+        if self._merged is None:
+            self._merged = self._view.merged()
+        return self._merged
+
+    @property
+    def manifests(self) -> list[Manifest]:
+        """Each writer's manifest, in start order."""
+        return list(self._v.manifests)
+
+    @property
+    def duplicates(self) -> list[tuple[str, str, str]]:
+        """``(sample_id, shard read, shard ignored)`` for each id two writers stored."""
+        return list(self._v.duplicates)
+
+    @property
+    def index(self) -> pa.Table:
+        """One row per stored sample in storage order: sample_id, group_id, tokens (count),
+        prompt_len, routed_start. Read from the writers' indexes; no shard is opened."""
+        return self._v.stored.select(list(INDEX_COLUMNS))
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._v.stored)
+
+    def _positions(self) -> dict[str, int]:
+        if self._lookup is None:
+            self._lookup = dict(zip(self._ids.to_pylist(), range(len(self._ids))))
+        return self._lookup
 
     def __contains__(self, sample_id: object) -> bool:
-        return sample_id in self._index
+        return isinstance(sample_id, str) and sample_id in self._positions()
 
     def sample_ids(self) -> list[str]:
         """Every stored id, in storage order."""
-        return list(self._ids)
+        return self._v.stored.column("sample_id").to_pylist()
 
-    def _locate(self, sample_id: str) -> tuple[int, int, int]:
+    # ---- record batches ------------------------------------------------------------------
+
+    def _file(self, obj: int) -> pa.NativeFile | pa.Buffer:
+        """A shard opened: a whole-file buffer of a local memory map (slices are views), or a
+        remote file (ranged reads)."""
+        f = self._files.get(obj)
+        if f is None:
+            m, i = self._view.objects[obj]
+            entry = m.shards[i]
+            f = self._store.open(entry.file)
+            size = f.size()
+            if size != entry.bytes:
+                f.close()
+                what = "truncated" if size < entry.bytes else "longer than listed"
+                raise ShardError(f"{entry.file}: {size} bytes, the manifest says {entry.bytes} "
+                                 f"({what})", file=entry.file, kind="size")
+            if self._store.local is not None:
+                f = f.read_buffer()
+            self._files[obj] = f
+        return f
+
+    def _range(self, obj: int, offset: int, length: int) -> pa.Buffer:
+        f = self._file(obj)
+        if isinstance(f, pa.Buffer):
+            return f.slice(offset, max(min(length, f.size - offset), 0))
+        return pa.py_buffer(f.read_at(length, offset))
+
+    def _name(self, obj: int) -> str:
+        return self._view.shard_file(obj)
+
+    def _fetch(self, first: int) -> pa.RecordBatch:
+        """The record batch holding stored row ``first`` (fetched, checked, decoded)."""
+        obj, bno = int(self._obj[first]), int(self._batchno[first])
+        offset, length = int(self._offset[first]), int(self._length[first])
+        name = self._name(obj)
         try:
-            i = self._index[sample_id]
-        except (KeyError, TypeError):
-            raise KeyError(f"sample {sample_id!r} is not stored in {self.dir}") from None
-        s, b, r = self._loc[i]
-        return int(s), int(b), int(r)
+            buf = self._range(obj, offset, length)
+        except OSError as e:
+            raise ShardError(f"{name}: cannot read record batch {bno}: {e}", file=name) from None
+        if buf.size != length:
+            raise ShardError(f"{name}: record batch {bno} ends past the end of the object",
+                             file=name, kind="size")
+        if self._verify and (obj, bno) not in self._checked:
+            crc = zlib.crc32(buf)
+            if crc != int(self._crc[first]):
+                raise ShardError(f"{name}: record batch {bno} (bytes {offset}..{offset + length}) "
+                                 f"has CRC-32 {crc:08x}, its index says {int(self._crc[first]):08x}"
+                                 ": the object is corrupted", file=name, kind="checksum")
+            self._checked.add((obj, bno))
+        try:
+            batch = ipc.read_record_batch(ipc.read_message(buf), self._schema)
+            batch.validate(full=True)
+        except (OSError, pa.ArrowException, ValueError) as e:
+            raise ShardError(f"{name}: unreadable record batch {bno} ({e})", file=name) from None
+        return batch
 
-    def _batch(self, si: int, bi: int) -> pa.RecordBatch:
-        key = (si, bi)
-        if key in self._cache:
+    def _batch(self, first: int) -> pa.RecordBatch:
+        key = (int(self._obj[first]), int(self._batchno[first]))
+        cached = self._cache.get(key)
+        if cached is not None:
             self._cache.move_to_end(key)
-            return self._cache[key]
-        shard = self._shards[si]
-        if self._verify:
-            shard.verify(self.dir)
-        batch = shard.batch(bi)
+            return cached
+        batch = self._fetch(first)
         self._cache[key] = batch
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return batch
 
-    def _row(self, sample_id: str) -> tuple[pa.RecordBatch, int, str]:
-        """The record batch holding ``sample_id``, its row, and its file name; ShardError when
-        the row breaks a storage rule (a lookup checks its own row, not the whole batch)."""
-        si, bi, row = self._locate(sample_id)
-        batch = self._batch(si, bi)
-        broken = self._shards[si].row_break(batch, bi, row)
-        if broken is not None:
-            raise self._shards[si].refuse(bi, broken)
-        return batch, row, self._shards[si].entry.file
+    def _breaks(self, batch: pa.RecordBatch, first: int) -> list[RuleBreak]:
+        try:
+            return batch_breaks(batch, self.geometry)
+        except (pa.ArrowException, KeyError, ValueError) as e:
+            name = self._name(int(self._obj[first]))
+            raise ShardError(f"{name}: unreadable record batch {int(self._batchno[first])} ({e})",
+                             file=name) from None
+
+    def _refuse(self, first: int, broken: RuleBreak) -> ShardError:
+        name, bno = self._name(int(self._obj[first])), int(self._batchno[first])
+        where = f"row {broken.row} of record batch {bno}, storage rule {broken.rule!r}"
+        head = "malformed row: " if broken.unreadable else ""
+        return ShardError(f"{name}: {head}{broken.message} ({where})", file=name,
+                          kind="unreadable" if broken.unreadable else "storage_rule")
+
+    def _row_checked(self, i: int) -> tuple[pa.RecordBatch, int]:
+        """The record batch of stored row ``i`` and its row there, that row checked."""
+        first = self._block_of(i)
+        batch = self._batch(first)
+        row = int(self._row[i])
+        found = self._breaks(batch.slice(row, 1), first)
+        if found:
+            raise self._refuse(first, found[0]._replace(row=row))
+        return batch, row
+
+    def _block_of(self, i: int) -> int:
+        return int(self._block_starts[np.searchsorted(self._block_starts, i, side="right") - 1])
+
+    # ---- lookup --------------------------------------------------------------------------
+
+    def _locate(self, sample_id: str) -> int:
+        try:
+            return self._positions()[sample_id]
+        except (KeyError, TypeError):
+            raise KeyError(f"sample {sample_id!r} is not stored in {self.uri}") from None
 
     def routing(self, sample_id: str) -> np.ndarray:
         """``[rows, num_moe_layers, top_k]`` ids of one sample: a read-only view, no copy."""
-        batch, row, name = self._row(sample_id)
+        i = self._locate(sample_id)
+        batch, row = self._row_checked(i)
         offsets, values = list_parts(batch.column("routed"))
         return routed_rows(values, int(offsets[row]), int(offsets[row + 1]), self.geometry,
-                           name, sample_id)
+                           self._name(int(self._obj[i])), sample_id)
 
     def __getitem__(self, sample_id: str) -> RoutedSample:
-        batch, row, name = self._row(sample_id)
-        return samples_from_batch(batch.slice(row, 1), self.geometry, name)[0]
+        i = self._locate(sample_id)
+        batch, row = self._row_checked(i)
+        return samples_from_batch(batch.slice(row, 1), self.geometry,
+                                  self._name(int(self._obj[i])))[0]
 
     def get(self, sample_id: str, default: Any = None) -> RoutedSample | Any:
-        return self[sample_id] if sample_id in self._index else default
+        return self[sample_id] if sample_id in self else default
+
+    def read(self, sample_ids: Sequence[str], threads: int | None = None) -> list[RoutedSample]:
+        """The samples of ``sample_ids``, in the order asked, reading only the record batches
+        that hold them (``threads`` fetch and decode batches in parallel; default: up to 4 on
+        remote storage, 1 locally). :class:`KeyError` naming the first id not stored."""
+        self._v  # noqa: B018
+        if not len(sample_ids):
+            return []
+        asked = pa.array(list(sample_ids), pa.string())
+        pos = pc.index_in(asked, value_set=self._ids)
+        if pos.null_count:
+            missing = asked.filter(pc.is_null(pos))[0].as_py()
+            raise KeyError(f"sample {missing!r} is not stored in {self.uri}")
+        pos = pos.to_numpy()
+        blocks = self._block_starts[np.searchsorted(self._block_starts, pos, side="right") - 1]
+        order = np.argsort(blocks, kind="stable")
+        uniq, starts = np.unique(blocks[order], return_index=True)
+        n = threads if threads is not None else (1 if self._store.local is not None
+                                                 else default_read_threads())
+        if n > 1 and len(uniq) > 1:
+            with ThreadPoolExecutor(min(n, len(uniq)), thread_name_prefix="shard-read") as ex:
+                batches = list(ex.map(self._fetch, uniq.tolist()))
+        else:
+            batches = [self._batch(int(b)) for b in uniq]
+        out: list[RoutedSample | None] = [None] * len(pos)
+        bounds = list(starts) + [len(order)]
+        for j, batch in enumerate(batches):
+            where = order[bounds[j]:bounds[j + 1]]
+            rows = self._row[pos[where]]
+            part = batch.take(pa.array(rows))
+            found = self._breaks(part, int(uniq[j]))
+            if found:
+                raise self._refuse(int(uniq[j]), found[0]._replace(row=int(rows[found[0].row])))
+            for k, s in zip(where.tolist(), samples_from_batch(part, self.geometry,
+                                                              self._name(int(self._obj[uniq[j]])))):
+                out[k] = s
+        return out  # type: ignore[return-value]
 
     # ---- iteration -----------------------------------------------------------------------
 
-    def _jobs(self) -> Iterator[tuple[int, int]]:
-        """``(shard, batch)`` in storage order; each shard is verified and opened here, on
-        the caller's thread, before its first batch is handed out."""
-        for si, shard in enumerate(self._shards):
-            if self._verify:
-                shard.verify(self.dir)
-            for bi in range(shard.reader.num_record_batches):
-                yield si, bi
+    def _kept_rows(self, j: int) -> np.ndarray:
+        """The rows of block ``j`` that are read (all but copies of a duplicated id)."""
+        a = int(self._block_starts[j])
+        b = int(self._block_starts[j + 1]) if j + 1 < len(self._block_starts) else len(self._obj)
+        return self._row[a:b]
 
-    def _batches(self, threads: int | None
-                 ) -> Iterator[tuple[int, int, pa.RecordBatch, Breaks]]:
-        if threads is None:  # mapped, uncompressed batches cost nothing to read: no threads
-            threads = 1 if self.manifest.compression == "none" else default_read_threads()
+    def _checked_block(self, j: int) -> tuple[pa.RecordBatch, Breaks]:
+        first = int(self._block_starts[j])
+        batch = self._fetch(first)
+        rows = self._kept_rows(j)
+        if len(rows) != batch.num_rows or (rows != np.arange(len(rows))).any():
+            batch = batch.take(pa.array(rows))
+        return batch, {b.row: b for b in self._breaks(batch, first)}
+
+    def _batches(self, threads: int | None) -> Iterator[tuple[int, pa.RecordBatch, Breaks]]:
+        self._v  # noqa: B018
+        if threads is None:
+            local_plain = self._store.local is not None and self.manifest.compression == "none"
+            threads = 1 if local_plain else default_read_threads()
         n = max(int(threads), 1)
+        jobs = range(len(self._block_starts))
         if n == 1:
-            for si, bi in self._jobs():
-                yield si, bi, *self._shards[si].checked(bi)
+            for j in jobs:
+                yield j, *self._checked_block(j)
             return
-        # Decompression releases the GIL: read ahead on a few threads, yield in order.
+        # Fetching and decompressing release the GIL: read ahead on a few threads, in order.
         ex = ThreadPoolExecutor(n, thread_name_prefix="shard-read")
-        pending: deque[tuple[int, int, Future[tuple[pa.RecordBatch, Breaks]]]] = deque()
-        jobs = self._jobs()
+        pending: deque[tuple[int, Future[tuple[pa.RecordBatch, Breaks]]]] = deque()
         try:
-            for si, bi in jobs:
-                pending.append((si, bi, ex.submit(self._shards[si].checked, bi)))
+            for j in jobs:
+                pending.append((j, ex.submit(self._checked_block, j)))
                 if len(pending) > 2 * n:
-                    si0, bi0, fut = pending.popleft()
-                    yield si0, bi0, *fut.result()
+                    j0, fut = pending.popleft()
+                    yield j0, *fut.result()
             while pending:
-                si0, bi0, fut = pending.popleft()
-                yield si0, bi0, *fut.result()
+                j0, fut = pending.popleft()
+                yield j0, *fut.result()
         finally:
             ex.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def default_read_threads() -> int:
-        """Read-ahead threads of :meth:`iter_batches` on compressed shards by default: the
-        CPUs this process may use, at most 4."""
+        """Read-ahead threads of :meth:`iter_batches` by default: the CPUs this process may
+        use, at most 4."""
         return default_read_threads()
 
     def iter_batches(self, threads: int | None = None) -> Iterator[pa.RecordBatch]:
         """Every record batch, in storage order (the shard schema, metadata included).
-        ``threads`` read ahead and decompress in parallel (default: up to 4 CPUs for
-        compressed shards, none for uncompressed ones). A batch with a row that breaks a
-        storage rule is a :class:`ShardError` naming the sample."""
-        for si, bi, batch, breaks in self._batches(threads):
+        ``threads`` read ahead and decompress in parallel (default: up to 4 CPUs, none for
+        uncompressed local shards). A batch with a row that breaks a storage rule is a
+        :class:`ShardError` naming the sample."""
+        for j, batch, breaks in self._batches(threads):
             if breaks:
-                raise self._shards[si].refuse(bi, breaks[min(breaks)])
+                raise self._refuse(int(self._block_starts[j]), breaks[min(breaks)])
             yield batch
 
     def __iter__(self) -> Iterator[RoutedSample]:
         """Every sample in storage order; a :class:`ShardError` naming the sample at the first
         row that breaks a storage rule."""
-        for si, bi, batch, breaks in self._batches(None):
-            name = self._shards[si].entry.file
+        for j, batch, breaks in self._batches(None):
+            first = int(self._block_starts[j])
+            name = self._name(int(self._obj[first]))
             if breaks:
-                first = min(breaks)
-                yield from samples_from_batch(batch.slice(0, first), self.geometry, name)
-                raise self._shards[si].refuse(bi, breaks[first])
+                bad = min(breaks)
+                yield from samples_from_batch(batch.slice(0, bad), self.geometry, name)
+                raise self._refuse(first, breaks[bad])
             yield from samples_from_batch(batch, self.geometry, name)
 
     def quarantined(self) -> Iterator[dict[str, Any]]:
-        """Quarantine records (rejected and failed samples), oldest first."""
-        for entry in self.manifest.quarantine:
-            path = (verify_file(self.dir, entry) if self._verify
-                    else member_path(self.dir, entry.file, QUARANTINE_RE))
-            yield from read_chunk(path, entry.file)
+        """Quarantine records (rejected and failed samples): writers in start order, each
+        writer's oldest first."""
+        for m in self._v.manifests:
+            for entry in m.quarantine:
+                if self._verify:
+                    verify_object(self._store, entry)
+                yield from read_chunk(self._store, entry.file)
 
     def close(self) -> None:
-        """Drop the cached batches and memory maps (views handed out stay valid)."""
+        """Drop cached batches and open files (views handed out stay valid)."""
+        if self._view is None:
+            return
         self._cache.clear()
-        for shard in self._shards:
-            shard.release()
+        for f in self._files.values():
+            if not isinstance(f, pa.Buffer):
+                f.close()
+        self._files.clear()
 
     def __enter__(self) -> ShardReader:
         return self
@@ -315,8 +448,10 @@ class ShardReader:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"ShardReader({str(self.dir)!r}: {len(self)} samples in {len(self._shards)} "
-                f"shards, {self.geometry.describe()})")
+        if self._view is None:
+            return "ShardReader(<not opened>)"
+        return (f"ShardReader({self.uri!r}: {len(self)} samples in "
+                f"{len(self._view.objects)} shards, {self.geometry.describe()})")
 
 
 def default_read_threads() -> int:
@@ -326,15 +461,3 @@ def default_read_threads() -> int:
     except AttributeError:  # not Linux
         cpus = os.cpu_count() or 1
     return max(1, min(4, cpus))
-
-
-def _duplicates_message(ids: list[str], loc: np.ndarray, shards: list[_Shard]) -> str:
-    seen: dict[str, int] = {}
-    dups = []
-    for i, sid in enumerate(ids):
-        if sid in seen:
-            dups.append((sid, shards[loc[seen[sid], 0]].entry.file, shards[loc[i, 0]].entry.file))
-        else:
-            seen[sid] = i
-    shown = "; ".join(f"{s!r} in {a} and {b}" for s, a, b in dups[:5])
-    return f"{len(dups)} sample ids stored twice: {shown}"

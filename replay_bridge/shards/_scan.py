@@ -23,7 +23,7 @@ from ..geometry import GeometryMismatch, RoutingGeometry
 from ._errors import ShardError
 from ._schema import FORMAT_VERSION, geometry_from_schema
 
-__all__ = ["ShardScan", "open_ipc", "regular_file", "scan_shard"]
+__all__ = ["ShardScan", "check_schema", "open_ipc", "regular_file", "scan_shard"]
 
 _FD_DIR = Path("/proc/self/fd")
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device",
@@ -81,7 +81,14 @@ def open_ipc(path: Path, name: str, geometry: RoutingGeometry,
         raise ShardError(f"{name}: missing", file=name, kind="missing") from None
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{name}: not a readable Arrow IPC file ({e})", file=name) from None
-    got, version = geometry_from_schema(reader.schema, name, projected=options is not None)
+    check_schema(reader.schema, name, geometry, projected=options is not None)
+    return reader
+
+
+def check_schema(schema: pa.Schema, name: str, geometry: RoutingGeometry, *,
+                 projected: bool = False) -> None:
+    """A shard's schema: this format version, columns of the right types, ``geometry``."""
+    got, version = geometry_from_schema(schema, name, projected=projected)
     if version != FORMAT_VERSION:
         raise ShardError(f"{name}: format_version {version}, expected {FORMAT_VERSION}",
                          file=name)
@@ -89,7 +96,6 @@ def open_ipc(path: Path, name: str, geometry: RoutingGeometry,
         geometry.require_same(got, f"{name} schema geometry and manifest geometry")
     except GeometryMismatch as e:
         raise ShardError(str(e), file=name, kind="geometry") from None
-    return reader
 
 
 def scan_shard(path: Path, name: str, geometry: RoutingGeometry, *,

@@ -28,7 +28,7 @@ __all__ = [
     "to_record_batch",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 METADATA_KEY = "routing_replay"
 LAYOUT = "routed: [rows, num_moe_layers, top_k] row-major, MoE layers only, engine order"
 

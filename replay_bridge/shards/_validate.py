@@ -1,32 +1,38 @@
-"""Re-check a shard directory end to end: files, checksums, manifest counts, geometry,
-duplicate ids, every stored sample's routing, and the quarantine.
+"""Re-check a dataset end to end: every writer's manifest and index, every listed object's
+size and sha256, geometry, counts, duplicate ids, every stored sample's routing, the
+quarantine, and what lies in the dataset unlisted.
 
-:func:`validate_dir` raises :class:`~replay_bridge.shards.ShardError` only when the directory
-cannot be read as a shard directory at all (no or unusable ``manifest.json``); everything
-else is collected as a :class:`Fault` naming the file.
+:func:`validate_dataset` raises :class:`~replay_bridge.shards.ShardError` only when the URI
+cannot be read as a dataset at all (no manifest, or one that cannot be trusted); everything
+else is collected as a :class:`Fault` naming the object.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 
 from ..checks import CheckTally, check_routed
+from ._dataset import DatasetView
 from ._errors import ShardError
-from ._manifest import MANIFEST, Manifest, is_member_name, is_temp_name
+from ._manifest import Manifest, ShardEntry
 from ._quarantine import OutcomeLedger, outcome_of, read_chunk
-from ._reader import verify_file
+from ._reader import verify_object
 from ._rules import batch_breaks
-from ._scan import open_ipc
+from ._scan import check_schema
 from ._schema import samples_from_batch
+from ._store import open_store
+from ._strays import strays
 
-__all__ = ["MAX_LISTED_SAMPLE_FAULTS", "Fault", "ValidationReport", "validate_dir"]
+__all__ = ["MAX_LISTED_SAMPLE_FAULTS", "Fault", "ValidationReport", "validate_dataset",
+           "validate_dir"]
 
 MAX_LISTED_SAMPLE_FAULTS = 50
 
@@ -49,8 +55,10 @@ class Fault:
 
 @dataclass
 class ValidationReport:
-    directory: Path
+    directory: str
+    """The dataset's URI, for display."""
     manifest: Manifest
+    """The whole dataset as one manifest (writer ``*``)."""
     tally: CheckTally
     faults: list[Fault] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -61,6 +69,9 @@ class ValidationReport:
     tokens: int = 0
     quarantine_records: int = 0
     quarantine_outcomes: dict[str, int] = field(default_factory=dict)
+    writers: int = 0
+    duplicates: list[tuple[str, str, str]] = field(default_factory=list)
+    """``(sample_id, shard read, shard ignored)``: ids two writers stored."""
 
     @property
     def ok(self) -> bool:
@@ -69,7 +80,8 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         m = self.manifest
         return {
-            "dir": str(self.directory),
+            "dir": self.directory,
+            "writers": self.writers,
             "ok": self.ok,
             "exit_code": 0 if self.ok else 1,
             "geometry": m.geometry.to_dict(),
@@ -82,6 +94,8 @@ class ValidationReport:
             "sample_faults": self.sample_faults,
             "faults": [f.to_dict() for f in self.faults],
             "warnings": list(self.warnings),
+            "duplicates": [{"sample_id": s, "read": a, "ignored": b}
+                           for s, a, b in self.duplicates],
             "check": self.tally.to_dict(),
             "quarantine": {
                 "files": len(m.quarantine),
@@ -91,44 +105,62 @@ class ValidationReport:
         }
 
 
-def validate_dir(directory: str | os.PathLike[str],
-                 on_samples: Callable[[int], None] | None = None) -> ValidationReport:
-    """Validate a shard directory; ``on_samples(n)`` is called as samples are checked."""
-    root = Path(directory)
-    manifest = Manifest.read(root)  # ShardError: not a shard directory
-    report = ValidationReport(root, manifest, CheckTally(manifest.geometry))
-    seen: dict[str, str] = {}
-    for entry in manifest.shards:
-        if not _check_shard(report, entry, seen, on_samples):
-            report.shards_bad += 1
-    _check_quarantine(report, seen)
-    _check_strays(report)
+def validate_dataset(uri: str | os.PathLike[str],
+                     on_samples: Callable[[int], None] | None = None) -> ValidationReport:
+    """Validate a dataset; ``on_samples(n)`` is called as samples are checked."""
+    view = DatasetView.load(open_store(uri))  # ShardError: not a dataset
+    merged = view.merged()
+    report = ValidationReport(view.store.display, merged, CheckTally(merged.geometry),
+                              writers=len(view.manifests), duplicates=list(view.duplicates))
+    for sid, kept, ignored in view.duplicates:
+        report.warnings.append(f"sample {sid!r} is stored by two writers ({kept} and "
+                               f"{ignored}); readers read the copy in {kept} (the writer that "
+                               "started first)")
+    for m in view.manifests:
+        seen: set[str] = set()
+        for pos, entry in enumerate(m.shards):
+            if not _check_shard(report, view, m, pos, entry, seen, on_samples):
+                report.shards_bad += 1
+    _check_quarantine(report, view)
+    for warning in strays(view.store, view.manifests):
+        report.warnings.append(warning)
     return report
 
 
-def _check_shard(report: ValidationReport, entry: Any, seen: dict[str, str],
+validate_dir = validate_dataset
+"""The same as :func:`validate_dataset` (a local directory is a dataset URI)."""
+
+
+def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, pos: int,
+                 entry: ShardEntry, seen: set[str],
                  on_samples: Callable[[int], None] | None) -> bool:
-    root, g, name = report.directory, report.manifest.geometry, entry.file
+    store, g, name = view.store, report.manifest.geometry, entry.file
     faults = report.faults
     n_before = len(faults)
     try:
-        path = verify_file(root, entry)
+        verify_object(store, entry)
     except ShardError as e:
         faults.append(Fault(name, e.kind, str(e)))
         if e.kind in ("missing", "unsafe_path", "unreadable"):  # nothing more to read
             return False
-        path = root / name
     try:
-        reader = open_ipc(path, name, g)
+        source = store.open(name)
+        reader = ipc.open_file(source)
+        check_schema(reader.schema, name, g)
     except ShardError as e:
         faults.append(Fault(name, e.kind, str(e)))
         return False
+    except (OSError, pa.ArrowException) as e:
+        faults.append(Fault(name, "unreadable", f"{name}: not a readable Arrow IPC file ({e})"))
+        return False
+    idx = _index_rows(view, m, pos)
     rows = tokens = routed_rows = 0
     per_row = g.ids_per_token
     try:
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             batch.validate(full=True)
+            _check_block(report, source, name, i, batch, idx)
             breaks = {b.row: b for b in batch_breaks(batch, g)}
             t_off = batch.column("tokens").offsets
             r_off = batch.column("routed").offsets
@@ -140,10 +172,9 @@ def _check_shard(report: ValidationReport, entry: Any, seen: dict[str, str],
                 if sid is None:
                     continue
                 if sid in seen:
-                    faults.append(Fault(name, "duplicate_id", f"{name}: sample {sid!r} is also "
-                                        f"stored in {seen[sid]}", sid))
-                else:
-                    seen[sid] = name
+                    faults.append(Fault(name, "duplicate_id", f"{name}: sample {sid!r} is stored "
+                                        f"twice by writer {m.writer}", sid))
+                seen.add(sid)
             for b in breaks.values():
                 _sample_fault(report, Fault(name, "unreadable" if b.unreadable else
                                             "storage_rule", f"{name}: {b.message}",
@@ -169,12 +200,51 @@ def _check_shard(report: ValidationReport, entry: Any, seen: dict[str, str],
     finally:  # what was read counts, also when a later batch is unreadable
         report.samples += rows
         report.tokens += tokens
+        source.close()
     for what, got, want in (("samples", rows, entry.rows), ("tokens", tokens, entry.tokens),
-                            ("routed_rows", routed_rows, entry.routed_rows)):
+                            ("routed_rows", routed_rows, entry.routed_rows),
+                            ("index rows", len(idx["row"]), entry.rows)):
         if got != want:
             faults.append(Fault(name, "counts",
                                 f"{name}: holds {got} {what}, the manifest says {want}"))
     return len(faults) == n_before
+
+
+def _index_rows(view: DatasetView, m: Manifest, pos: int) -> dict[str, np.ndarray]:
+    """This shard's rows of its writer's index (before duplicates are resolved)."""
+    obj = next(i for i, (mm, p) in enumerate(view.objects) if mm is m and p == pos)
+    t = view.index.filter(pa.compute.equal(view.index.column("object"), obj))
+    return {c: t.column(c).to_numpy(zero_copy_only=False)
+            for c in ("sample_id", "batch", "row", "offset", "length", "crc32")}
+
+
+def _check_block(report: ValidationReport, source: pa.NativeFile, name: str, i: int,
+                 batch: pa.RecordBatch, idx: dict[str, np.ndarray]) -> None:
+    """The index's rows for record batch ``i``: its ids in order, and a byte range whose
+    CRC-32 matches and which decodes to this batch."""
+    mine = idx["batch"] == i
+    ids = batch.column("sample_id").to_pylist()
+    if list(idx["sample_id"][mine]) != ids or list(idx["row"][mine]) != list(range(len(ids))):
+        report.faults.append(Fault(name, "index", f"{name}: the index does not list record "
+                                   f"batch {i}'s samples in order"))
+        return
+    if not mine.any():
+        return
+    j = int(np.flatnonzero(mine)[0])
+    offset, length, crc = int(idx["offset"][j]), int(idx["length"][j]), int(idx["crc32"][j])
+    buf = pa.py_buffer(source.read_at(length, offset))
+    if buf.size != length or zlib.crc32(buf) != crc:
+        report.faults.append(Fault(name, "checksum", f"{name}: record batch {i}'s bytes "
+                                   f"{offset}..{offset + length} do not match the index's "
+                                   "CRC-32"))
+        return
+    try:
+        same = ipc.read_record_batch(ipc.read_message(buf), batch.schema).equals(batch)
+    except (OSError, pa.ArrowException):
+        same = False
+    if not same:
+        report.faults.append(Fault(name, "index", f"{name}: the index's byte range for record "
+                                   f"batch {i} does not decode to that batch"))
 
 
 def _sample_fault(report: ValidationReport, fault: Fault) -> None:
@@ -189,54 +259,36 @@ def _id_or_none(sample_id: object) -> str | None:
     return sample_id if isinstance(sample_id, str) else None
 
 
-def _check_quarantine(report: ValidationReport, stored: dict[str, str]) -> None:
-    """Every chunk's records; the outcome counts, each sample id once (stored wins, else its
-    latest record), against the manifest's."""
-    ledger = OutcomeLedger()
-    per_record = {"rejected": 0, "failed": 0}
-    readable = True
-    for entry in report.manifest.quarantine:
-        try:
-            path = verify_file(report.directory, entry)
-            n = 0
-            for rec in read_chunk(path, entry.file):
-                n += 1
-                outcome = outcome_of(rec)
-                per_record[outcome] += 1
-                ledger.record(rec["sample_id"], outcome, stored=rec["sample_id"] in stored)
-        except ShardError as e:
-            report.faults.append(Fault(entry.file, f"quarantine_{e.kind}", str(e)))
-            readable = False
-            continue
-        report.quarantine_records += n
-        if n != entry.records:
-            report.faults.append(Fault(entry.file, "counts", f"{entry.file}: holds {n} records, "
-                                       f"the manifest says {entry.records}"))
-    report.quarantine_outcomes = dict(ledger.counts)
-    said = {k: report.manifest.outcomes[k] for k in ledger.counts}
-    if not readable or said == ledger.counts:
-        return
-    if said == per_record:  # an older writer counted records, not sample ids
-        report.warnings.append(f"{MANIFEST}: outcomes count quarantine records ({said}), not "
-                               f"sample ids ({ledger.counts}); a resumed writer recounts them")
-    else:
-        report.faults.append(Fault(MANIFEST, "counts", f"{MANIFEST}: outcomes say {said}, the "
-                                   f"quarantine holds {ledger.counts} (each sample id once: "
-                                   "stored wins, else its latest record)"))
-
-
-def _check_strays(report: ValidationReport) -> None:
-    """Files the manifest does not list: harmless leftovers of a killed writer."""
-    m = report.manifest
-    listed = m.files | {MANIFEST}
-    for p in sorted(report.directory.iterdir()):
-        if p.name in listed:
-            continue
-        if is_temp_name(p.name):
-            report.warnings.append(f"{p.name}: temp file of an interrupted write (ignored; "
-                                   "removed by a resumed writer)")
-        elif is_member_name(p.name):
-            report.warnings.append(f"{p.name}: complete file not yet in {MANIFEST} (ignored; "
-                                   "adopted by a resumed writer)")
-        elif re.fullmatch(r"[\w.-]+", p.name):
-            report.warnings.append(f"{p.name}: not part of the shard format (ignored)")
+def _check_quarantine(report: ValidationReport, view: DatasetView) -> None:
+    """Every chunk's records; each writer's outcome counts (each sample id once: stored by
+    it wins, else its latest record) against its manifest's."""
+    for m in view.manifests:
+        own = set()
+        for pos in range(len(m.shards)):
+            own.update(_index_rows(view, m, pos)["sample_id"].tolist())
+        ledger = OutcomeLedger()
+        readable = True
+        for entry in m.quarantine:
+            try:
+                verify_object(view.store, entry)
+                n = 0
+                for rec in read_chunk(view.store, entry.file):
+                    n += 1
+                    ledger.record(rec["sample_id"], outcome_of(rec),
+                                  stored=rec["sample_id"] in own)
+            except ShardError as e:
+                report.faults.append(Fault(entry.file, f"quarantine_{e.kind}", str(e)))
+                readable = False
+                continue
+            report.quarantine_records += n
+            if n != entry.records:
+                report.faults.append(Fault(entry.file, "counts", f"{entry.file}: holds {n} "
+                                           f"records, the manifest says {entry.records}"))
+        said = {k: m.outcomes[k] for k in ledger.counts}
+        if readable and said != ledger.counts:
+            report.faults.append(Fault(
+                f"writer {m.writer}", "counts", f"writer {m.writer}'s manifest: outcomes say "
+                f"{said}, its quarantine holds {ledger.counts} (each sample id once: stored "
+                "wins, else its latest record)"))
+    outcomes = report.manifest.outcomes  # the dataset's: each id once across writers
+    report.quarantine_outcomes = {k: outcomes[k] for k in ("rejected", "failed")}

@@ -1,10 +1,12 @@
-"""Append checked samples to a shard directory, crash-safely."""
+"""Append checked samples to a dataset, crash-safely, beside any number of other writers."""
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import socket
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -15,19 +17,27 @@ import pyarrow.ipc as ipc
 from ..checks import CheckReport
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, WireSample, with_routing
-from ._atomic import TMP_SUFFIX, HashingFile, fsync_dir, remove_stray, sha256_file
+from ._dataset import LEGACY_MANIFEST, DatasetView, has_dataset
 from ._errors import DuplicateSample, ShardError
-from ._manifest import (MANIFEST, QUARANTINE_RE, SHARD_RE, Manifest, QuarantineEntry,
-                        ShardEntry, is_member_name, is_temp_name, quarantine_name, shard_name)
-from ._quarantine import (ChunkWriter, OutcomeLedger, failure_record, outcome_of, read_chunk,
-                          rejection_record)
+from ._index import OUTCOME_CODES, index_bytes, quarantine_rows, stored_rows
+from ._manifest import (INDEX_DIR, MANIFEST_DIR, QUARANTINE_DIR, WRITER_RE, IndexEntry,
+                        Manifest, QuarantineEntry, ShardEntry, index_name, manifest_name,
+                        quarantine_name, shard_name)
+from ._quarantine import ChunkWriter, OutcomeLedger, failure_record, outcome_of, rejection_record
 from ._rules import conform
 from ._schema import schema_for, to_record_batch
-from ._scan import scan_shard
+from ._store import ObjectWriter, open_store
 
-__all__ = ["COMPRESSIONS", "ShardStats", "ShardWriter"]
+__all__ = ["COMPRESSIONS", "ShardStats", "ShardWriter", "new_writer_id"]
 
 COMPRESSIONS = ("zstd", "lz4", "none")
+_CODE_OUTCOME = {v: k for k, v in OUTCOME_CODES.items()}
+
+
+def new_writer_id() -> str:
+    """A writer id unique across processes and machines: host, process, random suffix."""
+    host = re.sub(r"[^A-Za-z0-9]+", "-", socket.gethostname()).strip("-")[:32] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
@@ -57,17 +67,20 @@ def _codec(compression: str | None, level: int | None) -> pa.Codec | None:
 
 
 class ShardWriter:
-    """Write :class:`RoutedSample` s as Arrow IPC shards plus ``manifest.json``.
+    """Write :class:`RoutedSample` s into a dataset (a local path or any ``pyarrow.fs`` URI)
+    as Arrow IPC shards, published by this writer's own manifest and index.
 
-    Samples go to ``shard-NNNNNN.arrow.tmp`` in record batches of about ``batch_bytes`` of
-    routing; a shard is sealed (footer, fsync, rename) every ``samples_per_shard`` samples, on
-    :meth:`flush` and on :meth:`close`, and the manifest is rewritten atomically after each
-    seal. ``batch_bytes`` trades compressed random lookups (one record batch is decompressed
+    Every writer has its own id (``writer_id``, a fresh one by default), object names and
+    manifest, so any number of writers append to one dataset at once with no lock. Samples go
+    to this writer's open shard ``part-<writer>-<seq>.arrow`` in record batches of about
+    ``batch_bytes`` of routing; a shard is sealed (footer; a local file is fsynced and renamed,
+    an object's upload completes) every ``samples_per_shard`` samples, on :meth:`flush` and on
+    :meth:`close`, then published: a new index, then the manifest that lists both. ``batch_bytes`` trades compressed random lookups (one record batch is decompressed
     per lookup) against per-batch overhead. A writer killed at any instant leaves only complete
     shards; samples of the open shard are not stored (``stored_ids`` of a resumed writer says
     which are).
 
-    Quarantine records are written to the open chunk ``quarantine-NNNNNN.jsonl.tmp`` as they
+    Quarantine records are written to the open chunk (``_routing_replay/quarantine/``) as they
     come (never kept in memory), and the chunk is sealed and listed at every flush and whenever
     it reaches ``quarantine_bytes`` or ``quarantine_records``; a kill loses at most the open
     chunk. A record is not written again for an id whose latest record has the same outcome
@@ -86,7 +99,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        out_dir: str | os.PathLike[str],
+        uri: str | os.PathLike[str],
         geometry: RoutingGeometry,
         *,
         samples_per_shard: int = 1024,
@@ -96,10 +109,15 @@ class ShardWriter:
         quarantine_bytes: int | None = None,
         quarantine_records: int | None = None,
         resume: bool = False,
+        writer_id: str | None = None,
     ) -> None:
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-        self.dir = Path(out_dir)
+        if writer_id is not None and not WRITER_RE.fullmatch(str(writer_id)):
+            raise ValueError(f"writer_id must match {WRITER_RE.pattern}, got {writer_id!r}")
+        self.store = open_store(uri)
+        self.uri = self.store.display
+        self.writer_id = writer_id or new_writer_id()
         self.geometry = geometry
         self.samples_per_shard = int(samples_per_shard)
         self.batch_bytes = max(int(batch_bytes or self.DEFAULT_BATCH_BYTES), 1)
@@ -116,12 +134,15 @@ class ShardWriter:
         self._unsealed: set[str] = set()
         """Ids claimed, not yet in a sealed shard."""
         self._open_ids: list[str] = []
+        self._open_index: list[pa.Table] = []
+        """Index rows of the open shard's record batches."""
+        self._batch_no = 0
         self._batch: list[RoutedSample] = []
         self._batch_bytes = 0
         self._open_rows = 0
         self._open_tokens = 0
         self._open_routed_rows = 0
-        self._sink: HashingFile | None = None
+        self._sink: ObjectWriter | None = None
         self._ipc: ipc.RecordBatchFileWriter | None = None
         self._chunk: ChunkWriter | None = None
         self._last: dict[str, tuple[str, tuple[str, ...]]] = {}
@@ -129,67 +150,46 @@ class ShardWriter:
         self._ledger = OutcomeLedger()
         self._pending_tokens = 0
         self._closed = False
+        self._index_parts: list[Any] = []
+        """Index rows of this writer's sealed shards (pyarrow tables)."""
+        self._quarantined: dict[str, tuple[str, tuple[str, ...]]] = {}
+        """Latest (outcome, kinds) of each id in this writer's sealed quarantine chunks."""
+        self._index_gen = -1
+        self._shard_seq = self._chunk_seq = 0
+        self._block_start = 0
+        self._header = 8 + self._schema.serialize().size
+        """Bytes before an IPC file's first record batch: magic and schema message."""
         comp = "none" if self._codec is None else self._codec.name
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ShardError(f"{self.dir} is not a directory")
-        if os.path.lexists(self.dir / MANIFEST):
+        store = self.store
+        if has_dataset(store):
+            if store.info(LEGACY_MANIFEST) is not None:
+                raise ShardError(f"{self.uri} is a format-1 shard directory "
+                                 f"({LEGACY_MANIFEST}); write format 2 to a new dataset",
+                                 kind="manifest")
             if not resume:
-                raise ShardError(f"{self.dir} already holds shards; pass resume=True to append")
-            self._manifest = Manifest.read(self.dir)
-            self._manifest.geometry.require_same(geometry, "resumed shard geometry and writer")
-            self._manifest.compression = comp
-            self._recover()
-        else:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            strays = [p.name for p in self.dir.iterdir() if is_member_name(p.name)]
-            if strays:
-                raise ShardError(f"{self.dir} holds shard files but no {MANIFEST}: {strays[:3]}")
-            self._manifest = Manifest(geometry=geometry, compression=comp)
-            self._write_manifest()
+                raise ShardError(f"{self.uri} already holds a dataset; pass resume=True to "
+                                 "append to it")
+            self._load_earlier(geometry)
+        if store.info(manifest_name(self.writer_id)) is not None:
+            raise ShardError(f"{self.uri}: writer id {self.writer_id!r} is taken; every "
+                             "writer needs its own")
+        store.make_dirs(MANIFEST_DIR, INDEX_DIR, QUARANTINE_DIR)
+        self._manifest = Manifest(geometry=geometry, writer=self.writer_id, compression=comp)
+        self._write_manifest()
 
     # ---- resume --------------------------------------------------------------------------
 
-    def _recover(self) -> None:
-        """Drop temp files, adopt complete files renamed before the manifest caught up, load
-        the stored ids and each quarantined id's latest record, and recount the outcomes."""
-        for p in self.dir.iterdir():
-            if is_temp_name(p.name):
-                remove_stray(p)
-        m = self._manifest
-        listed = m.files
-        for p in sorted(self.dir.iterdir()):
-            if p.name in listed or p.is_symlink() or not p.is_file():
-                continue
-            if SHARD_RE.fullmatch(p.name):
-                scan = scan_shard(p, p.name, m.geometry)
-                m.shards.append(ShardEntry(p.name, scan.rows, scan.tokens, scan.routed_rows,
-                                           p.stat().st_size, sha256_file(p)))
-            elif QUARANTINE_RE.fullmatch(p.name):
-                n = sum(1 for _ in read_chunk(p, p.name))
-                m.quarantine.append(QuarantineEntry(p.name, n, p.stat().st_size,
-                                                    sha256_file(p)))
-        for e in m.shards:
-            path = self._listed_file(e.file, e.bytes)
-            ids = scan_shard(path, e.file, m.geometry, what="ids").ids
-            dup = self._earlier.intersection(ids)
-            if dup:
-                raise ShardError(f"{e.file}: sample ids stored twice: {sorted(dup)[:5]}",
-                                 file=e.file)
-            self._earlier.update(ids)
-        for q in m.quarantine:
-            for rec in read_chunk(self._listed_file(q.file, q.bytes), q.file):
-                sid, outcome = rec["sample_id"], outcome_of(rec)
-                kinds = rec.get("kinds")
-                self._last[sid] = (outcome, tuple(kinds) if isinstance(kinds, list) else ())
-                self._ledger.record(sid, outcome, stored=sid in self._earlier)
-        self._write_manifest()
-
-    def _listed_file(self, name: str, size: int) -> Path:
-        path = self.dir / name
-        if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
-            raise ShardError(f"{name}: missing, not a regular file or not {size} bytes; run "
-                             "validate", file=name)
-        return path
+    def _load_earlier(self, geometry: RoutingGeometry) -> None:
+        """The ids every published writer stored, and each quarantined id's latest record
+        (from their indexes: no shard or quarantine chunk is read)."""
+        view = DatasetView.load(self.store)
+        view.geometry.require_same(geometry, "dataset geometry and writer")
+        self._earlier.update(view.stored.column("sample_id").to_pylist())
+        q = view.index.filter(pa.compute.not_equal(view.index.column("outcome"), 0))
+        for sid, code, kinds in zip(q.column("sample_id").to_pylist(),
+                                    q.column("outcome").to_pylist(),
+                                    q.column("kinds").to_pylist()):
+            self._last[sid] = (_CODE_OUTCOME[code], tuple(kinds.split(",")) if kinds else ())
 
     # ---- public --------------------------------------------------------------------------
 
@@ -321,7 +321,7 @@ class ShardWriter:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"shard writer for {self.dir} is closed")
+            raise ValueError(f"shard writer for {self.uri} is closed")
 
     def _conform(self, s: RoutedSample) -> np.ndarray:
         """The routing as it will be stored; :class:`DuplicateSample`, or
@@ -331,7 +331,7 @@ class ShardWriter:
             raise TypeError(f"ShardWriter.add takes a RoutedSample, got {type(s).__name__}")
         sid = s.sample_id
         if isinstance(sid, str) and sid in self:
-            raise DuplicateSample(f"sample {sid!r} is already stored in {self.dir}",
+            raise DuplicateSample(f"sample {sid!r} is already stored in {self.uri}",
                                   sample_id=sid)
         return conform(s, self.geometry)
 
@@ -345,10 +345,15 @@ class ShardWriter:
             if batch is None:
                 return
         if self._ipc is None:
-            idx = self._next_index(self._manifest.shards)
-            self._sink = HashingFile(self.dir / (shard_name(idx) + TMP_SUFFIX))
+            self._sink = self.store.create(shard_name(self.writer_id, self._shard_seq))
             self._ipc = ipc.new_file(self._sink, self._schema, options=self._options)
+            self._batch_no = 0
+        # The first batch's bytes follow the file's magic and schema, written with it.
+        self._sink.begin_block(self._header if self._batch_no == 0 else None)
         self._ipc.write_batch(batch)
+        self._open_index.append(stored_rows(batch, len(self._manifest.shards), self._batch_no,
+                                            self._sink.end_block()))
+        self._batch_no += 1
         self._open_rows += batch.num_rows
         self._open_tokens += sum(s.num_tokens for s in samples)
         self._open_routed_rows += sum(s.rows for s in samples)
@@ -378,14 +383,12 @@ class ShardWriter:
     def _seal(self) -> ShardEntry:
         assert self._ipc is not None and self._sink is not None
         self._ipc.close()
-        self._sink.sync()
-        self._sink.close()
-        idx = self._next_index(self._manifest.shards)
-        name = shard_name(idx)
-        os.replace(self.dir / (name + TMP_SUFFIX), self.dir / name)
-        fsync_dir(self.dir)
-        entry = ShardEntry(name, self._open_rows, self._open_tokens, self._open_routed_rows,
-                           self._sink.size, self._sink.hexdigest)
+        self._sink.commit()
+        entry = ShardEntry(self._sink.name, self._open_rows, self._open_tokens,
+                           self._open_routed_rows, self._sink.size, self._sink.hexdigest)
+        self._shard_seq += 1
+        self._index_parts.extend(self._open_index)
+        self._open_index = []
         self._ipc = self._sink = None
         self._open_rows = self._open_tokens = self._open_routed_rows = 0
         for sid in self._open_ids:
@@ -409,8 +412,9 @@ class ShardWriter:
         if self._last.get(sid) == key:
             return
         if self._chunk is None:
-            name = quarantine_name(self._next_index(self._manifest.quarantine))
-            self._chunk = ChunkWriter(self.dir, name)
+            name = quarantine_name(self.writer_id, self._chunk_seq)
+            self._chunk_seq += 1
+            self._chunk = ChunkWriter(self.store, name)
         self._chunk.write(record)
         self._last[sid] = key
         if (self._chunk.bytes >= self.quarantine_bytes
@@ -423,25 +427,44 @@ class ShardWriter:
         assert chunk is not None
         records, size, sha = chunk.seal()
         self._manifest.quarantine.append(QuarantineEntry(chunk.name, records, size, sha))
-        for sid, outcome, _ in chunk.entries:
+        for sid, outcome, kinds in chunk.entries:
             self._ledger.record(sid, outcome, stored=self._sealed(sid))
+            self._quarantined[sid] = (outcome, kinds)
 
     def _write_manifest(self) -> None:
-        m = self._manifest
+        """Publish: this writer's index (a new object), then its manifest naming it; the
+        index it replaces is removed afterwards."""
+        m, store = self._manifest, self.store
         m.outcomes = {"stored": m.samples, **self._ledger.counts}
-        m.write(self.dir)
+        parts = list(self._index_parts)
+        if self._quarantined:
+            stored_here = self._ids - self._unsealed
+            latest = [(sid, o, k) for sid, (o, k) in self._quarantined.items()
+                      if sid not in stored_here]
+            if latest:
+                parts.append(quarantine_rows(latest))
+        previous = m.index
+        if parts or previous is not None:
+            table = pa.concat_tables(parts) if parts else quarantine_rows([])
+            data = index_bytes(table)
+            self._index_gen += 1
+            name = index_name(self.writer_id, self._index_gen)
+            obj = store.create(name)
+            obj.write(data)
+            obj.commit()
+            m.index = IndexEntry(name, table.num_rows, len(data), obj.hexdigest)
+        store.put(manifest_name(self.writer_id), m.to_json())
+        if previous is not None and previous.file != (m.index.file if m.index else None):
+            try:
+                store.delete(previous.file)
+            except (OSError, ShardError):
+                pass  # a leftover index generation: cleanup removes it
 
     def _abort_open(self) -> None:
         if self._sink is not None:
-            self._sink.close()
+            self._sink.abort()
         if self._chunk is not None:
             self._chunk.abort()
         self._ipc = self._sink = self._chunk = None
-
-    @staticmethod
-    def _next_index(entries: list[Any]) -> int:
-        if not entries:
-            return 0
-        return max(int(e.file.split("-")[1].split(".")[0]) for e in entries) + 1
 
 
