@@ -12,17 +12,12 @@ inside :meth:`RoutingReplay.replaying`::
     log(replay.metrics())
 
 ``cpu_compat`` (CPU shims for tests) is not imported here and is never needed at runtime.
+The layout names (``Packing``, ``RankSlice``, ``layout_routing``, ``HostRouting``, region codes,
+``LayoutError``, ``MissingSample``) live in the library (:mod:`replay_bridge.layout`) and are
+re-exported here.
 """
 
-from ._flag import (
-    ReplayOptions,
-    add_routing_replay_args,
-    args_from_options,
-    build_routing_replay,
-    options_from_args,
-    options_from_config,
-)
-from ._layout import (
+from replay_bridge.layout import (
     COMPLETION,
     PAD,
     PROMPT,
@@ -32,6 +27,15 @@ from ._layout import (
     Packing,
     RankSlice,
     layout_routing,
+)
+
+from ._flag import (
+    ReplayOptions,
+    add_routing_replay_args,
+    args_from_options,
+    build_routing_replay,
+    options_from_args,
+    options_from_config,
 )
 from ._metrics import AgreementCounter
 from ._replay import MicroBatchRouting, ReplayStateError, RoutingReplay

@@ -12,9 +12,9 @@ from typing import Any, Literal
 import yaml
 
 from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.layout import Packing
 from replay_bridge.sample import RoutedSample
 
-from ._layout import Packing
 from ._replay import RoutingReplay
 
 __all__ = [

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._layout import COMPLETION, PROMPT
+from replay_bridge.layout import COMPLETION, PROMPT
 
 __all__ = ["AgreementCounter", "flat_figures"]
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.layout import HostRouting, Packing, RankSlice, layout_routing, lookup_samples
 from replay_bridge.sample import RoutedSample
 
-from ._layout import HostRouting, Packing, RankSlice, layout_routing, lookup_samples
 from ._metrics import AgreementCounter, flat_figures
 from ._routers import ReplayConfigError, RouterSlot, find_routers
 

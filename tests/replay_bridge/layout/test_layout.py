@@ -1,4 +1,5 @@
-"""Micro-batch layout without megatron: token order, slicing, padding, region codes."""
+"""Micro-batch layout (``replay_bridge.layout``, pure NumPy): token order, slicing, padding,
+region codes."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.sample import RoutedSample
-from trainer_hooks.megatron import (
+from replay_bridge.layout import (
     COMPLETION,
     PAD,
     PROMPT,
@@ -17,8 +17,9 @@ from trainer_hooks.megatron import (
     Packing,
     RankSlice,
     layout_routing,
+    pad_ids,
 )
-from trainer_hooks.megatron._layout import pad_ids
+from replay_bridge.sample import RoutedSample
 
 GEO = RoutingGeometry(6, (1, 2, 4, 5), 4, 16)  # dense layers 0 and 3
 
@@ -170,3 +171,13 @@ def test_every_rollout_row_lands_on_exactly_one_rank_at_its_position(lengths, fm
     # Every stored row appears exactly once across ranks (rows are unique by construction
     # only up to the modulus, so compare as multisets).
     assert sorted(map(bytes, got)) == sorted(map(bytes, want))
+
+
+def test_pack_lengths_put_the_pack_padding_on_the_last_sequence():
+    p = Packing.thd(pad_multiple=4, pad_total_multiple=16)
+    assert p.pack_lengths(np.array([5, 3, 9])).tolist() == [8, 4, 20]
+    assert Packing.thd(2).pack_lengths(np.array([5, 3])).tolist() == [6, 4]
+    assert Packing.bshd(12).pack_lengths(np.array([5, 3])).tolist() == [12, 12]
+    a, b = sample(0, 5, 2), sample(1, 3, 1)
+    h = layout_routing([a, b], GEO, p)
+    assert h.cu_seqlens_padded.tolist() == [0, 8, 16] and h.num_tokens == 16

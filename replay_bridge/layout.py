@@ -1,7 +1,9 @@
 """Micro-batch layout: rollout routing rows -> one index array per local MoE router, in the
 router's token order.
 
-Pure NumPy, vectorised over tokens and layers; knows nothing of torch or Megatron objects.
+Pure NumPy, vectorised over tokens and layers; knows nothing of torch or any trainer (the
+Megatron hook, ``trainer_hooks.megatron``, re-exports these names; the rank loader,
+:mod:`replay_bridge.loader`, lays its micro-batches out with them).
 The steps, in the order Megatron applies them to a batch:
 
 1. every sample gets one row per token position: its stored rows, plus pad rows where the
@@ -92,6 +94,15 @@ class Packing:
             return np.full_like(lengths, self.seq_length)
         m = self.pad_multiple
         return -(-lengths // m) * m
+
+    def pack_lengths(self, lengths: np.ndarray) -> np.ndarray:
+        """Each sequence's length as laid out in one micro-batch: :meth:`padded_lengths`, and
+        under ``thd`` the last sequence also takes the pack's padding to
+        ``pad_total_multiple``."""
+        padded = self.padded_lengths(np.asarray(lengths, dtype=np.int64))
+        if self.format == "thd" and self.pad_total_multiple > 1 and padded.size:
+            padded[-1] += -int(padded.sum()) % self.pad_total_multiple
+        return padded
 
 
 @dataclass(frozen=True)
@@ -222,10 +233,7 @@ def layout_routing(
             f"sample {samples[i].sample_id!r} has {int(n[i])} tokens, more than the bshd "
             f"seq_length {packing.seq_length}"
         )
-    padded = packing.padded_lengths(n)
-    if packing.format == "thd" and packing.pad_total_multiple > 1:
-        total = int(padded.sum())
-        padded[-1] += -total % packing.pad_total_multiple
+    padded = packing.pack_lengths(n)
     cp, tp = rank.cp_size, rank.tp_size
     if (padded % (2 * cp) != 0).any() and cp > 1:
         i = int(np.argmax(padded % (2 * cp) != 0))
