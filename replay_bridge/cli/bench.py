@@ -1,4 +1,4 @@
-"""``replay-bridge bench ingest | shards | collect | memory``: the benchmarks, each printing one JSON
+"""``replay-bridge bench ingest | shards | collect | memory | dataset``: the benchmarks, each printing one JSON
 object (the measuring code lives in :mod:`replay_bridge.benchmarks`)."""
 
 from __future__ import annotations
@@ -107,6 +107,40 @@ def bench_memory(
     try:
         result = run(samples=samples, factor=factor, rows=rows, model=model,
                      concurrency=concurrency, workdir=workdir, parts=parts)
+    except (GeometryError, RuntimeError) as e:
+        die(str(e), as_json=True)
+    emit_json(result)
+
+
+@bench_app.command("dataset")
+def bench_dataset(
+    sizes: str = typer.Option("1000,10000,100000", help="Dataset sizes (samples), comma-separated."),
+    tokens: int = typer.Option(16, min=2, help="Tokens per sample."),
+    ranks: int = typer.Option(64, min=1, help="Data-parallel ranks: one rank reads 1/ranks."),
+    samples_per_batch: int = typer.Option(4, min=1, help="Samples per record batch (sets the "
+                                          "writer's batch_bytes, as real samples would)."),
+    model: str = typer.Option("qwen3-30b-a3b", help="Geometry preset."),
+    repeats: int = typer.Option(5, min=1, help="Interleaved rounds; figures are medians."),
+    s3: bool = typer.Option(True, "--s3/--no-s3", help="Also on an S3-compatible server on "
+                            "loopback (needs moto[server])."),
+    workdir: Optional[Path] = typer.Option(None, help="Where to put the local datasets."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
+) -> None:
+    """Open time and one rank's read throughput vs dataset size, local and S3 side by side
+    (target: the largest dataset opens within 2x of the smallest)."""
+    from ..benchmarks.dataset import run
+    from ..geometry import GeometryError
+
+    try:
+        parsed = tuple(int(s) for s in sizes.split(",") if s.strip())
+    except ValueError:
+        die(f"--sizes must be comma-separated integers, got {sizes!r}", as_json=True)
+    if not parsed or min(parsed) < 1:
+        die(f"--sizes must be positive, got {sizes!r}", as_json=True)
+    try:
+        result = run(sizes=parsed, tokens=tokens, ranks=ranks,
+                     samples_per_batch=samples_per_batch, preset=model, repeats=repeats, s3=s3,
+                     workdir=workdir)
     except (GeometryError, RuntimeError) as e:
         die(str(e), as_json=True)
     emit_json(result)
