@@ -1,4 +1,4 @@
-"""``replay-bridge bench ingest | shards | collect | memory | dataset``: the benchmarks, each printing one JSON
+"""``replay-bridge bench ingest | shards | collect | memory | dataset | cluster``: the benchmarks, each printing one JSON
 object (the measuring code lives in :mod:`replay_bridge.benchmarks`)."""
 
 from __future__ import annotations
@@ -141,6 +141,41 @@ def bench_dataset(
         result = run(sizes=parsed, tokens=tokens, ranks=ranks,
                      samples_per_batch=samples_per_batch, preset=model, repeats=repeats, s3=s3,
                      workdir=workdir)
+    except (GeometryError, RuntimeError) as e:
+        die(str(e), as_json=True)
+    emit_json(result)
+
+
+@bench_app.command("cluster")
+def bench_cluster(
+    workers: str = typer.Option("1,2,4", help="Ray collector worker counts, comma-separated."),
+    prompts: int = typer.Option(256, min=1, help="Prompts per round (one sample each)."),
+    prompt_len: int = typer.Option(256, min=1, help="Prompt tokens per sample."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Completion tokens per sample."),
+    model: str = typer.Option("qwen3-30b-a3b", help="Model preset, directory or config.json."),
+    engine: str = typer.Option("sglang", help="Wire format of the responders: sglang | vllm."),
+    concurrency: int = typer.Option(16, min=1, help="Requests in flight per worker."),
+    repeats: int = typer.Option(3, min=1, help="Interleaved rounds; figures are medians."),
+    workdir: Optional[Path] = typer.Option(None, help="Where to put the datasets."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
+) -> None:
+    """Distributed collect (Ray) throughput against worker count, each worker with its own
+    light responder, all writing into one dataset."""
+    from ..benchmarks.cluster import run
+    from ..geometry import GeometryError
+
+    try:
+        counts = tuple(int(s) for s in workers.split(",") if s.strip())
+    except ValueError:
+        die(f"--workers must be comma-separated integers, got {workers!r}", as_json=True)
+    if not counts or min(counts) < 1:
+        die(f"--workers must be positive, got {workers!r}", as_json=True)
+    if engine not in ("sglang", "vllm"):
+        die(f"--engine must be sglang or vllm, got {engine!r}", as_json=True)
+    try:
+        result = run(workers=counts, prompts=prompts, prompt_len=prompt_len,
+                     max_new_tokens=max_new_tokens, model=model, engine=engine,
+                     concurrency=concurrency, repeats=repeats, workdir=workdir)
     except (GeometryError, RuntimeError) as e:
         die(str(e), as_json=True)
     emit_json(result)
