@@ -157,8 +157,9 @@ def ingest(
     path: str | Path,
     geometry: RoutingGeometry,
     engine: str,
-    out_dir: str | Path,
+    out: str | os.PathLike[str],
     *,
+    append: bool = False,
     writer_options: dict[str, Any] | None = None,
     on_line: Callable[[int, int], None] | None = None,
 ) -> IngestResult:
@@ -169,8 +170,16 @@ def ingest(
     ``duplicate``; a bad line is a verdict for that line, never an exception. Compression,
     hashing and writes run on the sink's writer thread. ``on_line(lineno, byte_offset)``
     reports progress.
+
+    ``out`` is a dataset URI (a directory, ``file://``, ``s3://bucket/prefix``, ...). With
+    ``append`` this process adds to the dataset there as a writer of its own (the first writer
+    creates it; several may append at once); an id any writer stored already is a
+    ``duplicate``.
     """
-    with ShardWriter(out_dir, geometry, **(writer_options or {})) as writer, \
+    options = dict(writer_options or {})
+    if append:
+        options["resume"] = True
+    with ShardWriter(out, geometry, **options) as writer, \
             SampleSink(writer, background=True) as sink:
         result = IngestResult(tally=sink.tally)
         for lineno, buf, start, end in iter_lines(path):

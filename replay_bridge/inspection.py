@@ -1,4 +1,4 @@
-"""What a shard directory holds: totals, storage cost, and expert load per MoE layer."""
+"""What a dataset holds: totals, storage cost, and expert load per MoE layer."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from .geometry import RoutingGeometry
-from .shards import Manifest, ShardReader
+from .shards import Manifest, ShardReader, display_uri
 
-__all__ = ["Inspection", "expert_load", "inspect_dir", "plot_load"]
+__all__ = ["Inspection", "expert_load", "inspect_dataset", "inspect_dir", "plot_load"]
 
 _CHUNK_IDS = 1 << 22
 
@@ -35,7 +35,8 @@ def expert_load(ids: np.ndarray, geometry: RoutingGeometry) -> np.ndarray:
 
 @dataclass
 class Inspection:
-    directory: Path
+    dataset: str
+    """The dataset's URI as shown (no credentials: :func:`~replay_bridge.shards.display_uri`)."""
     manifest: Manifest
     load: np.ndarray
     """``int64 [num_moe_layers, num_experts]``."""
@@ -78,7 +79,7 @@ class Inspection:
     def to_dict(self, include_load: bool = True) -> dict[str, Any]:
         m = self.manifest
         d: dict[str, Any] = {
-            "dir": str(self.directory),
+            "dataset": self.dataset,
             "geometry": self.geometry.to_dict(),
             "compression": m.compression,
             "totals": {**m.totals(), "outcomes": dict(m.outcomes)},
@@ -95,10 +96,11 @@ class Inspection:
         return d
 
 
-def inspect_dir(directory: str | os.PathLike[str],
-                on_samples: Callable[[int], None] | None = None) -> Inspection:
-    """Read every shard once (sizes checked, checksums left to ``validate``)."""
-    reader = ShardReader(directory, verify=False)
+def inspect_dataset(uri: str | os.PathLike[str],
+                    on_samples: Callable[[int], None] | None = None) -> Inspection:
+    """Read every shard of the dataset at ``uri`` (a directory, ``file://``, ``s3://``, ...)
+    once (sizes checked, checksums left to ``validate``)."""
+    reader = ShardReader(uri, verify=False)
     g = reader.geometry
     load = np.zeros((g.num_moe_layers, g.num_experts), dtype=np.int64)
     for batch in reader.iter_batches():
@@ -106,11 +108,16 @@ def inspect_dir(directory: str | os.PathLike[str],
         load += expert_load(ids, g)
         if on_samples is not None:
             on_samples(batch.num_rows)
-    return Inspection(Path(directory), reader.manifest, load)
+    return Inspection(display_uri(os.fspath(uri)), reader.manifest, load)
+
+
+inspect_dir = inspect_dataset
+"""The name of :func:`inspect_dataset` when datasets were local directories only."""
 
 
 def plot_load(inspection: Inspection, path: str | os.PathLike[str]) -> Path:
-    """Heatmap of expert load (count / layer mean) per (MoE layer, expert), saved as PNG.
+    """Heatmap of expert load (count / layer mean) per (MoE layer, expert), saved as PNG at
+    ``path`` (a local file: never put it inside a dataset, whose top level holds only shards).
     Needs matplotlib (the ``plot`` extra)."""
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure

@@ -20,15 +20,17 @@ from ._output import (
     dir_error,
     emit_json,
     progress,
+    shown,
     stderr,
     stdout,
 )
+from ._inputs import dataset_uri
 from ._plugins import GROUP as PLUGIN_GROUP
 from ._plugins import load_plugins
 from ._tables import check_table, verdict_table
 
 # Command modules: importing one registers its commands.
-from . import bench, collect, ingest, inspect, validate  # noqa: E402,F401  isort: skip
+from . import bench, cleanup, collect, ingest, inspect, validate  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "EXIT_FAULTS",
@@ -39,12 +41,14 @@ __all__ = [
     "bench_app",
     "check_table",
     "command_line",
+    "dataset_uri",
     "die",
     "dir_error",
     "emit_json",
     "load_plugins",
     "main",
     "progress",
+    "shown",
     "stderr",
     "stdout",
     "verdict_table",

@@ -44,9 +44,19 @@ def die(message: str, code: int = EXIT_USAGE, as_json: bool = False) -> NoReturn
     raise typer.Exit(code)
 
 
+def shown(uri: object) -> str:
+    """A dataset URI or path as messages and JSON show it: no credentials, no query string
+    (:func:`replay_bridge.shards.display_uri`)."""
+    from ..shards import display_uri
+
+    return display_uri(str(uri))
+
+
 def dir_error(directory: object, error: BaseException) -> str:
-    """An error about a directory, naming it once."""
-    return str(error) if str(directory) in str(error) else f"{directory}: {error}"
+    """An error about a dataset (a directory or URI, shown without credentials), naming it
+    once."""
+    name = shown(directory)
+    return str(error) if name in str(error) else f"{name}: {error}"
 
 
 def progress(enabled: bool = True):  # noqa: ANN201 - rich.progress.Progress

@@ -10,8 +10,8 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._inputs import check_compression, check_input_file, check_out_dir, model_geometry
-from ._output import EXIT_FAULTS, EXIT_OK, die, emit_json, escape_markup, progress, stderr
+from ._inputs import check_compression, check_input_file, check_out, dataset_uri, model_geometry
+from ._output import EXIT_FAULTS, EXIT_OK, die, emit_json, escape_markup, progress, shown, stderr
 from ._tables import check_table, verdict_table
 
 
@@ -21,17 +21,20 @@ def ingest(
     model: str = typer.Option(..., "--model", "-m",
                               help="Model directory, config.json, or preset name."),
     engine: str = typer.Option(..., "--engine", "-e", help="sglang | sglang-openai | vllm"),
-    out: Path = typer.Option(..., "--out", "-o", help="Shard directory to create."),
+    out: str = typer.Option(..., "--out", "-o",
+                            help="Dataset URI to create: a directory, file://, s3://bucket/prefix "
+                                 "(endpoint and keys from the AWS_* environment), gs://, ..."),
     append: bool = typer.Option(False, "--append",
-                                help="Add to an existing shard directory instead of a new one."),
+                                help="Add to the dataset at --out (created when absent); several "
+                                     "processes may append to one dataset at once."),
     compression: Optional[str] = typer.Option(None, help="zstd | lz4 | none (default: zstd)."),
     samples_per_shard: int = typer.Option(1024, min=1, help="Samples per shard file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Decode, check and store dumped engine responses; faulty samples go to quarantine.
 
-    Exit 0 when every sample was stored (or, with --append, stored by an earlier run), 1 when
-    some were rejected, 2 on unreadable input.
+    Exit 0 when every sample was stored (or, with --append, stored by an earlier run or
+    another writer), 1 when some were rejected, 2 on unreadable input or an unusable --out.
     """
     from ..geometry import GeometryMismatch
     from ..ingest import ingest as run_ingest
@@ -40,13 +43,14 @@ def ingest(
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
+    out = dataset_uri(out, "--out", as_json)
     check_input_file(responses, as_json)
     check_compression(compression, as_json)
     geometry = model_geometry(model, as_json)
-    check_out_dir(out, geometry, add=append, flag="--append", as_json=as_json)
+    check_out(out, geometry, add=append, flag="--append", as_json=as_json)
 
     size = os.path.getsize(responses)
-    options: dict = {"samples_per_shard": samples_per_shard, "resume": append}
+    options: dict = {"samples_per_shard": samples_per_shard}
     if compression is not None:
         options["compression"] = compression
     t0 = time.perf_counter()
@@ -58,10 +62,12 @@ def ingest(
                 bar.update(task, completed=offset, status=f"{lineno} lines")
 
         try:
-            result = run_ingest(responses, geometry, engine, out, writer_options=options,
-                                on_line=on_line)
-        except (ShardError, OSError, GeometryMismatch) as e:
-            die(f"cannot write {out}: {e}", as_json=as_json)
+            result = run_ingest(responses, geometry, engine, out, append=append,
+                                writer_options=options, on_line=on_line)
+        except GeometryMismatch as e:
+            die(f"cannot add to {shown(out)} with --append: {e}", as_json=as_json)
+        except (ShardError, OSError) as e:
+            die(f"cannot write {shown(out)}: {e}", as_json=as_json)
         bar.update(task, completed=size, status=f"{result.lines} lines")
     seconds = time.perf_counter() - t0
 
@@ -69,7 +75,7 @@ def ingest(
     code = EXIT_OK if result.faults == 0 else EXIT_FAULTS
     if as_json:
         emit_json({
-            "out": str(out),
+            "out": shown(out),
             "geometry": geometry.to_dict(),
             "engine": engine,
             "seconds": round(seconds, 3),
@@ -81,7 +87,7 @@ def ingest(
         stderr.print(
             f"[bold]{result.stored}[/] stored, [bold]{result.rejected}[/] rejected of "
             f"{len(result.samples)} samples from {result.lines} lines in {seconds:.2f} s -> "
-            f"{escape_markup(out)}"
+            f"{escape_markup(shown(out))}"
         )
         if result.rejected:
             stderr.print(verdict_table(result.samples))

@@ -1,4 +1,4 @@
-"""``replay-bridge inspect``: totals, storage cost and expert load of a shard directory."""
+"""``replay-bridge inspect``: totals, storage cost and expert load of a dataset."""
 
 from __future__ import annotations
 
@@ -8,31 +8,40 @@ from typing import Optional
 import typer
 
 from ._app import app
-from ._output import EXIT_OK, die, dir_error, emit_json, escape_markup, progress, stdout
+from ._inputs import dataset_uri, local_path
+from ._output import EXIT_OK, die, dir_error, emit_json, escape_markup, progress, shown, stdout
 
 
 @app.command()
 def inspect(
-    directory: Path = typer.Argument(..., help="Shard directory (holds manifest.json)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write an expert-load heatmap PNG."),
+    dataset: str = typer.Argument(..., metavar="DATASET",
+                                  help="Dataset URI: a directory, file://, s3://bucket/prefix, "
+                                       "gs://, ..."),
+    plot: Optional[Path] = typer.Option(None, "--plot",
+                                        help="Write an expert-load heatmap PNG (a local file "
+                                             "outside the dataset)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Samples, tokens, quarantined; bytes per token (and vs int32); expert load per MoE layer.
 
-    Exit 0, or 2 when DIR is not a readable shard directory (checksums: see ``validate``).
+    Exit 0, or 2 when DATASET is not a readable dataset or --plot points into it (checksums:
+    see ``validate``).
     """
     from rich.table import Table
 
-    from ..inspection import inspect_dir, plot_load
-    from ..shards import Manifest, ShardError
+    from ..inspection import inspect_dataset, plot_load
+    from ..shards import ShardError, ShardReader
 
+    dataset = dataset_uri(dataset, "DATASET", as_json)
+    if plot is not None:
+        check_plot_outside(plot, dataset, as_json)
     try:
-        total = Manifest.read(directory).samples
+        total = len(ShardReader(dataset, verify=False))
         with progress(enabled=not as_json) as bar:
             task = bar.add_task("inspect", total=total, status="")
-            result = inspect_dir(directory, on_samples=lambda n: bar.advance(task, n))
+            result = inspect_dataset(dataset, on_samples=lambda n: bar.advance(task, n))
     except (ShardError, OSError) as e:
-        die(dir_error(directory, e), as_json=as_json)
+        die(dir_error(dataset, e), as_json=as_json)
     plotted = None
     if plot is not None:
         try:
@@ -47,7 +56,7 @@ def inspect(
         raise typer.Exit(EXIT_OK)
 
     m, g = result.manifest, result.geometry
-    stdout.print(f"[bold]{escape_markup(directory)}[/]: {escape_markup(g.describe())}, "
+    stdout.print(f"[bold]{escape_markup(shown(dataset))}[/]: {escape_markup(g.describe())}, "
                  f"{escape_markup(m.compression)} compression")
     stdout.print(
         f"{m.samples:,} samples, {m.tokens:,} tokens in {len(m.shards)} shards; "
@@ -73,3 +82,16 @@ def inspect(
     stdout.print(t)
     if plotted:
         stdout.print(f"heatmap: {escape_markup(plotted)}")
+
+
+def check_plot_outside(plot: Path, dataset: str, as_json: bool) -> None:
+    """``--plot`` is not inside a local dataset (whose folder holds only shards and the
+    ``_``-prefixed metadata that readers such as ``pyarrow.dataset`` skip), or exit 2."""
+    root = local_path(dataset)
+    if root is None:
+        return
+    target = plot.absolute().resolve()
+    if target == root.absolute().resolve() or root.absolute().resolve() in target.parents:
+        sibling = root.absolute().parent / f"{root.absolute().name}-{plot.name}"
+        die(f"--plot {plot} is inside the dataset {shown(dataset)}: a dataset holds only its "
+            f"shards; write the plot next to it (for example {sibling})", as_json=as_json)

@@ -96,13 +96,16 @@ class S3Server:
         return f"s3://{bucket}/{label}-{uuid.uuid4().hex[:12]}"
 
     def keys(self, uri: str) -> list[str]:
-        """Every object key under ``s3://bucket/prefix``, relative to the prefix, sorted."""
+        """Every object key under ``s3://bucket/prefix``, relative to the prefix, sorted;
+        the empty "directory marker" objects pyarrow's ``create_dir`` makes (keys ending in
+        ``/``) are left out."""
         bucket, _, prefix = uri.removeprefix("s3://").partition("/")
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         paginator = self.client().get_paginator("list_objects_v2")
         out = []
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-            out += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            out += [o["Key"][len(prefix):] for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")]
         return sorted(out)
 
     def put(self, uri: str, data: bytes) -> None:

@@ -92,7 +92,10 @@ def test_ingest_out_is_a_regular_file(tmp_path, traffic):
     out = tmp_path / "out"
     out.write_text("not a directory")
     usage_error(tmp_path, *_ingest(traffic, out), words=f"--out {out} is not a directory")
-    usage_error(tmp_path, *_ingest(traffic, out / "sub"), words="Not a directory")
+    usage_error(tmp_path, *_ingest(traffic, out / "sub"),
+                words=f"--out {out / 'sub'}: {out} is not a directory")
+    usage_error(tmp_path, *_ingest(traffic, out / "sub" / "deeper"),
+                words=f"{out} is not a directory")
 
 
 def test_ingest_unknown_compression(tmp_path, traffic):
@@ -106,10 +109,16 @@ def test_ingest_append_with_another_model(tmp_path, traffic, shard_dir):
                       "and --model differ: num_layers: 4 vs 48")
 
 
+def _manifest(d: Path) -> Path:
+    (path,) = (d / "_routing_replay" / "manifests").glob("*.json")
+    return path
+
+
 def test_ingest_append_to_an_unreadable_shard_directory(tmp_path, traffic, shard_dir):
-    (shard_dir / "manifest.json").write_text("{not json")
+    manifest = _manifest(shard_dir)
+    manifest.write_text("{not json")
     usage_error(tmp_path, *_ingest(traffic, shard_dir, "--append"),
-                words="manifest.json is not valid JSON")
+                words=f"{manifest.name}: not valid JSON")
     usage_error(tmp_path, *_ingest(traffic, shard_dir),
                 words="exists and is not empty; pass --append to add to it")
 
@@ -178,7 +187,7 @@ def test_collect_usage_errors(tmp_path, shard_dir):
 
 
 def _set_geometry(d: Path, **values) -> None:
-    path = d / "manifest.json"
+    path = _manifest(d)
     doc = json.loads(path.read_text())
     doc["geometry"].update(values)
     path.write_text(json.dumps(doc))
@@ -202,7 +211,7 @@ def test_absurd_geometry_in_a_manifest(tmp_path, shard_dir, command, values, wor
 def test_not_a_shard_directory_with_markup_in_its_name(tmp_path):
     odd = tmp_path / "[bold]x[" / "]"  # the path reads ".../[bold]x[/]"
     odd.mkdir(parents=True)
-    out = usage_error(tmp_path, "validate", odd, words="not a shard directory")
+    out = usage_error(tmp_path, "validate", odd, words="is not a routing-replay dataset")
     assert "[bold]x[/]" in out
     (tmp_path / "plain-file").write_text("x")
     usage_error(tmp_path, "inspect", tmp_path / "plain-file", words="is not a directory")
