@@ -1,21 +1,24 @@
 """``validate``, ``inspect`` and ``bench shards`` on the command line: exit codes, JSON shape,
-the figures they print."""
+the figures they print (``validate`` on a local directory and on an S3-compatible server)."""
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
 
 from replay_bridge.checks import CheckReport
-from replay_bridge.shards import ShardWriter
+from replay_bridge.shards import ShardReader, ShardWriter
 
-from .helpers import edit_manifest, run_cli, write_dir
+from .helpers import (WRITER, edit_index, edit_manifest, is_local, listed_chunks, local_path,
+                      read_object, run_cli, shard_name, shard_objects, temp_name, write_dir,
+                      write_object)
 
 
-def test_validate_clean_directory(tmp_path, tiny, samples):
-    d = tmp_path / "d"
+def test_validate_clean_directory(dataset_uri, tiny, samples):
+    d = dataset_uri
     with ShardWriter(d, tiny, samples_per_shard=5) as w:
         for s in samples:
             w.add(s)
@@ -50,7 +53,7 @@ def test_validate_finds_bad_stored_routing_by_region_and_layer(tmp_path, tiny, s
     assert code == 1 and doc["ok"] is False and doc["sample_faults"] == 1
     (fault,) = doc["faults"]
     assert fault["kind"] == "routing" and fault["sample_id"] == "s004"
-    assert fault["file"] == "shard-000000.arrow"
+    assert fault["file"] == shard_name(WRITER, 0)
     assert "all_zero" in fault["message"] and "position 2 layer 1" in fault["message"]
     check = doc["check"]
     assert check["by_kind"] == {"all_zero": 1, "duplicate_ids": 1}
@@ -64,46 +67,73 @@ def test_validate_finds_bad_stored_routing_by_region_and_layer(tmp_path, tiny, s
     assert code == 1 and "layer 1" in out and "s004" in out
 
 
-def test_validate_finds_ids_stored_twice_across_shards(tmp_path, tiny, samples):
-    d = write_dir(tmp_path / "d", tiny, samples[:4], samples_per_shard=2)
-    shutil.copy(d / "shard-000000.arrow", d / "shard-000002.arrow")
+def test_validate_finds_ids_stored_twice_across_shards(dataset_uri, tiny, samples):
+    """One writer's manifest lists a copy of its first shard as a third one (its index rows
+    too): validate names every id stored twice; the reader reads the first copy only."""
+    d = write_dir(dataset_uri, tiny, samples[:4], samples_per_shard=2)
+    first, copy = shard_name(WRITER, 0), shard_name(WRITER, 2)
+    write_object(d, copy, read_object(d, first))
 
     def fn(doc):
-        doc["shards"].append(dict(doc["shards"][0], file="shard-000002.arrow"))
+        doc["shards"].append(dict(doc["shards"][0], file=copy))
         doc["totals"]["shards"] += 1
         for k in ("samples", "tokens", "routed_rows", "bytes"):
             doc["totals"][k] += doc["shards"][0]["rows" if k == "samples" else k]
         doc["outcomes"]["stored"] += doc["shards"][0]["rows"]
     edit_manifest(d, fn)
+
+    def index(t):
+        rows = t.filter(pc.equal(t.column("shard"), 0))
+        i = rows.schema.get_field_index("shard")
+        rows = rows.set_column(i, rows.schema.field(i), pa.array([2] * rows.num_rows, pa.int32()))
+        return pa.concat_tables([t, rows])
+    edit_index(d, index)
     code, doc, _ = run_cli("validate", d, "--json")
     assert code == 1
     dups = [f for f in doc["faults"] if f["kind"] == "duplicate_id"]
     assert [f["sample_id"] for f in dups] == ["s000", "s001"]
-    assert "shard-000000.arrow" in dups[0]["message"] and dups[0]["file"] == "shard-000002.arrow"
-    from replay_bridge.shards import ShardError, ShardReader
-    import pytest
-    with pytest.raises(ShardError, match="2 sample ids stored twice: 's000' in shard-000000"):
-        ShardReader(d)
+    assert dups[0]["file"] == copy and "stored twice" in dups[0]["message"]
+    assert [(x["sample_id"], x["read"], x["ignored"]) for x in doc["duplicates"]] == [
+        ("s000", first, copy), ("s001", first, copy)]
+    r = ShardReader(d)
+    assert sorted(r.sample_ids()) == ["s000", "s001", "s002", "s003"]
+    assert r.duplicates == [("s000", first, copy), ("s001", first, copy)]
 
 
-def test_validate_reports_unreadable_quarantine(tmp_path, tiny, samples):
-    d = tmp_path / "d"
+def test_validate_reports_unreadable_quarantine(dataset_uri, tiny, samples):
+    d = dataset_uri
     with ShardWriter(d, tiny) as w:
         w.add(samples[0])
         w.record_failure("x", "boom")
-    (d / "quarantine-000000.jsonl").write_bytes(b'{"torn')
+    (chunk,) = listed_chunks(d)
+    write_object(d, chunk, b'{"torn')
     code, doc, _ = run_cli("validate", d, "--json")
     assert code == 1
-    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [
-        ("quarantine-000000.jsonl", "quarantine_size")]
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [(chunk, "quarantine_size")]
 
 
-def test_validate_warns_about_leftovers_but_passes(tmp_path, tiny, samples):
-    d = write_dir(tmp_path / "d", tiny, samples[:3])
-    (d / "shard-000001.arrow.tmp").write_bytes(b"partial")
+def test_validate_warns_about_leftovers_but_passes(dataset_uri, tiny, samples):
+    d = write_dir(dataset_uri, tiny, samples[:3])
+    leftovers = [shard_name(WRITER, 1)]  # sealed, never published (the writer was killed)
+    write_object(d, leftovers[0], b"an unpublished shard")
+    if is_local(d):  # a local writer killed mid-write leaves its temp file
+        leftovers.append(temp_name(shard_name(WRITER, 2)))
+        write_object(d, leftovers[1], b"partial")
     code, doc, _ = run_cli("validate", d, "--json")
-    assert code == 0 and len(doc["warnings"]) == 1
-    assert "shard-000001.arrow.tmp" in doc["warnings"][0]
+    assert code == 0 and len(doc["warnings"]) == len(leftovers)
+    assert sorted(x.split(":")[0] for x in doc["warnings"]) == sorted(leftovers)
+    assert "unpublished shard" in " ".join(doc["warnings"])
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "plot.png"])
+def test_validate_warns_about_a_foreign_file_at_the_top_level(dataset_uri, tiny, samples, name):
+    """pyarrow.dataset() over the dataset would try to read it as a shard."""
+    d = write_dir(dataset_uri, tiny, samples[:3])
+    write_object(d, name, b"not a shard")
+    code, doc, _ = run_cli("validate", d, "--json")
+    assert code == 0
+    assert [x for x in doc["warnings"] if x.startswith(name)], doc["warnings"]
+    assert "pyarrow.dataset" in " ".join(doc["warnings"])
 
 
 def test_inspect_totals_bytes_and_expert_load(tmp_path, tiny, samples):
@@ -118,7 +148,8 @@ def test_inspect_totals_bytes_and_expert_load(tmp_path, tiny, samples):
     tokens = sum(s.num_tokens for s in samples)
     assert doc["totals"]["samples"] == 12 and doc["totals"]["tokens"] == tokens
     assert doc["totals"]["outcomes"] == {"stored": 12, "rejected": 0, "failed": 1}
-    size = sum(p.stat().st_size for p in d.glob("shard-*.arrow"))
+    size = sum(local_path(d, n).stat().st_size for n in shard_objects(d))
+    assert size > 0
     assert doc["bytes_per_token"] == round(size / tokens, 3)
     assert doc["int32_bytes_per_token"] == 4 * 2 * 4
     # expert load = per-layer bincount of every stored id

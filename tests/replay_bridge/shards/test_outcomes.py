@@ -1,10 +1,9 @@
 """Outcome counts count each sample id once: stored wins, else the latest record's outcome; a
 resumed writer quarantines an already-listed sample no second time; validate counts the same
-way."""
+way. On a local directory and on an S3-compatible server."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,23 +13,22 @@ from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import Manifest, ShardReader, ShardWriter
 
 from .conftest import make_sample
-from .helpers import edit_manifest, run_cli
+from .helpers import edit_manifest, manifest_doc, run_cli
 
 
 def zeros(sid: str) -> CheckReport:
     return CheckReport(sid, kinds=("all_zero",), message=f"sample {sid!r}: all_zero")
 
 
-def validate(d: Path) -> dict:
+def validate(d: str | Path) -> dict:
     code, doc, out = run_cli("validate", d, "--json")
     assert doc is not None, out
     doc["code"] = code
     return doc
 
 
-def test_failed_then_stored_on_resume_counts_once_as_stored(tmp_path: Path,
-                                                            tiny: RoutingGeometry) -> None:
-    d = tmp_path / "d"
+def test_failed_then_stored_on_resume_counts_once_as_stored(dataset_uri: str, tiny: RoutingGeometry) -> None:
+    d = dataset_uri
     with ShardWriter(d, tiny) as w:
         w.add(make_sample(tiny, "a", 10, seed=1))
         w.record_failure("b", TimeoutError("timed out"))
@@ -47,8 +45,8 @@ def test_failed_then_stored_on_resume_counts_once_as_stored(tmp_path: Path,
     assert doc["quarantine"]["records"] == 2
 
 
-def test_the_latest_record_wins(tmp_path: Path, tiny: RoutingGeometry) -> None:
-    d = tmp_path / "d"
+def test_the_latest_record_wins(dataset_uri: str, tiny: RoutingGeometry) -> None:
+    d = dataset_uri
     with ShardWriter(d, tiny, quarantine_records=1) as w:
         w.record_failure("x", "HTTP 503")
         w.quarantine(zeros("x"))          # answered on a retry, but with zeros
@@ -62,8 +60,8 @@ def test_the_latest_record_wins(tmp_path: Path, tiny: RoutingGeometry) -> None:
 
 
 def test_stored_in_the_same_run_after_a_rejection_counts_as_stored(
-        tmp_path: Path, tiny: RoutingGeometry) -> None:
-    d = tmp_path / "d"
+        dataset_uri: str, tiny: RoutingGeometry) -> None:
+    d = dataset_uri
     with ShardWriter(d, tiny, samples_per_shard=2, quarantine_records=1) as w:
         w.quarantine(zeros("s0"))  # sealed and counted as rejected ...
         assert Manifest.read(d).outcomes["rejected"] == 1
@@ -78,10 +76,10 @@ def test_stored_in_the_same_run_after_a_rejection_counts_as_stored(
 
 
 def test_a_resumed_writer_does_not_quarantine_a_listed_sample_again(
-        tmp_path: Path, tiny: RoutingGeometry) -> None:
+        dataset_uri: str, tiny: RoutingGeometry) -> None:
     """Three runs meet the same 30 rejected samples (a dump ingested again after each kill):
     30 records, not 90."""
-    d = tmp_path / "d"
+    d = dataset_uri
     for run in range(3):
         with ShardWriter(d, tiny, resume=run > 0, quarantine_records=7) as w:
             for i in range(30):
@@ -95,8 +93,8 @@ def test_a_resumed_writer_does_not_quarantine_a_listed_sample_again(
         [f"r{i:02d}" for i in range(30)]
 
 
-def test_a_new_reason_is_a_new_record(tmp_path: Path, tiny: RoutingGeometry) -> None:
-    d = tmp_path / "d"
+def test_a_new_reason_is_a_new_record(dataset_uri: str, tiny: RoutingGeometry) -> None:
+    d = dataset_uri
     with ShardWriter(d, tiny) as w:
         w.quarantine(zeros("r"))
         w.quarantine(zeros("r"))  # the same again: nothing new to say
@@ -106,35 +104,41 @@ def test_a_new_reason_is_a_new_record(tmp_path: Path, tiny: RoutingGeometry) -> 
     assert Manifest.read(d).outcomes["rejected"] == 1
 
 
-def test_resume_recounts_a_manifest_that_counted_records(tmp_path: Path,
-                                                         tiny: RoutingGeometry) -> None:
-    """An older writer counted records (300 samples, 900 records after two reruns): validate
-    warns, and a resumed writer recounts the ids."""
-    d = tmp_path / "d"
-    with ShardWriter(d, tiny, quarantine_records=2) as w:
+def test_a_manifest_that_counts_records_is_a_fault_of_its_writer_only(
+        dataset_uri: str, tiny: RoutingGeometry) -> None:
+    """A writer's manifest whose outcomes count records (two for one id rejected twice):
+    validate names that writer's counts; the dataset's outcomes, read from the indexes, count
+    each id once; a resumed writer publishes its own manifest and never rewrites another's."""
+    d = dataset_uri
+    with ShardWriter(d, tiny, quarantine_records=2, writer_id="old") as w:
         w.quarantine(zeros("r1"))
         w.quarantine(CheckReport("r1", kinds=("shape",), message="sample 'r1': shape"))
         w.record_failure("r2", "HTTP 503")
     edit_manifest(d, lambda doc: doc["outcomes"].update(rejected=2))  # per record
     doc = validate(d)
-    assert doc["code"] == 0 and any("count quarantine records" in x for x in doc["warnings"])
-    edit_manifest(d, lambda doc: doc["outcomes"].update(rejected=0, failed=2))
-    doc = validate(d)
     assert doc["code"] == 1
-    assert [f["kind"] for f in doc["faults"]] == ["counts"]
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [("writer old", "counts")]
     assert "outcomes say" in doc["faults"][0]["message"]
-    edit_manifest(d, lambda doc: doc["outcomes"].update(rejected=2, failed=1))
-    ShardWriter(d, tiny, resume=True).close()
-    assert json.loads((d / "manifest.json").read_text())["outcomes"] == {
-        "stored": 0, "rejected": 1, "failed": 1}
+    assert Manifest.read(d).outcomes == {"stored": 0, "rejected": 1, "failed": 1}
+    edit_manifest(d, lambda doc: doc["outcomes"].update(rejected=0, failed=2))
+    assert [f["kind"] for f in validate(d)["faults"]] == ["counts"]
+    with ShardWriter(d, tiny, resume=True, writer_id="new") as w:
+        w.quarantine(zeros("r3"))
+    assert manifest_doc(d, "old")["outcomes"] == {"stored": 0, "rejected": 0, "failed": 2}
+    assert manifest_doc(d, "new")["outcomes"] == {"stored": 0, "rejected": 1, "failed": 0}
+    assert Manifest.read(d).outcomes == {"stored": 0, "rejected": 2, "failed": 1}
+    edit_manifest(d, lambda doc: doc["outcomes"].update(rejected=1, failed=1), "old")
+    doc = validate(d)
+    assert doc["code"] == 0, doc["faults"]
+    assert doc["quarantine"]["outcomes"] == {"rejected": 2, "failed": 1}
 
 
 @pytest.mark.parametrize("extra", [1, 5])
-def test_counts_never_exceed_the_records(tmp_path: Path, tiny: RoutingGeometry,
+def test_counts_never_exceed_the_records(dataset_uri: str, tiny: RoutingGeometry,
                                          extra: int) -> None:
     from replay_bridge.shards import ShardError
 
-    d = tmp_path / "d"
+    d = dataset_uri
     with ShardWriter(d, tiny) as w:
         w.quarantine(zeros("r"))
     edit_manifest(d, lambda doc: doc["outcomes"].update(rejected=1 + extra))

@@ -1,4 +1,6 @@
-"""Writer -> reader round trips: identical arrays, dtypes, shapes and order."""
+"""Writer -> reader round trips: identical arrays, dtypes, shapes and order, on a local directory
+and on an S3-compatible server (``dataset_uri``); resume, many writers' union and the
+duplicate-id rule; what a killed writer leaves unpublished."""
 
 from __future__ import annotations
 
@@ -9,9 +11,13 @@ from hypothesis import strategies as st
 
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
-from replay_bridge.shards import ShardError, ShardReader, ShardWriter
+from replay_bridge.shards import (ShardError, ShardReader, ShardWriter, cleanup_dataset,
+                                  validate_dataset)
 
 from .conftest import make_sample
+from .helpers import (corrupt_batch, index_of, is_local, listed_shards, local_path,
+                      manifest_of, object_names, read_object, shard_name, shard_objects,
+                      temp_name, write_object)
 
 
 def assert_same(a: RoutedSample, b: RoutedSample) -> None:
@@ -33,17 +39,23 @@ def assert_same(a: RoutedSample, b: RoutedSample) -> None:
 
 
 @pytest.mark.parametrize("compression", ["zstd", "lz4", "none"])
-def test_round_trip_in_order_and_by_id(tmp_path, tiny, samples, compression):
-    with ShardWriter(tmp_path / "d", tiny, samples_per_shard=5, batch_bytes=64,
+def test_round_trip_in_order_and_by_id(dataset_uri, tiny, samples, compression):
+    with ShardWriter(dataset_uri, tiny, samples_per_shard=5, batch_bytes=64,
                      compression=compression) as w:
         for s in samples:
             w.add(s)
-    r = ShardReader(tmp_path / "d")
+    r = ShardReader(dataset_uri)
     assert r.geometry == tiny
     assert len(r) == len(samples)
     assert r.sample_ids() == [s.sample_id for s in samples]
-    assert [e.file for e in r.manifest.shards] == [
-        "shard-000000.arrow", "shard-000001.arrow", "shard-000002.arrow"]
+    assert [e.file for e in r.manifest.shards] == [shard_name(w.writer_id, i) for i in range(3)]
+    assert [e.file for e in r.manifest.shards] == shard_objects(dataset_uri)
+    by_id = {s.sample_id: s for s in samples}
+    for got in r.read(["s007", "s000", "s011"]):  # in the order asked
+        assert_same(by_id[got.sample_id], got)
+    assert [x.sample_id for x in r.read(["s007", "s000", "s011"])] == ["s007", "s000", "s011"]
+    assert r.index.column("sample_id").to_pylist() == r.sample_ids()
+    assert r.index.column("tokens").to_pylist() == [s.num_tokens for s in samples]
     for a, b in zip(samples, r, strict=True):
         assert_same(a, b)
     for s in reversed(samples):
@@ -78,17 +90,18 @@ def test_missing_id_is_a_key_error_naming_it(tmp_path, tiny, samples):
     assert "nope" not in r and samples[0].sample_id in r
 
 
-def test_duplicate_id_refused_in_one_run_and_across_resume(tmp_path, tiny, samples):
-    with ShardWriter(tmp_path / "d", tiny, samples_per_shard=2) as w:
+def test_duplicate_id_refused_in_one_run_and_across_resume(dataset_uri, tiny, samples):
+    with ShardWriter(dataset_uri, tiny, samples_per_shard=2) as w:
         w.add(samples[0])
         with pytest.raises(ValueError, match="s000"):
             w.add(samples[0])
         w.add(samples[1])
-    with ShardWriter(tmp_path / "d", tiny, resume=True) as w:
+    with ShardWriter(dataset_uri, tiny, resume=True) as w:
         assert w.stored_ids == {"s000", "s001"}
+        assert w.stored_earlier("s000")
         with pytest.raises(ValueError, match="already stored"):
             w.add(samples[1])
-    assert len(ShardReader(tmp_path / "d")) == 2
+    assert len(ShardReader(dataset_uri)) == 2
 
 
 def test_geometry_shape_mismatch_refused(tmp_path, tiny, samples):
@@ -108,52 +121,132 @@ def test_geometry_shape_mismatch_refused(tmp_path, tiny, samples):
     assert r.routing("s000").dtype == np.uint8 and len(r) == 1
 
 
-def test_existing_dir_needs_resume_and_same_geometry(tmp_path, tiny, samples):
-    with ShardWriter(tmp_path / "d", tiny) as w:
+def test_existing_dir_needs_resume_and_same_geometry(dataset_uri, tiny, samples):
+    with ShardWriter(dataset_uri, tiny) as w:
         w.add(samples[0])
     with pytest.raises(ShardError, match="resume"):
-        ShardWriter(tmp_path / "d", tiny)
+        ShardWriter(dataset_uri, tiny)
     with pytest.raises(ValueError, match="top_k"):
-        ShardWriter(tmp_path / "d", RoutingGeometry(4, (0, 1, 2, 3), 3, 8), resume=True)
+        ShardWriter(dataset_uri, RoutingGeometry(4, (0, 1, 2, 3), 3, 8), resume=True)
+    with pytest.raises(ShardError, match="taken"):  # every writer needs its own id
+        ShardWriter(dataset_uri, tiny, resume=True, writer_id=w.writer_id)
+    assert len(object_names(dataset_uri)) == 3  # nothing written by the refused writers
 
 
-def test_resume_continues_numbering_and_cleans_temp_files(tmp_path, tiny, samples):
-    d = tmp_path / "d"
-    with ShardWriter(d, tiny, samples_per_shard=3) as w:
+def test_resume_is_a_new_writer_with_its_own_objects(dataset_uri, tiny, samples):
+    with ShardWriter(dataset_uri, tiny, samples_per_shard=3) as w1:
         for s in samples[:6]:
-            w.add(s)
-    (d / "shard-000002.arrow.tmp").write_bytes(b"half a shard")
-    (d / "manifest.json.tmp").write_bytes(b"{")
-    with ShardWriter(d, tiny, samples_per_shard=3, resume=True) as w:
-        assert w.stored_ids == {s.sample_id for s in samples[:6]}
-        assert not (d / "shard-000002.arrow.tmp").exists()
-        assert not (d / "manifest.json.tmp").exists()
+            w1.add(s)
+    first = {n: read_object(dataset_uri, n) for n in object_names(dataset_uri)}
+    with ShardWriter(dataset_uri, tiny, samples_per_shard=3, resume=True) as w2:
+        assert w2.writer_id != w1.writer_id
+        assert w2.stored_ids == {s.sample_id for s in samples[:6]}
         for s in samples[6:]:
-            w.add(s)
-        assert w.stats.stored == len(samples)
-    r = ShardReader(d)
-    assert [e.file for e in r.manifest.shards] == [f"shard-{i:06d}.arrow" for i in range(4)]
+            w2.add(s)
+        assert w2.stats.stored == len(samples) - 6  # this writer's own
+    # the first writer's objects are untouched; the second published its own
+    assert {n: read_object(dataset_uri, n) for n in first} == first
+    r = ShardReader(dataset_uri)
+    assert [e.file for e in r.manifest.shards] == [
+        *(shard_name(w1.writer_id, i) for i in range(2)),
+        *(shard_name(w2.writer_id, i) for i in range(2))]
+    assert [m.writer for m in r.manifests] == [w1.writer_id, w2.writer_id]
+    assert r.manifest.outcomes["stored"] == len(samples)
     for a, b in zip(samples, r, strict=True):
         assert_same(a, b)
+    assert validate_dataset(dataset_uri).ok
 
 
-def test_resume_adopts_a_complete_shard_the_manifest_missed(tmp_path, tiny, samples):
+def test_temp_files_of_a_killed_local_writer_are_ignored_then_cleaned(tmp_path, tiny, samples):
     d = tmp_path / "d"
-    with ShardWriter(d, tiny, samples_per_shard=3) as w:
+    with ShardWriter(d, tiny, samples_per_shard=3, writer_id="w0") as w:
+        for s in samples[:6]:
+            w.add(s)
+    temps = [temp_name(shard_name("w0", 2)), temp_name(manifest_of(d))]
+    for t in temps:
+        (d / t).write_bytes(b"half an object")
+    with ShardWriter(d, tiny, samples_per_shard=3, resume=True) as w:
+        # a temp file may be a live writer's: a new writer leaves it alone
+        assert all((d / t).exists() for t in temps)
+        for s in samples[6:]:
+            w.add(s)
+    r = ShardReader(d)
+    assert len(r) == len(samples)
+    report = validate_dataset(d)
+    assert report.ok and sorted(x.split(":")[0] for x in report.warnings) == sorted(temps)
+    assert cleanup_dataset(d).removed == []  # younger than the default hour: kept
+    assert sorted(cleanup_dataset(d, older_than=0).removed) == sorted(temps)
+    assert not any((d / t).exists() for t in temps)
+    assert validate_dataset(d).warnings == [] and len(ShardReader(d)) == len(samples)
+
+
+def test_a_shard_sealed_but_never_published_is_not_adopted(dataset_uri, tiny, samples):
+    """A writer killed between sealing a shard and publishing the manifest listing it leaves a
+    complete but unlisted shard: readers and new writers ignore it (a new writer never adopts
+    another writer's objects), validate reports it, cleanup removes it."""
+    with ShardWriter(dataset_uri, tiny, samples_per_shard=3) as w:
         for s in samples[:3]:
             w.add(s)
-        before = (d / "manifest.json").read_bytes()
+        man, idx = manifest_of(dataset_uri), index_of(dataset_uri)
+        before = {n: read_object(dataset_uri, n) for n in (man, idx)}
         for s in samples[3:6]:
             w.add(s)
-    # the writer died between the shard's rename and the manifest's
-    (d / "manifest.json").write_bytes(before)
-    with ShardWriter(d, tiny, resume=True) as w:
-        assert w.stored_ids == {s.sample_id for s in samples[:6]}
-    r = ShardReader(d)
-    assert len(r) == 6 and r.manifest.outcomes["stored"] == 6
+    # the writer "died" before publishing its second shard: its earlier publish is current
+    for name, data in before.items():
+        write_object(dataset_uri, name, data)
+    unpublished = shard_name(w.writer_id, 1)
+    assert unpublished in shard_objects(dataset_uri)
+    assert listed_shards(dataset_uri) == [shard_name(w.writer_id, 0)]
+    r = ShardReader(dataset_uri)
+    assert r.sample_ids() == ["s000", "s001", "s002"]
+    report = validate_dataset(dataset_uri)
+    assert report.ok
+    assert any(x.startswith(f"{unpublished}: unpublished shard") for x in report.warnings)
+    with ShardWriter(dataset_uri, tiny, resume=True) as w2:
+        assert w2.stored_ids == {"s000", "s001", "s002"}  # not adopted
+        for s in samples[3:6]:
+            w2.add(s)
+    r = ShardReader(dataset_uri)
+    assert sorted(r.sample_ids()) == [s.sample_id for s in samples[:6]]
+    assert r.duplicates == []
+    assert r.manifest.outcomes["stored"] == 6
+    removed = cleanup_dataset(dataset_uri, older_than=0).removed
+    assert unpublished in removed and unpublished not in object_names(dataset_uri)
+    report = validate_dataset(dataset_uri)
+    assert report.ok and report.warnings == []
+    assert sorted(ShardReader(dataset_uri).sample_ids()) == [s.sample_id for s in samples[:6]]
 
 
-def test_quarantine_and_failures_round_trip(tmp_path, tiny, samples):
+def test_two_writers_at_once_union_and_the_duplicate_rule(dataset_uri, tiny, samples):
+    """Two writers append to one dataset at the same time: the dataset is the union of their
+    manifests; an id both stored is read from the writer that started first, and validate
+    reports it."""
+    a = ShardWriter(dataset_uri, tiny, samples_per_shard=2, writer_id="alpha")
+    b = ShardWriter(dataset_uri, tiny, samples_per_shard=2, writer_id="beta", resume=True)
+    twin = make_sample(tiny, "s005", 9, seed=99)  # beta's copy of an id alpha stores too
+    for i, s in enumerate(samples[:9]):
+        (a if i % 2 else b).add(s)
+    mid = ShardReader(dataset_uri)  # both publish as they seal: a reader sees sealed shards
+    assert sorted(mid.sample_ids()) == [s.sample_id for s in samples[:8]]  # s008 is pending
+    b.add(twin)
+    a.close()
+    b.close()
+    r = ShardReader(dataset_uri)
+    assert sorted(r.sample_ids()) == [s.sample_id for s in samples[:9]]
+    assert [m.writer for m in r.manifests] == ["alpha", "beta"]
+    assert_same(samples[5], r["s005"])  # alpha started first: its copy is read
+    ((sid, kept, ignored),) = r.duplicates
+    assert sid == "s005" and kept.startswith("part-alpha-") and ignored.startswith("part-beta-")
+    assert r.manifest.outcomes["stored"] == 9  # each id once
+    report = validate_dataset(dataset_uri)
+    assert report.ok and report.writers == 2 and len(report.duplicates) == 1
+    assert any("'s005' is stored by two writers" in x for x in report.warnings)
+    assert len(mid) == 8  # the early reader still reads its snapshot
+    for sid in mid.sample_ids():
+        assert mid[sid].sample_id == sid
+
+
+def test_quarantine_and_failures_round_trip(dataset_uri, tiny, samples):
     from replay_bridge.checks import accept
     from replay_bridge.sample import WireSample
     from replay_bridge.shards import decode_routing
@@ -163,12 +256,12 @@ def test_quarantine_and_failures_round_trip(tmp_path, tiny, samples):
                       routing=np.zeros((s.num_tokens - 1, 4, 2), np.int32))
     report, routed = accept(wire, tiny)
     assert routed is None and "all_zero" in report.kinds
-    with ShardWriter(tmp_path / "d", tiny) as w:
+    with ShardWriter(dataset_uri, tiny) as w:
         w.add(samples[0])
         w.quarantine(report, wire, note="prefill capture missing")
         w.record_failure("q2", TimeoutError("engine timed out"))
         assert w.stats.quarantined == 1 and w.stats.failed == 1
-    r = ShardReader(tmp_path / "d")
+    r = ShardReader(dataset_uri)
     assert r.manifest.outcomes == {"stored": 1, "rejected": 1, "failed": 1}
     recs = list(r.quarantined())
     assert [x["sample_id"] for x in recs] == ["q1", "q2"]
@@ -221,8 +314,8 @@ def test_round_trip_property(tmp_path_factory, geometry, lengths, per_shard, sta
         assert_same(s, r[s.sample_id])
 
 
-def test_reader_sees_a_consistent_snapshot_while_a_writer_appends(tmp_path, tiny, samples):
-    d = tmp_path / "d"
+def test_reader_sees_a_consistent_snapshot_while_a_writer_appends(dataset_uri, tiny, samples):
+    d = dataset_uri
     w = ShardWriter(d, tiny, samples_per_shard=3)
     for s in samples[:4]:
         w.add(s)  # one sealed shard, one sample in the open one
@@ -263,18 +356,20 @@ def test_iteration_order_with_read_ahead_threads(tmp_path, tiny, samples, thread
     it.close()  # stopping early neither hangs nor leaks a running thread pool
 
 
-def test_read_ahead_surfaces_a_bad_shard_by_name(tmp_path, tiny, samples):
-    d = write_dir_small(tmp_path / "d", tiny, samples)
-    import json
-    m = json.loads((d / "manifest.json").read_text())
-    m["shards"][2]["sha256"] = "f" * 64  # the file no longer matches its manifest entry
-    (d / "manifest.json").write_text(json.dumps(m))
-    r = ShardReader(d, verify="lazy")
+def test_read_ahead_surfaces_a_bad_shard_by_name(dataset_uri, tiny, samples):
+    d = write_dir_small(dataset_uri, tiny, samples)
+    bad = listed_shards(d)[2]
+    corrupt_batch(d, bad, 0)  # the object no longer matches its index's CRC-32
+    r = ShardReader(d, verify="read")
     seen = []
-    with pytest.raises(ShardError, match="shard-000002.arrow: sha256"):
+    with pytest.raises(ShardError, match=f"{bad}: record batch 0 .* CRC-32") as e:
         for b in r.iter_batches(threads=2):
             seen.extend(b.column("sample_id").to_pylist())
+    assert e.value.kind == "checksum"
     assert set(seen) <= {s.sample_id for s in samples[:10]}
+    assert r["s000"].sample_id == "s000"  # the other shards still read
+    with pytest.raises(ShardError, match="sha256"):  # verify=True hashes every shard on open
+        ShardReader(d, verify=True)
 
 
 def write_dir_small(d, geometry, samples):
