@@ -2,19 +2,30 @@
 
 What an RL trainer does with the bridge, end to end, in one file:
 
-1. open the rollout shards (``--routing-replay-shards``) and build the replay over the model
-   (every guard runs there: geometry, fused router, capacity, router count, leftovers);
-2. per step, take whole GRPO groups, cut them into micro-batches, lay out each micro-batch's
-   routing for this rank's routers (``replay.prepare``);
+1. open the rollout dataset (``--routing-replay-shards``: a directory or any dataset URI,
+   ``s3://bucket/prefix`` included) and build the replay over the model (every guard runs
+   there: geometry, fused router, capacity, router count, leftovers);
+2. per step, the rank loader (``replay_bridge.loader.RankLoader``) gives this data-parallel
+   rank its share of the step: whole GRPO groups, token-balanced across ranks, the same for a
+   ``--seed`` and step on every rank and every restart, read from the dataset without
+   reading the other ranks' samples; cut into micro-batches (``--micro-batch-samples``, or a
+   THD token budget ``--micro-batch-tokens``); each micro-batch's routing is laid out for
+   this rank's routers (``replay.prepare``);
 3. a log-prob pass (forward only) and a training pass, both through Megatron's schedule with
-   the replay-wrapped forward step, each inside ``replay.replaying(...)``;
-4. log ``replay.metrics()``: agreement between the routers' own top-k and the replayed top-k,
-   per layer and by prompt / completion region.
+   the replay-wrapped forward step, each inside ``replay.replaying(...)``; gradients averaged
+   over the data-parallel ranks;
+4. log ``replay.metrics()`` summed over the data-parallel ranks: agreement between the
+   routers' own top-k and the replayed top-k, per layer and by prompt / completion region.
 
 On a CPU (tiny model, synthetic shards written first)::
 
     python -m replay_recipes.grpo_megatron --cpu --make-demo-shards out/demo-shards \\
         --routing-replay --routing-replay-shards out/demo-shards --steps 2
+
+Across data-parallel ranks (gloo on CPUs here; NCCL without ``--cpu``)::
+
+    torchrun --nproc-per-node 2 -m replay_recipes.grpo_megatron --cpu \\
+        --routing-replay --routing-replay-shards s3://bucket/rollouts --steps 2
 
 Or from a trainer config (``configs/trainer/``): its ``model:`` and ``train:`` keys are this
 script's flags of the same name, its ``routing_replay:`` section the ``--routing-replay*`` flags;
@@ -30,8 +41,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +52,7 @@ import torch
 import yaml
 
 from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.loader import MicroBatch, RankLoader
 from replay_bridge.sample import RoutedSample
 from replay_recipes.grpo import group_advantages, policy_loss, rewards, token_logprobs
 from trainer_hooks.megatron import (
@@ -54,7 +66,8 @@ from trainer_hooks.megatron.steps import make_forward_step
 
 MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_experts",
               "moe_router_topk", "vocab_size")
-TRAIN_KEYS = ("steps", "groups_per_step", "micro_batch_samples", "lr", "clip", "recompute")
+TRAIN_KEYS = ("steps", "groups_per_step", "micro_batch_samples", "micro_batch_tokens", "seed",
+              "lr", "clip", "recompute")
 SECTIONS = {"model": MODEL_KEYS, "train": TRAIN_KEYS, "routing_replay": None}
 
 
@@ -69,16 +82,23 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--vocab-size", type=int, default=256)
     t = p.add_argument_group("training (config section train:)")
     t.add_argument("--steps", type=int, default=2)
-    t.add_argument("--groups-per-step", type=int, default=2)
+    t.add_argument("--groups-per-step", type=int, default=2,
+                   help="GRPO groups a step takes, over all data-parallel ranks")
     t.add_argument("--micro-batch-samples", type=int, default=2)
+    t.add_argument("--micro-batch-tokens", type=int, default=0,
+                   help="THD: a token budget per micro-batch instead of a sample count (0: off)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds the step plan (which samples, which rank, in which order)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--clip", type=float, default=0.2)
     t.add_argument("--recompute", action="store_true", help="full activation recompute")
     p.add_argument("--config", default=None,
                    help="YAML trainer config (model:, train:, routing_replay:); flags win")
     p.add_argument("--cpu", action="store_true", help="run on CPUs (test shims applied)")
-    p.add_argument("--make-demo-shards", metavar="DIR", default=None,
-                   help="first write synthetic rollout shards (tiny-qwen3-moe geometry) to DIR")
+    p.add_argument("--make-demo-shards", metavar="URI", default=None,
+                   help="first write synthetic rollout shards (tiny-qwen3-moe geometry) to URI")
+    p.add_argument("--log-json", metavar="FILE", default=None,
+                   help="write each step's metrics, plan and the ids every rank read (JSON)")
     add_routing_replay_args(p)
     return p
 
@@ -160,45 +180,31 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
     return model.to(device)
 
 
-def micro_batch_inputs(samples: list[RoutedSample], advantages: dict[str, float], packing: Any,
+def micro_batch_inputs(mb: MicroBatch, advantages: dict[str, float],
                        device: torch.device) -> dict:
-    """Tokens, positions, mask, advantages and loss mask. THD packing is one row with a
-    block-diagonal causal mask (megatron-core's local attention has no THD kernel; with
-    Transformer Engine pass ``packed_seq_params`` instead): the routers see the same token
-    order. The step's "old" log-probs come from its own log-prob pass, not from here."""
-    n = np.array([s.num_tokens for s in samples])
-    padded = packing.padded_lengths(n)
-    if packing.format == "bshd":
-        rows, width = len(samples), int(packing.seq_length)
-        starts = np.zeros(len(samples), np.int64)
-        row_of = np.arange(len(samples))
+    """Tokens, positions, attention mask, advantages and loss mask of one loader micro-batch.
+    THD packing is one row with a block-diagonal causal mask (megatron-core's local attention
+    has no THD kernel; with Transformer Engine pass ``packed_seq_params`` from
+    ``mb.cu_seqlens`` / ``mb.cu_seqlens_padded`` instead): the routers see the same token
+    order. Position ``t`` predicts token ``t + 1``, so the loss and the advantages sit on
+    ``mb.label_mask``. The step's "old" log-probs come from its own log-prob pass."""
+    tokens, pos, label = mb.tokens, mb.position_ids, mb.label_mask
+    if mb.packing.format == "thd":
+        tokens, pos, label = tokens[None], pos[None], label[None]
+    width = tokens.shape[1]
+    adv = np.asarray([advantages[i] for i in mb.sample_ids], np.float32)
+    padded = np.diff(mb.cu_seqlens_padded)
+    if mb.packing.format == "bshd":
+        adv_w = np.where(label, adv[:, None], 0.0).astype(np.float32)
+        mask = ~np.tril(np.ones((width, width), bool))[None]
     else:
-        rows, width = 1, int(padded.sum())
-        starts = np.concatenate(([0], np.cumsum(padded)[:-1]))
-        row_of = np.zeros(len(samples), np.int64)
-    tokens = np.zeros((rows, width), np.int64)
-    seq = np.full((rows, width), -1, np.int64)
-    pos = np.zeros((rows, width), np.int64)
-    adv_w = np.zeros((rows, width), np.float32)  # advantage at each predicted token
-    loss_mask = np.zeros((rows, width), bool)
-    for i, s in enumerate(samples):
-        r, a = row_of[i], starts[i]
-        tokens[r, a : a + s.num_tokens] = s.tokens
-        seq[r, a : a + padded[i]] = i
-        pos[r, a : a + padded[i]] = np.arange(padded[i])
-        # Position t predicts token t + 1: completion tokens are predicted from prompt_len - 1.
-        c0, c1 = a + s.prompt_len - 1, a + s.num_tokens - 1
-        adv_w[r, c0:c1] = advantages[s.sample_id]
-        loss_mask[r, c0:c1] = True
-    causal = np.tril(np.ones((width, width), bool))[None]
-    if packing.format == "bshd":
-        mask = ~causal
-    else:
-        same = seq[:, :, None] == seq[:, None, :]
-        mask = ~(same & causal & (seq[:, :, None] >= 0))
-    t = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+        seq = np.repeat(np.arange(len(padded)), padded)
+        adv_w = np.where(label, adv[seq][None], 0.0).astype(np.float32)
+        same = seq[:, None] == seq[None, :]
+        mask = ~(same & np.tril(np.ones((width, width), bool)))[None]
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device)  # noqa: E731
     return dict(tokens=t(tokens), position_ids=t(pos), attention_mask=t(mask[:, None]),
-                adv=t(adv_w), loss_mask=t(loss_mask))
+                adv=t(adv_w), loss_mask=t(label))
 
 
 def grpo_advantages(samples: list[RoutedSample], vocab: int) -> dict[str, float]:
@@ -243,6 +249,23 @@ def make_demo_shards(path: str, vocab: int, seed: int = 0) -> None:
                     routed=np.argsort(keys, -1)[..., : geo.top_k].astype(geo.id_dtype)))
 
 
+def _average_gradients(model: torch.nn.Module, group: Any, world: int) -> None:
+    """Average every parameter's gradient over the data-parallel ranks, in one flat all-reduce
+    (a parameter no token reached on a rank counts as a zero gradient there)."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     import torch.distributed as dist
@@ -265,11 +288,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel()
+    first = dist.get_rank() == 0
     if args.make_demo_shards:
-        make_demo_shards(args.make_demo_shards, args.vocab_size)
+        if first:
+            make_demo_shards(args.make_demo_shards, args.vocab_size)
+        dist.barrier()
 
     options = options_from_args(args)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same initial weights on every rank
     model = build_model(args, device)
 
     from replay_bridge.shards import ShardReader
@@ -279,25 +305,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from trainer_hooks.megatron import Packing
 
     packing = replay.packing if replay is not None else Packing.thd()
+    dp_group = ps.get_data_parallel_group()
+    dp_world, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    # Routing is laid out by replay.prepare for this rank's routers, so the loader skips it.
+    loader = RankLoader(
+        reader, world_size=dp_world, rank=dp_rank, packing=packing, seed=args.seed,
+        groups_per_step=args.groups_per_step, routing=False,
+        **(dict(max_tokens=args.micro_batch_tokens) if args.micro_batch_tokens
+           else dict(micro_batch_size=args.micro_batch_samples)))
 
     forward_step = make_forward_step(functools.partial(grpo_loss, args.clip))
     fwd = replay.wrap_forward_step(forward_step) if replay is not None else forward_step
     fb = get_forward_backward_func()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    groups: dict[str, list[str]] = defaultdict(list)
-    for s in reader:
-        groups[s.group_id or s.sample_id].append(s.sample_id)
-    group_ids = sorted(groups)
     metrics: dict[str, float] = {}
+    log: list[dict[str, Any]] = []
     for step in range(args.steps):
-        chosen = [group_ids[(step * args.groups_per_step + i) % len(group_ids)]
-                  for i in range(args.groups_per_step)]
-        samples = [reader[i] for g in chosen for i in groups[g]]
-        adv = grpo_advantages(samples, args.vocab_size)
-        mb_samples = [samples[i : i + args.micro_batch_samples]
-                      for i in range(0, len(samples), args.micro_batch_samples)]
-        batches = [micro_batch_inputs(m, adv, packing, device) for m in mb_samples]
-        routing = [replay.prepare(m) for m in mb_samples] if replay is not None else None
+        step_loader = loader.for_step(step)
+        mbs = list(step_loader)  # reads this rank's samples only
+        samples = [s for mb in mbs for s in mb.samples]
+        adv = grpo_advantages(samples, args.vocab_size)  # groups are whole on one rank
+        batches = [micro_batch_inputs(mb, adv, device) for mb in mbs]
+        routing = [replay.prepare(mb.samples) for mb in mbs] if replay is not None else None
         seq_len = max(b["tokens"].shape[1] for b in batches)
 
         def run(forward_only: bool, data: list[dict]) -> list[Any]:
@@ -316,15 +345,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             run(True, lp_batches)
         for b, lb in zip(batches, lp_batches):
             b["old_lp"] = lb["out_lp"]
-        # 2. Training pass, replayed; then the optimizer step.
+        # 2. Training pass, replayed; gradients averaged over the ranks; the optimizer step.
         opt.zero_grad(set_to_none=True)
         losses = run(False, batches)
+        if dp_world > 1:
+            _average_gradients(model, dp_group, dp_world)
         opt.step()
-        metrics = {"step": float(step),
-                   "loss": float(np.mean([l["loss"].item() for l in losses]))}
+        loss = torch.tensor([np.mean([l["loss"].item() for l in losses])], device=device)
+        if dp_world > 1:
+            dist.all_reduce(loss, group=dp_group)
+            loss /= dp_world
+        metrics = {"step": float(step), "loss": float(loss.item())}
         if replay is not None:
-            metrics.update(replay.metrics())
-        print({k: round(v, 4) for k, v in metrics.items() if "layer" not in k}, flush=True)
+            metrics.update(replay.metrics(group=dp_group if dp_world > 1 else None))
+        if first:
+            print({k: round(v, 4) for k, v in metrics.items() if "layer" not in k}, flush=True)
+        if args.log_json:  # what each rank read, and a checksum of its weights after the step
+            mine = {"read": step_loader.sample_ids,
+                    "weights": float(sum(p.detach().double().sum() for p in model.parameters()))}
+            ranks: list[Any] = [mine]
+            if dp_world > 1:
+                ranks = [None] * dp_world
+                dist.all_gather_object(ranks, mine, group=dp_group)
+            log.append({"metrics": metrics, "plan": step_loader.plan.to_dict(), "ranks": ranks})
+    if args.log_json and first:
+        Path(args.log_json).write_text(json.dumps(
+            {"world_size": dp_world, "steps": log}, indent=1, allow_nan=True))
     if replay is not None:
         replay.close()
     return metrics
