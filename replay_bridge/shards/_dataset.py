@@ -3,6 +3,7 @@ their indexes, with the one rule for an id that two writers stored."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -166,6 +167,10 @@ def _load_writer(store: Store, name: str) -> tuple[Manifest, pa.Table]:
             if e.kind == "missing" and attempt + 1 < _INDEX_RETRIES:
                 continue
             raise
+        if len(data) != man.index.bytes or hashlib.sha256(data).hexdigest() != man.index.sha256:
+            raise ShardError(f"{man.index.file}: {len(data)} bytes whose sha256 does not match "
+                             f"{name} (the index is corrupted or was replaced)",
+                             file=man.index.file, kind="checksum")
         return man, parse_index(data, man.index.file, len(man.shards), man.index.rows)
     raise AssertionError("unreachable")
 
