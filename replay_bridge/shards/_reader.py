@@ -27,6 +27,7 @@ from ._errors import ShardError
 from ._manifest import Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import read_chunk
 from ._rules import RuleBreak, batch_breaks
+from ._scan import check_schema
 from ._schema import list_parts, routed_rows, samples_from_batch, schema_for
 from ._store import Store, open_store
 
@@ -55,6 +56,34 @@ def verify_object(store: Store, entry: ShardEntry | QuarantineEntry) -> None:
         raise ShardError(f"{entry.file}: sha256 {digest[:16]}... does not match the manifest "
                          f"({entry.sha256[:16]}...): the object is corrupted", file=entry.file,
                          kind="checksum")
+
+
+def _check_counts(view: DatasetView) -> None:
+    """Each listed shard's samples and tokens as its writer's index lists them must be what
+    the manifest says (both are untrusted; a reader trusts neither alone)."""
+    n = len(view.objects)
+    if not n:
+        return
+    stored = view.index.filter(pc.equal(view.index.column("outcome"), 0))
+    obj = stored.column("object").to_numpy()
+    rows = np.bincount(obj, minlength=n)
+    tokens = np.bincount(obj, weights=stored.column("tokens").to_numpy(), minlength=n)
+    for i, (m, pos) in enumerate(view.objects):
+        e = m.shards[pos]
+        if rows[i] != e.rows or int(tokens[i]) != e.tokens:
+            raise ShardError(f"{e.file}: its index lists {rows[i]} samples / {int(tokens[i])} "
+                             f"tokens, the manifest says {e.rows} / {e.tokens}", file=e.file,
+                             kind="counts")
+
+
+def _check_shard_schema(store: Store, name: str, geometry: RoutingGeometry) -> None:
+    """A shard's own schema (read from its footer) must carry the dataset's geometry."""
+    try:
+        with store.open(name) as f:
+            schema = ipc.open_file(f).schema
+    except (OSError, pa.ArrowException) as e:
+        raise ShardError(f"{name}: not a readable Arrow IPC file ({e})", file=name) from None
+    check_schema(schema, name, geometry)
 
 
 def _mode(verify: Verify) -> str | bool:
@@ -118,10 +147,12 @@ class ShardReader:
         self._checked: set[tuple[int, int]] = set()
         self._merged: Manifest | None = None
         self._snapshot = {m.writer: [s.file for s in m.shards] for m in view.manifests}
+        _check_counts(view)
         if self._verify == "all":
             for m in view.manifests:
                 for entry in m.shards:
                     verify_object(store, entry)
+                    _check_shard_schema(store, entry.file, self.geometry)
 
     @property
     def _v(self) -> DatasetView:
