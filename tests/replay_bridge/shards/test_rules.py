@@ -1,16 +1,15 @@
 """The storage rules (``shards/_rules.py``): the writer refuses a sample that breaks one, and
-after a consistent rewrite of a shard (manifest re-hashed, so only the contents are wrong)
-``validate`` reports the row and the reader refuses it, naming the sample and the rule."""
+after a consistent rewrite of a shard (manifest re-hashed, index re-pointed and re-checksummed,
+so only the contents are wrong) ``validate`` reports the row and the reader refuses it, naming
+the sample and the rule, on a local directory and on an S3-compatible server."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 
 from replay_bridge.shards import ShardError, ShardReader, ShardWriter, UnstorableSample, \
@@ -19,28 +18,21 @@ from replay_bridge.shards._rules import RULES, batch_breaks, conform, sample_bre
 from replay_bridge.shards._schema import schema_for, to_record_batch
 
 from .conftest import make_sample
-from .helpers import edit_manifest, run_cli, write_dir
+from .helpers import WRITER, rewrite_shard, run_cli, shard_name, write_dir
+
+FIRST = shard_name(WRITER, 0)
 
 
 def _rewrite_row(d, name, row, column, fn):
-    """Set one value of one row of a shard with plain pyarrow, then re-hash it in the
-    manifest: a directory consistent in every respect but that value."""
-    path = d / name
-    with ipc.open_file(pa.memory_map(str(path))) as f:
-        table = f.read_all()
-    i = table.schema.get_field_index(column)
-    values = table.column(i).to_pylist()
-    values[row] = fn(values[row])
-    table = table.set_column(i, table.schema.field(i), pa.array(values, table.schema.field(i).type))
-    with ipc.new_file(str(path), table.schema) as w:
-        w.write_table(table)
-    data = path.read_bytes()
-
-    def fix(doc):
-        e = next(e for e in doc["shards"] if e["file"] == name)
-        doc["totals"]["bytes"] += len(data) - e["bytes"]
-        e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    edit_manifest(d, fix)
+    """Set one value of one row of a shard with plain pyarrow, then re-list it (manifest and
+    index): a dataset consistent in every respect but that value."""
+    def edit(table):
+        i = table.schema.get_field_index(column)
+        values = table.column(i).to_pylist()
+        values[row] = fn(values[row])
+        return table.set_column(i, table.schema.field(i),
+                                pa.array(values, table.schema.field(i).type))
+    rewrite_shard(d, name, edit)
 
 
 def _negative_first(tokens):
@@ -71,20 +63,20 @@ REWRITES = {
 
 
 @pytest.fixture
-def shard_dir(tmp_path, tiny, samples):
-    return write_dir(tmp_path / "d", tiny, samples, samples_per_shard=5)
+def shard_dir(dataset_uri, tiny, samples):
+    return write_dir(dataset_uri, tiny, samples, samples_per_shard=5)
 
 
 @pytest.mark.parametrize("case", list(REWRITES))
 def test_validate_and_the_reader_recheck_every_storage_rule(shard_dir, case):
     column, fn, rule, words = REWRITES[case]
-    _rewrite_row(shard_dir, "shard-000000.arrow", 4, column, fn)  # s004: 20 tokens, prompt 10
+    _rewrite_row(shard_dir, FIRST, 4, column, fn)  # s004: 20 tokens, prompt 10
     sid = "" if column == "sample_id" else "s004"
 
     report = validate_dir(shard_dir)
     assert not report.ok and report.sample_faults == 1
     (fault,) = report.faults
-    assert (fault.file, fault.kind) == ("shard-000000.arrow", "storage_rule")
+    assert (fault.file, fault.kind) == (FIRST, "storage_rule")
     assert words in fault.message and f"sample {sid!r}" in fault.message
     assert report.samples == 12 and report.tally.samples == 11  # the others still re-checked
 
@@ -93,7 +85,7 @@ def test_validate_and_the_reader_recheck_every_storage_rule(shard_dir, case):
 
     reader = ShardReader(shard_dir)
     key = re.escape(words[:12])
-    with pytest.raises(ShardError, match=f"shard-000000.arrow: sample {sid!r}: .*{key}") as e:
+    with pytest.raises(ShardError, match=f"{FIRST}: sample {sid!r}: .*{key}") as e:
         reader.routing(sid)
     assert e.value.kind == "storage_rule" and f"storage rule {rule!r}" in str(e.value)
     with pytest.raises(ShardError, match=key):

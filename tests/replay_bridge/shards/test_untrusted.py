@@ -1,20 +1,34 @@
-"""Crafted manifests, symlinks, truncated and corrupted files: clear errors, never a crash,
-never a read outside the shard directory."""
+"""Crafted manifests and indexes, symlinks, truncated and corrupted objects: clear errors, never a
+crash, never a read outside the dataset. Every writer's manifest and compact index is untrusted
+input. On a local directory and, where storage matters, on an S3-compatible server."""
 
 from __future__ import annotations
 
 import os
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from replay_bridge.shards import ShardError, ShardReader
+from replay_bridge.shards import ShardError, ShardReader, ShardWriter
 
-from .helpers import edit_manifest, run_cli, write_dir
+from .helpers import (INDEX_DIR, WRITER, corrupt_batch, delete_object, edit_index,
+                      edit_manifest, flip_bytes, index_of, local_path,
+                      manifest_name, manifest_of, read_object, relist, rewrite_shard, run_cli,
+                      shard_name, write_dir, write_object)
+
+S0, S1, S2 = (shard_name(WRITER, i) for i in range(3))
 
 
 @pytest.fixture
 def shard_dir(tmp_path, tiny, samples):
     return write_dir(tmp_path / "d", tiny, samples, samples_per_shard=5)
+
+
+@pytest.fixture
+def dataset(dataset_uri, tiny, samples):
+    """12 samples in 3 shards (5, 5, 2) of writer :data:`WRITER`, local or on S3."""
+    return write_dir(dataset_uri, tiny, samples, samples_per_shard=5)
 
 
 def _set_first_file(name):
@@ -24,59 +38,92 @@ def _set_first_file(name):
 
 
 @pytest.mark.parametrize("name", [
-    "../../etc/passwd", "/etc/passwd", "shard-000000.arrow/../../x", "sub/shard-000000.arrow",
-    "shard-1.arrow", "", 7, None,
+    "../../etc/passwd", "/etc/passwd", f"{S0}/../../x", f"sub/{S0}", "part-w0-1.arrow",
+    "shard-000000.arrow", "part-other-000000.arrow", f"{INDEX_DIR}/w0-000000.arrow",
+    manifest_name(WRITER), f"_routing_replay/../{S0}", "", 7, None,
 ])
-def test_manifest_naming_a_file_outside_the_directory_is_refused(shard_dir, name):
+def test_manifest_naming_an_object_not_its_own_is_refused(shard_dir, name):
+    """Only the format's names of the manifest's own writer: nothing outside the dataset, no
+    other writer's object, no folder, no index or manifest listed as a shard. (A manifest is
+    parsed the same whatever the store: local only; the S3 cases below.)"""
     edit_manifest(shard_dir, _set_first_file(name))
-    with pytest.raises(ShardError, match="not a .* file inside the shard directory") as e:
+    with pytest.raises(ShardError, match="which is not a .* object of writer 'w0'") as e:
         ShardReader(shard_dir)
     assert e.value.kind == "unsafe_path"
     code, doc, _ = run_cli("validate", shard_dir, "--json")
-    assert code == 2 and "inside the shard directory" in doc["error"]
+    assert code == 2 and "is not a" in doc["error"]
 
 
-def test_quarantine_entry_outside_the_directory_is_refused(tmp_path, tiny, samples):
-    d = tmp_path / "d"
+@pytest.mark.parametrize("entry", ["quarantine", "index"])
+def test_quarantine_or_index_entry_outside_the_dataset_is_refused(dataset_uri, tiny, samples,
+                                                                 entry):
     from replay_bridge.checks import CheckReport
-    from replay_bridge.shards import ShardWriter
 
-    with ShardWriter(d, tiny) as w:
+    with ShardWriter(dataset_uri, tiny, writer_id=WRITER) as w:
         w.add(samples[0])
         w.quarantine(CheckReport("x", kinds=("all_zero",), message="m"))
-    edit_manifest(d, lambda doc: doc["quarantine"][0].update(file="../outside.jsonl"))
-    with pytest.raises(ShardError, match="outside.jsonl"):
-        ShardReader(d)
+
+    def fn(doc):
+        (doc["quarantine"][0] if entry == "quarantine" else doc["index"]).update(
+            file="../outside.jsonl")
+    edit_manifest(dataset_uri, fn)
+    with pytest.raises(ShardError, match="outside.jsonl") as e:
+        ShardReader(dataset_uri)
+    assert e.value.kind == "unsafe_path"
+
+
+def test_a_manifest_under_another_writers_name_is_refused(dataset):
+    """A manifest copied under another writer's name (or naming another writer) is refused:
+    each writer publishes only its own objects."""
+    write_object(dataset, manifest_name("w1"), read_object(dataset, manifest_name(WRITER)))
+    with pytest.raises(ShardError, match="writer 'w0' does not match its name"):
+        ShardReader(dataset)
+    code, doc, _ = run_cli("validate", dataset, "--json")
+    assert code == 2 and "does not match its name" in doc["error"]
+
+
+def test_a_file_in_the_manifest_folder_that_is_no_manifest_name_is_ignored(dataset):
+    write_object(dataset, "_routing_replay/manifests/not a writer.json", b"{garbage")
+    assert len(ShardReader(dataset)) == 12
+    code, doc, _ = run_cli("validate", dataset, "--json")
+    assert code == 0
+    assert any("not a writer.json: not a manifest name" in x for x in doc["warnings"])
 
 
 def test_symlinked_shard_is_refused(shard_dir, tmp_path):
     outside = tmp_path / "outside.arrow"
-    os.replace(shard_dir / "shard-000001.arrow", outside)
-    os.symlink(outside, shard_dir / "shard-000001.arrow")
-    with pytest.raises(ShardError, match="shard-000001.arrow is a symlink"):
-        ShardReader(shard_dir)
-    code, doc, _ = run_cli("validate", shard_dir, "--json")
-    assert code == 2 and "symlink" in doc["error"]
-
-
-def test_wrong_sha256_is_reported_by_name(shard_dir):
-    edit_manifest(shard_dir, lambda doc: doc["shards"][1].update(sha256="0" * 64))
-    with pytest.raises(ShardError, match="shard-000001.arrow: sha256 .* does not match"):
-        ShardReader(shard_dir)
-    reader = ShardReader(shard_dir, verify="lazy")  # the index needs no checksum
-    with pytest.raises(ShardError, match="shard-000001.arrow"):
-        reader.routing("s007")
-    assert reader.routing("s000").shape[1:] == (4, 2)
+    os.replace(local_path(shard_dir, S1), outside)
+    os.symlink(outside, local_path(shard_dir, S1))
+    r = ShardReader(shard_dir)  # opening reads manifests and indexes only
+    assert r["s000"].sample_id == "s000"
+    with pytest.raises(ShardError, match=f"{S1} is a symlink") as e:
+        r["s005"]
+    assert e.value.kind == "unsafe_path"
+    with pytest.raises(ShardError, match=f"{S1} is a symlink"):
+        ShardReader(shard_dir, verify=True)
     code, doc, _ = run_cli("validate", shard_dir, "--json")
     assert code == 1
-    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [("shard-000001.arrow", "checksum")]
+    assert (S1, "unsafe_path") in {(f["file"], f["kind"]) for f in doc["faults"]}
+    assert any("symlink" in f["message"] for f in doc["faults"])
+
+
+def test_wrong_sha256_is_reported_by_name(dataset):
+    edit_manifest(dataset, lambda doc: doc["shards"][1].update(sha256="0" * 64))
+    with pytest.raises(ShardError, match=f"{S1}: sha256 .* does not match") as e:
+        ShardReader(dataset, verify=True)
+    assert e.value.kind == "checksum"
+    reader = ShardReader(dataset)  # the default checks each record batch's CRC-32 instead
+    assert reader.routing("s007").shape[1:] == (4, 2)
+    code, doc, _ = run_cli("validate", dataset, "--json")
+    assert code == 1
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [(S1, "checksum")]
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("rows", 4, r"shard-000000.arrow: holds 5 samples / \d+ tokens, the manifest says 4"),
-    ("tokens", 1, r"shard-000000.arrow: holds 5 samples / \d+ tokens, the manifest says 5 / 1"),
+    ("rows", 4, rf"{S0}: its index lists 5 samples / \d+ tokens, the manifest says 4"),
+    ("tokens", 1, rf"{S0}: its index lists 5 samples / \d+ tokens, the manifest says 5 / 1"),
 ])
-def test_wrong_per_shard_counts(shard_dir, field, value, message):
+def test_wrong_per_shard_counts(dataset, field, value, message):
     def fn(doc):
         delta = value - doc["shards"][0][field]
         doc["shards"][0][field] = value
@@ -84,13 +131,14 @@ def test_wrong_per_shard_counts(shard_dir, field, value, message):
         doc["totals"][key] += delta
         if field == "rows":
             doc["outcomes"]["stored"] += delta
-    edit_manifest(shard_dir, fn)
-    with pytest.raises(ShardError, match=message):
-        ShardReader(shard_dir)
-    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    edit_manifest(dataset, fn)
+    with pytest.raises(ShardError, match=message) as e:
+        ShardReader(dataset)
+    assert e.value.kind == "counts"
+    code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 1
     assert {f["kind"] for f in doc["faults"]} == {"counts"}
-    assert {f["file"] for f in doc["faults"]} == {"shard-000000.arrow"}
+    assert {f["file"] for f in doc["faults"]} == {S0}
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -100,10 +148,17 @@ def test_wrong_per_shard_counts(shard_dir, field, value, message):
     (lambda d: d.update(format_version=99), "unsupported format_version 99"),
     (lambda d: d.update(format_version=True), "unsupported format_version True"),
     (lambda d: d.update(format_version=1.0), "unsupported format_version 1.0"),
-    (lambda d: d["shards"].append(dict(d["shards"][0])), "lists a file twice"),
+    (lambda d: d.update(format_version=1), "unsupported format_version 1"),
+    (lambda d: d["shards"].append(dict(d["shards"][0])), "lists an object twice"),
     (lambda d: d.update(geometry={"num_layers": 4}), "bad geometry"),
     (lambda d: d["geometry"].update(id_dtype="not-a-dtype"), "bad geometry"),
     (lambda d: d["geometry"].update(moe_layers="xyz"), "bad geometry"),
+    (lambda d: d.update(writer="w1"), "writer 'w1' does not match its name"),
+    (lambda d: d.update(format="something-else"), "not a routing-replay-dataset manifest"),
+    (lambda d: d.update(index=None), "lists objects but no index"),
+    (lambda d: d["index"].update(rows=3), "the index has 3 rows for 12 samples"),
+    (lambda d: d["index"].update(sha256="0" * 64), "sha256 does not match"),
+    (lambda d: d["index"].update(bytes=1), "sha256 does not match"),
 ])
 def test_inconsistent_manifest_is_refused(shard_dir, edit, message):
     edit_manifest(shard_dir, edit)
@@ -113,110 +168,222 @@ def test_inconsistent_manifest_is_refused(shard_dir, edit, message):
     assert code == 2 and message.split()[0].strip("'") in doc["error"]
 
 
-def test_geometry_mismatch_between_manifest_and_shard(shard_dir):
-    def fn(doc):
-        doc["geometry"]["num_experts"] = 16
-    edit_manifest(shard_dir, fn)
-    with pytest.raises(ShardError, match="shard-000000.arrow schema geometry and manifest "
-                       "geometry differ: num_experts: 16 vs 8") as e:
-        ShardReader(shard_dir)
+def _shard_column(t: pa.Table, fn) -> pa.Table:
+    i = t.schema.get_field_index("shard")
+    return t.set_column(i, t.schema.field(i), pa.array(fn(t.column("shard").to_numpy()),
+                                                       pa.int32()))
+
+
+@pytest.mark.parametrize("what", ["not arrow", "wrong rows", "shard out of range",
+                                  "wrong schema"])
+def test_an_untrustworthy_index_is_refused_by_name(dataset, what):
+    """The compact index is untrusted too: not an Arrow file, a row count other than the
+    manifest's, a shard number the manifest does not list, another schema."""
+    name = index_of(dataset)
+    if what == "not arrow":
+        write_object(dataset, name, b"not an index")
+        relist(dataset, name)
+        message = "not a readable index"
+    elif what == "wrong rows":
+        edit_index(dataset, lambda t: t.slice(1))
+        edit_manifest(dataset, lambda d: d["index"].update(rows=12))
+        message = "11 rows, the manifest says 12"
+    elif what == "shard out of range":
+        edit_index(dataset, lambda t: _shard_column(t, lambda s: s + 3))
+        message = "names a shard the manifest does not list"
+    else:
+        import pyarrow.ipc as ipc
+
+        from .helpers import read_index
+        table = read_index(dataset).drop_columns(["crc32"])
+        sink = pa.BufferOutputStream()
+        with ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        write_object(dataset, name, sink.getvalue().to_pybytes())
+        relist(dataset, name)
+        message = "index schema"
+    with pytest.raises(ShardError, match=f"{name}: .*{message}|{message}"):
+        ShardReader(dataset)
+    code, doc, _ = run_cli("validate", dataset, "--json")
+    assert code == 2 and name in doc["error"]
+
+
+@pytest.mark.parametrize("what", ["crc", "offset", "length", "order"])
+def test_an_index_pointing_at_the_wrong_bytes_is_caught(dataset, what):
+    """An index consistent with its manifest whose byte ranges, CRC-32s or rows are wrong: the
+    reader refuses the record batch by name (never returns other bytes as that sample), and
+    validate names the shard."""
+    def edit(t):
+        first = pc.equal(t.column("shard"), 1).to_numpy(zero_copy_only=False)
+        col = {"crc": "crc32", "offset": "offset", "length": "length", "order": "row"}[what]
+        i = t.schema.get_field_index(col)
+        values = t.column(i).to_numpy().copy()
+        if what == "crc":
+            values[first] ^= 1
+        elif what == "offset":
+            values[first] += 8
+        elif what == "length":
+            values[first] = values[first] + 10**6
+        else:
+            values[first] = values[first][::-1]
+        return t.set_column(i, t.schema.field(i), pa.array(values, t.schema.field(i).type))
+    edit_index(dataset, edit)
+    r = ShardReader(dataset)
+    assert r["s000"].sample_id == "s000"
+    if what == "order":  # the bytes are right, the rows swapped: validate's cross-check
+        assert r["s005"].sample_id == "s009"
+    else:
+        with pytest.raises(ShardError, match=S1) as e:
+            r["s005"]
+        assert e.value.kind in ("checksum", "size")
+    code, doc, _ = run_cli("validate", dataset, "--json")
+    assert code == 1
+    assert {f["file"] for f in doc["faults"]} == {S1}
+    assert {f["kind"] for f in doc["faults"]} <= {"checksum", "index"}
+
+
+def test_writers_whose_geometries_differ(dataset_uri, tiny, samples):
+    write_dir(dataset_uri, tiny, samples[:2])
+    with ShardWriter(dataset_uri, tiny, resume=True, writer_id="w1") as w:
+        w.add(samples[2])
+    edit_manifest(dataset_uri, lambda d: d["geometry"].update(num_experts=16), "w1")
+    with pytest.raises(ShardError, match="writer w1 and writer w0") as e:
+        ShardReader(dataset_uri)
     assert e.value.kind == "geometry"
-    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    code, doc, _ = run_cli("validate", dataset_uri, "--json")
+    assert code == 2 and "num_experts" in doc["error"]
+
+
+def test_geometry_mismatch_between_manifest_and_shard(dataset):
+    """The reader decodes record batches with the manifest's geometry without opening a
+    shard's footer; verify=True and validate compare every shard's own schema with it."""
+    edit_manifest(dataset, lambda doc: doc["geometry"].update(num_experts=16))
+    with pytest.raises(ShardError, match=f"{S0} schema geometry and manifest geometry differ: "
+                       "num_experts: 16 vs 8") as e:
+        ShardReader(dataset, verify=True)
+    assert e.value.kind == "geometry"
+    code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 1
     assert {f["kind"] for f in doc["faults"]} == {"geometry"}
     assert len(doc["faults"]) == 3  # every shard named
 
 
-def test_truncated_shard_reported_by_name(shard_dir):
-    p = shard_dir / "shard-000001.arrow"
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    with pytest.raises(ShardError, match=r"shard-000001.arrow: \d+ bytes, the manifest says "
-                       r"\d+ \(truncated\)"):
-        ShardReader(shard_dir)
-    code, doc, out = run_cli("validate", shard_dir, "--json")
+def test_truncated_shard_reported_by_name(dataset):
+    write_object(dataset, S1, read_object(dataset, S1)[: len(read_object(dataset, S1)) // 2])
+    r = ShardReader(dataset)
+    with pytest.raises(ShardError, match=rf"{S1}: \d+ bytes, the manifest says \d+ "
+                       r"\(truncated\)") as e:
+        r["s005"]
+    assert e.value.kind == "size"
+    assert r["s000"].sample_id == "s000"
+    with pytest.raises(ShardError, match=rf"{S1}: \d+ bytes.*\(truncated\)"):
+        ShardReader(dataset, verify=True)
+    code, doc, out = run_cli("validate", dataset, "--json")
     assert code == 1
     kinds = {(f["file"], f["kind"]) for f in doc["faults"]}
-    assert ("shard-000001.arrow", "size") in kinds
-    assert ("shard-000001.arrow", "unreadable") in kinds
+    assert (S1, "size") in kinds
+    assert (S1, "unreadable") in kinds
     assert doc["shards"] == {"listed": 3, "bad": 1}
     assert doc["samples"] == 7  # the other two shards were still checked
-    code, _, out = run_cli("validate", shard_dir)
-    assert code == 1 and "shard-000001.arrow" in out and "faults found" in out
+    code, _, out = run_cli("validate", dataset)
+    assert code == 1 and S1 in out and "faults found" in out
 
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])
-def test_corrupted_shard_reported_by_name(tmp_path, tiny, samples, compression):
-    d = write_dir(tmp_path / "d", tiny, samples, samples_per_shard=5, compression=compression)
-    p = d / "shard-000002.arrow"
-    data = bytearray(p.read_bytes())
-    for i in range(len(data) // 3, len(data) // 3 + 64):
-        data[i] ^= 0xA5
-    p.write_bytes(bytes(data))
+def test_corrupted_shard_reported_by_name(dataset_uri, tiny, samples, compression):
+    """Bytes flipped in an object (overwritten in place, on S3 too): the record batch's CRC-32
+    catches it on first read, sha256 on open with verify=True, validate names the shard."""
+    d = write_dir(dataset_uri, tiny, samples, samples_per_shard=5, compression=compression)
+    corrupt_batch(d, S2, 0)
     code, doc, _ = run_cli("validate", d, "--json")
     assert code == 1
-    assert all(f["file"] == "shard-000002.arrow" for f in doc["faults"])
+    assert all(f["file"] == S2 for f in doc["faults"])
     assert "checksum" in {f["kind"] for f in doc["faults"]}
-    with pytest.raises(ShardError, match="shard-000002.arrow"):
-        ShardReader(d)
+    with pytest.raises(ShardError, match=S2):
+        ShardReader(d, verify=True)
+    r = ShardReader(d)
+    assert r["s009"].sample_id == "s009"
+    with pytest.raises(ShardError, match=f"{S2}: record batch 0 .* CRC-32") as e:
+        r["s010"]
+    assert e.value.kind == "checksum"
     # without checksums the reader still never crashes: an error or (flipped ids) data
     try:
         r = ShardReader(d, verify=False)
         for _ in r:
             pass
     except ShardError as e:
-        assert e.file == "shard-000002.arrow"
+        assert e.file == S2
 
 
-def test_missing_shard_and_garbage_manifest(shard_dir):
-    (shard_dir / "shard-000000.arrow").unlink()
-    code, doc, _ = run_cli("validate", shard_dir, "--json")
+def test_corrupted_footer_is_found_by_sha256_and_validate(dataset):
+    """Bytes flipped outside every record batch (the footer): no read of a sample needs them,
+    so only the whole-object checks see it."""
+    data = read_object(dataset, S1)
+    flip_bytes(dataset, S1, start=(len(data) - 20) / len(data), count=4)
+    assert ShardReader(dataset)["s005"].sample_id == "s005"
+    with pytest.raises(ShardError, match=f"{S1}: sha256"):
+        ShardReader(dataset, verify=True)
+    code, doc, _ = run_cli("validate", dataset, "--json")
+    assert code == 1 and (S1, "checksum") in {(f["file"], f["kind"]) for f in doc["faults"]}
+
+
+def test_missing_shard_and_garbage_manifest(dataset):
+    delete_object(dataset, S0)
+    code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 1 and doc["faults"][0]["kind"] == "missing"
-    with pytest.raises(ShardError, match="shard-000000.arrow: listed in the manifest but missing"):
-        ShardReader(shard_dir)
-    (shard_dir / "manifest.json").write_bytes(b"{not json")
-    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    with pytest.raises(ShardError, match=f"{S0}: listed in the manifest but missing"):
+        ShardReader(dataset, verify=True)
+    with pytest.raises(ShardError, match=f"{S0}: missing") as e:
+        ShardReader(dataset)["s000"]
+    assert e.value.kind == "missing"
+    write_object(dataset, manifest_of(dataset), b"{not json")
+    code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 2 and "not valid JSON" in doc["error"]
 
 
-def test_not_a_shard_directory(tmp_path):
+def test_missing_index_is_refused_by_name(dataset):
+    name = index_of(dataset)
+    delete_object(dataset, name)
+    with pytest.raises(ShardError, match=f"{name}: missing"):
+        ShardReader(dataset)
+    code, doc, _ = run_cli("validate", dataset, "--json")
+    assert code == 2 and name in doc["error"]
+
+
+def test_not_a_dataset(tmp_path, dataset_uri):
     code, doc, _ = run_cli("validate", tmp_path, "--json")
-    assert code == 2 and "not a shard directory" in doc["error"]
+    assert code == 2 and "not a routing-replay dataset" in doc["error"]
+    code, doc, _ = run_cli("validate", dataset_uri, "--json")  # nothing written there
+    assert code == 2 and "not a routing-replay dataset" in doc["error"]
     code, doc, _ = run_cli("validate", tmp_path / "nope", "--json")
     assert code == 2
     code, doc, _ = run_cli("inspect", tmp_path, "--json")
-    assert code == 2 and "not a shard directory" in doc["error"]
+    assert code == 2 and "not a routing-replay dataset" in doc["error"]
+
+
+def test_a_format_1_directory_is_named_as_such(tmp_path, tiny):
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "manifest.json").write_text("{}")
+    (d / "shard-000000.arrow").write_bytes(b"ARROW1")
+    for fn in (ShardReader, lambda d: ShardWriter(d, tiny, resume=True)):
+        with pytest.raises(ShardError, match="format-1 shard directory"):
+            fn(d)
+    code, doc, _ = run_cli("validate", d, "--json")
+    assert code == 2 and "format-1" in doc["error"]
 
 
 def _rewrite_shard(d, name, fn):
-    """Replace a shard by a table edited with plain pyarrow; keep the manifest consistent so
-    only the contents are wrong."""
-    import hashlib
-
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    path = d / name
-    with ipc.open_file(pa.memory_map(str(path))) as f:
-        table = f.read_all()
-    table = fn(table)
-    with ipc.new_file(str(path), table.schema) as w:
-        w.write_table(table)
-    data = path.read_bytes()
-
-    def fix(doc):
-        e = next(e for e in doc["shards"] if e["file"] == name)
-        doc["totals"]["bytes"] += len(data) - e["bytes"]
-        e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    edit_manifest(d, fix)
+    """Replace a shard by a table edited with plain pyarrow; keep the manifest and index
+    consistent so only the contents are wrong."""
+    rewrite_shard(d, name, fn)
 
 
 @pytest.mark.parametrize("column, value, message", [
     ("weight_versions", "{not json", "malformed row"),
     ("prompt_len", None, "malformed row"),
 ])
-def test_malformed_values_in_a_shard(shard_dir, column, value, message):
-    import pyarrow as pa
-
+def test_malformed_values_in_a_shard(dataset, column, value, message):
     def fn(table):
         i = table.schema.get_field_index(column)
         col = table.column(i).to_pylist()
@@ -224,35 +391,34 @@ def test_malformed_values_in_a_shard(shard_dir, column, value, message):
         field = table.schema.field(i).with_nullable(True)
         return table.set_column(i, field, pa.array(col, field.type)).replace_schema_metadata(
             table.schema.metadata)
-    _rewrite_shard(shard_dir, "shard-000001.arrow", fn)
-    r = ShardReader(shard_dir)
-    with pytest.raises(ShardError, match=f"shard-000001.arrow: {message}"):
+    _rewrite_shard(dataset, S1, fn)
+    r = ShardReader(dataset)
+    with pytest.raises(ShardError, match=f"{S1}: {message}"):
         r["s006"]
     assert r["s005"].sample_id == "s005"
-    code, doc, _ = run_cli("validate", shard_dir, "--json")
+    code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 1
-    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [("shard-000001.arrow", "unreadable")]
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [(S1, "unreadable")]
 
 
 def test_routing_not_a_whole_number_of_rows(shard_dir):
-    import pyarrow as pa
-
     def fn(table):
         i = table.schema.get_field_index("routed")
         col = table.column(i).to_pylist()
         col[0] = col[0][:-1]
         return table.set_column(i, table.schema.field(i), pa.array(col, table.schema.field(i).type))
-    _rewrite_shard(shard_dir, "shard-000000.arrow", fn)
+    _rewrite_shard(shard_dir, S0, fn)
     r = ShardReader(shard_dir)
-    with pytest.raises(ShardError, match=r"shard-000000.arrow: sample 's000' has \d+ routing ids"):
+    with pytest.raises(ShardError, match=rf"{S0}: sample 's000' has \d+ routing ids"):
         r.routing("s000")
     code, doc, _ = run_cli("validate", shard_dir, "--json")
-    assert code == 1 and doc["faults"][0]["file"] == "shard-000000.arrow"
+    assert code == 1 and doc["faults"][0]["file"] == S0
 
 
 def test_empty_shard_file_with_matching_manifest_is_read(shard_dir):
-    """A crafted, schema-valid shard without rows: no crash, just no samples from it."""
-    _rewrite_shard(shard_dir, "shard-000001.arrow", lambda t: t.slice(0, 0))
+    """A crafted, schema-valid shard without rows (its index rows gone too): no crash, just no
+    samples from it."""
+    _rewrite_shard(shard_dir, S1, lambda t: t.slice(0, 0))
 
     def fix(doc):
         e = doc["shards"][1]
@@ -287,6 +453,7 @@ def _read_everything(d):
         for sid in r.sample_ids():
             r.routing(sid)
             r[sid]
+        r.read(r.sample_ids()[::-1])
         list(r.quarantined())
     except ShardError as e:
         assert str(e)
@@ -298,6 +465,7 @@ def _read_everything(d):
 
 @pytest.fixture(scope="module")
 def fuzz_src(tmp_path_factory):
+    from replay_bridge.checks import CheckReport
     from replay_bridge.geometry import RoutingGeometry
 
     from .conftest import make_sample
@@ -305,25 +473,30 @@ def fuzz_src(tmp_path_factory):
     out = {}
     for comp in ("zstd", "none"):
         d = tmp_path_factory.mktemp("fuzz") / comp
-        write_dir(d, g, [make_sample(g, f"s{i}", 30, seed=i) for i in range(6)],
-                  samples_per_shard=3, batch_bytes=100, compression=comp)
+        with ShardWriter(d, g, samples_per_shard=3, batch_bytes=100, compression=comp,
+                         writer_id=WRITER) as w:
+            for i in range(6):
+                w.add(make_sample(g, f"s{i}", 30, seed=i))
+            w.quarantine(CheckReport("bad", kinds=("all_zero",), message="zeros"))
         out[comp] = d
     return out
 
 
 @_FUZZ
-@given(comp=st.sampled_from(["zstd", "none"]),
+@given(comp=st.sampled_from(["zstd", "none"]), target=st.sampled_from(["shard", "index"]),
        flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)),
                       min_size=1, max_size=6))
-def test_fuzzed_shard_bytes(tmp_path_factory, fuzz_src, comp, flips):
+def test_fuzzed_shard_and_index_bytes(tmp_path_factory, fuzz_src, comp, target, flips):
     import shutil
     d = tmp_path_factory.mktemp("f") / "d"
     shutil.copytree(fuzz_src[comp], d)
-    p = d / "shard-000000.arrow"
+    p = local_path(d, S0 if target == "shard" else index_of(d))
     data = bytearray(p.read_bytes())
     for where, value in flips:
         data[int(where * len(data))] = value
     p.write_bytes(bytes(data))
+    if target == "index":  # listed as it now is: only its contents are hostile
+        relist(d, index_of(d))
     _read_everything(d)
 
 
@@ -336,7 +509,8 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 2**40) | st.tex
 @_FUZZ
 @given(path=st.lists(st.sampled_from(["shards", 0, 1, "file", "rows", "tokens", "bytes",
                                       "geometry", "moe_layers", "top_k", "totals", "outcomes",
-                                      "quarantine", "sha256", "format_version"]),
+                                      "quarantine", "sha256", "format_version", "index",
+                                      "writer", "started"]),
                      min_size=1, max_size=3),
        value=_JSON)
 def test_fuzzed_manifest_values(tmp_path_factory, fuzz_src, path, value):
@@ -364,7 +538,8 @@ def test_fuzzed_manifest_values(tmp_path_factory, fuzz_src, path, value):
                                         ("num_layers", "4")])
 def test_absurd_geometry_in_a_shard_schema(shard_dir, key, value):
     """A consistent rewrite whose only fault is the shard schema's geometry metadata: validate
-    names the shard (exit 1), the reader and inspect refuse it (exit 2), nothing allocates."""
+    names the shard (exit 1), the reader with verify=True refuses it by name, nothing
+    allocates; the default reader decodes record batches with the manifest's geometry."""
     import json
 
     def fn(table):
@@ -373,14 +548,13 @@ def test_absurd_geometry_in_a_shard_schema(shard_dir, key, value):
         doc[key] = value
         meta[b"routing_replay"] = json.dumps(doc).encode()
         return table.replace_schema_metadata(meta)
-    _rewrite_shard(shard_dir, "shard-000001.arrow", fn)
-    with pytest.raises(ShardError, match=f"shard-000001.arrow: bad 'routing_replay' schema "
+    _rewrite_shard(shard_dir, S1, fn)
+    with pytest.raises(ShardError, match=f"{S1}: bad 'routing_replay' schema "
                        f"metadata: {key} must be"):
-        ShardReader(shard_dir)
+        ShardReader(shard_dir, verify=True)
+    assert ShardReader(shard_dir)["s005"].sample_id == "s005"
     code, doc, _ = run_cli("validate", shard_dir, "--json")
     assert code == 1
-    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [("shard-000001.arrow",
-                                                                 "unreadable")]
+    assert [(f["file"], f["kind"]) for f in doc["faults"]] == [(S1, "unreadable")]
     assert doc["samples"] == 7  # the other shards still checked
-    code, doc, _ = run_cli("inspect", shard_dir, "--json")
-    assert code == 2 and "shard-000001.arrow" in doc["error"] and key in doc["error"]
+
