@@ -1,5 +1,6 @@
-"""The writer never writes through a link out of its directory, never loses accepted samples
-to one value Arrow refuses, and takes only ASCII digits in member names."""
+"""The writer never writes through a link out of its dataset (local temp files, the
+``_routing_replay`` folders), never loses accepted samples to one value Arrow refuses, and takes
+only ASCII names (writer ids, sequence digits) for the format's objects."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ from replay_bridge.shards import _manifest, _writer
 from replay_bridge.sink import SampleSink
 
 from .conftest import make_sample
-from .helpers import run_cli, write_dir
+from .helpers import (WRITER, FOLDER, index_name, manifest_doc, manifest_name,
+                      object_names, quarantine_name, run_cli, shard_name, temp_name, write_dir)
 
-TEMP_NAMES = ("manifest.json.tmp", "quarantine-000000.jsonl.tmp", "shard-000000.arrow.tmp")
+
+def _temps(writer: str, seq: int = 0) -> tuple[str, ...]:
+    """The local temp files a writer writes its objects through."""
+    return tuple(temp_name(n) for n in (manifest_name(writer), quarantine_name(writer, seq),
+                                        shard_name(writer, seq), index_name(writer, seq)))
+
+
+TEMP_NAMES = _temps(WRITER)
 
 
 def _victim(tmp_path: Path) -> Path:
@@ -42,9 +51,9 @@ def test_a_planted_temp_link_in_a_new_directory_is_never_written_through(
         tmp_path: Path, tiny: RoutingGeometry, name: str) -> None:
     victim = _victim(tmp_path)
     d = tmp_path / "d"
-    d.mkdir()
+    (d / name).parent.mkdir(parents=True)
     os.symlink(victim, d / name)
-    with ShardWriter(d, tiny) as w:
+    with ShardWriter(d, tiny, writer_id=WRITER) as w:
         _exercise(w, tiny, 0)
     assert victim.read_text() == "precious\n"
     assert not (d / name).is_symlink()
@@ -52,29 +61,47 @@ def test_a_planted_temp_link_in_a_new_directory_is_never_written_through(
     assert sorted(r.sample_ids()) == ["s0", "s1", "s2"] and len(list(r.quarantined())) == 1
 
 
-@pytest.mark.parametrize("name", ["manifest.json.tmp", "quarantine-000001.jsonl.tmp",
-                                  "shard-000001.arrow.tmp"])
+@pytest.mark.parametrize("name", _temps("w1", 0))
 def test_a_planted_temp_link_in_a_resumed_directory_is_never_written_through(
         tmp_path: Path, tiny: RoutingGeometry, name: str) -> None:
     victim = _victim(tmp_path)
     d = tmp_path / "d"
-    with ShardWriter(d, tiny) as w:
+    with ShardWriter(d, tiny, writer_id=WRITER) as w:
         _exercise(w, tiny, 0)
-    with ShardWriter(d, tiny, resume=True) as w:
-        os.symlink(victim, d / name)  # planted after the resumed writer cleaned up
+    with ShardWriter(d, tiny, resume=True, writer_id="w1") as w:
+        os.symlink(victim, d / name)  # planted after the resumed writer published itself
         _exercise(w, tiny, 10)
     assert victim.read_text() == "precious\n"
     assert len(ShardReader(d)) == 6
 
 
+@pytest.mark.parametrize("folder", [FOLDER, f"{FOLDER}/manifests", f"{FOLDER}/quarantine",
+                                    f"{FOLDER}/index"])
+def test_a_format_folder_that_is_a_link_out_of_the_dataset_is_refused(
+        tmp_path: Path, tiny: RoutingGeometry, folder: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    d = tmp_path / "d"
+    (d / folder).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(outside, d / folder)
+    with pytest.raises(ShardError, match="symlink|outside the dataset") as e:
+        with ShardWriter(d, tiny, writer_id=WRITER) as w:
+            _exercise(w, tiny, 0)
+    assert e.value.kind == "unsafe_path"
+    assert list(outside.iterdir()) == []
+
+
 def test_a_dangling_link_and_a_stale_temp_file_are_replaced(tmp_path: Path,
                                                             tiny: RoutingGeometry) -> None:
     d = tmp_path / "d"
-    d.mkdir()
-    os.symlink(tmp_path / "nowhere" / "file", d / "manifest.json.tmp")
-    (d / "quarantine-000000.jsonl.tmp").write_bytes(b"half a line")
-    with ShardWriter(d, tiny) as w:
+    manifest_tmp, chunk_tmp = TEMP_NAMES[:2]
+    for name in (manifest_tmp, chunk_tmp):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(tmp_path / "nowhere" / "file", d / manifest_tmp)
+    (d / chunk_tmp).write_bytes(b"half a line")
+    with ShardWriter(d, tiny, writer_id=WRITER) as w:
         _exercise(w, tiny, 0)
+    assert not any(n.endswith(".tmp") for n in object_names(d))
     assert not (tmp_path / "nowhere").exists()
     assert run_cli("validate", d, "--json")[0] == 0
 
@@ -82,11 +109,12 @@ def test_a_dangling_link_and_a_stale_temp_file_are_replaced(tmp_path: Path,
 def test_a_directory_where_a_temp_file_goes_is_an_error_not_a_removal(
         tmp_path: Path, tiny: RoutingGeometry) -> None:
     d = tmp_path / "d"
-    (d / "manifest.json.tmp").mkdir(parents=True)
-    (d / "manifest.json.tmp" / "keep").write_text("x")
-    with pytest.raises(ShardError, match="manifest.json.tmp is a directory"):
-        ShardWriter(d, tiny)
-    assert (d / "manifest.json.tmp" / "keep").read_text() == "x"
+    tmp = TEMP_NAMES[0]
+    (d / tmp).mkdir(parents=True)
+    (d / tmp / "keep").write_text("x")
+    with pytest.raises(ShardError, match=f"{Path(tmp).name} is a directory"):
+        ShardWriter(d, tiny, writer_id=WRITER)
+    assert (d / tmp / "keep").read_text() == "x"
 
 
 def test_the_output_path_must_be_a_directory(tmp_path: Path, tiny: RoutingGeometry) -> None:
@@ -158,14 +186,31 @@ def test_a_record_batch_arrow_refuses_keeps_every_sample_it_can(
     assert r.manifest.outcomes == {"stored": 7, "rejected": 1, "failed": 0}
 
 
-@pytest.mark.parametrize("name", ["shard-٠٠٠٠٠٠.arrow", "quarantine-۱۲۳۴۵۶.jsonl",
-                                  "shard-１２３４５６.arrow"])
-def test_member_names_take_ascii_digits_only(tmp_path: Path, tiny: RoutingGeometry,
-                                             samples, name: str) -> None:
-    assert not _manifest.is_member_name(name)
-    assert not _manifest.is_temp_name(name + ".tmp")
+@pytest.mark.parametrize("name", ["part-w0-٠٠٠٠٠٠.arrow", "_routing_replay/quarantine/w0-۱۲۳۴۵۶.jsonl",
+                                  "part-w0-１２３４５６.arrow", "part-wé-000000.arrow",
+                                  "part-w０-000000.arrow"])
+def test_object_names_take_ascii_only(tmp_path: Path, tiny: RoutingGeometry, samples,
+                                      name: str) -> None:
+    assert _manifest.writer_of(name) is None
     d = write_dir(tmp_path / "d", tiny, samples[:2])
-    doc = Manifest.read(d).to_dict()
-    doc["shards"][0]["file"] = name
+    doc = manifest_doc(d)
+    doc["shards" if name.endswith(".arrow") else "quarantine"].insert(0, dict(
+        file=name, rows=0, tokens=0, routed_rows=0, records=0, bytes=0, sha256="0" * 64))
     with pytest.raises(ShardError, match="not a"):
-        Manifest.from_dict(doc, d)
+        Manifest.from_dict(doc, manifest_name(WRITER))
+    writer = name.split("-")[1]
+    if not writer.isascii():  # nor does a writer take such an id
+        with pytest.raises(ValueError, match="writer_id must match"):
+            ShardWriter(tmp_path / "e", tiny, writer_id=writer)
+    assert Manifest.from_dict(manifest_doc(d), manifest_name(WRITER)).samples == 2
+
+
+@pytest.mark.parametrize("uri", ["nosuchscheme://bucket/x", "s4://bucket/x"])
+def test_a_uri_of_an_unknown_scheme_is_refused_never_a_local_folder(
+        tmp_path: Path, tiny: RoutingGeometry, monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    for open_it in (lambda: ShardWriter(uri, tiny), lambda: ShardReader(uri)):
+        with pytest.raises(ShardError, match="unsupported dataset URI") as e:
+            open_it()
+        assert e.value.kind == "uri"
+    assert list(tmp_path.iterdir()) == []
