@@ -86,8 +86,9 @@ def parse_index(data: bytes, name: str, shards: int, rows: int) -> pa.Table:
     try:
         table = ipc.open_file(pa.py_buffer(data)).read_all()
         table.validate(full=True)
-    except (OSError, pa.ArrowException) as e:
-        raise ShardError(f"{name}: not a readable index ({e})", file=name) from None
+    except (OSError, pa.ArrowException, ValueError) as e:  # Arrow's text may not be UTF-8
+        raise ShardError(f"{name}: not a readable index ({type(e).__name__}: {e})",
+                         file=name) from None
     if not table.schema.equals(INDEX_SCHEMA, check_metadata=False):
         raise ShardError(f"{name}: index schema {table.schema} is not the format's", file=name)
     if table.num_rows != rows:
