@@ -1,10 +1,11 @@
-"""Fuzzed shard directories: bytes of shards and quarantine chunks, manifest fields (types,
-values, huge numbers, names with ``..``, absolute paths, non-ASCII digits), members replaced by
-symlinks, directories, empty files or FIFOs, and schema geometry metadata. ``validate`` (the
-function and the CLI) flags every case with exit 1 or 2, never hangs, never lets an exception
-past the CLI, and never writes (names, modes, sizes and mtimes compared before and after, in
-the directory and in a directory a symlink points to). The reader answers with data or a
-ShardError. A seeded loop, each case a test id, so a failure replays alone."""
+"""Fuzzed local datasets: bytes of shards, quarantine chunks and the compact index, manifest
+fields (types, values, huge numbers, names with ``..``, absolute paths, non-ASCII digits, other
+writers' names), objects replaced by symlinks, directories, empty files or FIFOs, and schema
+geometry metadata. ``validate`` (the function and the CLI) flags every case with exit 1 or 2,
+never hangs, never lets an exception past the CLI, and never writes (names, modes, sizes and
+mtimes compared before and after, in the dataset and in a directory a symlink points to). The
+reader answers with data or a ShardError. A seeded loop, each case a test id, so a failure
+replays alone."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pytest
 from typer.testing import CliRunner
 
@@ -33,22 +33,27 @@ from replay_bridge.shards import ShardError, ShardReader, ShardWriter, validate_
 from tests.support.processes import child_env
 
 from .conftest import make_sample
+from .helpers import (WRITER, index_name, manifest_name, object_names, quarantine_name, relist,
+                      rewrite_shard, shard_name)
 
-SHARDS = ("shard-000000.arrow", "shard-000001.arrow")
-CHUNK = "quarantine-000000.jsonl"
-MEMBERS = (*SHARDS, CHUNK)
+SHARDS = (shard_name(WRITER, 0), shard_name(WRITER, 1))
+CHUNK = quarantine_name(WRITER, 0)
+MANIFEST = manifest_name(WRITER)
+INDEX = index_name(WRITER, 2)
+"""The index of the source's last publish (one per shard sealed, one for the chunk)."""
+MEMBERS = (*SHARDS, CHUNK, INDEX)
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     g = RoutingGeometry.from_preset("tiny-qwen3-moe")
     d = tmp_path_factory.mktemp("fuzz-src") / "d"
-    with ShardWriter(d, g, samples_per_shard=3, batch_bytes=200) as w:
+    with ShardWriter(d, g, samples_per_shard=3, batch_bytes=200, writer_id=WRITER) as w:
         for i in range(6):
             w.add(make_sample(g, f"s{i}", 16 + i, seed=i))
         w.quarantine(CheckReport("bad", kinds=("all_zero",), message="zeros"))
         w.record_failure("lost", "connection reset")
-    assert sorted(p.name for p in d.iterdir()) == sorted([*MEMBERS, "manifest.json"])
+    assert object_names(d) == sorted([*MEMBERS, MANIFEST])
     assert validate_dir(d).ok
     return d
 
@@ -62,20 +67,6 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
                 st = os.lstat(p)
                 out[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns)
     return out
-
-
-def _rehash(d: Path, name: str) -> None:
-    """List ``name`` in the manifest with its current size and sha256 (totals kept in step)."""
-    data = (d / name).read_bytes()
-    doc = json.loads((d / "manifest.json").read_text())
-    for e in doc["shards"]:
-        if e["file"] == name:
-            doc["totals"]["bytes"] += len(data) - e["bytes"]
-            e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    for e in doc["quarantine"]:
-        if e["file"] == name:
-            e.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    (d / "manifest.json").write_text(json.dumps(doc))
 
 
 # ---- mutations: each takes (rng, directory, outside) and says what it did -------------------
@@ -101,14 +92,19 @@ def mutate_bytes(rng: random.Random, d: Path, outside: Path) -> str:
     else:
         data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
     p.write_bytes(bytes(data))
-    return f"{op} bytes of {name} at {at}"
+    relisted = name == INDEX and rng.random() < 0.5
+    if relisted:  # listed as it now is: only what the index says is hostile
+        relist(d, name)
+    return f"{op} bytes of {name} at {at}{' (relisted)' if relisted else ''}"
 
 
-NAMES = ["..", "../shard-000000.arrow", "/etc/passwd", str(Path("/tmp") / "shard-000000.arrow"),
-         "shard-\u0660\u0660\u0660\u0660\u0660\u0660.arrow", "shard-000000.arrow/..",
-         "shard-000000.arrow\x00", "shard-000000.arrow ", "SHARD-000000.ARROW",
-         "./shard-000000.arrow", "shard-0000007.arrow", "quarantine-000000.jsonl",
-         "shard-000001.arrow", "shard-\uff10\uff10\uff10\uff10\uff10\uff10.arrow", "manifest.json"]
+S0 = SHARDS[0]
+NAMES = ["..", f"../{S0}", "/etc/passwd", str(Path("/tmp") / S0),
+         "part-w0-\u0660\u0660\u0660\u0660\u0660\u0660.arrow", f"{S0}/..",
+         f"{S0}\x00", f"{S0} ", S0.upper(), f"./{S0}", "part-w0-0000007.arrow", CHUNK,
+         SHARDS[1], "part-w0-\uff10\uff10\uff10\uff10\uff10\uff10.arrow", MANIFEST, INDEX,
+         "part-w1-000000.arrow", f"_routing_replay/../{S0}", "shard-000000.arrow",
+         "manifest.json"]
 VALUES: list[Any] = ["x", "", 1.5, True, False, None, [], {}, -1, 0, 1, 7, 2**31, 2**63,
                      -(2**63), 10**13, 10**30, [0, 1], {"a": 1}, "1", "\u0661", 1e308]
 FIELDS = [
@@ -117,6 +113,7 @@ FIELDS = [
     *[("shards", i, k) for i in (0, 1)
       for k in ("file", "rows", "tokens", "routed_rows", "bytes", "sha256")],
     *[("quarantine", 0, k) for k in ("file", "records", "bytes", "sha256")],
+    *[("index", k) for k in ("file", "rows", "bytes", "sha256")], ("index",), ("writer",),
     *[("totals", k) for k in ("shards", "samples", "tokens", "routed_rows", "bytes",
                               "quarantined")],
     ("outcomes", "stored"), ("geometry",), ("shards",), ("quarantine",), ("totals",),
@@ -125,7 +122,7 @@ FIELDS = [
 
 
 def mutate_manifest(rng: random.Random, d: Path, outside: Path) -> str:
-    path = d / "manifest.json"
+    path = d / MANIFEST
     doc = json.loads(path.read_text())
     keys = rng.choice(FIELDS)
     node = doc
@@ -147,17 +144,16 @@ def mutate_manifest(rng: random.Random, d: Path, outside: Path) -> str:
 
 
 def replace_member(rng: random.Random, d: Path, outside: Path) -> str:
-    name = rng.choice([*MEMBERS, "manifest.json"])
+    name = rng.choice([*MEMBERS, MANIFEST])
     p = d / name
     how = rng.choice(["symlink-outside", "symlink-member", "dangling", "directory", "empty"])
-    copy_out = outside / f"copy-of-{name}"
+    copy_out = outside / f"copy-of-{Path(name).name}"
     shutil.copyfile(p, copy_out)
     p.unlink()
     if how == "symlink-outside":  # to an identical copy: only the link itself is wrong
         os.symlink(copy_out, p)
     elif how == "symlink-member":
-        os.symlink(d / ("shard-000001.arrow" if name != "shard-000001.arrow"
-                        else "shard-000000.arrow"), p)
+        os.symlink(d / (SHARDS[1] if name != SHARDS[1] else SHARDS[0]), p)
     elif how == "dangling":
         os.symlink(outside / "nothing-here", p)
     elif how == "directory":
@@ -171,18 +167,22 @@ def replace_member(rng: random.Random, d: Path, outside: Path) -> str:
 META_EDITS: list[tuple[str, Any]] = [
     ("num_layers", 10**13), ("num_layers", "4"), ("top_k", 10**6), ("num_experts", 0),
     ("num_experts", 16), ("moe_layers", "0123"), ("moe_layers", [0, 1, 2, 9]),
-    ("moe_layers", [0, 1, 2, 2.5]), ("format_version", 2), ("id_dtype", "uint16"),
+    ("moe_layers", [0, 1, 2, 2.5]), ("format_version", 1), ("format_version", 3),
+    ("id_dtype", "uint16"),
     ("num_layers", None), ("name", ["x"]),
 ]
 
 
 def mutate_schema(rng: random.Random, d: Path, outside: Path) -> str:
-    """Rewrite a shard with other schema metadata (or column type) and re-hash it: a
-    directory consistent in every respect but the shard's schema."""
+    """Rewrite a shard with other schema metadata (or column type), re-listed in its manifest
+    and index: a dataset consistent in every respect but the shard's schema."""
     name = rng.choice(SHARDS)
-    path = d / name
-    with ipc.open_file(pa.memory_map(str(path))) as f:
-        table = f.read_all()
+    what = [""]
+    rewrite_shard(d, name, lambda table: _edit_schema(rng, table, what))
+    return f"schema of {name}: {what[0]}"
+
+
+def _edit_schema(rng: random.Random, table: pa.Table, said: list[str]) -> pa.Table:
     meta = dict(table.schema.metadata)
     doc = orjson.loads(meta[b"routing_replay"])
     what = rng.choice(["edit", "edit", "edit", "delete-key", "not-json", "no-metadata",
@@ -205,11 +205,8 @@ def mutate_schema(rng: random.Random, d: Path, outside: Path) -> str:
                                  table.column(i).cast(pa.list_(pa.int64())))
     else:
         meta[b"routing_replay"] = orjson.dumps(doc)
-    table = table.replace_schema_metadata(meta)
-    with ipc.new_file(str(path), table.schema) as w:
-        w.write_table(table)
-    _rehash(d, name)
-    return f"schema of {name}: {what}"
+    said[0] = what
+    return table.replace_schema_metadata(meta)
 
 
 MUTATIONS = [mutate_bytes] * 3 + [mutate_manifest] * 5 + [replace_member] * 2 + [mutate_schema] * 2
@@ -234,12 +231,12 @@ def test_validate_flags_a_fuzzed_directory_and_writes_nothing(source, tmp_path, 
 
 def _set(keys: tuple, value: Any):
     def edit(rng: random.Random, d: Path, outside: Path) -> str:
-        doc = json.loads((d / "manifest.json").read_text())
+        doc = json.loads((d / MANIFEST).read_text())
         node = doc
         for k in keys[:-1]:
             node = node[k]
         node[keys[-1]] = value
-        (d / "manifest.json").write_text(json.dumps(doc))
+        (d / MANIFEST).write_text(json.dumps(doc))
         return f"manifest {'.'.join(map(str, keys))} = {value!r:.30}"
     return edit
 
@@ -253,6 +250,11 @@ FIXED = {
     "bytes 2**63": _set(("shards", 1, "bytes"), 2**63),
     **{f"file {name!r}": _set(("shards", 0, "file"), name) for name in NAMES},
     **{f"chunk {name!r}": _set(("quarantine", 0, "file"), name) for name in NAMES[:6]},
+    **{f"index {name!r}": _set(("index", "file"), name)
+       for name in [*NAMES[:6], SHARDS[1], MANIFEST, index_name(WRITER, 1), index_name("w1", 2)]},
+    "index rows 10**30": _set(("index", "rows"), 10**30),
+    "index bytes 2**63": _set(("index", "bytes"), 2**63),
+    "writer of another": _set(("writer",), "w1"),
 }
 
 
@@ -316,20 +318,20 @@ FIFO_CHILD = textwrap.dedent("""
 def test_fifos_in_place_of_members_are_flagged_without_hanging(source, tmp_path):
     """One child process for every FIFO case, with a timeout: a blocked open never returns."""
     dirs = []
-    for i, name in enumerate([*MEMBERS, "manifest.json"]):
-        for relist in (False, True):
-            if name == "manifest.json" and relist:
+    for i, name in enumerate([*MEMBERS, MANIFEST]):
+        for empty in (False, True):
+            if name == MANIFEST and empty:
                 continue
-            d, outside = _copy(source, tmp_path / f"{i}-{relist}")
+            d, outside = _copy(source, tmp_path / f"{i}-{empty}")
             (d / name).unlink()
             os.mkfifo(d / name)
-            if relist:  # the manifest says it is empty: only opening it could tell
-                doc = json.loads((d / "manifest.json").read_text())
-                for e in doc["shards"] + doc["quarantine"]:
+            if empty:  # the manifest says it is empty: only opening it could tell
+                doc = json.loads((d / MANIFEST).read_text())
+                for e in doc["shards"] + doc["quarantine"] + [doc["index"]]:
                     if e["file"] == name:
                         doc["totals"]["bytes"] -= e["bytes"] if name in SHARDS else 0
                         e.update(bytes=0, sha256=hashlib.sha256(b"").hexdigest())
-                (d / "manifest.json").write_text(json.dumps(doc))
+                (d / MANIFEST).write_text(json.dumps(doc))
             dirs.append(d)
     before = snapshot(*(d.parent for d in dirs))
     proc = subprocess.run([sys.executable, "-c", FIFO_CHILD, *map(str, dirs)],
