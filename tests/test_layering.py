@@ -12,7 +12,8 @@ packages.
   ``replay_recipes`` nor each other.
 - Importing any ``replay_bridge`` module loads none of those packages, nor torch or
   transformers, nor aiohttp outside the client (``replay_bridge.client``,
-  ``replay_bridge.benchmarks.collect``): checked in fresh interpreters.
+  ``replay_bridge.benchmarks.collect``, ``replay_bridge.ray``), nor ray outside
+  ``replay_bridge.ray``: checked in fresh interpreters.
 - Every name in a public package's ``__all__`` exists (httpx's exported-members test).
 - Tests mirror the packages: ``tests/<pkg>/<sub>/`` may import the private modules of
   ``<pkg>.<sub>`` only.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -47,7 +49,10 @@ MAY_IMPORT = {
 NEVER_LOADED_BY_THE_LIBRARY = ("reference_engine", "replay_recipes", "trainer_hooks", "torch",
                                "transformers")
 HTTP_CLIENT = ("aiohttp",)
-MAY_LOAD_HTTP_CLIENT = ("replay_bridge.client", "replay_bridge.benchmarks.collect")
+MAY_LOAD_HTTP_CLIENT = ("replay_bridge.client", "replay_bridge.benchmarks.collect",
+                        "replay_bridge.ray")
+CLUSTER_ENGINE = ("ray",)
+MAY_LOAD_CLUSTER_ENGINE = ("replay_bridge.ray",)
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,10 @@ def _may_load_http(mod: str) -> bool:
     return any(mod == m or mod.startswith(m + ".") for m in MAY_LOAD_HTTP_CLIENT)
 
 
+def _may_load_ray(mod: str) -> bool:
+    return any(mod == m or mod.startswith(m + ".") for m in MAY_LOAD_CLUSTER_ENGINE)
+
+
 def test_the_scan_sees_each_kind_of_offence() -> None:
     """The rules on made-up sources: what they must flag, and what they must let through."""
     shards_mod = ROOT / "replay_bridge" / "shards" / "_made_up.py"
@@ -248,13 +257,18 @@ def test_tests_import_private_modules_only_of_what_they_test() -> None:
 def test_importing_the_library_loads_no_consumer_torch_or_http() -> None:
     mods = library_modules()
     plain = [m for m in mods if not _may_load_http(m)]
-    watched = NEVER_LOADED_BY_THE_LIBRARY + HTTP_CLIENT
+    watched = NEVER_LOADED_BY_THE_LIBRARY + HTTP_CLIENT + CLUSTER_ENGINE
     offences = []
     if loaded_by(plain, watched):  # one interpreter for all; per module only to say which
         for m in plain:
             offences += [f"import {m} loads {w}" for w in loaded_by([m], watched)]
     http = [m for m in mods if _may_load_http(m)]
     assert loaded_by(http, HTTP_CLIENT) == ["aiohttp"]  # the probe sees what is loaded
+    if importlib.util.find_spec("ray") is not None:  # the probe sees ray where it may load
+        assert loaded_by(list(MAY_LOAD_CLUSTER_ENGINE), CLUSTER_ENGINE) == ["ray"]
+    ray_free = [m for m in http if not _may_load_ray(m)]
+    if loaded_by(ray_free, CLUSTER_ENGINE):
+        offences += [f"import {m} loads ray" for m in ray_free if loaded_by([m], CLUSTER_ENGINE)]
     if loaded_by(http, NEVER_LOADED_BY_THE_LIBRARY):
         for m in http:
             offences += [f"import {m} loads {w}"
@@ -304,7 +318,7 @@ from replay_bridge.cli import command_line
 app = command_line()
 import typer.main
 names = sorted(typer.main.get_command(app).commands)
-heavy = sorted({w for w in ("torch", "transformers", "aiohttp", "megatron", "matplotlib")
+heavy = sorted({w for w in ("torch", "transformers", "aiohttp", "megatron", "matplotlib", "ray")
                 for k in sys.modules if k == w or k.startswith(w + ".")})
 print(json.dumps({"commands": names, "heavy": heavy}))
 """

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from ._app import app
-from ._inputs import check_input_file, model_geometry
+from ._inputs import check_compression, check_input_file, check_out, dataset_uri, model_geometry
 from ._output import (EXIT_FAULTS, EXIT_OK, EXIT_USAGE, die, emit_json, escape_markup,
-                      progress, stderr)
+                      progress, shown, stderr)
 from ._tables import check_table, verdict_table
 
 if TYPE_CHECKING:
@@ -50,14 +50,17 @@ async def _run_cancellable(coro: Any) -> Any:
 
 @app.command()
 def collect(
-    endpoint: str = typer.Option(..., "--endpoint", help="Engine base URL, e.g. "
-                                 "http://127.0.0.1:30000"),
+    endpoints: list[str] = typer.Option(..., "--endpoint", help="Engine base URL, e.g. "
+                                        "http://127.0.0.1:30000; with --ray, repeat it: the "
+                                        "workers share the endpoints round-robin."),
     engine: str = typer.Option(..., "--engine", "-e", help="sglang | sglang-openai | vllm"),
     prompts: Path = typer.Option(..., "--prompts", "-p", help="JSONL of {prompt_id, input_ids} "
                                  "or {prompt_id, text}."),
     model: str = typer.Option(..., "--model", "-m", help="Model directory (geometry and, for "
                               "text prompts, tokenizer), config.json, or preset name."),
-    out: Path = typer.Option(..., "--out", "-o", help="Shard directory."),
+    out: str = typer.Option(..., "--out", "-o", help="Dataset URI: a directory, file://, "
+                            "s3://bucket/prefix (endpoint and keys from the AWS_* "
+                            "environment), gs://, ..."),
     samples_per_prompt: int = typer.Option(1, "--samples-per-prompt", "-G", min=1,
                                            help="Samples per prompt (GRPO group size)."),
     max_new_tokens: int = typer.Option(128, min=0, help="Completion tokens per sample."),
@@ -82,31 +85,60 @@ def collect(
     compression: Optional[str] = typer.Option(None, help="zstd | lz4 | none (default: zstd)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: totals, the "
                                  "check table and every sample's verdict."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS",
+        help="Collect with --workers actors on a Ray cluster: ADDRESS as ray.init takes it "
+             "(auto: $RAY_ADDRESS or the cluster running on this machine; local: a new one "
+             "here; or host:port / ray://...). Needs the ray extra."),
+    workers: int = typer.Option(2, "--workers", min=1, help="With --ray: collector actors "
+                                "(each with its own writer; --concurrency is per worker)."),
+    worker_cpus: float = typer.Option(1.0, "--worker-cpus", min=0.0, help="With --ray: CPUs "
+                                      "Ray reserves for each worker."),
 ) -> None:
     """Generate rollouts from a live engine; check every sample's routing and store it.
 
-    Exit 0 when every sample was stored, 1 when some were rejected or failed, 2 on bad input.
+    Exit 0 when every sample was stored, 1 when some were rejected or failed (or, with --ray,
+    left unfinished because every worker died), 2 on bad input.
     """
     _require_client_extra(as_json)
     from ..client import RetryPolicy, RolloutClient, SamplingParams, read_prompts
 
+    if ray_address is None and len(endpoints) > 1:
+        die("several --endpoint need --ray (one process talks to one endpoint)",
+            as_json=as_json)
+    if ray_address is not None:
+        _require_ray_extra(as_json)
+    endpoint = endpoints[0]
+    for e in endpoints:
+        _check_endpoint(e, as_json)
     geometry = _check_inputs(endpoint, engine, prompts, model, out, resume, as_json)
+    retry = RetryPolicy(max_attempts=retries + 1, max_delay=max_retry_delay,
+                        max_elapsed=retry_seconds)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    model_dir = Path(model)
+    if ray_address is not None:
+        check_compression(compression, as_json)
+        _collect_on_ray(
+            ray_address, as_json, endpoints=endpoints, engine=engine,
+            prompts=read_prompts(prompts, tokenizer=model_dir if model_dir.is_dir() else None),
+            geometry=geometry, out=out, workers=workers, samples_per_prompt=samples_per_prompt,
+            params=params, served_model=served_model, concurrency=concurrency,
+            timeout=timeout, retry=retry, max_response_bytes=int(max_response_mb * (1 << 20)),
+            api_key_env=api_key_env, samples_per_shard=samples_per_shard,
+            compression=compression, keep_verdicts=as_json,
+            total_prompts=_count_lines(prompts), num_cpus=worker_cpus)
     writer = _open_writer(out, geometry, resume, samples_per_shard, compression, as_json)
     client = RolloutClient(
         endpoint, engine, geometry, model=served_model,
-        params=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature),
-        concurrency=concurrency, timeout=timeout,
-        retry=RetryPolicy(max_attempts=retries + 1, max_delay=max_retry_delay,
-                          max_elapsed=retry_seconds),
+        params=params, concurrency=concurrency, timeout=timeout, retry=retry,
         max_response_bytes=int(max_response_mb * (1 << 20)), api_key_env=api_key_env,
     )
-    model_dir = Path(model)
     source = read_prompts(prompts, tokenizer=model_dir if model_dir.is_dir() else None)
     summary = _run(client, source, writer, out, samples_per_prompt,
                    _count_lines(prompts) * samples_per_prompt, as_json)
     if as_json:
         emit_json({
-            "out": str(out),
+            "out": shown(out),
             "geometry": geometry.to_dict(),
             "engine": engine,
             "endpoint": client.transport.redact(endpoint),
@@ -131,27 +163,100 @@ def _require_client_extra(as_json: bool) -> None:
             as_json=as_json)
 
 
-def _check_inputs(endpoint: str, engine: str, prompts: Path, model: str, out: Path,
+def _require_ray_extra(as_json: bool) -> None:
+    """Exit 2 when Ray (the ray extra) is not installed."""
+    try:
+        import ray  # noqa: F401
+    except ImportError as e:
+        die(f"collect --ray needs the ray extra (pip install 'routing-replay-bridge[ray]'): {e}",
+            as_json=as_json)
+
+
+def _check_endpoint(endpoint: str, as_json: bool) -> None:
+    from ..client import redact
+
+    if not endpoint.startswith(("http://", "https://")):
+        die(f"--endpoint must be an http(s) URL, got {redact(endpoint)!r}", as_json=as_json)
+
+
+def _check_inputs(endpoint: str, engine: str, prompts: Path, model: str, out: str,
                   resume: bool, as_json: bool) -> RoutingGeometry:
     """The routing geometry of ``model``, or exit 2 naming the first bad argument."""
-    from ..client import redact
     from ..protocols import PROTOCOLS as ENGINES
 
     if engine not in ENGINES:
         die(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}", as_json=as_json)
+    out = dataset_uri(out, "--out", as_json)
     check_input_file(prompts, as_json)
-    if not endpoint.startswith(("http://", "https://")):
-        die(f"--endpoint must be an http(s) URL, got {redact(endpoint)!r}", as_json=as_json)
+    _check_endpoint(endpoint, as_json)
     geometry = model_geometry(model, as_json)
-    if out.exists() and not out.is_dir():
-        die(f"{out} is not a directory", as_json=as_json)
-    if out.exists() and any(out.iterdir()) and not resume:
-        die(f"{out} exists and is not empty; pass --resume to continue a collection there",
-            as_json=as_json)
+    check_out(out, geometry, add=resume, flag="--resume", as_json=as_json)
     return geometry
 
 
-def _open_writer(out: Path, geometry: RoutingGeometry, resume: bool, samples_per_shard: int,
+def _collect_on_ray(address: str, as_json: bool, **options: Any) -> None:
+    """``collect --ray``: the distributed collect with one progress bar, its summary, and the
+    exit code."""
+    from ..client import PromptError
+    from ..ray import collect_with_tally
+
+    total = options["total_prompts"] * options["samples_per_prompt"]
+    with progress(enabled=not as_json) as bar:
+        task = bar.add_task("collect", total=total, status="")
+        t0 = time.perf_counter()
+
+        def on_progress(done: int, _total: int, t: dict[str, int]) -> None:
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, completed=done,
+                       status=f"{t['samples'] / dt:.1f} samples/s, {t['stored']} stored, "
+                              f"{t['rejected']} rejected, {t['failed']} failed")
+
+        try:
+            summary, tally = collect_with_tally(address=address,
+                                                on_progress=on_progress, **options)
+        except PromptError as e:
+            die(str(e), as_json=as_json)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            die(f"collect --ray failed: {e}", as_json=as_json)
+    t = summary["totals"]
+    if as_json:
+        emit_json(summary)
+    else:
+        _print_ray_summary(summary, tally)
+    ok = t["rejected"] == 0 and t["failed"] == 0 and t["unfinished_prompts"] == 0
+    raise typer.Exit(EXIT_OK if ok else EXIT_FAULTS)
+
+
+def _print_ray_summary(summary: dict[str, Any], tally: Any) -> None:
+    """The totals line, one line per worker, the first samples not stored and the check table,
+    on stderr."""
+    t = summary["totals"]
+    skipped = (f", {t['prompts_skipped']} prompts already stored"
+               if t["prompts_skipped"] else "")
+    stderr.print(
+        f"[bold]{t['stored']}[/] stored, [bold]{t['rejected']}[/] rejected, "
+        f"[bold]{t['failed']}[/] failed of {t['samples']} samples from {t['prompts']} prompts"
+        f"{skipped} in {t['seconds']:.2f} s ({t['tokens_per_s'] or 0:,.0f} tok/s) with "
+        f"{len(summary['workers'])} workers -> {escape_markup(summary['out'])}")
+    for w in summary["workers"]:
+        line = (f"  worker {w['worker']} ({escape_markup(w['host'])}, "
+                f"{escape_markup(', '.join(w['endpoints']))}): {w['status']}, "
+                f"{w['stored']} stored, {w['rejected']} rejected, {w['failed']} failed")
+        if w["error"]:
+            line += f" - {escape_markup(w['error'])}"
+        stderr.print(line)
+    if summary["passes"] > 1:
+        stderr.print(f"prompts of dead workers collected again: {summary['passes']} passes")
+    if summary["unfinished"]:
+        first = ", ".join(summary["unfinished"][:10])
+        stderr.print(f"[bold red]{len(summary['unfinished'])} prompts unfinished[/] (every "
+                     f"worker died): {escape_markup(first)} ... rerun with --resume")
+    if summary["first_rejected"]:
+        stderr.print(verdict_table(summary["first_rejected"]))
+    stderr.print(check_table(tally))
+
+
+def _open_writer(out: str, geometry: RoutingGeometry, resume: bool, samples_per_shard: int,
                  compression: str | None, as_json: bool) -> ShardWriter:
     """The shard writer of ``out`` (resumed with ``--resume``), or exit 2."""
     from ..shards import ShardError, ShardWriter
@@ -162,10 +267,10 @@ def _open_writer(out: Path, geometry: RoutingGeometry, resume: bool, samples_per
     try:
         return ShardWriter(out, geometry, **options)
     except (ShardError, OSError, ValueError) as e:
-        die(f"cannot open {out}: {e}", as_json=as_json)
+        die(f"cannot open {shown(out)}: {e}", as_json=as_json)
 
 
-def _run(client: RolloutClient, source: Iterable[Prompt], writer: ShardWriter, out: Path,
+def _run(client: RolloutClient, source: Iterable[Prompt], writer: ShardWriter, out: str,
          samples_per_prompt: int, total: int, as_json: bool) -> CollectSummary:
     """Collect with a progress bar; SIGTERM and Ctrl-C seal what was stored. The writer is
     closed on every path; any error exits 2."""
@@ -196,20 +301,20 @@ def _run(client: RolloutClient, source: Iterable[Prompt], writer: ShardWriter, o
         except PromptError as e:
             error = str(e)
         except (ShardError, OSError) as e:
-            error = f"cannot write {out}: {e}"
+            error = f"cannot write {shown(out)}: {e}"
         except (KeyboardInterrupt, asyncio.CancelledError):
             error = "interrupted; what was stored is sealed: rerun with --resume to finish"
         finally:
             try:
                 writer.close()
             except (ShardError, OSError, ValueError) as e:
-                error = error or f"cannot seal {out}: {e}"
+                error = error or f"cannot seal {shown(out)}: {e}"
     if error is not None or summary is None:
         die(error or "collection stopped", code=EXIT_USAGE, as_json=as_json)
     return summary
 
 
-def _print_summary(summary: CollectSummary, out: Path) -> None:
+def _print_summary(summary: CollectSummary, out: str) -> None:
     """The totals line, the first samples not stored and the check table, on stderr."""
     skipped = (f", {summary.prompts_skipped} prompts already stored"
                if summary.prompts_skipped else "")
@@ -217,7 +322,8 @@ def _print_summary(summary: CollectSummary, out: Path) -> None:
         f"[bold]{summary.stored}[/] stored, [bold]{summary.rejected}[/] rejected, "
         f"[bold]{summary.failed}[/] failed of {summary.samples} samples from "
         f"{summary.prompts} prompts{skipped} in {summary.seconds:.2f} s "
-        f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) -> {escape_markup(out)}")
+        f"({summary.tokens / max(summary.seconds, 1e-9):,.0f} tok/s) -> "
+        f"{escape_markup(shown(out))}")
     if summary.first_rejected:
         stderr.print(verdict_table(summary.first_rejected))
         more = summary.rejected + summary.failed - len(summary.first_rejected)
