@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ray = pytest.importorskip("ray")
 pytest.importorskip("transformers", reason="the reference engine needs the 'server' extra")
 
+CLUSTER_WITH_S3 = True  # the cluster's workers reach the loopback S3 server
 GEOMETRY = RoutingGeometry.from_preset("tiny-qwen3-moe")
 PARAMS = SamplingParams(max_new_tokens=4, temperature=1.0, extra={"ignore_eos": True})
 ENGINES = 2
@@ -117,9 +118,11 @@ def test_workers_on_two_nodes_collect_into_one_dataset(cluster: Any, engines: li
 
 
 def test_a_killed_worker_loses_nothing_and_stores_nothing_twice(
-        cluster: Any, engines: list[str], tmp_path: Path) -> None:
+        cluster: Any, engines: list[str], s3_server: Any) -> None:
+    """On an S3 dataset (the loopback server): the object store, where a dead writer leaves
+    unlisted objects at most."""
     items = prompts(24)
-    out = str(tmp_path / "ds")
+    out = s3_server.fresh_uri(label="ray-kill")
     handles: list[Any] = []
     killed: list[int] = []
 
