@@ -246,9 +246,9 @@ def test_cleanup_removes_only_what_no_manifest_lists(request, dataset_uri, tmp_p
         else:
             (Path(dataset_uri) / name).write_bytes(data)
 
-    code, doc, _ = run("validate", dataset_uri, "--json")
-    assert code in (0, 1) and doc["samples"] == 10
-    assert all(name in orjson.dumps(doc).decode() for name in leftovers[:2])  # reported
+    code, doc, _ = run("validate", dataset_uri, "--json")  # reported, not faults
+    assert code == 0 and doc["ok"] and doc["samples"] == 10
+    assert all(any(name in w for w in doc["warnings"]) for name in leftovers), doc["warnings"]
 
     code, doc, _ = run("cleanup", dataset_uri, "--json")  # default: older than an hour
     assert code == 0 and doc["removed"] == [] and set(leftovers) <= set(doc["kept"])
