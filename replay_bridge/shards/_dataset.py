@@ -4,10 +4,12 @@ their indexes, with the one rule for an id that two writers stored."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,6 +23,7 @@ __all__ = ["DatasetView", "LEGACY_MANIFEST", "has_dataset"]
 
 LEGACY_MANIFEST = "manifest.json"
 _INDEX_RETRIES = 3
+_MANIFEST_RETRIES = 5
 
 
 def has_dataset(store: Store) -> bool:
@@ -158,7 +161,7 @@ def _load_writer(store: Store, name: str) -> tuple[Manifest, pa.Table]:
     """One writer's manifest and index; the index is read again with a fresh manifest when a
     newer publish replaced it meanwhile."""
     for attempt in range(_INDEX_RETRIES):
-        man = Manifest.parse(store.read(name, MAX_MANIFEST_BYTES), name)
+        man = _read_manifest(store, name)
         if man.index is None:
             return man, _empty_index()
         try:
@@ -172,6 +175,23 @@ def _load_writer(store: Store, name: str) -> tuple[Manifest, pa.Table]:
                              f"{name} (the index is corrupted or was replaced)",
                              file=man.index.file, kind="checksum")
         return man, parse_index(data, man.index.file, len(man.shards), man.index.rows)
+    raise AssertionError("unreachable")
+
+
+def _read_manifest(store: Store, name: str) -> Manifest:
+    """One writer's manifest. On an object store a manifest replaced while it is read can come
+    back cut short (its size is taken from one request, its bytes from the next, and the new
+    one is longer): a read that is not whole JSON is repeated a few times before it counts
+    as a bad manifest. A local manifest is replaced by a rename and read whole."""
+    for attempt in range(_MANIFEST_RETRIES):
+        data = store.read(name, MAX_MANIFEST_BYTES)
+        if store.local is None and attempt + 1 < _MANIFEST_RETRIES:
+            try:
+                orjson.loads(data)
+            except orjson.JSONDecodeError:
+                time.sleep(0.02 * (attempt + 1))
+                continue
+        return Manifest.parse(data, name)
     raise AssertionError("unreachable")
 
 
