@@ -294,7 +294,7 @@ class Store:
         except FileNotFoundError:
             raise ShardError(f"{name}: missing", file=name, kind="missing") from None
         except OSError as e:
-            if "not found" in str(e).lower() or "nosuchkey" in str(e).lower():
+            if _is_missing(e):
                 raise ShardError(f"{name}: missing", file=name, kind="missing") from None
             raise ShardError(f"{name}: cannot read: {_short(e)}", file=name) from None
 
@@ -312,7 +312,7 @@ class Store:
         except FileNotFoundError:
             raise ShardError(f"{name}: missing", file=name, kind="missing") from None
         except OSError as e:
-            if "not found" in str(e).lower() or "nosuchkey" in str(e).lower():
+            if _is_missing(e):
                 raise ShardError(f"{name}: missing", file=name, kind="missing") from None
             raise ShardError(f"{name}: cannot open: {_short(e)}", file=name) from None
 
@@ -377,6 +377,13 @@ def _with_s3_endpoint(uri: str) -> str:
     query["endpoint_override"] = ep.netloc
     query.setdefault("scheme", ep.scheme or "https")
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def _is_missing(e: OSError) -> bool:
+    """Whether an object store's error says the object does not exist (pyarrow's S3 client
+    says ``NO_SUCH_KEY`` when a HEAD found it and the GET did not)."""
+    text = str(e).lower().replace("_", "")
+    return "not found" in text or "nosuchkey" in text
 
 
 def _short(e: BaseException) -> str:
