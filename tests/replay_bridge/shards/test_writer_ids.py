@@ -17,8 +17,8 @@ from .conftest import make_sample
 
 
 def test_contains_sees_sealed_pending_and_resumed_ids(tiny: RoutingGeometry,
-                                                     tmp_path: Path) -> None:
-    out = tmp_path / "out"
+                                                     dataset_uri: str) -> None:
+    out = dataset_uri
     with ShardWriter(out, tiny, samples_per_shard=2) as w:
         w.add(make_sample(tiny, "sealed-0", 6, seed=0))
         w.add(make_sample(tiny, "sealed-1", 7, seed=1))  # the second seals shard 0
