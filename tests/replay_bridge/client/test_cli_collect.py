@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from replay_bridge.cli import command_line
+from replay_bridge.shards import Manifest
 from tests.support.processes import free_port, loopback_responder
 
 runner = CliRunner()
@@ -83,8 +84,7 @@ def test_unreachable_engine_fails_samples(tmp_path: Path) -> None:
     assert code == 1 and doc["totals"]["failed"] == 2
     assert all(s["outcome"] == "failed" and "gave up after 2 attempts" in s["message"]
                for s in doc["samples"])
-    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["outcomes"]["failed"] == 2
+    assert Manifest.read(tmp_path / "o").outcomes["failed"] == 2
 
 
 def test_retry_seconds_keeps_retrying_past_the_retry_count(tmp_path: Path) -> None:

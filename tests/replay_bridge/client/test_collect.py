@@ -16,7 +16,7 @@ from replay_bridge.client import Prompt, RetryPolicy, RolloutClient, SamplingPar
 from reference_engine.loopback import loopback_app, synthetic_routing
 from replay_bridge.geometry import GeometryMismatch, RoutingGeometry
 from replay_bridge.sample import RoutedSample
-from replay_bridge.shards import ShardReader, ShardWriter, UnstorableSample
+from replay_bridge.shards import Manifest, ShardReader, ShardWriter, UnstorableSample
 
 from .conftest import loopback_client, running
 
@@ -84,8 +84,7 @@ def test_every_outcome_recorded(engine: str, tiny: RoutingGeometry, tmp_path: Pa
     for s in reader:
         assert s.group_id == s.sample_id.split("/")[0]
         np.testing.assert_array_equal(s.routed, synthetic_routing(s.tokens, tiny))
-    manifest = orjson.loads((tmp_path / "out" / "manifest.json").read_bytes())
-    assert manifest["outcomes"] == {"stored": 36, "rejected": 2, "failed": 2}
+    assert Manifest.read(tmp_path / "out").outcomes == {"stored": 36, "rejected": 2, "failed": 2}
     quarantined = {r["sample_id"]: r for r in reader.quarantined()}
     assert set(quarantined) == bad
     assert quarantined["q007/0"]["kinds"] == ["missing_routing"]

@@ -18,7 +18,7 @@ from replay_bridge.client import MockTransport, Prompt, RolloutClient, SamplingP
 from replay_bridge.client import TransportError
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.protocols import Completion, get_protocol
-from replay_bridge.shards import ShardReader, ShardWriter
+from replay_bridge.shards import Manifest, ShardReader, ShardWriter
 from tests.replay_bridge.shards.helpers import run_cli
 
 TINY = "tiny-qwen3-moe"
@@ -64,9 +64,9 @@ def test_rejected_samples_are_quarantined_once_over_reruns(tmp_path: Path,
         code, doc = ingest_cli(dump, out, *(["--append"] if run else []))
         assert code == 1  # the dump holds rejected samples: a fault of every run that reads it
         assert doc["totals"]["by_kind"]["all_zero"] == 4
-    manifest = orjson.loads((out / "manifest.json").read_bytes())
-    assert manifest["totals"]["quarantined"] == 4
-    assert manifest["outcomes"] == {"stored": 5, "rejected": 4, "failed": 0}
+    manifest = Manifest.read(out)  # the dataset: every run's writer
+    assert manifest.quarantined == 4
+    assert manifest.outcomes == {"stored": 5, "rejected": 4, "failed": 0}
     code, doc, _ = run_cli("validate", out, "--json")
     assert code == 0 and doc["quarantine"]["outcomes"] == {"rejected": 4, "failed": 0}
 
@@ -111,10 +111,10 @@ def test_collect_resume_counts_each_sample_once(tmp_path: Path, tiny: RoutingGeo
     assert (first.stored, first.failed) == (6, 2)
     second = run({15} if second_fails else set(), resume=True)
     assert second.prompts_skipped == 6
-    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    manifest = Manifest.read(out)  # the dataset: both runs' writers
     failed = 1 if second_fails else 0
-    assert manifest["outcomes"] == {"stored": 8 - failed, "rejected": 0, "failed": failed}
-    assert manifest["totals"]["quarantined"] == 2  # p5 failing again is not recorded again
+    assert manifest.outcomes == {"stored": 8 - failed, "rejected": 0, "failed": failed}
+    assert manifest.quarantined == 2  # p5 failing again is not recorded again
     code, doc, _ = run_cli("validate", out, "--json")
     assert code == 0, doc["faults"]
     assert doc["quarantine"]["outcomes"] == {"rejected": 0, "failed": failed}

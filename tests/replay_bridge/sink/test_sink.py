@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 
 from replay_bridge.checks import KINDS, accept
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.protocols import decode_response
 from replay_bridge.sample import WireSample
-from replay_bridge.shards import ShardReader, ShardWriter
+from replay_bridge.shards import Manifest, ShardReader, ShardWriter
 from replay_bridge.sink import OUTCOMES, VERDICT_KINDS, SampleSink, Verdict
 from tests.replay_bridge.protocols.engines import routing, sglang_generate
 from tests.support.processes import ROOT
@@ -103,8 +102,8 @@ def test_every_path_gives_a_verdict_in_the_vocabulary(tiny: RoutingGeometry, tmp
     assert records["wider"]["kinds"] == ["unstorable"]
     assert records["wider"]["message"] == wider.message
     assert records["lost"]["kinds"] == ["request_failed"]
-    manifest = orjson.loads((out / "manifest.json").read_bytes())
-    assert manifest["outcomes"] == {k: sink.counts[k] for k in ("stored", "rejected", "failed")}
+    manifest = Manifest.read(out)
+    assert manifest.outcomes == {k: sink.counts[k] for k in ("stored", "rejected", "failed")}
     assert sink.counts == {"stored": 1, "rejected": 3, "duplicate": 1, "failed": 1}
     assert sink.tally.by_kind == {"all_zero": 1, "missing_routing": 1, "unstorable": 1,
                                   "duplicate_sample_id": 1}
