@@ -14,7 +14,7 @@ import pytest
 
 from reference_engine.loopback import synthetic_routing
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.shards import ShardReader
+from replay_bridge.shards import Manifest, ShardError, ShardReader
 
 from tests.support.processes import child_env, cli, free_port, stop, wait_healthy
 
@@ -38,10 +38,16 @@ def collect_args(url: str, prompts: Path, out: Path, max_new_tokens: int,
 
 
 def stored_count(out: Path) -> int:
+    """Samples the dataset's published manifests hold (0 while none is published)."""
     try:
-        return int(json.loads((out / "manifest.json").read_text())["outcomes"]["stored"])
-    except (OSError, ValueError, KeyError):
+        return Manifest.read(out).outcomes["stored"]
+    except (OSError, ShardError):
         return 0
+
+
+def published(out: Path) -> bool:
+    """Whether a writer has published its manifest into the dataset ``out``."""
+    return any((out / "_routing_replay" / "manifests").glob("*.json"))
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -86,8 +92,7 @@ def test_sigkill_then_resume_loses_nothing_and_stores_nothing_twice(responder, t
     assert set(ids) == {f"p{i:04d}" for i in range(n)}
     for s in reader:
         np.testing.assert_array_equal(s.routed, synthetic_routing(s.tokens, TINY))
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["outcomes"] == {"stored": n, "rejected": 0, "failed": 0}
+    assert Manifest.read(out).outcomes == {"stored": n, "rejected": 0, "failed": 0}
 
 
 def test_sigterm_seals_what_was_stored(responder, tmp_path: Path) -> None:
@@ -99,7 +104,7 @@ def test_sigterm_seals_what_was_stored(responder, tmp_path: Path) -> None:
     proc = subprocess.Popen(cli(*args), env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
         # One shard of 1,000 samples never fills: only a graceful stop seals what is stored.
-        wait_for(lambda: (out / "manifest.json").exists(), 60, proc)
+        wait_for(lambda: published(out), 60, proc)
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=30)

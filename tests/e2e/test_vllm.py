@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replay_bridge.shards import ShardReader
+from replay_bridge.shards import Manifest, ShardReader
 
 from tests.support.processes import (
     REQUIRES_VLLM,
@@ -139,5 +139,4 @@ def test_vllm_without_enforce_eager_is_all_zero_and_rejected(model: Path, tmp_pa
     assert regions["prompt"]["all_zero_blocks"] == regions["prompt"]["blocks"] > 0
     assert regions["completion"]["all_zero_blocks"] == regions["completion"]["blocks"] > 0
     assert len(ShardReader(tmp_path / "out")) == 0
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["outcomes"] == {"stored": 0, "rejected": 18, "failed": 0}
+    assert Manifest.read(tmp_path / "out").outcomes == {"stored": 0, "rejected": 18, "failed": 0}
