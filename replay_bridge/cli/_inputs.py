@@ -68,9 +68,9 @@ def check_compression(value: str | None, as_json: bool) -> None:
 
 def dataset_uri(value: str, what: str, as_json: bool) -> str:
     """``value`` as a dataset URI, unchanged, or exit 2: empty, a ``scheme://`` of no
-    filesystem pyarrow has (``http://``, ``ftp://``, a typo), or ``scheme:/x`` (one slash: a
-    URI mistyped, never taken for a local folder named ``s3:``). ``what`` names the argument
-    in the message (``--out``, ``DATASET``)."""
+    filesystem pyarrow has (``http://``, ``ftp://``, a typo), or ``word:/x`` (one slash: a
+    URI mistyped, never taken for a local folder named ``s3:``; ``./s3:/x`` is that folder).
+    ``what`` names the argument in the message (``--out``, ``DATASET``)."""
     if not value.strip():
         die(f"{what} is empty: give a local path or a URI such as s3://bucket/prefix",
             as_json=as_json)
@@ -84,9 +84,10 @@ def dataset_uri(value: str, what: str, as_json: bool) -> str:
                 "(file:///path)", as_json=as_json)
         return value
     m = _ONE_SLASH.match(value)
-    if m is not None and m.group(1).lower() in SCHEMES:
+    if m is not None:
         die(f"{what} {value}: not a URI ({m.group(1)}:/ has one slash) and not taken for a "
-            f"local folder named {m.group(1)}:; write {m.group(1)}://...", as_json=as_json)
+            f"local folder named {m.group(1)}:; write {m.group(1)}://... (or ./{value} for "
+            "such a folder)", as_json=as_json)
     return value
 
 

@@ -30,7 +30,7 @@ def validate(
 ) -> None:
     """Verify every object's checksum, the manifests' counts, geometry, ids stored twice (also
     by two writers), the quarantine, and re-check every stored sample's routing. Objects no
-    manifest lists (left by a crashed writer) are reported; ``cleanup`` removes them.
+    manifest lists (left by a crashed writer) are reported; cleanup removes them.
 
     Exit 0 when clean, 1 when faults were found (a missing, truncated, corrupted or
     inconsistent object is named), 2 when DATASET is not a readable dataset.

@@ -77,6 +77,8 @@ def tree(root: Path) -> list[str]:
     ("ftp://host/x", "unsupported dataset URI scheme ftp://"),
     ("s4://bucket/prefix", "unsupported dataset URI scheme s4://"),
     ("s3:/bucket/prefix", "not a URI (s3:/ has one slash)"),
+    ("gcs:/bucket/prefix", "not a URI (gcs:/ has one slash)"),
+    ("http:/example.invalid/data", "not a URI (http:/ has one slash)"),
     ("file://otherhost/x", "a file:// URI names a path of this machine"),
 ])
 def test_unsupported_uris_are_usage_errors_never_local_folders(tmp_path, monkeypatch, dump,
@@ -107,6 +109,14 @@ def test_empty_dataset_argument(tmp_path, monkeypatch):
 
 
 # ---- local paths and file:// ----------------------------------------------------------------
+
+
+def test_a_local_folder_named_like_a_scheme_is_written_only_when_asked_for(tmp_path,
+                                                                            monkeypatch, dump):
+    monkeypatch.chdir(tmp_path)
+    assert ingest(dump[0], "s3:/x")[0] == 2 and not Path("s3:").exists()
+    assert ingest(dump[0], "./s3:/x")[0] == 0
+    assert len(ShardReader("./s3:/x")) == 10
 
 
 def test_file_uri_is_the_local_directory(tmp_path, dump):
