@@ -10,6 +10,7 @@ manifest and compact index and the quarantine. Everything that knows the format 
 """
 
 from ._batches import from_record_batch, to_record_batch
+from ._dataset import is_dataset
 from ._errors import DuplicateSample, ShardError, UnstorableSample
 from ._manifest import IndexEntry, Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import decode_routing
@@ -43,6 +44,7 @@ __all__ = [
     "decode_routing",
     "display_uri",
     "from_record_batch",
+    "is_dataset",
     "new_writer_id",
     "schema_for",
     "to_record_batch",

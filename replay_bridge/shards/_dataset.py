@@ -19,7 +19,7 @@ from ._index import OUTCOME_CODES, parse_index
 from ._manifest import FOLDER, MANIFEST_DIR, MANIFEST_RE, MAX_MANIFEST_BYTES, Manifest
 from ._store import Store
 
-__all__ = ["DatasetView", "LEGACY_MANIFEST", "has_dataset"]
+__all__ = ["DatasetView", "LEGACY_MANIFEST", "has_dataset", "is_dataset"]
 
 LEGACY_MANIFEST = "manifest.json"
 _INDEX_RETRIES = 3
@@ -31,6 +31,13 @@ def has_dataset(store: Store) -> bool:
     if any(MANIFEST_RE.fullmatch(o.name) for o in store.list(MANIFEST_DIR)):
         return True
     return store.info(LEGACY_MANIFEST) is not None
+
+
+def is_dataset(uri: object) -> bool:
+    """Whether ``uri`` holds a dataset (a published manifest), of this format or format 1."""
+    from ._store import open_store
+
+    return has_dataset(open_store(uri))
 
 
 @dataclass

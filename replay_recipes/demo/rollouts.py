@@ -8,7 +8,7 @@ from pathlib import Path
 
 from replay_bridge.client import CollectSummary, Prompt, RolloutClient, SamplingParams, collect
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.shards import ShardWriter
+from replay_bridge.shards import ShardWriter, is_dataset
 from .config import CollectConfig
 from .engines import EngineHandle
 
@@ -41,10 +41,10 @@ def demo_prompts(model_dir: Path, n: int) -> list[Prompt]:
 
 
 def fresh_shard_dir(path: Path) -> Path:
-    """An empty shard directory at ``path``: a previous demo's shards there are removed; any
+    """An empty shard directory at ``path``: a previous demo's dataset there is removed; any
     other non-empty directory is refused (nothing that is not ours is deleted)."""
     if path.exists():
-        if (path / "manifest.json").exists():
+        if path.is_dir() and is_dataset(path):
             shutil.rmtree(path)
         elif not path.is_dir() or any(path.iterdir()):
             raise FileExistsError(f"{path} exists and is not a shard directory of an earlier "

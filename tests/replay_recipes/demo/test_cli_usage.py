@@ -10,6 +10,8 @@ from replay_bridge.cli import command_line
 from replay_recipes.demo.engines import EngineError, _stop, running_engine
 from replay_recipes.demo.config import EngineConfig
 from replay_recipes.demo.rollouts import fresh_shard_dir
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.shards import ShardWriter
 
 runner = CliRunner()
 
@@ -38,8 +40,7 @@ def test_an_out_dir_holding_something_else_is_refused(tmp_path):
 
 def test_fresh_shard_dir_removes_only_earlier_shards(tmp_path):
     d = tmp_path / "shards"
-    d.mkdir()
-    (d / "manifest.json").write_text("{}")
+    ShardWriter(d, RoutingGeometry.from_preset("tiny-qwen3-moe")).close()
     assert fresh_shard_dir(d) == d and not d.exists()
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from replay_bridge.shards import ShardReader, is_dataset
+
 N, G, STEPS = 6, 4, 2
 
 pytestmark = pytest.mark.slow
@@ -50,7 +52,7 @@ def test_every_sample_is_stored_and_validates(demo_run):
     assert fig["samples_requested"] == N * G
     assert fig["samples_stored"] == N * G
     assert fig["validation"]["ok"] is True and fig["validation"]["samples"] == N * G
-    assert (out / "shards" / "manifest.json").exists()
+    assert is_dataset(out / "shards") and len(ShardReader(out / "shards")) == N * G
 
 
 def test_replay_on_routes_exactly_the_rollout_experts(demo_run):
