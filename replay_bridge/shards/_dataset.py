@@ -114,15 +114,16 @@ class DatasetView:
             shard = table.column("shard").to_numpy()
             obj = np.where(shard >= 0, shard + base, -1).astype(np.int32)
             tables.append(table.append_column("object", pa.array(obj)))
-        index = pa.concat_tables(tables) if tables else None
-        stored = index.filter(pc.equal(index.column("outcome"), 0))
+        index = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        quarantined = index.column("outcome").to_numpy() != 0
+        stored = index.filter(pa.array(~quarantined)) if quarantined.any() else index
         view = cls(store, [m for m, _ in loaded], index, stored, objects)
         view._drop_duplicates()
         return view
 
     def _drop_duplicates(self) -> None:
         ids = self.stored.column("sample_id")
-        if pc.count_distinct(ids).as_py() == len(ids):
+        if len(pc.unique(ids)) == len(ids):
             return
         codes = ids.dictionary_encode().combine_chunks().indices.to_numpy()
         _, first = np.unique(codes, return_index=True)

@@ -75,8 +75,9 @@ def quarantine_rows(entries: Sequence[tuple[str, str, tuple[str, ...]]]) -> pa.T
 
 def index_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
+    # lz4, not zstd: opening a dataset decodes every index; lz4 decodes 3x faster.
     with ipc.new_file(sink, INDEX_SCHEMA,
-                      options=ipc.IpcWriteOptions(compression=pa.Codec("zstd"))) as w:
+                      options=ipc.IpcWriteOptions(compression=pa.Codec("lz4"))) as w:
         w.write_table(table.combine_chunks() if table.num_rows else table)
     return sink.getvalue().to_pybytes()
 

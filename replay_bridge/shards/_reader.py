@@ -64,10 +64,11 @@ def _check_counts(view: DatasetView) -> None:
     n = len(view.objects)
     if not n:
         return
-    stored = view.index.filter(pc.equal(view.index.column("outcome"), 0))
-    obj = stored.column("object").to_numpy()
+    stored = view.index.column("outcome").to_numpy() == 0
+    obj = view.index.column("object").to_numpy()[stored]
     rows = np.bincount(obj, minlength=n)
-    tokens = np.bincount(obj, weights=stored.column("tokens").to_numpy(), minlength=n)
+    tokens = np.bincount(obj, weights=view.index.column("tokens").to_numpy()[stored],
+                         minlength=n)
     for i, (m, pos) in enumerate(view.objects):
         e = m.shards[pos]
         if rows[i] != e.rows or int(tokens[i]) != e.tokens:

@@ -286,17 +286,20 @@ class Store:
                 except OSError as e:
                     raise ShardError(f"{name}: cannot read: {e.strerror or e}",
                                      file=name) from None
+        # One GET (a stream), never a HEAD then a ranged GET: an object replaced between the
+        # two would come back as the first bytes of the newer one.
         try:
-            with self.fs.open_input_file(self.path(name)) as f:
-                if max_bytes is not None and f.size() > max_bytes:
-                    raise ShardError(f"{name} is implausibly large", file=name)
-                return f.read()
+            with self.fs.open_input_stream(self.path(name)) as f:
+                data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except FileNotFoundError:
             raise ShardError(f"{name}: missing", file=name, kind="missing") from None
         except OSError as e:
             if _is_missing(e):
                 raise ShardError(f"{name}: missing", file=name, kind="missing") from None
             raise ShardError(f"{name}: cannot read: {_short(e)}", file=name) from None
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ShardError(f"{name} is implausibly large", file=name)
+        return data
 
     def open(self, name: str) -> pa.NativeFile:
         """A random-access handle: a memory map of a local regular file, or a remote file
@@ -381,9 +384,9 @@ def _with_s3_endpoint(uri: str) -> str:
 
 def _is_missing(e: OSError) -> bool:
     """Whether an object store's error says the object does not exist (pyarrow's S3 client
-    says ``NO_SUCH_KEY`` when a HEAD found it and the GET did not)."""
-    text = str(e).lower().replace("_", "")
-    return "not found" in text or "nosuchkey" in text
+    says ``NO_SUCH_KEY`` or ``RESOURCE_NOT_FOUND`` when an object went away between requests)."""
+    text = str(e).lower().replace("_", "").replace(" ", "")
+    return "notfound" in text or "nosuchkey" in text
 
 
 def _short(e: BaseException) -> str:
