@@ -24,6 +24,23 @@ from .responder import start_responder, stop_responder
 __all__ = ["run"]
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """``(all, idle)`` jiffies of the whole machine (Linux), to tell how busy it was."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(v), v[3] + v[4]
+
+
+def _busy_cores(a: tuple[int, int] | None, b: tuple[int, int] | None) -> float | None:
+    if a is None or b is None or b[0] == a[0]:
+        return None
+    total, idle = b[0] - a[0], b[1] - a[1]
+    return (os.cpu_count() or 1) * (total - idle) / total
+
+
 def run(*, workers: tuple[int, ...] = (1, 2, 4), prompts: int = 256, prompt_len: int = 256,
         max_new_tokens: int = 256, model: str = "qwen3-30b-a3b", engine: str = "sglang",
         concurrency: int = 16, repeats: int = 3, workdir: Path | None = None) -> dict[str, Any]:
@@ -47,6 +64,7 @@ def run(*, workers: tuple[int, ...] = (1, 2, 4), prompts: int = 256, prompt_len:
     tokens = prompts * (prompt_len + max_new_tokens)
     tmp = tempfile.TemporaryDirectory(dir=workdir)
     seconds: dict[int, list[float]] = {n: [] for n in workers}
+    busy: dict[int, list[float]] = {n: [] for n in workers}
     owned = not ray.is_initialized()
     try:
         if owned:
@@ -55,6 +73,7 @@ def run(*, workers: tuple[int, ...] = (1, 2, 4), prompts: int = 256, prompt_len:
         for r in range(repeats):
             for n in workers:
                 out = Path(tmp.name) / f"w{n}-r{r}-{uuid.uuid4().hex[:6]}"
+                before = _cpu_ticks()
                 summary = collect_on_ray(endpoints=urls[:n], engine=engine, prompts=prompt_list,
                                          geometry=geometry, out=str(out), workers=n,
                                          params=params, concurrency=concurrency,
@@ -64,6 +83,9 @@ def run(*, workers: tuple[int, ...] = (1, 2, 4), prompts: int = 256, prompt_len:
                     raise RuntimeError(f"{n} workers stored {stored} of {prompts} samples "
                                        f"(unfinished: {summary['unfinished'][:5]})")
                 seconds[n].append(float(summary["seconds"]))
+                cores = _busy_cores(before, _cpu_ticks())
+                if cores is not None:
+                    busy[n].append(cores)
     finally:
         if owned and ray.is_initialized():
             ray.shutdown()
@@ -78,6 +100,8 @@ def run(*, workers: tuple[int, ...] = (1, 2, 4), prompts: int = 256, prompt_len:
                         "samples_per_s": round(prompts / med, 1),
                         "tokens_per_s": round(tokens / med),
                         "speedup_over_first": round(base / med, 2),
+                        "machine_busy_cores": round(statistics.median(busy[n]), 2)
+                        if busy[n] else None,
                         "rounds_s": [round(s, 3) for s in seconds[n]]})
     return {
         "benchmark": "cluster",
@@ -89,6 +113,8 @@ def run(*, workers: tuple[int, ...] = (1, 2, 4), prompts: int = 256, prompt_len:
                      "responders": "one light responder process per worker (workers use the "
                                    "first n)",
                      "timing": "median of interleaved rounds; wall time first worker start to "
-                               "last worker end; one local Ray cluster"},
+                               "last worker end; one local Ray cluster",
+                     "machine_busy_cores": "cores busy (all processes, /proc/stat) over each "
+                                           "collect call, workers' start included"},
         "results": results,
     }
