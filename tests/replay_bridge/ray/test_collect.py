@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,42 @@ def test_cli_collect_ray_resumes_across_workers(cluster: Any, engines: list[str]
         16, 8, 16, 16), t
     assert sorted(v["sample_id"] for v in s["samples"]) == sorted(ids_of(more, 2))
     assert_each_stored_once(out, ids_of(first + more, 2))
+
+
+def test_a_two_node_collect_into_s3_trains_two_gloo_ranks_with_replay(
+        cluster: Any, engines: list[str], s3_server: Any, tmp_path: Path) -> None:
+    """The whole many-machine trip: Ray workers on two nodes collect GRPO groups from two
+    engines into one S3 dataset; two data-parallel ranks (torchrun, gloo) train from that URI
+    with routing replay, each reading only its planned share."""
+    pytest.importorskip("megatron.core", reason="training needs the megatron extra")
+    from replay_bridge.client import free_port
+
+    items = prompts(8)
+    out = s3_server.fresh_uri(label="ray-to-trainer")
+    s = collect_on_ray(endpoints=engines, engine="sglang", prompts=items, geometry=GEOMETRY,
+                       out=out, workers=2, samples_per_prompt=2, params=PARAMS, concurrency=4,
+                       total_prompts=len(items), num_cpus=0.5)
+    assert s["totals"]["stored"] == 16 and {w["host"] for w in s["workers"]}
+    reader = assert_each_stored_once(out, ids_of(items, 2))
+    groups = {sid: g for sid, g in zip(reader.index.column("sample_id").to_pylist(),
+                                       reader.index.column("group_id").to_pylist())}
+    log = tmp_path / "log.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "replay_recipes.grpo_megatron", "--cpu", "--vocab-size", "512",
+           "--routing-replay", "--routing-replay-shards", out, "--steps", "2",
+           "--groups-per-step", "4", "--seed", "3", "--log-json", str(log)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env() | {"OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    doc = json.loads(log.read_text())
+    assert doc["world_size"] == 2 and len(doc["steps"]) == 2
+    for rec in doc["steps"]:
+        assert rec["metrics"]["routing_replay/tokens"] > 0
+        read = [rec["ranks"][r]["read"] for r in range(2)]
+        assert all(read) and not set(read[0]) & set(read[1])
+        for r in range(2):  # every group of a rank's share whole, and only there
+            for sid in read[r]:
+                mates = {i for i, g in groups.items() if g == groups[sid]}
+                assert mates <= set(read[r])
+        assert rec["ranks"][0]["weights"] == rec["ranks"][1]["weights"]
