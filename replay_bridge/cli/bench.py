@@ -12,6 +12,17 @@ from ._app import bench_app
 from ._output import die, emit_json
 
 
+def _positive_ints(option: str, text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers, or a usage error naming ``option``."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        die(f"{option} must be comma-separated integers, got {text!r}", as_json=True)
+    if not values or min(values) < 1:
+        die(f"{option} must be positive integers, got {text!r}", as_json=True)
+    return values
+
+
 @bench_app.command("ingest")
 def bench_ingest(
     tokens: int = typer.Option(400_000, min=1, help="Tokens of SGLang traffic to generate."),
@@ -131,12 +142,7 @@ def bench_dataset(
     from ..benchmarks.dataset import run
     from ..geometry import GeometryError
 
-    try:
-        parsed = tuple(int(s) for s in sizes.split(",") if s.strip())
-    except ValueError:
-        die(f"--sizes must be comma-separated integers, got {sizes!r}", as_json=True)
-    if not parsed or min(parsed) < 1:
-        die(f"--sizes must be positive, got {sizes!r}", as_json=True)
+    parsed = _positive_ints("--sizes", sizes)
     try:
         result = run(sizes=parsed, tokens=tokens, ranks=ranks,
                      samples_per_batch=samples_per_batch, preset=model, repeats=repeats, s3=s3,
@@ -164,12 +170,7 @@ def bench_cluster(
     from ..benchmarks.cluster import run
     from ..geometry import GeometryError
 
-    try:
-        counts = tuple(int(s) for s in workers.split(",") if s.strip())
-    except ValueError:
-        die(f"--workers must be comma-separated integers, got {workers!r}", as_json=True)
-    if not counts or min(counts) < 1:
-        die(f"--workers must be positive, got {workers!r}", as_json=True)
+    counts = _positive_ints("--workers", workers)
     if engine not in ("sglang", "vllm"):
         die(f"--engine must be sglang or vllm, got {engine!r}", as_json=True)
     try:

@@ -291,12 +291,8 @@ class Store:
         try:
             with self.fs.open_input_stream(self.path(name)) as f:
                 data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-        except FileNotFoundError:
-            raise ShardError(f"{name}: missing", file=name, kind="missing") from None
         except OSError as e:
-            if _is_missing(e):
-                raise ShardError(f"{name}: missing", file=name, kind="missing") from None
-            raise ShardError(f"{name}: cannot read: {_short(e)}", file=name) from None
+            raise _remote_error(name, "read", e) from None
         if max_bytes is not None and len(data) > max_bytes:
             raise ShardError(f"{name} is implausibly large", file=name)
         return data
@@ -312,12 +308,8 @@ class Store:
                     raise ShardError(f"{name}: cannot open: {e}", file=name) from None
         try:
             return self.fs.open_input_file(self.path(name))
-        except FileNotFoundError:
-            raise ShardError(f"{name}: missing", file=name, kind="missing") from None
         except OSError as e:
-            if _is_missing(e):
-                raise ShardError(f"{name}: missing", file=name, kind="missing") from None
-            raise ShardError(f"{name}: cannot open: {_short(e)}", file=name) from None
+            raise _remote_error(name, "open", e) from None
 
     def delete(self, name: str) -> None:
         if self.local is not None:
@@ -380,6 +372,14 @@ def _with_s3_endpoint(uri: str) -> str:
     query["endpoint_override"] = ep.netloc
     query.setdefault("scheme", ep.scheme or "https")
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def _remote_error(name: str, verb: str, e: OSError) -> ShardError:
+    """The :class:`ShardError` for a filesystem error on object ``name``: ``missing`` when
+    the store says it does not exist, else what the store said (credentials redacted)."""
+    if isinstance(e, FileNotFoundError) or _is_missing(e):
+        return ShardError(f"{name}: missing", file=name, kind="missing")
+    return ShardError(f"{name}: cannot {verb}: {_short(e)}", file=name)
 
 
 def _is_missing(e: OSError) -> bool:

@@ -22,6 +22,8 @@ from typing import Any
 
 from replay_bridge.client import NotHealthyError, free_port, wait_healthy
 
+from .processes import stop
+
 __all__ = ["S3Server", "s3_env", "s3_server"]
 
 REGION = "us-east-1"
@@ -143,15 +145,7 @@ def s3_server(timeout: float = 60.0) -> Iterator[S3Server]:
             raise RuntimeError(f"moto's S3 server did not start: {e}\n{tail}") from e
         yield server
     finally:
-        _stop(proc)
+        stop(proc)
         log.unlink(missing_ok=True)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
