@@ -296,6 +296,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     options = options_from_args(args)
     torch.manual_seed(0)  # the same initial weights on every rank
+    if device.type == "cuda":  # megatron-core's attention forks the CUDA RNG tracker
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
     model = build_model(args, device)
 
     from replay_bridge.shards import ShardReader

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the router replay hook in one call on a 2-GPU machine:
-# the multi-rank layouts over NCCL (when 2 GPUs are present), then the overhead benchmark on
+# the multi-rank layouts and two ranks training from one dataset over NCCL (when 2 GPUs are
+# present), then the overhead benchmark on
 # GPU 0, without and with full activation recompute.
 # Expects megatron-core 0.16.1 (and pyarrow, orjson, pybase64 for replay_bridge) as cp312
 # wheels in .whl/ (carried); writes results under $OUT (or ./out/gpu).
@@ -22,6 +23,7 @@ rc=0
 if [ "$NGPU" -ge 2 ]; then
   timeout 300 torchrun --nproc-per-node 2 scripts/gpu/replay_layouts.py --out "$OUT/layouts.json" \
       2>&1 | grep -v -i "warn" | tee "$OUT/layouts.log" || rc=1
+  bash scripts/gpu/ranks_from_dataset.sh || rc=1
 fi
 timeout 240 python3 scripts/gpu/replay_overhead.py --out "$OUT/overhead.json" "$@" \
     2>&1 | grep -v -i "warn" | tee "$OUT/overhead.log" || rc=1
