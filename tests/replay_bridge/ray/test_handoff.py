@@ -185,3 +185,25 @@ def test_handoff_source_replays_through_megatron_with_full_agreement(cluster: An
                 S.routing_map_ids(cap.calls[layer][0], geo.top_k),
                 np.sort(mb.host.ids[:, i, :].astype(np.int64), axis=-1))
         replay.close()
+
+
+@ray.remote(num_cpus=0)
+def read_share(reader: Any, ids: list[str]) -> list[int]:
+    """A Ray task given a ShardReader: it reopens the dataset on its node and reads its ids."""
+    return [int(s.routed.astype(np.int64).sum()) for s in reader.read(ids)]
+
+
+def test_a_shard_reader_travels_to_ray_tasks_as_a_handle(cluster: Any, tmp_path) -> None:  # noqa: ANN001
+    from replay_bridge.shards import ShardReader, ShardWriter
+
+    items = samples(12, prefix="r")
+    uri = str(tmp_path / "ds")
+    with ShardWriter(uri, GEOMETRY, samples_per_shard=4) as w:
+        for s in items:
+            w.add(s)
+    reader = ShardReader(uri)
+    assert len(pickle.dumps(reader)) < 4096  # what travels is a handle, not the data
+    shares = [[s.sample_id for s in items[r::3]] for r in range(3)]
+    got = ray.get([read_share.remote(reader, ids) for ids in shares])
+    want = {s.sample_id: int(s.routed.astype(np.int64).sum()) for s in items}
+    assert got == [[want[i] for i in ids] for ids in shares]
