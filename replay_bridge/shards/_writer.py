@@ -155,6 +155,8 @@ class ShardWriter:
         self._quarantined: dict[str, tuple[str, tuple[str, ...]]] = {}
         """Latest (outcome, kinds) of each id in this writer's sealed quarantine chunks."""
         self._index_gen = -1
+        self._joined_nonempty = False
+        """Whether a published manifest listed objects when this writer joined."""
         self._shard_seq = self._chunk_seq = 0
         self._block_start = 0
         self._header = 8 + self._schema.serialize().size
@@ -184,6 +186,7 @@ class ShardWriter:
         (from their indexes: no shard or quarantine chunk is read)."""
         view = DatasetView.load(self.store)
         view.geometry.require_same(geometry, "dataset geometry and writer")
+        self._joined_nonempty = any(m.shards or m.quarantine for m in view.manifests)
         self._earlier.update(view.stored.column("sample_id").to_pylist())
         q = view.index.filter(pa.compute.not_equal(view.index.column("outcome"), 0))
         for sid, code, kinds in zip(q.column("sample_id").to_pylist(),
@@ -300,9 +303,21 @@ class ShardWriter:
             return
         try:
             self.flush()
+            self._withdraw_if_idle()
         finally:
             self._closed = True
             self._abort_open()
+
+    def _withdraw_if_idle(self) -> None:
+        """A writer that published nothing into a dataset that already held data removes its
+        (empty) manifest, so idle resumes do not pile up manifests every reader must fetch.
+        The dataset stays a dataset: a manifest that lists objects is never removed."""
+        m = self._manifest
+        if self._joined_nonempty and not m.shards and not m.quarantine:
+            try:
+                self.store.delete(manifest_name(self.writer_id))
+            except (OSError, ShardError):
+                pass  # an empty manifest left behind is harmless
 
     def __enter__(self) -> ShardWriter:
         return self
