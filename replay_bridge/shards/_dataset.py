@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from ..geometry import GeometryMismatch
 from ._errors import ShardError
-from ._index import OUTCOME_CODES, parse_index
+from ._index import INDEX_SCHEMA, OUTCOME_CODES, parse_index
 from ._manifest import FOLDER, MANIFEST_DIR, MANIFEST_RE, MAX_MANIFEST_BYTES, Manifest
 from ._store import Store
 
@@ -171,7 +171,7 @@ def _load_writer(store: Store, name: str) -> tuple[Manifest, pa.Table]:
     for attempt in range(_INDEX_RETRIES):
         man = _read_manifest(store, name)
         if man.index is None:
-            return man, _empty_index()
+            return man, INDEX_SCHEMA.empty_table()
         try:
             data = store.read(man.index.file, MAX_MANIFEST_BYTES)
         except ShardError as e:
@@ -187,26 +187,24 @@ def _load_writer(store: Store, name: str) -> tuple[Manifest, pa.Table]:
 
 
 def _read_manifest(store: Store, name: str) -> Manifest:
-    """One writer's manifest. On an object store a manifest replaced while it is read can come
-    back cut short (its size is taken from one request, its bytes from the next, and the new
-    one is longer): a read that is not whole JSON is repeated a few times before it counts
-    as a bad manifest. A local manifest is replaced by a rename and read whole."""
+    """One writer's manifest. Manifests are the only objects replaced in place, and on an
+    object store one replaced while it is read can come back cut short (pyarrow takes its size
+    from one request and its bytes from the next): a read that is not whole JSON, or that
+    fails, is repeated a few times before it counts. A local manifest is replaced by a rename
+    and read whole."""
     for attempt in range(_MANIFEST_RETRIES):
-        data = store.read(name, MAX_MANIFEST_BYTES)
-        if store.local is None and attempt + 1 < _MANIFEST_RETRIES:
-            try:
+        last = store.local is not None or attempt + 1 == _MANIFEST_RETRIES
+        try:
+            data = store.read(name, MAX_MANIFEST_BYTES)
+            if not last:
                 orjson.loads(data)
-            except orjson.JSONDecodeError:
-                time.sleep(0.02 * (attempt + 1))
-                continue
+        except (orjson.JSONDecodeError, ShardError) as e:
+            if last or (isinstance(e, ShardError) and e.kind != "unreadable"):
+                raise
+            time.sleep(0.02 * (attempt + 1))
+            continue
         return Manifest.parse(data, name)
     raise AssertionError("unreachable")
-
-
-def _empty_index() -> pa.Table:
-    from ._index import INDEX_SCHEMA
-
-    return INDEX_SCHEMA.empty_table()
 
 
 def _only_shards(table: pa.Table, positions: list[int]) -> pa.Table:

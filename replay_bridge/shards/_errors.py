@@ -6,11 +6,12 @@ __all__ = ["DuplicateSample", "ShardError", "UnstorableSample"]
 
 
 class ShardError(Exception):
-    """A shard directory, manifest, shard or quarantine file that cannot be trusted or read.
+    """A dataset, manifest, index, shard or quarantine chunk that cannot be trusted or read.
 
-    ``file`` names the offending file (relative to the shard directory) when there is one;
+    ``file`` names the offending object (relative to the dataset's root) when there is one;
     ``kind`` says what is wrong with it (``missing``, ``size``, ``checksum``, ``unsafe_path``,
-    ``unreadable``, ``geometry``, ``counts``, ``manifest``, ``duplicate_id``, ``storage_rule``).
+    ``unreadable``, ``geometry``, ``counts``, ``manifest``, ``duplicate_id``, ``storage_rule``,
+    ``uri``, ``index``, ``too_large``).
     """
 
     def __init__(self, message: str, *, file: str | None = None,

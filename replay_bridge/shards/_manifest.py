@@ -29,6 +29,7 @@ __all__ = [
     "Manifest",
     "QuarantineEntry",
     "ShardEntry",
+    "check_listed",
     "index_name",
     "manifest_name",
     "quarantine_name",
@@ -76,12 +77,17 @@ def writer_of(name: str) -> str | None:
     return None
 
 
-def seq_of(name: str) -> int:
-    for pattern in (SHARD_RE, QUARANTINE_RE, INDEX_RE):
-        m = pattern.fullmatch(name)
-        if m:
-            return int(m.group("seq"))
-    raise ValueError(name)
+def check_listed(entry: ShardEntry | QuarantineEntry | IndexEntry, size: int,
+                 digest: str | None = None) -> None:
+    """An object's size (and sha256, when given) against its manifest entry."""
+    if size != entry.bytes:
+        what = "truncated" if size < entry.bytes else "longer than listed"
+        raise ShardError(f"{entry.file}: {size} bytes, the manifest says {entry.bytes} "
+                         f"({what})", file=entry.file, kind="size")
+    if digest is not None and digest != entry.sha256:
+        raise ShardError(f"{entry.file}: sha256 {digest[:16]}... does not match the manifest "
+                         f"({entry.sha256[:16]}...): the object is corrupted", file=entry.file,
+                         kind="checksum")
 
 
 @dataclass

@@ -17,6 +17,7 @@ latest record (chunks in manifest order, lines in order).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -28,6 +29,7 @@ import pybase64
 from ..checks import CheckReport
 from ..sample import RoutedSample, WireSample
 from ._errors import ShardError
+from ._manifest import QuarantineEntry, check_listed
 from ._store import Store
 
 __all__ = ["ChunkWriter", "OutcomeLedger", "decode_routing", "encode_record",
@@ -202,10 +204,22 @@ class OutcomeLedger:
             self.counts[prev] -= 1
 
 
-def read_chunk(store: Store, name: str) -> Iterator[dict[str, Any]]:
-    """The records of one chunk; :class:`ShardError` naming the file and line on a bad one,
-    or the file when it is not a regular file."""
-    data = store.read(name)
+def read_chunk(store: Store, name: str, listed: QuarantineEntry | None = None
+               ) -> Iterator[dict[str, Any]]:
+    """The records of one chunk, read once; with ``listed`` (its manifest entry), its size
+    and sha256 are checked first, on the bytes read. :class:`ShardError` naming the file and
+    line on a bad one, or the file when it is not a regular file."""
+    if listed is None:
+        data = store.read(name)
+    else:
+        try:  # never more than listed: a longer object is refused, not read whole
+            data = store.read(name, listed.bytes)
+        except ShardError as e:
+            if e.kind != "too_large":
+                raise
+            raise ShardError(f"{name}: longer than the {listed.bytes} bytes the manifest "
+                             "lists", file=name, kind="size") from None
+        check_listed(listed, len(data), hashlib.sha256(data).hexdigest())
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue

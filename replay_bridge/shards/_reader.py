@@ -24,11 +24,10 @@ from ..geometry import RoutingGeometry
 from ..sample import RoutedSample
 from ._dataset import DatasetView
 from ._errors import ShardError
-from ._manifest import Manifest, QuarantineEntry, ShardEntry
+from ._manifest import Manifest, QuarantineEntry, ShardEntry, check_listed
 from ._quarantine import read_chunk
 from ._rules import RuleBreak, batch_breaks
-from ._scan import check_schema
-from ._schema import list_parts, routed_rows, samples_from_batch, schema_for
+from ._schema import check_schema, list_parts, routed_rows, samples_from_batch, schema_for
 from ._store import Store, open_store
 
 __all__ = ["ShardReader", "default_read_threads", "verify_object"]
@@ -47,15 +46,8 @@ def verify_object(store: Store, entry: ShardEntry | QuarantineEntry) -> None:
                          file=entry.file, kind="missing")
     if not info.regular:
         store.read(entry.file, 0)  # raises, naming what it is
-    if info.size != entry.bytes:
-        what = "truncated" if info.size < entry.bytes else "longer than listed"
-        raise ShardError(f"{entry.file}: {info.size} bytes, the manifest says {entry.bytes} "
-                         f"({what})", file=entry.file, kind="size")
-    digest = store.sha256(entry.file)
-    if digest != entry.sha256:
-        raise ShardError(f"{entry.file}: sha256 {digest[:16]}... does not match the manifest "
-                         f"({entry.sha256[:16]}...): the object is corrupted", file=entry.file,
-                         kind="checksum")
+    check_listed(entry, info.size)  # before hashing: a truncated object is not read
+    check_listed(entry, info.size, store.sha256(entry.file))
 
 
 def _check_counts(view: DatasetView) -> None:
@@ -459,9 +451,8 @@ class ShardReader:
         writer's oldest first."""
         for m in self._v.manifests:
             for entry in m.quarantine:
-                if self._verify:
-                    verify_object(self._store, entry)
-                yield from read_chunk(self._store, entry.file)
+                yield from read_chunk(self._store, entry.file,
+                                      listed=entry if self._verify else None)
 
     def close(self) -> None:
         """Drop cached batches and open files (views handed out stay valid)."""

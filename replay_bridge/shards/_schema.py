@@ -13,13 +13,14 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from ..geometry import GeometryError, RoutingGeometry
+from ..geometry import GeometryError, GeometryMismatch, RoutingGeometry
 from ..sample import RoutedSample
 from ._errors import ShardError
 
 __all__ = [
     "FORMAT_VERSION",
     "METADATA_KEY",
+    "check_schema",
     "geometry_from_schema",
     "list_parts",
     "routed_rows",
@@ -90,6 +91,19 @@ def geometry_from_schema(schema: pa.Schema, where: str, *, projected: bool = Fal
             raise ShardError(f"{where}: {f.name} column is {f.type}, expected "
                              f"{expected.field(i).type}", file=where)
     return geometry, version
+
+
+def check_schema(schema: pa.Schema, name: str, geometry: RoutingGeometry, *,
+                 projected: bool = False) -> None:
+    """A shard's schema: this format version, columns of the right types, ``geometry``."""
+    got, version = geometry_from_schema(schema, name, projected=projected)
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{name}: format_version {version}, expected {FORMAT_VERSION}",
+                         file=name)
+    try:
+        geometry.require_same(got, f"{name} schema geometry and manifest geometry")
+    except GeometryMismatch as e:
+        raise ShardError(str(e), file=name, kind="geometry") from None
 
 
 # ---- samples -> record batch --------------------------------------------------------------

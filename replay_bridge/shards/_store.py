@@ -16,7 +16,6 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -24,9 +23,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ._atomic import create_new, fsync_dir, remove_stray
+from ._local import create_new, fsync_dir, regular_file, remove_stray
 from ._errors import ShardError
-from ._scan import regular_file
 
 __all__ = ["ObjectInfo", "ObjectWriter", "Store", "display_uri", "open_store"]
 
@@ -280,21 +278,22 @@ class Store:
         if self.local is not None:
             with regular_file(self.local_path(name), name) as p:
                 if max_bytes is not None and p.stat().st_size > max_bytes:
-                    raise ShardError(f"{name} is implausibly large", file=name)
+                    raise ShardError(f"{name} is implausibly large", file=name,
+                                     kind="too_large")
                 try:
                     return p.read_bytes()
                 except OSError as e:
                     raise ShardError(f"{name}: cannot read: {e.strerror or e}",
                                      file=name) from None
-        # One GET (a stream), never a HEAD then a ranged GET: an object replaced between the
-        # two would come back as the first bytes of the newer one.
+        # An object replaced while it is read may come back cut short (its size and its bytes
+        # come from different requests); only manifests are replaced, and their reader retries.
         try:
             with self.fs.open_input_stream(self.path(name)) as f:
                 data = f.read() if max_bytes is None else f.read(max_bytes + 1)
         except OSError as e:
             raise _remote_error(name, "read", e) from None
         if max_bytes is not None and len(data) > max_bytes:
-            raise ShardError(f"{name} is implausibly large", file=name)
+            raise ShardError(f"{name} is implausibly large", file=name, kind="too_large")
         return data
 
     def open(self, name: str) -> pa.NativeFile:
@@ -326,11 +325,6 @@ class Store:
             while chunk := f.read(1 << 22):
                 h.update(chunk)
         return h.hexdigest()
-
-    def chunks(self, name: str, size: int = 1 << 22) -> Iterator[bytes]:
-        with self.open(name) as f:
-            while chunk := f.read(size):
-                yield chunk
 
 
 def open_store(uri: str | os.PathLike[str]) -> Store:

@@ -26,8 +26,7 @@ from ._manifest import Manifest, ShardEntry
 from ._quarantine import OutcomeLedger, outcome_of, read_chunk
 from ._reader import verify_object
 from ._rules import batch_breaks
-from ._scan import check_schema
-from ._schema import samples_from_batch
+from ._schema import check_schema, samples_from_batch
 from ._store import open_store
 from ._strays import strays
 
@@ -116,12 +115,13 @@ def validate_dataset(uri: str | os.PathLike[str],
         report.warnings.append(f"sample {sid!r} is stored by two writers ({kept} and "
                                f"{ignored}); readers read the copy in {kept} (the writer that "
                                "started first)")
-    for m in view.manifests:
-        seen: set[str] = set()
-        for pos, entry in enumerate(m.shards):
-            if not _check_shard(report, view, m, pos, entry, seen, on_samples):
-                report.shards_bad += 1
-    _check_quarantine(report, view)
+    rows = _IndexRows(view)
+    seen: dict[str, set[str]] = {}
+    for obj, (m, pos) in enumerate(view.objects):
+        if not _check_shard(report, view, m, m.shards[pos], rows.of(obj),
+                            seen.setdefault(m.writer, set()), on_samples):
+            report.shards_bad += 1
+    _check_quarantine(report, view, rows)
     for warning in strays(view.store, view.manifests):
         report.warnings.append(warning)
     return report
@@ -131,8 +131,8 @@ validate_dir = validate_dataset
 """The same as :func:`validate_dataset` (a local directory is a dataset URI)."""
 
 
-def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, pos: int,
-                 entry: ShardEntry, seen: set[str],
+def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, entry: ShardEntry,
+                 idx: dict[str, np.ndarray], seen: set[str],
                  on_samples: Callable[[int], None] | None) -> bool:
     store, g, name = view.store, report.manifest.geometry, entry.file
     faults = report.faults
@@ -153,7 +153,6 @@ def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, pos: 
     except (OSError, pa.ArrowException) as e:
         faults.append(Fault(name, "unreadable", f"{name}: not a readable Arrow IPC file ({e})"))
         return False
-    idx = _index_rows(view, m, pos)
     rows = tokens = routed_rows = 0
     per_row = g.ids_per_token
     try:
@@ -210,12 +209,25 @@ def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, pos: 
     return len(faults) == n_before
 
 
-def _index_rows(view: DatasetView, m: Manifest, pos: int) -> dict[str, np.ndarray]:
-    """This shard's rows of its writer's index (before duplicates are resolved)."""
-    obj = next(i for i, (mm, p) in enumerate(view.objects) if mm is m and p == pos)
-    t = view.index.filter(pa.compute.equal(view.index.column("object"), obj))
-    return {c: t.column(c).to_numpy(zero_copy_only=False)
-            for c in ("sample_id", "batch", "row", "offset", "length", "crc32")}
+class _IndexRows:
+    """The index rows of each listed shard (before duplicates are resolved), grouped once."""
+
+    COLUMNS = ("sample_id", "batch", "row", "offset", "length", "crc32")
+
+    def __init__(self, view: DatasetView) -> None:
+        self.index = view.index
+        self.obj = view.index.column("object").to_numpy()
+        self.order = np.argsort(self.obj, kind="stable")
+        self.bounds = np.searchsorted(self.obj[self.order], np.arange(len(view.objects) + 1))
+
+    def of(self, obj: int) -> dict[str, np.ndarray]:
+        t = self.index.take(self.order[self.bounds[obj]:self.bounds[obj + 1]])
+        return {c: t.column(c).to_numpy(zero_copy_only=False) for c in self.COLUMNS}
+
+    def stored_ids(self, first: int, count: int) -> set[str]:
+        """The ids stored in shards ``first`` to ``first + count`` (one writer's)."""
+        t = self.index.take(self.order[self.bounds[first]:self.bounds[first + count]])
+        return set(t.column("sample_id").to_pylist())
 
 
 def _check_block(report: ValidationReport, source: pa.NativeFile, name: str, i: int,
@@ -259,20 +271,19 @@ def _id_or_none(sample_id: object) -> str | None:
     return sample_id if isinstance(sample_id, str) else None
 
 
-def _check_quarantine(report: ValidationReport, view: DatasetView) -> None:
+def _check_quarantine(report: ValidationReport, view: DatasetView, rows: _IndexRows) -> None:
     """Every chunk's records; each writer's outcome counts (each sample id once: stored by
     it wins, else its latest record) against its manifest's."""
+    first = 0  # a writer's shards are consecutive objects of the view
     for m in view.manifests:
-        own = set()
-        for pos in range(len(m.shards)):
-            own.update(_index_rows(view, m, pos)["sample_id"].tolist())
+        own = rows.stored_ids(first, len(m.shards))
+        first += len(m.shards)
         ledger = OutcomeLedger()
         readable = True
         for entry in m.quarantine:
             try:
-                verify_object(view.store, entry)
                 n = 0
-                for rec in read_chunk(view.store, entry.file):
+                for rec in read_chunk(view.store, entry.file, listed=entry):
                     n += 1
                     ledger.record(rec["sample_id"], outcome_of(rec),
                                   stored=rec["sample_id"] in own)
