@@ -100,6 +100,10 @@ class _SampleFields:
     finish_reason: str | None = None
     weight_versions: list[dict[str, Any]] | None = None
     """Policy versions that produced the completion: ``[{"version", "start", "end"}, ...]``."""
+    native: np.ndarray | None = None
+    """``bool [rows]``: rows without rollout routing, which the trainer routes natively (the
+    router's own top-k). ``None``: no such row. Only in-memory adapters that were told the
+    framework marks rows set it; engine decoders never do."""
 
     @property
     def num_tokens(self) -> int:
@@ -113,6 +117,11 @@ class _SampleFields:
     def expected_rows(self) -> int:
         """Rows an engine returns: every position but the last, from ``routed_start`` on."""
         return max(self.num_tokens - 1 - self.routed_start, 0)
+
+    @property
+    def native_rows(self) -> int:
+        """How many rows are marked :attr:`native`."""
+        return 0 if self.native is None else int(np.count_nonzero(self.native))
 
 
 @dataclass(slots=True)
@@ -155,9 +164,9 @@ class RoutedSample(_SampleFields):
     def full_routing(self, pad: np.ndarray | None = None) -> np.ndarray:
         """Routing for every token position ``[num_tokens, moe_layers, top_k]``.
 
-        Positions before ``routed_start`` and the last position have no rollout routing; they
-        take ``pad`` rows (``[moe_layers, top_k]``) when given, else ``-1`` in an ``int32``
-        array.
+        Positions before ``routed_start``, :attr:`native` rows and the last position have no
+        rollout routing; they take ``pad`` rows (``[moe_layers, top_k]``) when given, else
+        ``-1`` in an ``int32`` array.
         """
         n, (_, m, k) = self.num_tokens, self.routed.shape
         if pad is None:
@@ -166,6 +175,9 @@ class RoutedSample(_SampleFields):
             out = np.empty((n, m, k), dtype=np.result_type(self.routed.dtype, pad.dtype))
             out[:] = pad
         out[self.routed_start : self.routed_start + self.rows] = self.routed
+        if self.native is not None and self.native.any():
+            marked = self.routed_start + np.flatnonzero(self.native)
+            out[marked] = -1 if pad is None else pad
         return out
 
 
@@ -182,5 +194,6 @@ def with_routing(sample: WireSample | RoutedSample, routed: np.ndarray) -> Route
         engine=sample.engine,
         finish_reason=sample.finish_reason,
         weight_versions=sample.weight_versions,
+        native=sample.native,
         routed=routed,
     )
