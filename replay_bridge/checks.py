@@ -4,7 +4,8 @@ Rules, by verdict kind:
 
 - ``malformed``: the routing could not be decoded (bad base64, bad or pickled ``.npy``, a byte
   count that is not a whole number of ids or of ``[num_layers, top_k]`` blocks), or the answer
-  around it is inconsistent (more log-probs than completion tokens: at most one each);
+  around it is inconsistent (more log-probs than completion tokens: at most one each; a
+  ``native`` mask that is not one bool per routing row);
 - ``missing_routing``: the response carried no routing;
 - ``shape``: the layer or top-k axis disagrees with the geometry;
 - ``row_count``: rows != tokens - 1 - routed_start;
@@ -14,7 +15,10 @@ Rules, by verdict kind:
 - ``duplicate_ids``: a block whose k ids are not k distinct experts.
 
 Each bad (token, MoE layer) block is counted under one kind, in the order above. Dense-layer
-blocks are never looked at.
+blocks are never looked at, nor are the blocks of rows a sample's ``native`` mask marks (rows
+the trainer routes with the router's own top-k): the block checks skip them, whatever their
+ids, and :func:`accept` stores 0 there. Only in-memory adapters set marks; engine decoders
+never do, so an engine's ``-1`` is ``out_of_range`` and its zero row ``all_zero``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .geometry import RoutingGeometry
-from .sample import RoutedSample, WireSample, with_routing
+from .sample import RoutedSample, WireSample, type_name, with_routing
 
 __all__ = [
     "BLOCK_KINDS",
@@ -73,12 +77,23 @@ class CheckReport:
     prompt_rows: int = 0
     """Rows checked that lie at prompt positions (the rest are completion positions)."""
     checked_rows: int = 0
+    """Rows whose blocks were checked: the expected rows present, native rows left out."""
     bad: dict[str, np.ndarray] = field(default_factory=dict)
     first: dict[str, tuple[int, int]] = field(default_factory=dict)
+    native_rows: int = 0
+    """Rows marked native among the rows looked at (their ids are not checked)."""
+    native_prompt_rows: int = 0
+    """Native rows that lie at prompt positions."""
 
     @property
     def ok(self) -> bool:
         return not self.kinds
+
+    @property
+    def native_by_region(self) -> dict[str, int]:
+        """Native rows per region: ``{"prompt": n, "completion": n}``."""
+        return {"prompt": self.native_prompt_rows,
+                "completion": self.native_rows - self.native_prompt_rows}
 
     def bad_blocks(self, kind: str | None = None) -> int:
         if kind is not None:
@@ -105,6 +120,8 @@ class CheckReport:
         }
         if self.message:
             d["message"] = self.message
+        if self.native_rows:
+            d["native_rows"] = self.native_rows
         if self.bad:
             d["blocks"] = {
                 kind: {
@@ -128,15 +145,20 @@ def check_sample(sample: WireSample, geometry: RoutingGeometry) -> CheckReport:
 
 def accept(sample: WireSample, geometry: RoutingGeometry) -> tuple[CheckReport, RoutedSample | None]:
     """Check a wire sample; when it is good, also return it as a stored :class:`RoutedSample`
-    (MoE layers, narrow ids), reusing the narrowed array the check built."""
+    (MoE layers, narrow ids, 0 at native rows), reusing the narrowed array the check built.
+    A ``native`` mask with no marked row becomes ``None``."""
     report, narrow = _check_wire(sample, geometry)
     if not report.ok or narrow is None:
         return report, None
-    return report, with_routing(sample, narrow)
+    routed = with_routing(sample, narrow)
+    if not report.native_rows:
+        routed.native = None
+    return report, routed
 
 
 def check_routed(sample: RoutedSample, geometry: RoutingGeometry) -> CheckReport:
-    """Re-check a stored sample (``validate``): its routing holds MoE layers only."""
+    """Re-check a stored sample (``validate``): its routing holds MoE layers only; its
+    ``native`` mask (if any) one bool per row."""
     expected = sample.expected_rows
     r = sample.routed
     report = CheckReport(sample.sample_id, rows=int(r.shape[0]), expected_rows=expected)
@@ -144,6 +166,9 @@ def check_routed(sample: RoutedSample, geometry: RoutingGeometry) -> CheckReport
     if r.ndim != 3 or tuple(r.shape[1:]) != want:
         return _fail(report, "shape", f"stored routing has shape {tuple(r.shape)}, "
                      f"expected [rows, {want[0]}, {want[1]}] (MoE layers x top_k)")
+    problem = _native_problem(sample.native, report.rows)
+    if problem is not None:
+        return _fail(report, "malformed", problem)
     _verdict(report, r[:expected], sample, geometry)
     return report
 
@@ -156,6 +181,20 @@ def _fail(report: CheckReport, kind: str, message: str) -> CheckReport:
     report.kinds = (kind,)
     report.message = f"sample {report.sample_id!r}: {kind}: {message}"
     return report
+
+
+def _native_problem(native: object, rows: int) -> str | None:
+    """What is wrong with a sample's ``native`` mask (one bool per routing row), or ``None``."""
+    if native is None:
+        return None
+    if not isinstance(native, np.ndarray):
+        return f"native mask is {type_name(native)}, expected a 1-D bool array"
+    if native.dtype != np.bool_ or native.ndim != 1:
+        return (f"native mask is {native.dtype} of shape {tuple(native.shape)}, expected a "
+                "1-D bool array")
+    if native.shape[0] != rows:
+        return f"native mask has {native.shape[0]} rows, the routing {rows}"
+    return None
 
 
 def _row_message(sample_id: str, rows: int, expected: int, s: Any) -> str:
@@ -216,6 +255,9 @@ def _check_wire(
                      f"[rows, {want[0]}, {want[1]}] (num_layers x top_k){hint}"), None
     if not np.issubdtype(r.dtype, np.integer):
         return _fail(report, "malformed", f"routing dtype {r.dtype} is not an integer type"), None
+    problem = _native_problem(sample.native, report.rows)
+    if problem is not None:
+        return _fail(report, "malformed", problem), None
     return report, _verdict(report, _moe_view(r[:expected], geometry), sample, geometry)
 
 
@@ -252,13 +294,37 @@ def _check_blocks(
     geometry: RoutingGeometry,
 ) -> np.ndarray | None:
     """Check ``[rows, num_moe_layers, top_k]`` ids; fill ``report.bad`` / ``report.first``.
+    Rows the sample's ``native`` mask marks are left out (gathered away before the scan).
 
-    Returns the ids narrowed to the geometry's dtype (``None`` when ids are out of range).
+    Returns the ids narrowed to the geometry's dtype, 0 at native rows (``None`` when ids are
+    out of range).
     """
+    rows = moe.shape[0]
+    p = int(np.clip(sample.prompt_len - sample.routed_start, 0, rows))
+    native = sample.native
+    if native is None or not native[:rows].any():
+        report.checked_rows, report.prompt_rows = rows, p
+        return _scan_blocks(report, moe, sample.routed_start, None, geometry)
+    kept = np.flatnonzero(~native[:rows])
+    report.checked_rows = len(kept)
+    report.prompt_rows = int(np.searchsorted(kept, p))
+    report.native_rows = rows - report.checked_rows
+    report.native_prompt_rows = p - report.prompt_rows
+    narrow = _scan_blocks(report, moe[kept], sample.routed_start, kept, geometry)
+    if narrow is None:
+        return None
+    out = np.zeros(moe.shape, dtype=geometry.id_dtype)
+    out[kept] = narrow
+    return out
+
+
+def _scan_blocks(report: CheckReport, moe: np.ndarray, routed_start: int,
+                 at: np.ndarray | None, geometry: RoutingGeometry) -> np.ndarray | None:
+    """The block scan of :func:`_check_blocks` over ``moe`` (its first
+    ``report.prompt_rows`` rows at prompt positions); row ``i`` of ``moe`` is routing row
+    ``at[i]`` (``i`` when ``at`` is ``None``)."""
     rows, m, k = moe.shape
     n_experts = geometry.num_experts
-    report.checked_rows = rows
-    report.prompt_rows = int(np.clip(sample.prompt_len - sample.routed_start, 0, rows))
     if rows == 0:
         return moe.astype(geometry.id_dtype)
 
@@ -297,7 +363,8 @@ def _check_blocks(
         counts[1, layers] = mask[p:].sum(axis=0)
         report.bad[kind] = counts
         row, j = divmod(int(np.argmax(mask.reshape(-1))), m)
-        report.first[kind] = (sample.routed_start + row, int(layers[j]))
+        report.first[kind] = (routed_start + (row if at is None else int(at[row])),
+                              int(layers[j]))
 
     return narrow if in_range else None
 
@@ -355,9 +422,11 @@ class CheckTally:
     good: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     tokens: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
-    """Checked (token, position) rows per region."""
+    """Checked (token, position) rows per region; native rows are not among them."""
     bad: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     all_zero: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    native: np.ndarray = field(default_factory=lambda: np.zeros(2, np.int64))
+    """Native rows per region: rows the trainer routes itself, counted apart, not checked."""
 
     def __post_init__(self) -> None:
         shape = (2, self.geometry.num_layers)
@@ -372,6 +441,9 @@ class CheckTally:
         for kind in report.kinds:
             self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         self.tokens += (report.prompt_rows, report.checked_rows - report.prompt_rows)
+        if report.native_rows:
+            self.native += (report.native_prompt_rows,
+                            report.native_rows - report.native_prompt_rows)
         for kind, counts in report.bad.items():
             self.bad += counts
             if kind == "all_zero":
@@ -404,6 +476,7 @@ class CheckTally:
                     "blocks": int(self.blocks[i]),
                     "bad_blocks": int(self.bad[i].sum()),
                     "all_zero_blocks": int(self.all_zero[i].sum()),
+                    "native_rows": int(self.native[i]),
                 }
                 for i, region in enumerate(REGIONS)
             },

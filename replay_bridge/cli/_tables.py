@@ -16,21 +16,35 @@ def _pct(part: int, whole: int) -> str:
 
 def check_table(tally: CheckTally, title: str = "routing checks") -> Table:
     """Tokens, (token, MoE layer) blocks, bad blocks and all-zero blocks, by region, then by
-    layer for the layers that have faults."""
+    layer for the layers that have faults. When some rows were native (routed by the trainer,
+    not checked), one more column counts them."""
     t = Table(title=title, title_justify="left")
-    for col in ("region", "tokens", "blocks", "bad blocks", "of which all-zero", "bad %"):
+    native = [int(n) for n in tally.native] if tally.native.any() else None
+    cols = ["region", "tokens", "blocks", "bad blocks", "of which all-zero", "bad %"]
+    if native is not None:
+        cols.insert(2, "native rows")
+    for col in cols:
         t.add_column(col, justify="right" if col != "region" else "left")
-    for region, tokens, blocks, bad, zero in tally.region_totals():
-        t.add_row(region, f"{tokens:,}", f"{blocks:,}", f"{bad:,}", f"{zero:,}",
-                  _pct(bad, blocks), style="bold" if region == "total" else None)
+    for i, (region, tokens, blocks, bad, zero) in enumerate(tally.region_totals()):
+        cells = [region, f"{tokens:,}", f"{blocks:,}", f"{bad:,}", f"{zero:,}",
+                 _pct(bad, blocks)]
+        if native is not None:
+            cells.insert(2, f"{native[i] if i < len(native) else sum(native):,}")
+        t.add_row(*cells, style="bold" if region == "total" else None)
     faulty = [layer for layer in tally.geometry.moe_layers if tally.bad[:, layer].any()]
     if faulty:
         t.add_section()
         for layer in faulty:
             p, c = int(tally.bad[0, layer]), int(tally.bad[1, layer])
             zp, zc = int(tally.all_zero[0, layer]), int(tally.all_zero[1, layer])
-            t.add_row(f"layer {layer}", "", "", f"{p:,} / {c:,}", f"{zp:,} / {zc:,}", "")
+            cells = [f"layer {layer}", "", "", f"{p:,} / {c:,}", f"{zp:,} / {zc:,}", ""]
+            if native is not None:
+                cells.insert(2, "")
+            t.add_row(*cells)
         t.caption = "layer rows: prompt / completion"
+    if native is not None:
+        t.caption = "; ".join(filter(None, [t.caption, "native rows: routed by the trainer "
+                                                       "itself, not checked, not in tokens"]))
     return t
 
 
