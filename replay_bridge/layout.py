@@ -7,7 +7,9 @@ Megatron hook, ``trainer_hooks.megatron``, re-exports these names; the rank load
 The steps, in the order Megatron applies them to a batch:
 
 1. every sample gets one row per token position: its stored rows, plus pad rows where the
-   rollout has none (the last position, positions before ``routed_start``, padding);
+   rollout has none (the last position, padding) and native rows, which the trainer routes
+   with the router's own top-k (positions before ``routed_start`` and rows the sample marks
+   :attr:`~replay_bridge.sample.RoutedSample.native`; their ids are pad ids);
 2. samples are laid out as a ``bshd`` batch (each padded to ``seq_length``) or packed ``thd``
    (concatenated, each padded to a multiple of ``pad_multiple``);
 3. context parallel keeps chunks ``r`` and ``2*cp - 1 - r`` of ``2*cp`` chunks of each sequence;
@@ -31,6 +33,7 @@ __all__ = [
     "PROMPT",
     "COMPLETION",
     "PAD",
+    "NATIVE",
     "HostRouting",
     "LayoutError",
     "MissingSample",
@@ -41,9 +44,10 @@ __all__ = [
     "pad_ids",
 ]
 
-PROMPT, COMPLETION, PAD = 0, 1, 2
-"""Region codes of a router token: rollout routing at a prompt or completion position, or a
-pad row (no rollout routing: last position, before ``routed_start``, padding)."""
+PROMPT, COMPLETION, PAD, NATIVE = 0, 1, 2, 3
+"""Region codes of a router token: rollout routing at a prompt or completion position; a pad
+row (no rollout routing and none needed: the last position, padding); a native row (no rollout
+routing, routed with the router's own top-k: before ``routed_start``, or marked native)."""
 
 
 class LayoutError(ValueError):
@@ -126,7 +130,8 @@ class HostRouting:
 
     ``ids`` is ``[tokens, local_moe_layers, top_k]`` in the geometry's id dtype, tokens in the
     router's order; ``region`` is ``int8 [tokens]`` (:data:`PROMPT`, :data:`COMPLETION`,
-    :data:`PAD`); ``layers`` are the wire layer indices of the ``ids`` layer axis.
+    :data:`PAD`, :data:`NATIVE`); ``layers`` are the wire layer indices of the ``ids`` layer
+    axis. Pad and native rows hold pad ids (:func:`pad_ids`).
     """
 
     ids: np.ndarray
@@ -139,6 +144,15 @@ class HostRouting:
     @property
     def num_tokens(self) -> int:
         return int(self.ids.shape[0])
+
+    @property
+    def native(self) -> np.ndarray:
+        """``bool [tokens]``: tokens the router routes with its own top-k."""
+        return self.region == NATIVE
+
+    @property
+    def has_native(self) -> bool:
+        return bool(self.native.any())
 
 
 def lookup_samples(
@@ -189,6 +203,11 @@ def _check_rows(samples: Sequence[RoutedSample], geometry: RoutingGeometry) -> N
                 f"sample {s.sample_id!r}: {s.num_tokens} tokens with routed_start="
                 f"{s.routed_start} need {s.expected_rows} routing rows, the sample has {s.rows}"
             )
+        if s.native is not None and np.shape(s.native) != (s.rows,):
+            raise LayoutError(
+                f"sample {s.sample_id!r}: native marks of shape {np.shape(s.native)} for "
+                f"{s.rows} routing rows"
+            )
 
 
 def layout_routing(
@@ -205,7 +224,8 @@ def layout_routing(
     ``layers``: the wire layer indices of this rank's routers (all MoE layers by default).
     ``seq_lengths``: the trainer's own token count per sample, checked against the samples.
     ``validate``: refuse ids outside ``[0, num_experts)`` and blocks with a repeated id (the
-    all-to-all dispatcher crashes on them, the all-gather one silently merges them).
+    all-to-all dispatcher crashes on them, the all-gather one silently merges them). Stored ids
+    of native rows are never read: those rows take pad ids.
     """
     if not samples:
         raise LayoutError("a micro-batch needs at least one sample")
@@ -275,6 +295,14 @@ def layout_routing(
     has = (p_of >= rstart[s_of]) & (p_of < n[s_of] - 1)
     row_off = np.concatenate(([0], np.cumsum([s.rows for s in samples])[:-1])).astype(np.int64)
     src = row_off[s_of] + p_of - rstart[s_of]
+    native = p_of < rstart[s_of] if rstart.any() else None
+    if any(s.native is not None for s in samples):
+        marks = np.concatenate([np.zeros(s.rows, bool) if s.native is None else
+                                np.asarray(s.native, dtype=bool) for s in samples])
+        marked = np.zeros_like(has)
+        marked[has] = marks[src[has]]
+        has &= ~marked
+        native = marked if native is None else native | marked
 
     dtype = geometry.id_dtype
     ids = np.empty((gidx.size, len(layers), geometry.top_k), dtype=dtype)
@@ -288,6 +316,8 @@ def layout_routing(
     if validate and has.any():
         _validate(ids, samples, s_of, p_of, layers, geometry.num_experts)
     region = np.where(has, np.where(p_of < plen[s_of], PROMPT, COMPLETION), PAD).astype(np.int8)
+    if native is not None:
+        region[native] = NATIVE
     return HostRouting(
         ids=ids,
         region=region,
@@ -306,7 +336,8 @@ def _validate(
     num_experts: int,
 ) -> None:
     """Raise on the first out-of-range or repeated id, naming sample, position and layer.
-    Pad rows are in range and distinct by construction, so the whole array is checked."""
+    Pad and native rows hold pad ids, in range and distinct by construction, so the whole
+    array is checked."""
     if int(ids.max(initial=0)) >= num_experts:
         bad, rule = (ids >= num_experts).any(axis=-1), f"an expert id outside [0, {num_experts})"
     elif has_repeated_ids(ids):

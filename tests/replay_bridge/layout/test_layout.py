@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.layout import (
     COMPLETION,
+    NATIVE,
     PAD,
     PROMPT,
     LayoutError,
@@ -56,7 +57,7 @@ def test_thd_concatenates_padded_sequences_and_respects_routed_start():
     a, b = sample(0, 5, 3, start=2), sample(1, 3, 1)
     h = layout_routing([a, b], GEO, Packing.thd(4))
     assert h.cu_seqlens_padded.tolist() == [0, 8, 12]
-    assert h.region[:8].tolist() == [PAD, PAD, PROMPT, COMPLETION, PAD, PAD, PAD, PAD]
+    assert h.region[:8].tolist() == [NATIVE, NATIVE, PROMPT, COMPLETION, PAD, PAD, PAD, PAD]
     np.testing.assert_array_equal(h.ids[3], expected_row(a, 3))
     np.testing.assert_array_equal(h.ids[8], expected_row(b, 0))
     assert h.region[8:].tolist() == [PROMPT, COMPLETION, PAD, PAD]
@@ -162,9 +163,9 @@ def test_every_rollout_row_lands_on_exactly_one_rank_at_its_position(lengths, fm
             h = layout_routing(samples, GEO, packing,
                                RankSlice(tp_size=tp, tp_rank=t, sequence_parallel=sp,
                                          cp_size=cp, cp_rank=c))
-            data_rows = h.ids[h.region != PAD]
+            data_rows = h.ids[h.region < PAD]
             seen.append(data_rows.reshape(-1, GEO.ids_per_token))
-            pads = np.sort(h.ids[h.region == PAD], -1)
+            pads = np.sort(h.ids[h.region >= PAD], -1)
             assert (pads[..., 1:] != pads[..., :-1]).all()
     got = np.concatenate(seen)
     want = np.concatenate([s.routed for s in samples]).reshape(-1, GEO.ids_per_token)
@@ -181,3 +182,67 @@ def test_pack_lengths_put_the_pack_padding_on_the_last_sequence():
     a, b = sample(0, 5, 2), sample(1, 3, 1)
     h = layout_routing([a, b], GEO, p)
     assert h.cu_seqlens_padded.tolist() == [0, 8, 16] and h.num_tokens == 16
+
+
+def test_rows_before_routed_start_and_marked_rows_are_native_with_pad_ids():
+    a, b = sample(0, 7, 4, start=2), sample(1, 5, 2)
+    b.native = np.array([False, True, False, True])  # positions 1 and 3 of b
+    h = layout_routing([a, b], GEO, Packing.thd(4))
+    assert h.cu_seqlens_padded.tolist() == [0, 8, 16]
+    assert h.region.tolist() == [NATIVE, NATIVE, PROMPT, PROMPT, COMPLETION, COMPLETION, PAD, PAD,
+                                 PROMPT, NATIVE, COMPLETION, NATIVE, PAD, PAD, PAD, PAD]
+    assert h.has_native and h.native.tolist() == (h.region == NATIVE).tolist()
+    rows = np.flatnonzero(h.region >= PAD)
+    np.testing.assert_array_equal(h.ids[rows], pad_ids(rows, GEO.moe_layers, 4, 16, np.uint8))
+    np.testing.assert_array_equal(h.ids[10], expected_row(b, 2))
+    plain = layout_routing([sample(0, 7, 4)], GEO, Packing.thd(4))
+    assert not plain.has_native and NATIVE not in plain.region
+
+
+def test_stored_ids_of_native_rows_are_never_read():
+    s = sample(0, 6, 2)
+    s.routed[1] = 0  # all-zero (repeated ids) and out of range: ignored where marked native
+    s.routed[3, 0, 0] = 200
+    s.native = np.array([False, True, False, True, False])
+    h = layout_routing([s], GEO, Packing.thd(1))
+    assert h.region.tolist() == [PROMPT, NATIVE, COMPLETION, NATIVE, COMPLETION, PAD]
+    s.native = np.array([False, True, False, False, False])
+    with pytest.raises(LayoutError, match="token position 3, layer 1: an expert id outside"):
+        layout_routing([s], GEO, Packing.thd(1))
+    s.native = np.array([True, False])
+    with pytest.raises(LayoutError, match=r"native marks of shape \(2,\) for 5 routing rows"):
+        layout_routing([s], GEO, Packing.thd(1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(2, 20), min_size=1, max_size=4),
+    fmt=st.sampled_from(["bshd", "thd"]),
+    tp=st.sampled_from([1, 2]),
+    cp=st.sampled_from([1, 2]),
+    data=st.data(),
+)
+def test_native_rows_land_once_across_ranks_and_the_rest_stays_exact(lengths, fmt, tp, cp, data):
+    samples = []
+    for i, n in enumerate(lengths):
+        s = sample(i, n, data.draw(st.integers(1, n - 1)), start=data.draw(st.integers(0, n - 2)))
+        if data.draw(st.booleans()):
+            s.native = np.asarray(data.draw(st.lists(st.booleans(), min_size=s.rows,
+                                                     max_size=s.rows)), dtype=bool)
+        samples.append(s)
+    m = 2 * cp * tp
+    seq_len = -(-max(lengths) // m) * m
+    packing = Packing.bshd(seq_len) if fmt == "bshd" else Packing.thd(m)
+    data_rows, native = [], 0
+    for c in range(cp):
+        for t in range(tp):
+            h = layout_routing(samples, GEO, packing,
+                               RankSlice(tp_size=tp, tp_rank=t, sequence_parallel=True,
+                                         cp_size=cp, cp_rank=c))
+            data_rows.append(h.ids[h.region < PAD].reshape(-1, GEO.ids_per_token))
+            native += int(h.native.sum())
+    want = np.concatenate([s.routed[~s.native] if s.native is not None else s.routed
+                           for s in samples]).reshape(-1, GEO.ids_per_token)
+    got = np.concatenate(data_rows)
+    assert sorted(map(bytes, got)) == sorted(map(bytes, want))
+    assert native == sum(s.routed_start + s.native_rows for s in samples)
