@@ -19,6 +19,7 @@ re-exported here.
 
 from replay_bridge.layout import (
     COMPLETION,
+    NATIVE,
     PAD,
     PROMPT,
     HostRouting,
@@ -44,6 +45,7 @@ from ._routers import MoERouter, ReplayConfigError, model_geometry, moe_routers
 __all__ = [
     "AgreementCounter",
     "COMPLETION",
+    "NATIVE",
     "PAD",
     "PROMPT",
     "HostRouting",

@@ -2,8 +2,11 @@
 
 :class:`AgreementCounter` is the one counting core: per (token, MoE layer) block it adds one
 block, whether the two expert sets are equal (``exact``) and the size of their overlap, into
-``int64 [layers, 3 regions, 3 counts]`` accumulators on the device. Pad rows (region
-:data:`PAD`) are counted apart and never reported. Two comparisons feed it:
+``int64 [layers, 4 regions, 3 counts]`` accumulators on the device, by the layout's region
+codes. Pad rows (:data:`PAD`) are counted apart and never reported; native rows
+(:data:`NATIVE`, routed with the router's own top-k) are counted apart and reported as a block
+count only. ``exact`` and ``overlap`` cover prompt and completion rows. Two comparisons feed
+it:
 
 - :meth:`AgreementCounter.add_topk`: ``[tokens, k]`` ids against ``[tokens, k]`` ids (the
   replay's own top-k against the replayed top-k);
@@ -21,16 +24,19 @@ from typing import Any
 
 import torch
 
-from replay_bridge.layout import COMPLETION, PROMPT
+from replay_bridge.layout import COMPLETION, NATIVE, PROMPT
 
 __all__ = ["AgreementCounter", "flat_figures"]
 
 _BLOCKS, _EXACT, _OVERLAP = 0, 1, 2
 _REGIONS = {"prompt": PROMPT, "completion": COMPLETION}
+_NUM_REGIONS = 4  # PROMPT, COMPLETION, PAD, NATIVE
 
 
 class AgreementCounter:
-    """Accumulators ``int64 [len(layers), 3 regions, 3 counts (blocks, exact, overlap ids)]``.
+    """Accumulators ``int64 [len(layers), 4 regions, 3 counts (blocks, exact, overlap ids)]``
+    (regions: the layout's codes :data:`PROMPT`, :data:`COMPLETION`, :data:`PAD`,
+    :data:`NATIVE`).
 
     ``layers``: the wire layer index of each accumulator row (the ``index`` passed to the
     ``add`` methods is a row, not a layer).
@@ -41,7 +47,8 @@ class AgreementCounter:
     ) -> None:
         self.layers = tuple(int(layer) for layer in layers)
         self.top_k = int(top_k)
-        self.counts = torch.zeros(len(self.layers), 3, 3, dtype=torch.int64, device=device)
+        self.counts = torch.zeros(len(self.layers), _NUM_REGIONS, 3, dtype=torch.int64,
+                                  device=device)
 
     def add(
         self, index: int, overlap: torch.Tensor, region: torch.Tensor,
@@ -77,9 +84,10 @@ class AgreementCounter:
 
     def read(self, group: Any = None, reset: bool = False) -> dict[str, Any]:
         """``{"blocks", "exact", "overlap", "prompt": {...}, "completion": {...},
-        "layers": {layer: {...}}}`` over prompt and completion blocks (``exact`` and
-        ``overlap`` are NaN where nothing was counted). One device-to-host read; with a process
-        ``group`` (every rank of it must call) the counts are summed over it first."""
+        "layers": {layer: {...}}, "native": {"blocks"}}`` over prompt and completion blocks
+        (``exact`` and ``overlap`` are NaN where nothing was counted); native blocks are only
+        counted. One device-to-host read; with a process ``group`` (every rank of it must call)
+        the counts are summed over it first."""
         counts = self.counts
         if group is not None:
             counts = counts.clone()
@@ -100,13 +108,15 @@ class AgreementCounter:
         for name, r in _REGIONS.items():
             out[name] = figures(c[:, r, :])
         out["layers"] = {layer: figures(data[i]) for i, layer in enumerate(self.layers)}
+        out["native"] = {"blocks": int(c[:, NATIVE, _BLOCKS].sum())}
         return out
 
 
 def flat_figures(figures: dict[str, Any], prefix: str = "routing_replay/") -> dict[str, float]:
     """:meth:`AgreementCounter.read` as a flat log dict: ``{prefix}tokens``, ``exact``,
     ``overlap``, the same under ``prompt/``, ``completion/`` and ``layer{i}/``; ratios only
-    where blocks were counted, layers only when they have blocks."""
+    where blocks were counted, layers only when they have blocks; ``native/tokens`` (blocks
+    routed natively, never compared)."""
     out: dict[str, float] = {}
 
     def put(name: str, f: dict[str, Any]) -> None:
@@ -121,4 +131,5 @@ def flat_figures(figures: dict[str, Any], prefix: str = "routing_replay/") -> di
     for layer, f in figures["layers"].items():
         if f["blocks"]:
             put(f"layer{layer}/", f)
+    out[f"{prefix}native/tokens"] = float(figures["native"]["blocks"])
     return out

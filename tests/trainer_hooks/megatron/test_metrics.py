@@ -8,7 +8,14 @@ import math
 import pytest
 import torch
 
-from trainer_hooks.megatron import COMPLETION, PAD, PROMPT, AgreementCounter, moe_routers
+from trainer_hooks.megatron import (
+    COMPLETION,
+    NATIVE,
+    PAD,
+    PROMPT,
+    AgreementCounter,
+    moe_routers,
+)
 from trainer_hooks.megatron._metrics import flat_figures
 
 E, K = 8, 2
@@ -62,7 +69,27 @@ def test_read_resets_on_request_and_flat_figures_skip_empty_parts():
     assert empty["blocks"] == 0 and math.isnan(empty["exact"])
     assert flat_figures(empty) == {"routing_replay/tokens": 0.0,
                                    "routing_replay/prompt/tokens": 0.0,
-                                   "routing_replay/completion/tokens": 0.0}
+                                   "routing_replay/completion/tokens": 0.0,
+                                   "routing_replay/native/tokens": 0.0}
+
+
+def test_native_rows_are_counted_apart_and_never_compared():
+    """Native rows (own top-k, pad ids in the layout) neither lower nor raise exact/overlap."""
+    region = torch.tensor([PROMPT, NATIVE, COMPLETION, NATIVE, PAD])
+    reference = torch.cat((REFERENCE, torch.tensor([[0, 1]])))
+    own = torch.tensor([[0, 1], [5, 6], [4, 5], [0, 1], [2, 3]])
+    for add, ids in (("add_topk", own), ("add_routing_map", _routing_map(own))):
+        c = AgreementCounter((2, 4), K)
+        getattr(c, add)(0, ids, reference, region)
+        getattr(c, add)(1, ids, reference, region)
+        m = c.read()
+        assert m["blocks"] == 4 and m["exact"] == 1.0 and m["overlap"] == 1.0
+        assert m["native"] == {"blocks": 4}
+        assert m["layers"][2] == {"blocks": 2, "exact": 1.0, "overlap": 1.0}
+        flat = flat_figures(m)
+        assert flat["routing_replay/native/tokens"] == 4.0
+        assert flat["routing_replay/tokens"] == 4.0
+        assert flat["routing_replay/prompt/tokens"] == flat["routing_replay/completion/tokens"] == 2.0
 
 
 @pytest.mark.usefixtures("megatron_cpu")
