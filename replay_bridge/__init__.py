@@ -3,6 +3,8 @@
 The public surface; everything else lives in private modules behind it.
 """
 
+from .adapters import (AdaptedBatch, RoutingRejected, accept_batch, from_padded_batch,
+                       from_sample_arrays, merge_prefill_decode)
 from .checks import KINDS, CheckReport, CheckTally, accept, check_routed, check_sample
 from .geometry import GeometryError, GeometryMismatch, RoutingGeometry
 from .sample import DecodeFault, RoutedSample, WireSample
@@ -17,6 +19,7 @@ __all__ = [
     "KINDS",
     "OUTCOMES",
     "VERDICT_KINDS",
+    "AdaptedBatch",
     "CheckReport",
     "CheckTally",
     "DecodeFault",
@@ -25,6 +28,7 @@ __all__ = [
     "GeometryMismatch",
     "RoutedSample",
     "RoutingGeometry",
+    "RoutingRejected",
     "SampleSink",
     "ShardError",
     "ShardReader",
@@ -33,7 +37,11 @@ __all__ = [
     "Verdict",
     "WireSample",
     "accept",
+    "accept_batch",
     "check_routed",
     "check_sample",
     "decode_response",
+    "from_padded_batch",
+    "from_sample_arrays",
+    "merge_prefill_decode",
 ]
