@@ -292,10 +292,10 @@ def merge_prefill_decode(prefill: WireSample, decode: WireSample | None) -> Wire
     The merge takes prefill's rows (its prompt positions ``routed_start .. prompt_len - 1``,
     exactly ``prompt_len - routed_start`` rows) and decode's completion rows (positions
     ``prompt_len .. n - 2``); decode's routing may cover every row (its prompt rows are junk
-    and ignored), the completion rows only, or be absent (``decode`` ``None``, or decoded
-    without routing) when the first token finished the request, which is valid only when there
-    is no completion row to take. Tokens, log-probs and the other fields are decode's (the
-    request's answer), prefill's when there is no decode answer.
+    and ignored), the completion rows only, or be absent (decoded without routing) when the
+    first token finished the request, which is valid only when there is no completion row to
+    take. Tokens, log-probs and the other fields are decode's (the request's answer); with
+    ``decode`` ``None`` the sample is prefill's answer (the prompt and the first token).
 
     Never raises on what the workers sent: inconsistent answers give a sample whose ``fault``
     names the rule (``malformed``: different ids, prompts, offsets or tokens, or a worker's
