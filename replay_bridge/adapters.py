@@ -33,6 +33,7 @@ bug, the same for every sample.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -317,6 +318,11 @@ def merge_prefill_decode(prefill: WireSample, decode: WireSample | None) -> Wire
         if problem is not None:
             return _faulted(decode, "malformed", problem)
         answer, drows = decode, decode.routing
+    for name, half in (("prefill", prefill), ("decode", decode)):
+        if half is not None and half.native is not None and half.routing is not None and (
+                half.native.shape != half.routing.shape[:1]):
+            return _faulted(answer, "malformed", f"{name}'s native mask has shape "
+                            f"{half.native.shape}, its routing {half.routing.shape[0]} rows")
     start, plen, n = answer.routed_start, answer.prompt_len, answer.num_tokens
     prows = prefill.routing
     if prows.ndim < 1 or prows.shape[0] != plen - start:
@@ -379,14 +385,7 @@ def _merged(answer: WireSample, routing: np.ndarray, pnative: np.ndarray | None,
 
 
 def _copy(s: WireSample, **changes: Any) -> WireSample:
-    fields = dict(
-        sample_id=s.sample_id, tokens=s.tokens, prompt_len=s.prompt_len,
-        routed_start=s.routed_start, group_id=s.group_id, policy_version=s.policy_version,
-        logprobs=s.logprobs, engine=s.engine, finish_reason=s.finish_reason,
-        weight_versions=s.weight_versions, native=s.native, routing=s.routing, fault=s.fault,
-        extra=dict(s.extra), index=s.index)
-    fields.update(changes)
-    return WireSample(**fields)
+    return dataclasses.replace(s, extra=dict(s.extra), **changes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -200,3 +200,12 @@ def test_merged_samples_feed_accept_batch(rng):
     batch = accept_batch(merged, G)
     assert [r.kinds for r in batch.reports] == [(), ("missing_routing",), ()]
     assert len(batch.accepted) == 2
+
+
+def test_a_native_mask_of_the_wrong_length_is_malformed(rng):
+    s = rollout(rng, G, "s", 4, 4)
+    prefill, decode = prefill_of(s), decode_of(s)
+    decode.native = np.zeros(3, bool)
+    merged = merge_prefill_decode(prefill, decode)
+    assert merged.fault == DecodeFault("malformed", "decode's native mask has shape (3,), its "
+                                                    "routing 7 rows")
