@@ -76,17 +76,26 @@ def test_router_count_on_this_rank_differs_from_the_geometry():
         RoutingReplay(model, model_geometry(config))
 
 
-def test_routers_left_over_from_another_model():
+def test_routers_left_over_from_another_model_are_left_alone():
+    """RouterReplay instances of a model built earlier (still in megatron's process-wide list)
+    no longer refuse the next model: the replay takes this model's routers and nothing else."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.router_replay import RouterReplay
 
     first = S.build_model()  # clears, then registers 4 instances
     config = S.model_config()
     second = GPTModel(config=config, vocab_size=S.VOCAB, max_sequence_length=64,
                       transformer_layer_spec=get_gpt_decoder_block_spec(config, False))
-    with pytest.raises(ReplayConfigError, match="4 RouterReplay instance.*left over"):
-        RoutingReplay(second, model_geometry(config))
-    del first
+    listed = RouterReplay.global_router_replay_instances
+    firsts = [m.router_replay for m in first.modules() if hasattr(m, "router_replay")]
+    seconds = [m.router_replay for m in second.modules() if hasattr(m, "router_replay")]
+    assert listed == firsts + seconds and len(firsts) == 4
+    replay = RoutingReplay(second, model_geometry(config))
+    assert [s.replay for s in replay._slots] == seconds
+    assert all("get_replay_topk" not in vars(r) for r in firsts)
+    assert RouterReplay.global_router_replay_instances == firsts + seconds  # not cleared
+    replay.close()
 
 
 def test_missing_sample_and_row_count_and_bad_ids():
