@@ -161,8 +161,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Any:
     from megatron.core.transformer.moe.router_replay import RouterReplay
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    # megatron-core keeps every RouterReplay in one process-wide list; a model built earlier in
-    # this process would leave its routers there (the replay refuses to run with leftovers).
+    # megatron-core keeps every RouterReplay in one process-wide list, which would keep a model
+    # built earlier in this process alive; the replay itself never reads the list.
     RouterReplay.clear_global_router_replay_instances()
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,

@@ -51,8 +51,9 @@ def megatron_cpu_world(threads: int) -> Iterator[None]:
 
 
 def fresh_router_replay_list() -> None:
-    """Forget the ``RouterReplay`` instances of models built earlier in this world (the replay
-    controller refuses a model while strays from another model are listed)."""
+    """Forget the ``RouterReplay`` instances of models built earlier in this world. Housekeeping
+    only: megatron-core's process-wide list keeps every model's instances alive; the replay hook
+    never reads it."""
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     for inst in RouterReplay.global_router_replay_instances:
