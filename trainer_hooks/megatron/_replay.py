@@ -1,8 +1,13 @@
-"""The replay controller: targets per micro-batch, backward replay, agreement, clean passes.
+"""The replay controller: targets per micro-batch, backward replay, native rows, agreement,
+clean passes.
 
 It drives megatron-core's own ``RouterReplay`` objects, one per local router, found by walking
 the model (never by position in megatron's process-wide instance list). All state lives on the
 :class:`RoutingReplay` object the trainer owns; :meth:`RoutingReplay.close` removes every trace.
+
+Native rows (region :data:`~replay_bridge.layout.NATIVE`: no rollout routing) hold ``-1`` in
+the device targets; for a micro-batch that has any, the router's top-k step takes its own
+top-k there and the replayed ids elsewhere, per row, without a host sync.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from typing import Any
 import torch
 
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.layout import HostRouting, Packing, RankSlice, layout_routing, lookup_samples
+from replay_bridge.layout import (
+    NATIVE,
+    HostRouting,
+    Packing,
+    RankSlice,
+    layout_routing,
+    lookup_samples,
+)
 from replay_bridge.sample import RoutedSample
 
 from ._metrics import AgreementCounter, flat_figures
@@ -33,12 +45,15 @@ class ReplayStateError(RuntimeError):
 @dataclass(eq=False)
 class MicroBatchRouting:
     """One micro-batch's routing on the device: ``targets[i]`` is ``int64 [tokens, top_k]`` for
-    this rank's ``i``-th router (views of one contiguous ``[routers, tokens, top_k]`` tensor)."""
+    this rank's ``i``-th router (views of one contiguous ``[routers, tokens, top_k]`` tensor),
+    ``-1`` at native tokens."""
 
     host: HostRouting
     ids: torch.Tensor
     region: torch.Tensor
     targets: list[torch.Tensor]
+    has_native: bool = False
+    """Some token routes natively (known on the host when laid out)."""
     _staging: tuple[torch.Tensor, ...] = field(default=(), repr=False)
 
     @property
@@ -47,7 +62,8 @@ class MicroBatchRouting:
 
 
 def _upload(host: HostRouting, device: torch.device) -> MicroBatchRouting:
-    """Narrow ids to the device (pinned, non-blocking when it is a GPU), widened there."""
+    """Narrow ids to the device (pinned, non-blocking when it is a GPU), widened there; ``-1``
+    at native tokens."""
     ids = torch.from_numpy(host.ids)
     region = torch.from_numpy(host.region)
     staging: tuple[torch.Tensor, ...] = ()
@@ -63,7 +79,10 @@ def _upload(host: HostRouting, device: torch.device) -> MicroBatchRouting:
     wide = d_ids.permute(1, 0, 2).to(torch.int64, memory_format=torch.contiguous_format)
     if uint16:
         wide.bitwise_and_(0xFFFF)
-    return MicroBatchRouting(host, wide, d_region, list(wide.unbind(0)), staging)
+    has_native = host.has_native
+    if has_native:
+        wide.masked_fill_((d_region == NATIVE).view(1, -1, 1), -1)
+    return MicroBatchRouting(host, wide, d_region, list(wide.unbind(0)), has_native, staging)
 
 
 @dataclass
@@ -72,6 +91,8 @@ class _Pass:
     forward_only: bool
     measure: bool = True
     forwards: dict[int, int] = field(default_factory=dict)
+    native_targets: frozenset[int] = frozenset()
+    """``id()`` of the targets of micro-batches with native tokens."""
 
 
 class RoutingReplay:
@@ -188,7 +209,8 @@ class RoutingReplay:
                     f"micro-batch {i} was laid out for layers {mb.host.layers}, this rank's "
                     f"routers are at {self.layers}"
                 )
-        self._pass = _Pass(list(micro_batches), forward_only, measure)
+        native = frozenset(id(t) for mb in micro_batches if mb.has_native for t in mb.targets)
+        self._pass = _Pass(list(micro_batches), forward_only, measure, native_targets=native)
         try:
             yield self
         finally:
@@ -220,7 +242,8 @@ class RoutingReplay:
         """Agreement since the last read: ``routing_replay/exact`` (fraction of (token, layer)
         blocks whose own top-k set equals the replayed one), ``routing_replay/overlap`` (mean
         ``|own ∩ replayed| / k``), the same under ``prompt/``, ``completion/`` and
-        ``layer{i}/``, and token counts. One device read; with ``group`` summed over it."""
+        ``layer{i}/``, and token counts; ``native/tokens`` counts natively routed blocks
+        apart. One device read; with ``group`` summed over it."""
         if self._agreement is None:
             return {}
         return flat_figures(self._agreement.read(group, reset=reset))
@@ -289,7 +312,7 @@ class RoutingReplay:
 
     def _topk_for(self, slot: RouterSlot) -> Callable[..., Any]:
         inst = slot.replay
-        native = type(inst).get_replay_topk
+        megatron_topk = type(inst).get_replay_topk
         fwd, bwd = self._fwd, self._bwd
 
         def get_replay_topk(
@@ -315,7 +338,22 @@ class RoutingReplay:
                         "micro-batch layout (packing, sequence/context parallel) does not match "
                         "the model's input"
                     )
-            probs, idx = native(inst, scores, topk, num_groups, group_topk, default_compute_topk)
+                p = self._pass
+                if p is not None and id(target) in p.native_targets:
+                    if action is bwd:
+                        queue.pop(0)  # as megatron's backward replay does
+                    with torch.no_grad():
+                        _, own = default_compute_topk(
+                            scores, topk, num_groups=num_groups, group_topk=group_topk
+                        )
+                    idx = torch.where(target < 0, own, target)
+                    probs = scores.gather(1, idx)
+                    if action is fwd and self._agreement is not None and slot.region is not None:
+                        self._agreement.add_topk(slot.moe_index, own, idx, slot.region)
+                    return probs, idx
+            probs, idx = megatron_topk(
+                inst, scores, topk, num_groups, group_topk, default_compute_topk
+            )
             if action is fwd and self._agreement is not None and slot.region is not None:
                 with torch.no_grad():
                     _, own = default_compute_topk(
