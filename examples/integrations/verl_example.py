@@ -18,7 +18,7 @@ engine does: padding removed and sequences packed (``--packing thd``), or one ri
 per sample (``--packing bshd``).
 
 ``--pd merged|decode-only``: the rollout came from prefill/decode-disaggregated workers.
-verl's PD path (``SGLangHttpServer.generate``, ``vLLMHttpServer``'s PD dispatch) keeps only
+verl's PD path (``SGLangHttpServer.generate``, ``vLLMHttpServer._pd_dispatch``) keeps only
 the decode worker's answer, whose prompt rows are not the prompt's routing (decode never ran
 the prompt: here they are stale rows of another request, valid ids that no check can catch).
 ``merged`` joins the prefill worker's prompt rows and the decode worker's completion rows with
