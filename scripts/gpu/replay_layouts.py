@@ -10,14 +10,21 @@ For each layout (TP2 + sequence parallel, CP2, PP2 with virtual pipeline, EP2 wi
 all-to-all dispatcher, TP2 + SP + EP2 together, EP2 with a DeepSeek-style sigmoid router with
 expert bias; each with THD packing and full activation recompute, TP2 and CP2 also bshd) it
 builds a megatron-core GPTModel, runs a training pass of several micro-batches through
-Megatron's own schedule with replay on, and captures every router call's routing map. Two
-checks per router call, per rank and layer:
+Megatron's own schedule with replay on, and captures every router call's routing map, and the
+router's own routing of the same logits (megatron's routing function with replay off). Every
+other micro-batch holds native rows (rows before ``routed_start``, and a completion row marked
+native), so native and fully replayed micro-batches share a pass. Checks per router call, per
+rank and layer:
 
-- ``replayed``: the routing map equals the ids this rank's router was given (all rows);
+- ``replayed``: the routing map equals what this rank's router was told: the ids it was given,
+  its own top-k at native rows (all rows);
 - ``reference``: at every token with rollout routing, the routing map equals the sample's
   stored row, where the token is identified independently: a global token index tensor laid out
   like the inputs and cut with megatron-core's own functions (``get_batch_on_this_cp_rank``,
-  ``scatter_to_sequence_parallel_region``) or, for THD with CP, per sequence.
+  ``scatter_to_sequence_parallel_region``) or, for THD with CP, per sequence;
+- ``native``: at every native token (identified the same way) the routing map equals the
+  router's own top-k of that call, and at every token before ``routed_start`` it equals the
+  routing of a forward pass over the same micro-batches with replay off.
 
 Megatron-core's local attention (no Transformer Engine) refuses context parallelism, so the CP
 layout runs with a per-token stand-in for core attention; the routers' token layout, which is
@@ -106,6 +113,10 @@ def build_chunks(lay: dict[str, Any], device: torch.device) -> tuple[list[Any], 
         expert_model_parallel_size=lay.get("ep", 1),
         expert_tensor_parallel_size=lay.get("etp"),
         recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+        # Individual isend/irecv (as Megatron-LM's interleaved schedule uses them): with two
+        # pipeline ranks, batch_isend_irecv pairs one stage's gradient send with the other's
+        # activation receive (both go to the same peer), so a stage computed on gradients.
+        batch_p2p_comm=False,
         **(dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                 moe_router_topk_scaling_factor=2.5) if lay.get("router") == "sigmoid" else {}),
     )
@@ -132,17 +143,28 @@ def build_chunks(lay: dict[str, Any], device: torch.device) -> tuple[list[Any], 
 
 
 def random_sample(geo: RoutingGeometry, n: int, rng: np.random.Generator,
-                  sample_id: str) -> RoutedSample:
-    """``n`` random tokens, a third of them prompt, with random distinct top-k ids per row."""
-    keys = rng.random((n - 1, geo.num_moe_layers, geo.num_experts))
+                  sample_id: str, native: bool = False) -> RoutedSample:
+    """``n`` random tokens, a third of them prompt, with random distinct top-k ids per row.
+    ``native`` (when the sample has 6 tokens or more): routing from the prompt's last token on
+    and the middle completion row marked native (its stored ids zero, as accepted)."""
+    plen = max(1, n // 3)
+    start, marks = 0, None
+    if native and n >= 6:
+        start = max(1, plen - 1)
+        marks = np.zeros(n - 1 - start, bool)
+        marks[plen + (n - 1 - plen) // 2 - start] = True
+    keys = rng.random((n - 1 - start, geo.num_moe_layers, geo.num_experts))
     routed = np.argsort(keys, -1)[..., : geo.top_k].astype(geo.id_dtype)
+    if marks is not None:
+        routed[marks] = 0
     return RoutedSample(sample_id=sample_id, tokens=rng.integers(0, VOCAB, n).astype(np.int32),
-                        prompt_len=max(1, n // 3), routed=routed)
+                        prompt_len=plen, routed_start=start, native=marks, routed=routed)
 
 
 def make_micro_batches(geo: RoutingGeometry, n_mb: int, total: int, multiple: int,
                        rng: np.random.Generator, tag: str) -> list[list[RoutedSample]]:
-    """Micro-batches of samples whose padded lengths sum to ``total`` (fixed pipeline shapes)."""
+    """Micro-batches of samples whose padded lengths sum to ``total`` (fixed pipeline shapes);
+    the first two samples of every other micro-batch have native rows."""
     out = []
     for m in range(n_mb):
         units = total // multiple
@@ -151,7 +173,7 @@ def make_micro_batches(geo: RoutingGeometry, n_mb: int, total: int, multiple: in
         samples = []
         for j, p in enumerate(parts):
             n = int(p - rng.integers(0, min(multiple, p - 1)))
-            samples.append(random_sample(geo, n, rng, f"{tag}-mb{m}-{j}"))
+            samples.append(random_sample(geo, n, rng, f"{tag}-mb{m}-{j}", m % 2 == 0 and j < 2))
         out.append(samples)
     return out
 
@@ -219,25 +241,47 @@ def router_gids(local: dict[str, np.ndarray], sp_tp: int, device: torch.device) 
 
 
 def expected_table(samples: list[RoutedSample], packing: Packing, geo: RoutingGeometry):
-    """For each global index: the stored row (or -1 where the rollout has none)."""
+    """For each global index: the stored row (or -1 where the rollout has none, and at rows
+    marked native); whether it routes natively (1: before ``routed_start``, 2: marked)."""
     inp = global_inputs(samples, packing)
     seq, pos = inp["seq"].reshape(-1), inp["pos"].reshape(-1)
     table = np.full((seq.size, geo.num_moe_layers, geo.top_k), -1, np.int64)
+    native = np.zeros(seq.size, np.int8)
     for i, s in enumerate(samples):
         sel = (seq == i) & (pos < s.num_tokens - 1) & (pos >= s.routed_start)
         table[sel] = s.routed[pos[sel] - s.routed_start]
-    return table
+        native[(seq == i) & (pos < s.routed_start)] = 1
+        if s.native is not None:
+            marked = sel.copy()
+            marked[sel] = s.native[pos[sel] - s.routed_start]
+            table[marked] = -1
+            native[marked] = 2
+    return table, native
 
 
 class Capture:
+    """Every router call: whether grad was on (recompute), the routing map, and the router's own
+    routing map of the same logits (megatron's routing function, replay off)."""
+
     def __init__(self, chunks: list[Any]) -> None:
-        self.calls: dict[int, list[tuple[bool, torch.Tensor]]] = {}
+        self.calls: dict[int, list[tuple[bool, torch.Tensor, torch.Tensor]]] = {}
         self.handles = [r.module.register_forward_hook(self._hook(r.layer))
                         for r in moe_routers(chunks)]
 
     def _hook(self, layer: int):
+        from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
         def hook(mod: Any, inp: Any, out: Any) -> None:
-            self.calls.setdefault(layer, []).append((torch.is_grad_enabled(), out[1].detach().cpu()))
+            cfg = mod.config
+            with torch.no_grad():
+                logits = mod.gating(inp[0]).view(-1, cfg.num_moe_experts)
+                own = topk_routing_with_score_function(
+                    logits, mod.topk, use_pre_softmax=cfg.moe_router_pre_softmax,
+                    num_groups=cfg.moe_router_num_groups, group_topk=cfg.moe_router_group_topk,
+                    scaling_factor=cfg.moe_router_topk_scaling_factor,
+                    score_function=mod.score_function, expert_bias=mod.expert_bias)[1]
+            self.calls.setdefault(layer, []).append(
+                (torch.is_grad_enabled(), out[1].detach().cpu(), own.cpu()))
         return hook
 
     def close(self) -> None:
@@ -284,7 +328,8 @@ def run_layout(name: str, lay: dict[str, Any], device: torch.device, cpu: bool) 
     dp_rank = ps.get_data_parallel_rank()
     rng = np.random.default_rng(100 + dp_rank)
     if packing.format == "bshd":
-        mbs_samples = [[random_sample(geo, int(rng.integers(6, 33)), rng, f"dp{dp_rank}-mb{m}-{j}")
+        mbs_samples = [[random_sample(geo, int(rng.integers(6, 33)), rng, f"dp{dp_rank}-mb{m}-{j}",
+                                      m % 2 == 0 and j < 2)
                         for j in range(3)] for m in range(n_mb)]
     else:
         mbs_samples = make_micro_batches(geo, n_mb, total, mult, rng, f"dp{dp_rank}")
@@ -323,32 +368,59 @@ def run_layout(name: str, lay: dict[str, Any], device: torch.device, cpu: bool) 
             forward_only=False)
     elapsed = time.perf_counter() - t0
     cap.close()
+    # The same micro-batches with replay off (forward only): what native rows must route to.
+    cap_off = Capture(chunks)
+    data = [iter(list(batches)) for _ in chunks] if len(chunks) > 1 else iter(list(batches))
+    get_forward_backward_func()(
+        forward_step_func=make_forward_step(), data_iterator=data, model=model_arg,
+        num_microbatches=n_mb, seq_length=seq_length,
+        micro_batch_size=batches[0]["tokens"].shape[0], forward_only=True)
+    cap_off.close()
 
     tables = [expected_table(s, packing, geo) for s in mbs_samples]
     per_layer: dict[str, Any] = {}
     problems: list[str] = []
     for li, layer in enumerate(replay.layers):
         calls = cap.calls.get(layer, [])
-        fwd_calls = [rm for grad, rm in calls if not grad]
-        rec_calls = [rm for grad, rm in calls if grad]
-        stat = dict(calls=len(calls), rows=0, rows_replayed=0, data_rows=0, data_rows_match=0)
-        if len(fwd_calls) != n_mb or len(rec_calls) != n_mb:
-            problems.append(f"layer {layer}: {len(fwd_calls)} forward and {len(rec_calls)} "
-                            f"recompute router calls for {n_mb} micro-batches")
-        for m, rm in list(enumerate(fwd_calls)) + list(enumerate(rec_calls)):
+        fwd_calls = [(rm, own) for grad, rm, own in calls if not grad]
+        rec_calls = [(rm, own) for grad, rm, own in calls if grad]
+        off_calls = [rm for _, rm, _ in cap_off.calls.get(layer, [])]
+        stat = dict(calls=len(calls), rows=0, rows_replayed=0, data_rows=0, data_rows_match=0,
+                    native_rows=0, native_rows_own=0, native_rows_off=0, native_rows_off_match=0)
+        if len(fwd_calls) != n_mb or len(rec_calls) != n_mb or len(off_calls) != n_mb:
+            problems.append(f"layer {layer}: {len(fwd_calls)} forward, {len(rec_calls)} "
+                            f"recompute and {len(off_calls)} replay-off router calls for {n_mb} "
+                            "micro-batches")
+        for m, (rm, own_rm) in list(enumerate(fwd_calls)) + list(enumerate(rec_calls)):
             if m >= n_mb:
                 continue
-            got = map_ids(rm, geo.top_k)
-            want = np.sort(mbs[m].host.ids[:, li, :].astype(np.int64), -1)
+            got, own = map_ids(rm, geo.top_k), map_ids(own_rm, geo.top_k)
+            host = mbs[m].host
+            want = np.sort(host.ids[:, li, :].astype(np.int64), -1)
+            if got.shape == want.shape:
+                want[host.native] = own[host.native]
+                stat["rows_replayed"] += int((got == want).all(-1).sum())
             stat["rows"] += got.shape[0]
-            stat["rows_replayed"] += int((got == want).all(-1).sum()) if got.shape == want.shape else 0
-            ref = tables[m][gids[m], geo.moe_layers.index(layer)]
+            table, native_of = tables[m]
+            ref = table[gids[m], geo.moe_layers.index(layer)]
+            native = native_of[gids[m]]
             has = ref[:, 0] >= 0
             stat["data_rows"] += int(has.sum())
+            stat["native_rows"] += int((native > 0).sum())
+            stat["native_rows_off"] += int((native == 1).sum())
             if got.shape[0] == ref.shape[0]:
                 stat["data_rows_match"] += int((got[has] == np.sort(ref[has], -1)).all(-1).sum())
+                nat = native > 0
+                stat["native_rows_own"] += int((got[nat] == own[nat]).all(-1).sum())
+            if m < len(off_calls) and got.shape[0] == ref.shape[0]:
+                off, before = map_ids(off_calls[m], geo.top_k), native == 1
+                stat["native_rows_off_match"] += int((got[before] == off[before]).all(-1).sum())
         stat["replayed_pct"] = 100.0 * stat["rows_replayed"] / max(stat["rows"], 1)
         stat["reference_pct"] = 100.0 * stat["data_rows_match"] / max(stat["data_rows"], 1)
+        n_own, n_off = stat["native_rows"], stat["native_rows_off"]
+        stat["native_own_pct"] = 100.0 * stat["native_rows_own"] / n_own if n_own else 100.0
+        stat["native_off_pct"] = (100.0 * stat["native_rows_off_match"] / n_off
+                                  if n_off else 100.0)
         per_layer[str(layer)] = stat
     metrics = replay.metrics()
     replay.close()
@@ -357,7 +429,8 @@ def run_layout(name: str, lay: dict[str, Any], device: torch.device, cpu: bool) 
         cp_rank=ps.get_context_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
         ep_rank=ps.get_expert_model_parallel_rank(), dp_rank=dp_rank,
         layers=list(replay.layers), per_layer=per_layer, problems=problems,
-        seconds=round(elapsed, 3), agreement_tokens=metrics.get("routing_replay/tokens", 0.0))
+        seconds=round(elapsed, 3), agreement_tokens=metrics.get("routing_replay/tokens", 0.0),
+        agreement_native_tokens=metrics.get("routing_replay/native/tokens", 0.0))
     return rank_info
 
 
@@ -399,12 +472,16 @@ def main() -> None:
                     print(f"{name} rank {r['rank']}: ERROR {r['error']}\n{r['trace']}", flush=True)
                     continue
                 for layer, s in r["per_layer"].items():
-                    good = s["replayed_pct"] == 100.0 and s["reference_pct"] == 100.0
+                    good = (s["replayed_pct"] == 100.0 and s["reference_pct"] == 100.0
+                            and s["native_own_pct"] == 100.0 and s["native_off_pct"] == 100.0)
                     ok &= good and not r["problems"]
                     print(f"{name:18s} rank {r['rank']} (tp{r['tp_rank']} cp{r['cp_rank']} "
                           f"pp{r['pp_rank']} ep{r['ep_rank']}) layer {layer}: calls {s['calls']}, "
                           f"rows {s['rows']}, replayed {s['replayed_pct']:.3f}%, reference "
-                          f"{s['reference_pct']:.3f}% of {s['data_rows']} data rows", flush=True)
+                          f"{s['reference_pct']:.3f}% of {s['data_rows']} data rows, native "
+                          f"{s['native_own_pct']:.3f}% own top-k of {s['native_rows']}, "
+                          f"{s['native_off_pct']:.3f}% as replay off of {s['native_rows_off']}",
+                          flush=True)
                 for p in r["problems"]:
                     print(f"{name} rank {r['rank']}: PROBLEM {p}", flush=True)
     if dist.get_rank() == 0:

@@ -1,6 +1,8 @@
 """Multi-rank layouts (TP2 + sequence parallel, CP2, PP2 with virtual pipeline, EP2 all-to-all,
 TP2 + SP + EP2, EP2 with a sigmoid router and expert bias; THD packing and full recompute):
-two processes over gloo on CPUs, and over NCCL on GPUs."""
+two processes over gloo on CPUs, and over NCCL on GPUs. Every layout replays stored rows
+exactly and routes native rows (before ``routed_start``, marked native) with the router's own
+top-k, as with replay off."""
 
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def _assert_exact(summary: dict) -> None:
     assert set(summary["results"]) == set(LAYOUTS)
     for name, ranks in summary["results"].items():
         assert len(ranks) == 2, name
+        native = 0
         for r in ranks:
             assert "error" not in r, f"{name}: {r.get('error')}\n{r.get('trace')}"
             assert not r["problems"], (name, r["problems"])
@@ -42,6 +45,12 @@ def _assert_exact(summary: dict) -> None:
                 assert s["rows"] > 0 and s["data_rows"] > 0, (name, layer)
                 assert s["rows_replayed"] == s["rows"], (name, r["rank"], layer, s)
                 assert s["data_rows_match"] == s["data_rows"], (name, r["rank"], layer, s)
+                assert s["native_rows_own"] == s["native_rows"], (name, r["rank"], layer, s)
+                assert s["native_rows_off_match"] == s["native_rows_off"], (name, r["rank"], s)
+                assert s["native_rows_off"] <= s["native_rows"], (name, r["rank"], layer, s)
+                native += s["native_rows"]
+            assert r["agreement_native_tokens"] > 0, (name, r["rank"])
+        assert native > 0, name
     assert summary["ok"]
     # Pipeline stages hold disjoint layers; the dense layer 0 has no router anywhere.
     pp = summary["results"]["pp2_vpp2_thd"]
