@@ -15,7 +15,7 @@ from ._errors import DuplicateSample, ShardError, UnstorableSample
 from ._manifest import IndexEntry, Manifest, QuarantineEntry, ShardEntry
 from ._quarantine import decode_routing
 from ._reader import ShardReader
-from ._schema import FORMAT_VERSION, METADATA_KEY, schema_for
+from ._schema import FORMAT_VERSION, METADATA_KEY, READ_VERSIONS, schema_for
 from ._store import display_uri
 from ._strays import CleanupReport, cleanup_dataset
 from ._validate import (MAX_LISTED_SAMPLE_FAULTS, Fault, ValidationReport, validate_dataset,
@@ -33,6 +33,7 @@ __all__ = [
     "METADATA_KEY",
     "Manifest",
     "QuarantineEntry",
+    "READ_VERSIONS",
     "ShardEntry",
     "ShardError",
     "ShardReader",

@@ -11,7 +11,7 @@ from ..geometry import RoutingGeometry
 from ..sample import RoutedSample, with_routing
 from ._errors import ShardError
 from ._rules import batch_breaks, conform
-from ._schema import samples_from_batch, schema_for
+from ._schema import READ_VERSIONS, samples_from_batch, schema_for
 from ._schema import to_record_batch as _to_batch
 
 __all__ = ["from_record_batch", "to_record_batch"]
@@ -32,11 +32,12 @@ def to_record_batch(samples: Sequence[RoutedSample], geometry: RoutingGeometry
 
 def from_record_batch(batch: pa.RecordBatch, geometry: RoutingGeometry,
                       where: str = "record batch") -> list[RoutedSample]:
-    """The samples of a record batch in the shard schema; :class:`ShardError` naming the row
-    and the storage rule when one breaks it (arrays are views of the batch)."""
+    """The samples of a record batch in the shard schema (format 3, or format 2: ``native``
+    ``None``); :class:`ShardError` naming the row and the storage rule when one breaks it
+    (arrays are views of the batch)."""
     try:
-        schema = schema_for(geometry)
-        if not batch.schema.equals(schema, check_metadata=False):
+        if not any(batch.schema.equals(schema_for(geometry, v), check_metadata=False)
+                   for v in READ_VERSIONS):
             raise ShardError(f"{where}: schema {batch.schema} is not the shard schema of "
                              f"{geometry.describe()}", file=where)
         breaks = batch_breaks(batch, geometry)

@@ -75,8 +75,9 @@ class DatasetView:
         if not names:
             if store.info(LEGACY_MANIFEST) is not None:
                 raise ShardError(f"{store.display} is a format-1 shard directory "
-                                 f"({LEGACY_MANIFEST}); this release reads format 2 datasets "
-                                 f"(manifests under {FOLDER}/): re-ingest it", kind="manifest")
+                                 f"({LEGACY_MANIFEST}); this release reads format 2 and 3 "
+                                 f"datasets (manifests under {FOLDER}/): re-ingest it",
+                                 kind="manifest")
             what = "does not exist" if not store.exists() else "holds no published manifest"
             raise ShardError(f"{store.display} is not a routing-replay dataset: it {what}",
                              kind="manifest")
@@ -155,14 +156,16 @@ class DatasetView:
         return counts
 
     def merged(self) -> Manifest:
-        """One manifest-shaped summary of the whole dataset (writer ``*``)."""
+        """One manifest-shaped summary of the whole dataset (writer ``*``); its
+        ``format_version`` is the newest of its writers'."""
         m0 = self.manifests[0]
         comps = {m.compression for m in self.manifests if m.shards} or {m0.compression}
         return Manifest(geometry=m0.geometry, writer="*",
                         compression=comps.pop() if len(comps) == 1 else "mixed",
                         shards=[s for m in self.manifests for s in m.shards],
                         quarantine=[q for m in self.manifests for q in m.quarantine],
-                        outcomes=self.outcomes(), started=m0.started)
+                        outcomes=self.outcomes(), started=m0.started,
+                        format_version=max(m.format_version for m in self.manifests))
 
 
 def _load_writer(store: Store, name: str) -> tuple[Manifest, pa.Table]:

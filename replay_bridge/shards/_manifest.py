@@ -18,7 +18,7 @@ import orjson
 
 from ..geometry import GeometryError, RoutingGeometry
 from ._errors import ShardError
-from ._schema import FORMAT_VERSION
+from ._schema import FORMAT_VERSION, READ_VERSIONS
 
 __all__ = [
     "FOLDER",
@@ -125,7 +125,9 @@ def _now() -> str:
 class Manifest:
     """What one writer published. ``outcomes`` counts the sample ids this writer stored,
     rejected (quarantined) and failed (never came back), each once: stored when in one of its
-    shards, else the outcome of its latest quarantine record."""
+    shards, else the outcome of its latest quarantine record. ``format_version`` is the shard
+    format of every shard it lists (a writer writes :data:`FORMAT_VERSION`; a dataset
+    appended to keeps its older writers' manifests and shards as they are)."""
 
     geometry: RoutingGeometry
     writer: str = "-"
@@ -223,9 +225,9 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise _bad(name, f"not a {FORMAT} manifest")
         version = doc.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:  # true == 1 == 1.0
+        if type(version) is not int or version not in READ_VERSIONS:  # true == 1 == 1.0
             raise _bad(name, f"unsupported format_version {version!r} (this reader knows "
-                             f"{FORMAT_VERSION})")
+                             f"{', '.join(map(str, READ_VERSIONS))})")
         m = MANIFEST_RE.fullmatch(name)
         writer = doc.get("writer")
         if m is None or writer != m.group("writer"):
@@ -257,7 +259,7 @@ class Manifest:
         man = cls(geometry=geometry, writer=writer, compression=str(doc.get("compression", "")),
                   shards=shards, quarantine=quarantine, index=index,
                   outcomes={k: _count(name, outcomes, k) for k in OUTCOMES},
-                  started=started if isinstance(started, str) else "")
+                  format_version=version, started=started if isinstance(started, str) else "")
         for group in (shards, quarantine):
             names = [e.file for e in group]
             if len(set(names)) != len(names):

@@ -56,6 +56,11 @@ def _sample_dict(sample: WireSample | RoutedSample) -> dict[str, Any]:
     fault = getattr(sample, "fault", None)
     if fault is not None:
         d["fault"] = {"kind": fault.kind, "message": fault.message}
+    # Marked rows as routing row indices; of a mask the checks refused, the report speaks.
+    native = sample.native
+    if (isinstance(native, np.ndarray) and native.dtype == np.bool_ and native.ndim == 1
+            and native.any()):
+        d["native"] = np.flatnonzero(native)
     routing = sample.routed if isinstance(sample, RoutedSample) else sample.routing
     if routing is not None:  # last: its data is written in pieces (encode_record)
         arr = np.ascontiguousarray(routing)

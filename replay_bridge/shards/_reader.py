@@ -27,7 +27,8 @@ from ._errors import ShardError
 from ._manifest import Manifest, QuarantineEntry, ShardEntry, check_listed
 from ._quarantine import read_chunk
 from ._rules import RuleBreak, batch_breaks
-from ._schema import check_schema, list_parts, routed_rows, samples_from_batch, schema_for
+from ._schema import (FORMAT_VERSION, READ_VERSIONS, check_schema, list_parts, routed_rows,
+                      samples_from_batch, schema_for, upgrade_batch)
 from ._store import Store, open_store
 
 __all__ = ["ShardReader", "default_read_threads", "verify_object"]
@@ -69,14 +70,16 @@ def _check_counts(view: DatasetView) -> None:
                              kind="counts")
 
 
-def _check_shard_schema(store: Store, name: str, geometry: RoutingGeometry) -> None:
-    """A shard's own schema (read from its footer) must carry the dataset's geometry."""
+def _check_shard_schema(store: Store, name: str, geometry: RoutingGeometry,
+                        version: int) -> None:
+    """A shard's own schema (read from its footer) must carry the dataset's geometry and the
+    format its manifest says."""
     try:
         with store.open(name) as f:
             schema = ipc.open_file(f).schema
     except (OSError, pa.ArrowException) as e:
         raise ShardError(f"{name}: not a readable Arrow IPC file ({e})", file=name) from None
-    check_schema(schema, name, geometry)
+    check_schema(schema, name, geometry, version=version)
 
 
 def _mode(verify: Verify) -> str | bool:
@@ -120,7 +123,8 @@ class ShardReader:
         self._store = store
         self._view = view
         self.geometry: RoutingGeometry = view.geometry
-        self._schema = schema_for(self.geometry)
+        self._schemas = {v: schema_for(self.geometry, v) for v in READ_VERSIONS}
+        """Each format's schema: a record batch is decoded with its shard's (its manifest's)."""
         t = view.stored
         self._ids = t.column("sample_id").combine_chunks()
         self._obj = t.column("object").to_numpy()
@@ -145,7 +149,7 @@ class ShardReader:
             for m in view.manifests:
                 for entry in m.shards:
                     verify_object(store, entry)
-                    _check_shard_schema(store, entry.file, self.geometry)
+                    _check_shard_schema(store, entry.file, self.geometry, m.format_version)
 
     @property
     def _v(self) -> DatasetView:
@@ -249,7 +253,8 @@ class ShardReader:
         return self._view.shard_file(obj)
 
     def _fetch(self, first: int) -> pa.RecordBatch:
-        """The record batch holding stored row ``first`` (fetched, checked, decoded)."""
+        """The record batch holding stored row ``first`` (fetched, checked, decoded; a
+        format-2 shard's in the current schema, with a null ``native`` column)."""
         obj, bno = int(self._obj[first]), int(self._batchno[first])
         offset, length = int(self._offset[first]), int(self._length[first])
         name = self._name(obj)
@@ -267,12 +272,13 @@ class ShardReader:
                                  f"has CRC-32 {crc:08x}, its index says {int(self._crc[first]):08x}"
                                  ": the object is corrupted", file=name, kind="checksum")
             self._checked.add((obj, bno))
+        version = self._view.objects[obj][0].format_version
         try:
-            batch = ipc.read_record_batch(ipc.read_message(buf), self._schema)
+            batch = ipc.read_record_batch(ipc.read_message(buf), self._schemas[version])
             batch.validate(full=True)
         except (OSError, pa.ArrowException, ValueError) as e:
             raise ShardError(f"{name}: unreadable record batch {bno} ({e})", file=name) from None
-        return batch
+        return upgrade_batch(batch, self._schemas[FORMAT_VERSION])
 
     def _batch(self, first: int) -> pa.RecordBatch:
         key = (int(self._obj[first]), int(self._batchno[first]))
@@ -425,7 +431,8 @@ class ShardReader:
         return default_read_threads()
 
     def iter_batches(self, threads: int | None = None) -> Iterator[pa.RecordBatch]:
-        """Every record batch, in storage order (the shard schema, metadata included).
+        """Every record batch, in storage order (the current shard schema, metadata included;
+        a format-2 shard's batches with a null ``native`` column).
         ``threads`` read ahead and decompress in parallel (default: up to 4 CPUs, none for
         uncompressed local shards). A batch with a row that breaks a storage rule is a
         :class:`ShardError` naming the sample."""

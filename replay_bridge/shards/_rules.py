@@ -12,7 +12,8 @@ order they are checked (a sample is reported under the first it breaks):
                 an int64 or null; ``weight_versions``: a JSON list or null
 ``tokens``      a 1-D integer array of ids in ``[0, 2**31)``
 ``positions``   ``0 <= routed_start <= prompt_len <= len(tokens)``
-``routing``     ``[rows, num_moe_layers, top_k]`` integer ids (a whole number of rows)
+``routing``     ``[rows, num_moe_layers, top_k]`` integer ids (a whole number of rows); ``native``
+                null or one bool per routing row (no null values)
 ``expert_ids``  every id in ``[0, num_experts)``
 ``logprobs``    null, or a 1-D array of real numbers, at most one per completion token
 =============== =================================================================================
@@ -130,6 +131,16 @@ def _check(s: RoutedSample, g: RoutingGeometry) -> tuple[np.ndarray | None, Rule
                                  f"[rows, {m}, {k}] (MoE layers x top_k)")
     if r.dtype.kind not in "iu":
         return broken("routing", f"routing dtype {r.dtype} is not integer")
+    nat = s.native
+    if nat is not None:
+        if not (isinstance(nat, np.ndarray) and nat.dtype == np.bool_ and nat.ndim == 1):
+            what = (f"{nat.dtype} of shape {tuple(nat.shape)}" if isinstance(nat, np.ndarray)
+                    else type(nat).__name__)
+            return broken("routing", f"native must be null or a 1-D bool array (one value "
+                                     f"per routing row), got {what}")
+        if nat.shape[0] != r.shape[0]:
+            return broken("routing", f"native has {nat.shape[0]} values for {r.shape[0]} "
+                                     "routing rows")
     if r.size and not (r.dtype == g.id_dtype and e == 1 << (8 * r.dtype.itemsize)):
         # Signed ids viewed as unsigned of the same width: a negative id is above any count.
         u = r.view(r.dtype.str.replace("i", "u")) if r.dtype.kind == "i" else r
@@ -242,6 +253,8 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
     n_ids = _lengths(r_off)
     flag(n_ids % per_row != 0, "routing",
          lambda row: f"has {n_ids[row]} routing ids, not a whole number of [{m}, {k}] rows")
+    if batch.schema.get_field_index("native") >= 0:  # format 3
+        _native_breaks(cols["native"], n_ids // per_row, flag)
 
     # expert_ids: one max over the batch's ids unless the id dtype holds no other values
     r_val = r_col.values.to_numpy(zero_copy_only=False)[r_off[0]:r_off[-1]]
@@ -263,6 +276,26 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
              lambda row: f"{n_lp[row]} log-probs for {n_tok[row] - pl[row]} completion tokens "
                          "(at most one per completion token)")
     return [found[row] for row in sorted(found)]
+
+
+def _native_breaks(col: pa.Array, rows: np.ndarray,
+                   flag: Callable[[np.ndarray, str, Callable[[int], str]], None]) -> None:
+    """The ``routing`` rule's part on the ``native`` column: a list of one bool per routing
+    row (``rows``), no null values, where not null."""
+    if col.null_count == len(col):
+        return
+    off = _offsets(col)
+    n_nat = _lengths(off)
+    valid = col.is_valid().to_numpy(zero_copy_only=False) if col.null_count else True
+    flag(valid & (n_nat != rows), "routing",
+         lambda row: f"native has {n_nat[row]} values for {rows[row]} routing rows")
+    values = col.values
+    if values.null_count:
+        nulls = values.is_null().to_numpy(zero_copy_only=False)[off[0]:off[-1]]
+        if nulls.any():
+            first = _first_per_row(nulls, off)
+            flag((first >= 0) & valid, "routing",
+                 lambda row: f"native holds a null at row {first[row] + off[0] - off[row]}")
 
 
 class _Columns:

@@ -2,6 +2,10 @@
 
 Routing is a flat ``list<uint8|uint16>`` column holding ``[rows, num_moe_layers, top_k]`` ids
 row-major per sample, so all routing of a record batch is one contiguous values buffer.
+
+Format 3 adds a last column, ``native`` (``list<bool>``, one value per routing row, null when
+the sample has no marked row): rows the trainer routes with the router's own top-k. Format-2
+shards (no such column) stay readable; their samples have ``native`` ``None``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ._errors import ShardError
 __all__ = [
     "FORMAT_VERSION",
     "METADATA_KEY",
+    "READ_VERSIONS",
     "check_schema",
     "geometry_from_schema",
     "list_parts",
@@ -27,9 +32,12 @@ __all__ = [
     "samples_from_batch",
     "schema_for",
     "to_record_batch",
+    "upgrade_batch",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
+"""Shard formats this release reads (and writes: only :data:`FORMAT_VERSION`)."""
 METADATA_KEY = "routing_replay"
 LAYOUT = "routed: [rows, num_moe_layers, top_k] row-major, MoE layers only, engine order"
 
@@ -37,16 +45,25 @@ _COLUMNS = (
     "sample_id", "group_id", "policy_version", "tokens", "prompt_len", "routed_start",
     "routed", "logprobs", "engine", "finish_reason", "weight_versions",
 )
+NATIVE = pa.field("native", pa.list_(pa.bool_()))
+"""The format-3 column: ``native`` rows of a sample (null when it has none)."""
+
+
+def _columns(version: int) -> tuple[str, ...]:
+    return _COLUMNS if version == 2 else (*_COLUMNS, NATIVE.name)
 
 
 def _id_type(geometry: RoutingGeometry) -> pa.DataType:
     return pa.uint8() if geometry.id_dtype == np.uint8 else pa.uint16()
 
 
-def schema_for(geometry: RoutingGeometry) -> pa.Schema:
-    """The schema of every shard of this geometry (metadata included)."""
-    meta = {"format_version": FORMAT_VERSION, **geometry.to_dict(), "layout": LAYOUT}
-    return pa.schema(
+def schema_for(geometry: RoutingGeometry, version: int = FORMAT_VERSION) -> pa.Schema:
+    """The schema of every shard of this geometry (metadata included), in format ``version``
+    (one of :data:`READ_VERSIONS`; new shards are :data:`FORMAT_VERSION`)."""
+    if version not in READ_VERSIONS:
+        raise ValueError(f"no shard schema of format {version}; known: {READ_VERSIONS}")
+    meta = {"format_version": version, **geometry.to_dict(), "layout": LAYOUT}
+    schema = pa.schema(
         [
             pa.field("sample_id", pa.string(), nullable=False),
             pa.field("group_id", pa.string()),
@@ -62,6 +79,7 @@ def schema_for(geometry: RoutingGeometry) -> pa.Schema:
         ],
         metadata={METADATA_KEY: orjson.dumps(meta).decode()},
     )
+    return schema.append(NATIVE) if version >= 3 else schema
 
 
 def geometry_from_schema(schema: pa.Schema, where: str, *, projected: bool = False
@@ -80,11 +98,15 @@ def geometry_from_schema(schema: pa.Schema, where: str, *, projected: bool = Fal
     except (ValueError, KeyError, TypeError, GeometryError) as e:
         raise ShardError(f"{where}: bad {METADATA_KEY!r} schema metadata: {e}",
                          file=where) from None
+    known = version if version in READ_VERSIONS else FORMAT_VERSION
     if not projected:  # a reader that selected some columns sees only those
-        missing = [c for c in _COLUMNS if schema.get_field_index(c) < 0]
+        missing = [c for c in _columns(known) if schema.get_field_index(c) < 0]
         if missing:
             raise ShardError(f"{where}: schema lacks columns {missing}", file=where)
-    expected = schema_for(geometry)
+    if known == 2 and schema.get_field_index(NATIVE.name) >= 0:
+        raise ShardError(f"{where}: a format-2 schema with a {NATIVE.name!r} column (format 3 "
+                         "added it)", file=where)
+    expected = schema_for(geometry, known)
     for f in schema:
         i = expected.get_field_index(f.name)
         if i >= 0 and f.type != expected.field(i).type:
@@ -94,11 +116,15 @@ def geometry_from_schema(schema: pa.Schema, where: str, *, projected: bool = Fal
 
 
 def check_schema(schema: pa.Schema, name: str, geometry: RoutingGeometry, *,
-                 projected: bool = False) -> None:
-    """A shard's schema: this format version, columns of the right types, ``geometry``."""
-    got, version = geometry_from_schema(schema, name, projected=projected)
-    if version != FORMAT_VERSION:
-        raise ShardError(f"{name}: format_version {version}, expected {FORMAT_VERSION}",
+                 version: int | None = None, projected: bool = False) -> None:
+    """A shard's schema: a format this release reads (``version`` when given: the one its
+    manifest says), that format's columns of the right types, ``geometry``."""
+    got, found = geometry_from_schema(schema, name, projected=projected)
+    if found not in READ_VERSIONS:
+        raise ShardError(f"{name}: format_version {found}, expected one of "
+                         f"{', '.join(map(str, READ_VERSIONS))}", file=name)
+    if version is not None and found != version:
+        raise ShardError(f"{name}: format_version {found}, its manifest says {version}",
                          file=name)
     try:
         geometry.require_same(got, f"{name} schema geometry and manifest geometry")
@@ -134,9 +160,14 @@ def _json_or_none(value: Any) -> str | None:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
+def _marked(native: np.ndarray | None) -> bool:
+    return native is not None and bool(native.any())
+
+
 def to_record_batch(samples: Sequence[RoutedSample], geometry: RoutingGeometry,
                     schema: pa.Schema) -> pa.RecordBatch:
-    """One record batch of samples (already checked against the geometry by the writer)."""
+    """One record batch of samples (already checked against the geometry by the writer); a
+    ``native`` column when ``schema`` has one (null for a sample without marked rows)."""
     no_lp = np.fromiter((s.logprobs is None for s in samples), dtype=bool, count=len(samples))
     empty_f = np.empty(0, np.float32)
     columns = [
@@ -153,7 +184,21 @@ def to_record_batch(samples: Sequence[RoutedSample], geometry: RoutingGeometry,
         pa.array([s.finish_reason for s in samples], pa.string()),
         pa.array([_json_or_none(s.weight_versions) for s in samples], pa.string()),
     ]
+    if schema.get_field_index(NATIVE.name) >= 0:
+        marked = [_marked(s.native) for s in samples]
+        empty_b = np.empty(0, np.bool_)
+        columns.append(_list_array([s.native if m else empty_b for s, m in zip(samples, marked)],
+                                   np.dtype(np.bool_), mask=~np.array(marked, dtype=bool)))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def upgrade_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """A format-2 record batch in ``schema`` (the current format's, :func:`schema_for`): its
+    columns and a null ``native`` column (a batch that has one is returned as it is)."""
+    if batch.schema.get_field_index(NATIVE.name) >= 0:
+        return batch
+    return pa.RecordBatch.from_arrays([*batch.columns, pa.nulls(batch.num_rows, NATIVE.type)],
+                                      schema=schema)
 
 
 # ---- record batch -> samples --------------------------------------------------------------
@@ -204,6 +249,7 @@ def _samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where:
     lp_col = batch.column("logprobs")
     lp_off, lp_val = list_parts(lp_col)
     lp_valid = lp_col.is_valid().to_numpy(zero_copy_only=False)
+    native = _native_rows(batch)
     out = []
     for i in range(n):
         routed = routed_rows(r_val, int(r_off[i]), int(r_off[i + 1]), geometry, where, ids[i])
@@ -218,6 +264,26 @@ def _samples_from_batch(batch: pa.RecordBatch, geometry: RoutingGeometry, where:
             engine=engines[i],
             finish_reason=finish[i],
             weight_versions=None if wv[i] is None else orjson.loads(wv[i]),
+            native=None if native is None else native[i],
             routed=routed,
         ))
+    return out
+
+
+def _native_rows(batch: pa.RecordBatch) -> list[np.ndarray | None] | None:
+    """Each row's ``native`` mask (``None`` where null or nothing is marked), or ``None`` when
+    no row has one (format 2, or every value null)."""
+    i = batch.schema.get_field_index(NATIVE.name)
+    if i < 0:
+        return None
+    col = batch.column(i)
+    if col.null_count == len(col):
+        return None
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False)
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    out: list[np.ndarray | None] = []
+    for j in range(len(col)):
+        mask = values[offsets[j]:offsets[j + 1]] if valid[j] else None
+        out.append(mask if mask is not None and mask.any() else None)
     return out

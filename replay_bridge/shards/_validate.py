@@ -146,7 +146,7 @@ def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, entry
     try:
         source = store.open(name)
         reader = ipc.open_file(source)
-        check_schema(reader.schema, name, g)
+        check_schema(reader.schema, name, g, version=m.format_version)
     except ShardError as e:
         faults.append(Fault(name, e.kind, str(e)))
         return False

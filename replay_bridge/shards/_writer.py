@@ -166,7 +166,7 @@ class ShardWriter:
         if has_dataset(store):
             if store.info(LEGACY_MANIFEST) is not None:
                 raise ShardError(f"{self.uri} is a format-1 shard directory "
-                                 f"({LEGACY_MANIFEST}); write format 2 to a new dataset",
+                                 f"({LEGACY_MANIFEST}); write to a new dataset",
                                  kind="manifest")
             if not resume:
                 raise ShardError(f"{self.uri} already holds a dataset; pass resume=True to "

@@ -167,7 +167,8 @@ def replace_member(rng: random.Random, d: Path, outside: Path) -> str:
 META_EDITS: list[tuple[str, Any]] = [
     ("num_layers", 10**13), ("num_layers", "4"), ("top_k", 10**6), ("num_experts", 0),
     ("num_experts", 16), ("moe_layers", "0123"), ("moe_layers", [0, 1, 2, 9]),
-    ("moe_layers", [0, 1, 2, 2.5]), ("format_version", 1), ("format_version", 3),
+    ("moe_layers", [0, 1, 2, 2.5]), ("format_version", 1), ("format_version", 2),
+    ("format_version", 4),
     ("id_dtype", "uint16"),
     ("num_layers", None), ("name", ["x"]),
 ]
