@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from replay_bridge.checks import CheckReport, CheckTally, accept, check_routed, check_sample
-from replay_bridge.cli._tables import check_table
+from replay_bridge.cli import check_table
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import WireSample
 from tests.replay_bridge.protocols.engines import routing
