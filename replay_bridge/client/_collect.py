@@ -145,11 +145,15 @@ async def collect(
     writer: ShardWriter,
     *,
     samples_per_prompt: int = 1,
+    routed_start: int = 0,
     queue_size: int | None = None,
     keep_verdicts: bool = False,
     on_result: Callable[[CollectSummary, list[SampleResult]], None] | None = None,
 ) -> CollectSummary:
     """Collect ``samples_per_prompt`` samples of every prompt into ``writer``.
+
+    ``routed_start``: ask for routing from this token position on (at most the prompt's
+    length); earlier positions are stored without routing and the trainer routes them natively.
 
     Sample ids already in ``writer.stored_ids`` (a resumed directory) are not asked for again;
     a prompt whose samples are all stored is skipped. Every other sample goes through one
@@ -163,6 +167,8 @@ async def collect(
     """
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    if routed_start < 0:
+        raise ValueError(f"routed_start must be >= 0, got {routed_start}")
     writer.geometry.require_same(client.geometry, "the shard directory's and the client's "
                                  "geometries")
     sink = SampleSink(writer)
@@ -183,7 +189,8 @@ async def collect(
             if not ids:
                 summary.prompts_skipped += 1
                 continue
-            await queue.put(await client.fetch(prompt, sample_ids=ids))
+            start = min(routed_start, len(prompt.input_ids)) if prompt.input_ids else routed_start
+            await queue.put(await client.fetch(prompt, sample_ids=ids, routed_start=start))
 
     async def consume(pool: ThreadPoolExecutor) -> None:
         while (item := await queue.get()) is not None:

@@ -53,8 +53,11 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
     t.add_row("k3 KL(rollout ‖ trainer)", _num(k3["replay_off"]), _num(k3["replay_on"]))
     t.add_row("mean |Δ log p|", _num(d["mean"]["replay_off"]), _num(d["mean"]["replay_on"]))
     t.add_row("max |Δ log p|", _num(d["max"]["replay_off"]), _num(d["max"]["replay_on"]))
-    t.caption = (f"{a['blocks']:,} (token, MoE layer) blocks, {fig['completion_tokens']:,} "
-                 "completion tokens; Δ = trainer - rollout")
+    native = a["native_blocks"]["replay_on"]
+    t.caption = (f"{a['blocks']:,} (token, MoE layer) blocks with rollout routing, "
+                 f"{fig['completion_tokens']:,} completion tokens; Δ = trainer - rollout"
+                 + (f"; {native:,} native blocks (no rollout routing: routed by the "
+                    "trainer's own top-k) counted apart" if native else ""))
     show(t)
 
     t = Table(title="agreement per MoE layer (step 0)", title_justify="left")

@@ -49,6 +49,10 @@ class EngineConfig:
 class CollectConfig:
     prompts: int = 16
     samples_per_prompt: int = 4
+    routed_start: int = 2
+    """Routing is asked for from this token position on (with the reference engine; vLLM is
+    always asked for every position); the trainer routes the positions before it natively
+    (counted apart as native rows)."""
     max_new_tokens: int = 64
     temperature: float = 1.0
     concurrency: int = 8
@@ -101,6 +105,8 @@ class DemoConfig:
         ):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if c.routed_start < 0:
+            raise ConfigError(f"collect.routed_start must be >= 0, got {c.routed_start}")
         if c.temperature <= 0:
             raise ConfigError("collect.temperature must be > 0 (log-probs are compared at this "
                               "temperature)")

@@ -5,7 +5,9 @@ Routing: a forward hook on every router reads its routing map (``bool [tokens, e
 experts each token was actually sent to) and compares it with the rollout's ids laid out for
 that micro-batch (:class:`~trainer_hooks.megatron.HostRouting`). A (token, MoE layer) block
 agrees when the two sets of k experts are equal; ``overlap`` is ``|used ∩ rollout| / k``.
-Only positions that have rollout routing count (pad rows and the last position do not).
+Only positions that have rollout routing count (pad rows and the last position do not);
+native rows (before the sample's ``routed_start``, or marked) are counted apart, as blocks
+only.
 
 Log-probs: ``r = logp_trainer - logp_rollout`` over completion tokens; ``k3 = mean(exp(r) - 1 -
 r)`` estimates KL(rollout ‖ trainer) from tokens the rollout engine sampled.
@@ -47,7 +49,8 @@ class RoutingMeter:
 
     @property
     def counts(self) -> torch.Tensor:
-        """``int64 [layer, region (prompt, completion, pad), (blocks, exact, overlap ids)]``."""
+        """``int64 [layer, region (prompt, completion, pad, native), (blocks, exact, overlap
+        ids)]``."""
         return self._counter.counts
 
     def expect(self, host: HostRouting) -> None:
@@ -71,7 +74,8 @@ class RoutingMeter:
 
     def read(self, reset: bool = True) -> dict[str, Any]:
         """``{"blocks", "exact", "overlap", "prompt": {...}, "completion": {...},
-        "layers": {layer: {...}}}`` over positions with rollout routing."""
+        "layers": {layer: {...}}}`` over positions with rollout routing, and
+        ``"native": {"blocks"}``."""
         return self._counter.read(reset=reset)
 
     def close(self) -> None:

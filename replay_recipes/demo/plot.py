@@ -57,6 +57,12 @@ def plot_demo(
     ax.set_ylim(max(0.0, low - 0.6 * (1.0 - low) - 0.005), 1.0 + 0.25 * (1.0 - low) + 0.002)
     ax.set_ylabel("fraction of (token, layer) blocks with the rollout's experts")
     ax.set_title("routing agreement with the rollout, step 0 (engine weights)", fontsize=10)
+    native = on.steps[0].routing_used.get("native", {}).get("blocks", 0)
+    if native:
+        blocks = on.steps[0].routing_used["blocks"]
+        ax.text(0.01, 0.98, f"{blocks:,} blocks with rollout routing; {native:,} native blocks "
+                "(no rollout routing: the\ntrainer's own top-k, replay on or off) counted apart",
+                transform=ax.transAxes, fontsize=7, va="top", ha="left")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2,
               frameon=False)
 

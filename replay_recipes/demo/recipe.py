@@ -112,6 +112,10 @@ class DemoResult:
                 "replay_on": on0.routing_used["exact"],
                 "replay_on_router_own": own.get("routing_replay/exact"),
                 "blocks": off0.routing_used["blocks"],
+                "native_blocks": {
+                    "replay_off": off0.routing_used["native"]["blocks"],
+                    "replay_on": on0.routing_used["native"]["blocks"],
+                    "replay_on_router_own": own.get("routing_replay/native/tokens")},
                 "overlap": {"replay_off": off0.routing_used["overlap"],
                             "replay_on": on0.routing_used["overlap"],
                             "replay_on_router_own": own.get("routing_replay/overlap")},

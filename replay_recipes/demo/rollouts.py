@@ -63,6 +63,8 @@ def collect_rollouts(
     quarantine the rest (the writer is closed on return, also on error)."""
     params = SamplingParams(max_new_tokens=config.max_new_tokens,
                             temperature=config.temperature, top_p=1.0)
+    # SGLang's wire (the reference engine) takes a start offset; vLLM is asked for every row.
+    routed_start = config.routed_start if engine.wire == "sglang" else 0
 
     async def run(writer: ShardWriter) -> CollectSummary:
         async with RolloutClient(engine.endpoint, engine.wire, geometry,
@@ -70,7 +72,8 @@ def collect_rollouts(
                                  concurrency=config.concurrency,
                                  timeout=config.request_timeout_s) as client:
             return await collect(client, prompts, writer,
-                                 samples_per_prompt=config.samples_per_prompt)
+                                 samples_per_prompt=config.samples_per_prompt,
+                                 routed_start=routed_start)
 
     with ShardWriter(fresh_shard_dir(shard_dir), geometry) as writer:
         return asyncio.run(run(writer))

@@ -44,6 +44,7 @@ def test_a_config_file_replaces_the_default(tmp_path):
     (["steps"], "section.key=value"),
     (["model.dir=5"], "model.dir must be a string"),
     (["train.steps.x=1"], "not a section"),
+    (["collect.routed_start=-1"], "routed_start must be >= 0"),
 ])
 def test_bad_settings_are_named(sets, match):
     with pytest.raises(ConfigError, match=match):

@@ -66,6 +66,17 @@ def test_replay_on_routes_exactly_the_rollout_experts(demo_run):
     assert 0.5 < a["replay_on_router_own"] <= 1.0
 
 
+def test_positions_without_rollout_routing_are_native_and_counted_apart(demo_run):
+    # The demo asks for routing from prompt position 2 on: positions 0 and 1 of every sample
+    # are routed by the trainer's own top-k, replay on or off, and never enter the agreement.
+    fig, out, _ = demo_run
+    moe_layers = len(fig["geometry"]["moe_layers"])
+    assert set(ShardReader(out / "shards").index.column("routed_start").to_pylist()) == {2}
+    native = fig["agreement"]["native_blocks"]
+    assert native["replay_off"] == native["replay_on"] == N * G * 2 * moe_layers
+    assert native["replay_on_router_own"] == N * G * 2 * moe_layers
+
+
 def test_without_replay_the_bf16_fp32_mismatch_shows(demo_run):
     fig, _, _ = demo_run
     a = fig["agreement"]
