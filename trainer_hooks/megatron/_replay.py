@@ -203,6 +203,13 @@ class RoutingReplay:
             raise ReplayStateError("this RoutingReplay is closed")
         if self._pass is not None:
             raise ReplayStateError("a replay pass is already active")
+        for s in self._slots:
+            if getattr(s.router, "router_replay", None) is not s.replay:
+                raise ReplayStateError(
+                    f"router at layer {s.layer} ({s.name}) holds another RouterReplay than the "
+                    "one this replay drives (replaced after the RoutingReplay was built): it "
+                    "would route natively; build the RoutingReplay after the model is final"
+                )
         for i, mb in enumerate(micro_batches):
             if mb.host.layers != self.layers:
                 raise ReplayStateError(

@@ -17,6 +17,7 @@ from trainer_hooks.megatron import (
     ReplayStateError,
     RoutingReplay,
     model_geometry,
+    moe_routers,
 )
 
 pytestmark = pytest.mark.usefixtures("megatron_cpu")
@@ -170,3 +171,19 @@ def test_one_replay_per_model_at_a_time():
         RoutingReplay(model, geo)
     first.close()
     RoutingReplay(model, geo).close()
+
+
+
+def test_a_router_replay_swapped_after_the_replay_was_built_is_refused_at_the_pass():
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    model = S.build_model()
+    geo = model_geometry(model.config)
+    replay = RoutingReplay(model, geo)
+    with replay.replaying([]):
+        pass
+    moe_routers(model)[1].module.router_replay = RouterReplay()  # nothing would drive it
+    with pytest.raises(ReplayStateError, match=r"layer 1 .*holds another RouterReplay"):
+        with replay.replaying([]):
+            pass
+    replay.close()
