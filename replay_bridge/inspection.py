@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from .geometry import RoutingGeometry
 from .shards import Manifest, ShardReader, display_uri
@@ -18,12 +19,16 @@ __all__ = ["Inspection", "expert_load", "inspect_dataset", "inspect_dir", "plot_
 _CHUNK_IDS = 1 << 22
 
 
-def expert_load(ids: np.ndarray, geometry: RoutingGeometry) -> np.ndarray:
+def expert_load(ids: np.ndarray, geometry: RoutingGeometry,
+                skip: np.ndarray | None = None) -> np.ndarray:
     """Counts per (MoE layer, expert), ``int64 [num_moe_layers, num_experts]``, of flat
-    row-major ``[rows, num_moe_layers, top_k]`` ids."""
+    row-major ``[rows, num_moe_layers, top_k]`` ids; rows where ``skip`` (``bool [rows]``) is
+    set are not counted (native rows: their stored ids are placeholders)."""
     m, k, e = geometry.num_moe_layers, geometry.top_k, geometry.num_experts
     per_row = m * k
     flat = ids.reshape(-1, per_row)
+    if skip is not None and skip.any():
+        flat = flat[~skip]
     layer_base = (np.arange(m, dtype=np.uint32) * e).repeat(k)  # [m * k]
     counts = np.zeros(m * e, dtype=np.int64)
     step = max(_CHUNK_IDS // per_row, 1)
@@ -96,6 +101,27 @@ class Inspection:
         return d
 
 
+def _native_rows(batch: pa.RecordBatch, geometry: RoutingGeometry) -> np.ndarray | None:
+    """``bool [rows]`` over every routing row of a record batch: the rows its samples mark
+    native, or ``None`` when none is."""
+    if batch.schema.get_field_index("native") < 0:
+        return None
+    col = batch.column("native")
+    if col.null_count == len(col):
+        return None
+    rows_off = batch.column("routed").offsets.to_numpy() // (geometry.num_moe_layers
+                                                             * geometry.top_k)
+    off = col.offsets.to_numpy()
+    valid = col.is_valid().to_numpy(zero_copy_only=False)
+    lengths = np.where(valid, np.diff(off), 0)
+    total = int(lengths.sum())
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    values = col.values.to_numpy(zero_copy_only=False)[np.repeat(off[:-1], lengths) + within]
+    mask = np.zeros(int(rows_off[-1] - rows_off[0]), dtype=bool)
+    mask[np.repeat(rows_off[:-1] - rows_off[0], lengths) + within] = values
+    return mask
+
+
 def inspect_dataset(uri: str | os.PathLike[str],
                     on_samples: Callable[[int], None] | None = None) -> Inspection:
     """Read every shard of the dataset at ``uri`` (a directory, ``file://``, ``s3://``, ...)
@@ -105,7 +131,7 @@ def inspect_dataset(uri: str | os.PathLike[str],
     load = np.zeros((g.num_moe_layers, g.num_experts), dtype=np.int64)
     for batch in reader.iter_batches():
         ids = batch.column("routed").values.to_numpy(zero_copy_only=True)
-        load += expert_load(ids, g)
+        load += expert_load(ids, g, _native_rows(batch, g))
         if on_samples is not None:
             on_samples(batch.num_rows)
     return Inspection(display_uri(os.fspath(uri)), reader.manifest, load)

@@ -17,7 +17,7 @@ import pytest
 from replay_bridge.checks import check_routed
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
-from replay_bridge.shards import (FORMAT_VERSION, Manifest, ShardError, ShardReader,
+from replay_bridge.shards import (FORMAT_VERSION, Manifest, ShardError, ShardReader, ShardWriter,
                                   UnstorableSample, from_record_batch, schema_for,
                                   to_record_batch, validate_dataset)
 from replay_bridge.shards._rules import batch_breaks
@@ -406,3 +406,19 @@ def test_one_native_rule_for_a_sample_and_a_record_batch(tiny):
     assert broken.message == "sample 'n': native has 13 values for 11 routing rows"
     (found,) = batch_breaks(raw_batch([marked(tiny, "ok", 9), s], tiny, schema_for(tiny)), tiny)
     assert (found.row, found.rule, found.message) == (1, "routing", broken.message)
+
+
+def test_inspect_leaves_native_rows_out_of_the_expert_load(tmp_path, tiny):
+    from replay_bridge.inspection import inspect_dataset
+
+    samples = mixed(tiny)
+    with ShardWriter(tmp_path / "d", tiny, batch_bytes=1) as w:  # several record batches
+        for s in samples:
+            w.add(s)
+    want = np.zeros((tiny.num_moe_layers, tiny.num_experts), np.int64)
+    layer = np.arange(tiny.num_moe_layers)[None, :, None]
+    for s in samples:
+        keep = s.routed if s.native is None else s.routed[~s.native]
+        np.add.at(want, (np.broadcast_to(layer, keep.shape), keep.astype(np.int64)), 1)
+    assert sum(s.native_rows for s in samples) > 0  # else the placeholders would not show
+    assert (inspect_dataset(tmp_path / "d").load == want).all()
