@@ -38,7 +38,7 @@ from ._flag import (
     options_from_args,
     options_from_config,
 )
-from ._metrics import AgreementCounter
+from ._metrics import AgreementCounter, flat_figures
 from ._replay import MicroBatchRouting, ReplayStateError, RoutingReplay
 from ._routers import MoERouter, ReplayConfigError, model_geometry, moe_routers
 
@@ -62,6 +62,7 @@ __all__ = [
     "add_routing_replay_args",
     "args_from_options",
     "build_routing_replay",
+    "flat_figures",
     "layout_routing",
     "model_geometry",
     "moe_routers",

@@ -1,0 +1,320 @@
+"""The replay controller for Hugging Face ``transformers`` MoE models.
+
+A forward hook on every router module of the model (found once by the family's adapter)
+replaces the router's output ``(logits, weights, indices)`` while a pass is active:
+
+- ``indices``: the replayed ids at prompt and completion rows; the router's own ids at pad and
+  native rows (``-1`` in the device targets, ``where(target < 0, own, target)``, no host sync);
+- ``weights``: the family's normalisation of the router's own ``logits`` at those ids
+  (:meth:`FamilyAdapter.combine`), so the gradient reaches the router as natively; the
+  router's own weights, untouched, at pad and native rows;
+- ``logits``: untouched (what the family's auxiliary loss reads).
+
+Outside a pass the hooks return nothing and the model routes natively. Every call of a router
+within a pass (the forward, a second forward of the same batch, the recompute of gradient
+checkpointing) replays the same micro-batch's targets; agreement is counted at each router's
+first call of a pass only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.layout import PAD, HostRouting, LayoutError, lookup_samples
+from replay_bridge.sample import RoutedSample
+from trainer_hooks.megatron import (
+    AgreementCounter,
+    ReplayConfigError,
+    ReplayStateError,
+    flat_figures,
+)
+
+from ._families import FamilyAdapter, RouterSite, adapter_for
+from ._grid import grid_routing, packed_spans, padded_spans
+
+__all__ = ["MicroBatchRouting", "RoutingReplay", "model_geometry"]
+
+Layout = Literal["padded", "packed"]
+_OWNER = "_replay_bridge_hf_replay"
+
+
+def model_geometry(model: torch.nn.Module) -> RoutingGeometry:
+    """The routing geometry of a ``transformers`` model, read from its config by the library's
+    one rule (:meth:`RoutingGeometry.from_hf_config`, :func:`hf_moe_layers`)."""
+    config = model.config
+    d = config.to_dict()
+    if "num_hidden_layers" not in d and getattr(config, "text_config", None) is not None:
+        d = config.text_config.to_dict()
+    return RoutingGeometry.from_hf_config(d, name=getattr(config, "name_or_path", None) or None)
+
+
+@dataclass(eq=False)
+class MicroBatchRouting:
+    """One micro-batch's routing on the device, on the model's ``[batch * seq]`` token grid:
+    ``targets`` is ``int64 [routers, batch * seq, top_k]``, ``-1`` at pad and native rows;
+    ``replayed`` ``bool [batch * seq, 1]`` marks the rows that take the replayed ids;
+    ``region`` ``int64 [batch * seq]`` the layout's region codes."""
+
+    host: HostRouting
+    shape: tuple[int, int]
+    targets: torch.Tensor
+    replayed: torch.Tensor
+    region: torch.Tensor
+    _staging: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.host.num_tokens
+
+
+def _upload(host: HostRouting, shape: tuple[int, int], device: torch.device) -> MicroBatchRouting:
+    ids = torch.from_numpy(host.ids)
+    region = torch.from_numpy(host.region)
+    staging: tuple[torch.Tensor, ...] = ()
+    if device.type == "cuda":
+        ids, region = ids.pin_memory(), region.pin_memory()
+        staging = (ids, region)
+    d_ids = ids.to(device, non_blocking=True)
+    d_region = region.to(device, non_blocking=True).long()
+    uint16 = d_ids.dtype == torch.uint16
+    if uint16:  # widened through int16 (uint16 casts are not supported everywhere)
+        d_ids = d_ids.view(torch.int16)
+    wide = d_ids.permute(1, 0, 2).to(torch.int64, memory_format=torch.contiguous_format)
+    if uint16:
+        wide.bitwise_and_(0xFFFF)
+    replayed = (d_region < PAD).unsqueeze(1)
+    wide.masked_fill_(~replayed.unsqueeze(0), -1)
+    return MicroBatchRouting(host, shape, wide, replayed, d_region, staging)
+
+
+@dataclass
+class _Pass:
+    mb: MicroBatchRouting
+    measure: bool
+    calls: list[int]
+
+
+class RoutingReplay:
+    """Replays rollout routing in a Hugging Face ``transformers`` MoE model's routers.
+
+    ``model``: the ``transformers`` model (``...ForCausalLM`` or its base model).
+    ``geometry``: the geometry the routing was stored with (checked against the model's).
+    ``source``: any ``Mapping[str, RoutedSample]`` (a shard reader) for looking samples up by
+    id. ``packing``: ``"padded"`` (one sample per batch row, an attention mask) or
+    ``"packed"`` (sequences concatenated in rows, ``position_ids`` restarting at 0), the
+    default of :meth:`prepare`. Every guard on the model runs here.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        geometry: RoutingGeometry,
+        *,
+        source: Mapping[str, RoutedSample] | None = None,
+        packing: Layout = "padded",
+        agreement: bool = True,
+        validate_ids: bool = True,
+    ) -> None:
+        if packing not in ("padded", "packed"):
+            raise ValueError(f"packing must be 'padded' or 'packed', got {packing!r}")
+        self.model = model
+        self.geometry = geometry
+        self.source = source
+        self.packing: Layout = packing
+        self.validate_ids = validate_ids
+        self.adapter: FamilyAdapter = adapter_for(model.config)
+        own = model_geometry(model)
+        own.require_same(geometry, "the model's routing geometry and the rollout routing's")
+        self._sites = self.adapter.routers(model)
+        self._check_sites(own)
+        if any(getattr(s.module, _OWNER, None) is not None for s in self._sites):
+            raise ReplayConfigError(
+                "another RoutingReplay is attached to this model's routers: close() it first"
+            )
+        self._device = next(self._sites[0].module.parameters()).device
+        self._agreement = (
+            AgreementCounter(geometry.moe_layers, geometry.top_k, self._device)
+            if agreement else None
+        )
+        self._pass: _Pass | None = None
+        self._handles = []
+        for i, s in enumerate(self._sites):
+            setattr(s.module, _OWNER, self)
+            self._handles.append(s.module.register_forward_hook(self._hook_for(i, s)))
+        self._closed = False
+
+    # ---- introspection -------------------------------------------------------------------
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Wire layer indices of the model's routers, in the order of the targets."""
+        return tuple(s.layer for s in self._sites)
+
+    @property
+    def routers(self) -> tuple[str, ...]:
+        """Module names of the routers the replay drives."""
+        return tuple(s.name for s in self._sites)
+
+    # ---- data ----------------------------------------------------------------------------
+
+    def layout(
+        self,
+        items: Sequence[RoutedSample | str],
+        *,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        packing: Layout | None = None,
+    ) -> HostRouting:
+        """One micro-batch's routing on the model's ``[batch * seq]`` grid, on the host.
+
+        ``items``: samples, or sample ids looked up in ``source``, in batch order (padded: one
+        per row; packed: in the order the sequences appear, row by row). Padded needs the
+        ``attention_mask`` ``[batch, seq]``; packed needs ``position_ids`` (and takes an
+        ``attention_mask`` marking padding, if any). Tensors on a GPU are read back once."""
+        return self._layout(items, attention_mask, position_ids, packing)[0]
+
+    def prepare(
+        self,
+        items: Sequence[RoutedSample | str],
+        *,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        packing: Layout | None = None,
+    ) -> MicroBatchRouting:
+        """:meth:`layout`, sent to the model's device without waiting."""
+        host, shape = self._layout(items, attention_mask, position_ids, packing)
+        return _upload(host, shape, self._device)
+
+    def _layout(
+        self, items: Sequence[RoutedSample | str], attention_mask: Any, position_ids: Any,
+        packing: Layout | None,
+    ) -> tuple[HostRouting, tuple[int, int]]:
+        packing = packing or self.packing
+        if packing == "padded":
+            if attention_mask is None:
+                raise LayoutError("a padded micro-batch needs its attention_mask")
+            spans = padded_spans(attention_mask)
+        elif packing == "packed":
+            if position_ids is None:
+                raise LayoutError("a packed micro-batch needs its position_ids")
+            spans = packed_spans(position_ids, attention_mask)
+        else:
+            raise ValueError(f"packing must be 'padded' or 'packed', got {packing!r}")
+        samples = lookup_samples(items, self.source)
+        host = grid_routing(samples, self.geometry, self.layers, spans,
+                            validate=self.validate_ids)
+        return host, spans.shape
+
+    # ---- control -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def replaying(
+        self, micro_batch: MicroBatchRouting, *, measure: bool = True
+    ) -> Iterator[RoutingReplay]:
+        """One micro-batch's pass: run its forward (and its backward, where gradient
+        checkpointing recomputes the routers) inside. ``measure``: count agreement at each
+        router's first call (when built with ``agreement=True``)."""
+        if self._closed:
+            raise ReplayStateError("this RoutingReplay is closed")
+        if self._pass is not None:
+            raise ReplayStateError("a replay pass is already active")
+        for s in self._sites:
+            if self._lookup(s.name) is not s.module:
+                raise ReplayStateError(
+                    f"router at layer {s.layer} ({s.name}) is no longer the module this replay "
+                    "hooked (replaced after the RoutingReplay was built): it would route "
+                    "natively; build the RoutingReplay after the model is final"
+                )
+        if micro_batch.host.layers != self.layers:
+            raise ReplayStateError(
+                f"the micro-batch was laid out for layers {micro_batch.host.layers}, the "
+                f"model's routers are at {self.layers}"
+            )
+        self._pass = _Pass(micro_batch, measure, [0] * len(self._sites))
+        try:
+            yield self
+        finally:
+            self._pass = None
+
+    def metrics(self, group: Any = None, reset: bool = True) -> dict[str, float]:
+        """Agreement since the last read, under the Megatron hook's flat names
+        (``routing_replay/exact``, ``overlap``, ``tokens``, per region and ``layer{i}/``;
+        ``native/tokens``). One device read; with ``group`` summed over it."""
+        if self._agreement is None:
+            return {}
+        return flat_figures(self._agreement.read(group, reset=reset))
+
+    def close(self) -> None:
+        """Remove every hook; the model routes natively again."""
+        if self._closed:
+            return
+        for h in self._handles:
+            h.remove()
+        for s in self._sites:
+            if getattr(s.module, _OWNER, None) is self:
+                delattr(s.module, _OWNER)
+        self._pass = None
+        self._closed = True
+
+    def __enter__(self) -> RoutingReplay:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _lookup(self, name: str) -> torch.nn.Module | None:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
+
+    def _check_sites(self, own: RoutingGeometry) -> None:
+        found = tuple(s.layer for s in self._sites)
+        if found != own.moe_layers:
+            raise ReplayConfigError(
+                f"the model's {self.adapter.router_class} routers sit at layers {list(found)}, "
+                f"its config routes at {list(own.moe_layers)} (replay_bridge.geometry."
+                "hf_moe_layers): the model does not follow its config"
+            )
+        for s in self._sites:
+            k, e = int(s.module.top_k), int(s.module.num_experts)
+            if (k, e) != (own.top_k, own.num_experts):
+                raise ReplayConfigError(
+                    f"router at layer {s.layer} ({s.name}) routes top-{k} of {e} experts, the "
+                    f"config says top-{own.top_k} of {own.num_experts}"
+                )
+
+    def _hook_for(self, index: int, site: RouterSite) -> Any:
+        adapter = self.adapter
+        moe_index = self.geometry.moe_layers.index(site.layer)
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            p = self._pass
+            if p is None:
+                return None
+            logits, weights, own = output
+            mb = p.mb
+            if logits.shape[0] != mb.num_tokens:
+                raise ReplayStateError(
+                    f"router at layer {site.layer} ({site.name}) sees {logits.shape[0]} tokens, "
+                    f"the micro-batch was laid out for {mb.num_tokens} ({mb.shape[0]} x "
+                    f"{mb.shape[1]}): the batch passed to the model is not the one prepared"
+                )
+            target = mb.targets[index]
+            ids = torch.where(mb.replayed, target, own)
+            w = torch.where(mb.replayed, adapter.combine(module, logits, ids), weights)
+            first = p.calls[index] == 0
+            p.calls[index] += 1
+            if first and p.measure and self._agreement is not None:
+                self._agreement.add_topk(moe_index, own, ids, mb.region)
+            return logits, w, ids
+
+        return hook
