@@ -19,6 +19,8 @@ The steps, in the order Megatron applies them to a batch:
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -226,7 +228,28 @@ def layout_routing(
     ``validate``: refuse ids outside ``[0, num_experts)`` and blocks with a repeated id (the
     all-to-all dispatcher crashes on them, the all-gather one silently merges them). Stored ids
     of native rows are never read: those rows take pad ids.
+
+    Stored rows are copied as slices (one per sample and contiguous run) where the token order
+    allows (``thd`` under any slicing; ``bshd`` without context or sequence parallel), else by
+    one row gather; the output is the same either way.
     """
+    return _layout(samples, geometry, packing, rank, layers, seq_lengths, validate, fast=True)
+
+
+def _layout(
+    samples: Sequence[RoutedSample],
+    geometry: RoutingGeometry,
+    packing: Packing,
+    rank: RankSlice,
+    layers: Sequence[int] | None,
+    seq_lengths: Sequence[int] | None,
+    validate: bool,
+    fast: bool,
+    clock: list[tuple[str, float]] | None = None,
+) -> HostRouting:
+    """:func:`layout_routing`; ``fast=False`` copies stored rows by the row gather alone (the
+    general path, which the tests hold the slice copies against). ``clock``: a list that gets
+    ``(stage, perf_counter())`` at the end of each stage (``bench layout``'s breakdown)."""
     if not samples:
         raise LayoutError("a micro-batch needs at least one sample")
     _check_rows(samples, geometry)
@@ -292,32 +315,46 @@ def layout_routing(
     s_of, p_of = seq[gidx], pos[gidx]
     rstart = np.asarray([s.routed_start for s in samples], dtype=np.int64)
     plen = np.asarray([s.prompt_len for s in samples], dtype=np.int64)
-    has = (p_of >= rstart[s_of]) & (p_of < n[s_of] - 1)
+    stored = (p_of >= rstart[s_of]) & (p_of < n[s_of] - 1)  # a stored row exists
     row_off = np.concatenate(([0], np.cumsum([s.rows for s in samples])[:-1])).astype(np.int64)
     src = row_off[s_of] + p_of - rstart[s_of]
     native = p_of < rstart[s_of] if rstart.any() else None
+    has = stored
     if any(s.native is not None for s in samples):
         marks = np.concatenate([np.zeros(s.rows, bool) if s.native is None else
                                 np.asarray(s.native, dtype=bool) for s in samples])
-        marked = np.zeros_like(has)
-        marked[has] = marks[src[has]]
-        has &= ~marked
+        marked = np.zeros_like(stored)
+        marked[stored] = marks[src[stored]]
+        has = stored & ~marked
         native = marked if native is None else native | marked
 
+    if clock is not None:
+        clock.append(("index", time.perf_counter()))
     dtype = geometry.id_dtype
     ids = np.empty((gidx.size, len(layers), geometry.top_k), dtype=dtype)
     if has.any():
-        table = samples[0].routed if len(samples) == 1 else np.concatenate(
-            [s.routed for s in samples]
-        )
-        ids[has] = table[src[has][:, None], slots[None, :]]
+        sel = _layer_selection(slots, geometry.num_moe_layers)
+        if not (fast and _copy_runs(ids, samples, sel, packing, rank, stored, s_of, p_of,
+                                    src, row_off)):
+            _gather_rows(ids, samples, sel, has, src)
+    if clock is not None:
+        clock.append(("gather", time.perf_counter()))
     if not has.all():
-        ids[~has] = pad_ids(gidx[~has], layers, geometry.top_k, geometry.num_experts, dtype)
+        fill = np.flatnonzero(~has)
+        ids[fill] = _pad_rows(gidx[fill], layers, geometry.top_k, geometry.num_experts, dtype)
+    if clock is not None:
+        clock.append(("pad", time.perf_counter()))
     if validate and has.any():
-        _validate(ids, samples, s_of, p_of, layers, geometry.num_experts)
+        used = np.flatnonzero(has)
+        _validate(ids, int(used[0]), int(used[-1]) + 1, samples, s_of, p_of, layers,
+                  geometry.num_experts)
+    if clock is not None:
+        clock.append(("validate", time.perf_counter()))
     region = np.where(has, np.where(p_of < plen[s_of], PROMPT, COMPLETION), PAD).astype(np.int8)
     if native is not None:
         region[native] = NATIVE
+    if clock is not None:
+        clock.append(("region", time.perf_counter()))
     return HostRouting(
         ids=ids,
         region=region,
@@ -327,8 +364,87 @@ def layout_routing(
     )
 
 
+def _layer_selection(slots: np.ndarray, num_moe_layers: int) -> slice | np.ndarray:
+    """The stored layer axis this rank reads: a slice when its layers are one ascending run
+    (every layer, or a pipeline stage's), so copies stay plain strided copies."""
+    if slots.size and (np.diff(slots) == 1).all():
+        return slice(int(slots[0]), int(slots[-1]) + 1)
+    return slots
+
+
+def _copy_runs(
+    ids: np.ndarray,
+    samples: Sequence[RoutedSample],
+    sel: slice | np.ndarray,
+    packing: Packing,
+    rank: RankSlice,
+    stored: np.ndarray,
+    s_of: np.ndarray,
+    p_of: np.ndarray,
+    src: np.ndarray,
+    row_off: np.ndarray,
+) -> bool:
+    """Copy stored rows into ``ids`` as slice copies, one per run of router tokens that read
+    consecutive rows of one sample (``thd``: one or two per sample and rank; ``bshd`` without
+    context or sequence parallel: one strided copy per sample). Rows marked native are copied
+    too and overwritten with pad ids afterwards. Returns ``False`` (nothing copied) when the
+    layout has no such few runs; the caller then gathers row by row."""
+    if packing.format == "bshd":
+        if rank.cp_size > 1 or (rank.sequence_parallel and rank.tp_size > 1):
+            return False
+        by_pos = ids.reshape(-1, len(samples), *ids.shape[1:])  # [position, sample, ...]
+        for i, s in enumerate(samples):
+            if s.rows:
+                by_pos[s.routed_start : s.routed_start + s.rows, i] = s.routed[:, sel]
+        return True
+    t = stored.size
+    cont = np.zeros(t, dtype=bool)  # token t continues the run of token t - 1
+    if t > 1:
+        cont[1:] = stored[1:] & stored[:-1] & (src[1:] == src[:-1] + 1) & (s_of[1:] == s_of[:-1])
+    begins = np.flatnonzero(stored & ~cont)
+    if begins.size > 4 * len(samples) + 8:
+        return False
+    ends = np.flatnonzero(stored & ~np.append(cont[1:], False)) + 1
+    for a, b in zip(begins.tolist(), ends.tolist()):
+        i = int(s_of[a])
+        r = int(src[a] - row_off[i])
+        ids[a:b] = samples[i].routed[r : r + b - a, sel]
+    return True
+
+
+def _gather_rows(
+    ids: np.ndarray,
+    samples: Sequence[RoutedSample],
+    sel: slice | np.ndarray,
+    has: np.ndarray,
+    src: np.ndarray,
+) -> None:
+    """Copy stored rows into ``ids`` by one row gather over every sample's rows (any token
+    order). Rows without one get row 0 and are overwritten by the caller."""
+    parts = [s.routed[:, sel] for s in samples]
+    table = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    table = np.ascontiguousarray(table).reshape(table.shape[0], -1)
+    rows = np.where(has, src, 0)
+    np.take(table, rows, axis=0, out=ids.reshape(ids.shape[0], -1), mode="clip")
+
+
+def _pad_rows(
+    global_index: np.ndarray, layers: Sequence[int], top_k: int, num_experts: int,
+    dtype: np.dtype,
+) -> np.ndarray:
+    """:func:`pad_ids` of ``global_index``, from one period of pad rows: the rows repeat every
+    ``num_experts / gcd(top_k, num_experts)`` tokens, so a micro-batch computes that many."""
+    period = num_experts // math.gcd(top_k, num_experts)
+    if period >= global_index.size:
+        return pad_ids(global_index, layers, top_k, num_experts, dtype)
+    table = pad_ids(np.arange(period), layers, top_k, num_experts, dtype)
+    return table[global_index % period]
+
+
 def _validate(
     ids: np.ndarray,
+    lo: int,
+    hi: int,
     samples: Sequence[RoutedSample],
     s_of: np.ndarray,
     p_of: np.ndarray,
@@ -336,11 +452,15 @@ def _validate(
     num_experts: int,
 ) -> None:
     """Raise on the first out-of-range or repeated id, naming sample, position and layer.
-    Pad and native rows hold pad ids, in range and distinct by construction, so the whole
-    array is checked."""
-    if int(ids.max(initial=0)) >= num_experts:
+    Router tokens ``[lo, hi)`` span every stored row; pad and native rows hold pad ids, in
+    range and distinct by construction, so the span is checked whole, in the ids' own dtype
+    (range: one maximum, skipped when the dtype cannot exceed it; repeats: the vectorised
+    scan of :func:`~replay_bridge.checks.has_repeated_ids`). Masks are built only to name a
+    fault."""
+    span = ids[lo:hi]
+    if np.iinfo(ids.dtype).max >= num_experts and int(span.max(initial=0)) >= num_experts:
         bad, rule = (ids >= num_experts).any(axis=-1), f"an expert id outside [0, {num_experts})"
-    elif has_repeated_ids(ids):
+    elif has_repeated_ids(span):
         bad, rule = repeated_ids(ids), "a repeated expert id (top-k ids must be distinct)"
     else:
         return
@@ -350,4 +470,3 @@ def _validate(
         f"layer {layers[j]}: {rule}: {ids[t, j].tolist()} "
         f"({int(bad.sum())} bad blocks in this micro-batch on this rank)"
     )
-
