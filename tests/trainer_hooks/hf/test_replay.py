@@ -244,3 +244,47 @@ def test_outside_a_pass_and_after_close_the_model_routes_natively(family: str) -
     for ids, own in routed():
         assert torch.equal(ids, own)
     assert not any(m._forward_hooks for n, m in model.named_modules() if n.endswith("mlp.gate"))
+
+
+def test_bfloat16_models_get_weights_in_the_familys_dtype(family: str) -> None:
+    model = S.build_model(family).to(torch.bfloat16)
+    geometry = model_geometry(model)
+    samples = S.make_samples(geometry, [9, 6], seed=7)
+    batch, spans = _batch(samples, "packed")
+    with RoutingReplay(model, geometry) as replay:
+        cap = S.ExpertsCapture(model)
+        with replay.replaying(_prepare(replay, samples, batch, "packed")):
+            _run(model, batch)
+        cap.close()
+    same, rows = _agreement(cap, geometry, samples, spans, batch["input_ids"].numel())
+    assert same == rows
+    for layer in geometry.moe_layers:
+        c = cap.calls[layer][0]
+        assert c["weights"].dtype == c["own_weights"].dtype
+
+
+@pytest.mark.parametrize("family_", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_the_aux_loss_reads_the_routers_own_logits(family_: str) -> None:
+    """Replay leaves the router logits alone: the logits the model records for its
+    load-balancing loss are the router's own on the experts' input, and the aux loss is the
+    family's function of them (the model's own top-k), replay on or off."""
+    model = S.build_model(family_)
+    model.config.output_router_logits = True
+    geometry = model_geometry(model)
+    samples = S.make_samples(geometry, [9, 6], seed=8)
+    batch, _ = _batch(samples, "right", seq=10)
+    with RoutingReplay(model, geometry) as replay:
+        cap = S.ExpertsCapture(model)
+        with replay.replaying(_prepare(replay, samples, batch, "right")), torch.no_grad():
+            on = model(**batch)
+        cap.close()
+    with torch.no_grad():
+        off = model(**batch)
+    assert len(on.router_logits) == geometry.num_moe_layers
+    for logits, layer in zip(on.router_logits, geometry.moe_layers):
+        gate = cap.gates[layer]
+        want = torch.nn.functional.linear(cap.calls[layer][0]["hidden"], gate.weight)
+        assert torch.equal(logits, want)
+    # The first MoE layer's input is the same replay on or off, so is its part of the loss.
+    torch.testing.assert_close(on.router_logits[0], off.router_logits[0])
+    assert on.aux_loss is not None and torch.isfinite(on.aux_loss)
