@@ -220,6 +220,8 @@ def layout_routing(
     layers: Sequence[int] | None = None,
     seq_lengths: Sequence[int] | None = None,
     validate: bool = True,
+    *,
+    clock: list[tuple[str, float]] | None = None,
 ) -> HostRouting:
     """Lay out one micro-batch's routing for this rank's routers.
 
@@ -231,9 +233,11 @@ def layout_routing(
 
     Stored rows are copied as slices (one per sample and contiguous run) where the token order
     allows (``thd`` under any slicing; ``bshd`` without context or sequence parallel), else by
-    one row gather; the output is the same either way.
+    one row gather; the output is the same either way. ``clock``: a list that gets
+    ``(stage, time.perf_counter())`` at the end of each stage (``bench layout``'s breakdown).
     """
-    return _layout(samples, geometry, packing, rank, layers, seq_lengths, validate, fast=True)
+    return _layout(samples, geometry, packing, rank, layers, seq_lengths, validate, fast=True,
+                   clock=clock)
 
 
 def _layout(
@@ -248,8 +252,7 @@ def _layout(
     clock: list[tuple[str, float]] | None = None,
 ) -> HostRouting:
     """:func:`layout_routing`; ``fast=False`` copies stored rows by the row gather alone (the
-    general path, which the tests hold the slice copies against). ``clock``: a list that gets
-    ``(stage, perf_counter())`` at the end of each stage (``bench layout``'s breakdown)."""
+    general path, which the tests hold the slice copies against)."""
     if not samples:
         raise LayoutError("a micro-batch needs at least one sample")
     _check_rows(samples, geometry)

@@ -1,4 +1,4 @@
-"""``replay-bridge bench ingest | shards | collect | memory | dataset | cluster``: the benchmarks, each printing one JSON
+"""``replay-bridge bench ingest | shards | collect | memory | dataset | cluster | layout``: the benchmarks, each printing one JSON
 object (the measuring code lives in :mod:`replay_bridge.benchmarks`)."""
 
 from __future__ import annotations
@@ -178,5 +178,32 @@ def bench_cluster(
                      max_new_tokens=max_new_tokens, model=model, engine=engine,
                      concurrency=concurrency, repeats=repeats, workdir=workdir)
     except (GeometryError, RuntimeError) as e:
+        die(str(e), as_json=True)
+    emit_json(result)
+
+
+@bench_app.command("layout")
+def bench_layout(
+    tokens: int = typer.Option(4096, min=64, help="Router tokens of the micro-batch."),
+    models: str = typer.Option("qwen3-30b-a3b,deepseek-v3", "--models",
+                               help="Geometry presets, comma-separated (the first one is the "
+                                    "target's)."),
+    repeats: int = typer.Option(5, min=1, help="Interleaved rounds; figures are medians."),
+    calls: int = typer.Option(20, min=1, help="Layouts per contender and round (mean per call)."),
+    seed: int = typer.Option(0, help="Seed of the synthetic micro-batch."),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
+) -> None:
+    """Milliseconds to lay out one micro-batch's routing on one core (thd, bshd, thd under
+    CP2 x SP2), before and after the vectorised copy paths, with and without the id check,
+    and where the time goes (target: < 2 ms for 4096 tokens x 48 layers x top-8)."""
+    from ..benchmarks.layout import run
+    from ..geometry import GeometryError
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not names:
+        die(f"--models must name at least one preset, got {models!r}", as_json=True)
+    try:
+        result = run(tokens=tokens, models=names, repeats=repeats, calls=calls, seed=seed)
+    except GeometryError as e:
         die(str(e), as_json=True)
     emit_json(result)
