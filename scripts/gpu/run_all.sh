@@ -2,9 +2,10 @@
 # Every GPU check of the router replay hook in one call on a 2-GPU machine:
 # the multi-rank layouts and two ranks training from one dataset over NCCL (when 2 GPUs are
 # present), then the overhead benchmark on
-# GPU 0, without and with full activation recompute.
-# Expects megatron-core 0.16.1 (and pyarrow, orjson, pybase64 for replay_bridge) as cp312
-# wheels in .whl/ (carried); writes results under $OUT (or ./out/gpu).
+# GPU 0, without and with full activation recompute, and the Hugging Face hook's overhead
+# benchmark (scripts/gpu/hf_replay_overhead.py) on GPU 0.
+# Expects megatron-core 0.16.1, transformers 5.24.0 (and pyarrow, orjson, pybase64 for
+# replay_bridge) as wheels in .whl/ (carried); writes results under $OUT (or ./out/gpu).
 set -uo pipefail
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
@@ -29,4 +30,6 @@ timeout 240 python3 scripts/gpu/replay_overhead.py --out "$OUT/overhead.json" "$
     2>&1 | grep -v -i "warn" | tee "$OUT/overhead.log" || rc=1
 timeout 240 python3 scripts/gpu/replay_overhead.py --recompute --out "$OUT/overhead_recompute.json" "$@" \
     2>&1 | grep -v -i "warn" | tee "$OUT/overhead_recompute.log" || rc=1
+timeout 300 python3 scripts/gpu/hf_replay_overhead.py --json "$OUT/hf-overhead.json" \
+    2>&1 | grep -v -i "warn" | tee "$OUT/hf-overhead.log" || rc=1
 exit $rc
