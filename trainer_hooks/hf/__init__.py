@@ -13,6 +13,10 @@ micro-batch with :meth:`RoutingReplay.prepare` from its attention mask (padded b
         loss.backward()            # gradient checkpointing's recompute replays the same ids
     log(replay.metrics())
 
+Or with the switch shared with the megatron hook: ``routing_replay:`` with ``trainer: hf``
+(YAML) or ``--routing-replay --routing-replay-trainer hf`` read into :class:`ReplayOptions`,
+then ``build_routing_replay(options, model)`` (``None`` when replay is off).
+
 Families: see :data:`FAMILIES` (Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3, GLM-4.5) and
 ``trainer_hooks/hf/README.md``. The layout names and region codes are the library's
 (:mod:`replay_bridge.layout`), the agreement counter and the errors the Megatron hook's.
@@ -21,8 +25,16 @@ Families: see :data:`FAMILIES` (Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3, GLM-
 from replay_bridge.layout import COMPLETION, NATIVE, PAD, PROMPT, LayoutError, MissingSample
 from trainer_hooks.megatron import AgreementCounter, ReplayConfigError, ReplayStateError
 
+from trainer_hooks._options import (
+    ReplayOptions,
+    add_routing_replay_args,
+    options_from_args,
+    options_from_config,
+)
+
 from ._families import FAMILIES, FamilyAdapter, GroupedSigmoidTopK, RouterSite, SoftmaxTopK
 from ._grid import Spans, grid_routing, packed_spans, padded_spans
+from ._flag import build_routing_replay
 from ._replay import MicroBatchRouting, RoutingReplay, model_geometry
 
 __all__ = [
@@ -38,13 +50,18 @@ __all__ = [
     "PAD",
     "PROMPT",
     "ReplayConfigError",
+    "ReplayOptions",
     "ReplayStateError",
     "RouterSite",
     "RoutingReplay",
     "SoftmaxTopK",
     "Spans",
+    "add_routing_replay_args",
+    "build_routing_replay",
     "grid_routing",
     "model_geometry",
+    "options_from_args",
+    "options_from_config",
     "packed_spans",
     "padded_spans",
 ]
