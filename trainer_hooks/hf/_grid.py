@@ -13,12 +13,17 @@ Either gives each sample a span (first flat grid row, token count). The samples 
 by the library's :func:`~replay_bridge.layout.layout_routing` as one unpadded THD pack (which
 finds pad and native rows, checks the token counts and validates the ids), then scattered into
 the grid in one vectorised step; grid rows no sample covers are :data:`PAD`.
+
+Ulysses-style sequence parallelism (DeepSpeed-Ulysses, as verl and VeOmni use it: each rank
+holds a contiguous ``1/sp`` of every row's columns through the MLP/MoE layers, all-to-all around
+attention) is a column slice of that grid (:func:`sequence_slice`): rank ``r``'s routers see
+``[batch, seq/sp]``, row ``b * (seq/sp) + j`` being column ``r * seq/sp + j`` of row ``b``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -34,7 +39,7 @@ from replay_bridge.layout import (
 )
 from replay_bridge.sample import RoutedSample
 
-__all__ = ["Spans", "grid_routing", "packed_spans", "padded_spans"]
+__all__ = ["Spans", "grid_routing", "packed_spans", "padded_spans", "sequence_slice"]
 
 
 @dataclass(frozen=True)
@@ -154,3 +159,30 @@ def grid_routing(
         sample_ids=thd.sample_ids,
         cu_seqlens_padded=np.append(spans.starts, total).astype(np.int64),
     )
+
+
+def sequence_slice(
+    host: HostRouting, shape: tuple[int, int], sp_size: int, sp_rank: int
+) -> tuple[HostRouting, tuple[int, int]]:
+    """Rank ``sp_rank``'s part of a grid laid out for the whole ``[batch, seq]`` batch under
+    Ulysses-style sequence parallelism of ``sp_size``: columns ``[sp_rank * seq/sp_size,
+    (sp_rank + 1) * seq/sp_size)`` of every row, batch-major, and the new grid shape
+    ``(batch, seq/sp_size)``. ``seq`` must be a multiple of ``sp_size`` (Ulysses pads the
+    batch to one). ``cu_seqlens_padded`` keeps the whole grid's offsets."""
+    if sp_size < 1 or not 0 <= sp_rank < sp_size:
+        raise LayoutError(f"sequence-parallel rank {sp_rank} of {sp_size} is out of range")
+    if sp_size == 1:
+        return host, shape
+    b, s = shape
+    if s % sp_size:
+        raise LayoutError(
+            f"sequence length {s} is not a multiple of the sequence-parallel size {sp_size}: "
+            "pad the batch to a multiple first (as Ulysses does), marking the padding in the "
+            "attention_mask"
+        )
+    w = s // sp_size
+    cols = slice(sp_rank * w, (sp_rank + 1) * w)
+    tail = host.ids.shape[1:]
+    ids = np.ascontiguousarray(host.ids.reshape(b, s, *tail)[:, cols].reshape(b * w, *tail))
+    region = np.ascontiguousarray(host.region.reshape(b, s)[:, cols].reshape(b * w))
+    return replace(host, ids=ids, region=region), (b, w)

@@ -36,7 +36,7 @@ from trainer_hooks.megatron import (
 )
 
 from ._families import FamilyAdapter, RouterSite, adapter_for
-from ._grid import grid_routing, packed_spans, padded_spans
+from ._grid import grid_routing, packed_spans, padded_spans, sequence_slice
 
 __all__ = ["MicroBatchRouting", "RoutingReplay", "model_geometry"]
 
@@ -170,14 +170,21 @@ class RoutingReplay:
         attention_mask: Any = None,
         position_ids: Any = None,
         packing: Layout | None = None,
+        sp_size: int = 1,
+        sp_rank: int = 0,
     ) -> HostRouting:
         """One micro-batch's routing on the model's ``[batch * seq]`` grid, on the host.
 
         ``items``: samples, or sample ids looked up in ``source``, in batch order (padded: one
         per row; packed: in the order the sequences appear, row by row). Padded needs the
         ``attention_mask`` ``[batch, seq]``; packed needs ``position_ids`` (and takes an
-        ``attention_mask`` marking padding, if any). Tensors on a GPU are read back once."""
-        return self._layout(items, attention_mask, position_ids, packing)[0]
+        ``attention_mask`` marking padding, if any). Tensors on a GPU are read back once.
+
+        Ulysses-style sequence parallelism: ``sp_size`` ranks, this one ``sp_rank``; pass the
+        whole batch's (unsliced) mask / position ids; the routers of this rank see columns
+        ``[sp_rank * seq/sp_size, (sp_rank + 1) * seq/sp_size)`` of every row
+        (:func:`~trainer_hooks.hf._grid.sequence_slice`)."""
+        return self._layout(items, attention_mask, position_ids, packing, sp_size, sp_rank)[0]
 
     def prepare(
         self,
@@ -186,14 +193,17 @@ class RoutingReplay:
         attention_mask: Any = None,
         position_ids: Any = None,
         packing: Layout | None = None,
+        sp_size: int = 1,
+        sp_rank: int = 0,
     ) -> MicroBatchRouting:
         """:meth:`layout`, sent to the model's device without waiting."""
-        host, shape = self._layout(items, attention_mask, position_ids, packing)
+        host, shape = self._layout(items, attention_mask, position_ids, packing, sp_size,
+                                   sp_rank)
         return _upload(host, shape, self._device)
 
     def _layout(
         self, items: Sequence[RoutedSample | str], attention_mask: Any, position_ids: Any,
-        packing: Layout | None,
+        packing: Layout | None, sp_size: int = 1, sp_rank: int = 0,
     ) -> tuple[HostRouting, tuple[int, int]]:
         packing = packing or self.packing
         if packing == "padded":
@@ -209,7 +219,7 @@ class RoutingReplay:
         samples = lookup_samples(items, self.source)
         host = grid_routing(samples, self.geometry, self.layers, spans,
                             validate=self.validate_ids)
-        return host, spans.shape
+        return sequence_slice(host, spans.shape, sp_size, sp_rank)
 
     # ---- control -------------------------------------------------------------------------
 
