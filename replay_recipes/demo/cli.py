@@ -42,7 +42,8 @@ def _print_human(result: Any, fig: dict[str, Any]) -> None:
                  f"{fig['tokens_stored']:,} tokens")
     show(check_table(result.validation.tally, title="shard validation: stored routing re-checked"))
     a, k3, d = fig["agreement"], fig["k3_kl"], fig["logp_abs_diff"]
-    t = Table(title="rollout (engine, bf16) vs trainer (megatron-core, fp32), step 0 forward",
+    t = Table(title=f"rollout (engine, bf16) vs trainer ({result.trainer_label}, fp32), step 0 "
+                    "forward",
               title_justify="left")
     for col in ("", "replay off", "replay on"):
         t.add_column(col, justify="right" if col else "left")
@@ -103,13 +104,15 @@ def demo(
     samples: Optional[int] = typer.Option(None, "--samples", help="G samples per prompt [4]"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="[64]"),
     steps: Optional[int] = typer.Option(None, "--steps", help="training steps per run [4]"),
+    trainer: Optional[str] = typer.Option(
+        None, "--trainer", help="megatron (megatron-core) | hf (transformers) [megatron]"),
     sets: Optional[list[str]] = typer.Option(
         None, "--set", help="any config key: --set train.lr=1e-4 (repeatable)"),
     as_json: bool = typer.Option(False, "--json", help="print the figures as one JSON object"),
 ) -> None:
     """Make the tiny Qwen3-MoE, serve it (PD: prefill, decode, router; bf16), collect N x G
     samples with routing and log-probs into shards, validate them, load the same weights into
-    megatron-core (fp32) and run a few GRPO steps with routing replay off and on; print the
+    megatron-core (fp32; --trainer hf: transformers, fp32) and run a few GRPO steps with routing replay off and on; print the
     routing agreement and log-prob mismatch of both, and plot them.
 
     Exit 0 when every sample was stored, the shards validate clean and replay is exact;
@@ -129,6 +132,7 @@ def demo(
             "collect.samples_per_prompt": samples,
             "collect.max_new_tokens": max_new_tokens,
             "train.steps": steps,
+            "train.trainer": trainer,
         })
     except ConfigError as e:
         die(str(e), EXIT_USAGE, as_json)

@@ -23,6 +23,9 @@ __all__ = [
 
 DEFAULT_CONFIG = Path(__file__).with_name("default.yaml")
 ENGINES = ("reference", "vllm")
+TRAINERS = ("megatron", "hf")
+"""``train.trainer``: megatron-core (``trainer_hooks.megatron``) or Hugging Face transformers
+(``trainer_hooks.hf``), the hooks ``routing_replay.trainer`` selects."""
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,7 @@ class TrainConfig:
     reward_vocab_fraction: float = 0.5
     reward_seed: int = 0
     threads: int = 2
+    trainer: str = "megatron"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,9 @@ class DemoConfig:
         e, c, t = self.engine, self.collect, self.train
         if e.kind not in ENGINES:
             raise ConfigError(f"engine.kind must be one of {', '.join(ENGINES)}, got {e.kind!r}")
+        if t.trainer not in TRAINERS:
+            raise ConfigError(f"train.trainer must be one of {', '.join(TRAINERS)}, got "
+                              f"{t.trainer!r}")
         if e.kind == "vllm" and not (e.endpoint or e.start_vllm):
             raise ConfigError("engine.kind=vllm needs engine.endpoint (--endpoint URL) or "
                               "engine.start_vllm (--start-vllm)")

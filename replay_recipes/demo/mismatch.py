@@ -23,29 +23,24 @@ import torch
 
 from trainer_hooks.megatron import AgreementCounter, HostRouting, moe_routers
 
-__all__ = ["RoutingMeter", "logp_mismatch"]
+__all__ = ["AgreementMeter", "RoutingMeter", "logp_mismatch"]
 
 
-class RoutingMeter:
-    """Counts, per MoE layer and region, blocks whose used experts equal the rollout's.
+class AgreementMeter:
+    """Counts, per MoE layer and region, blocks whose used experts equal the rollout's, in an
+    :class:`~trainer_hooks.megatron.AgreementCounter`; subclasses hook the model where the
+    experts used can be read (never the replay's own comparison) and call :meth:`_count`.
 
     Call :meth:`expect` with each micro-batch's laid-out rollout routing before its forward;
-    forwards without an expectation (or after :meth:`close`) are not counted. The counts are
-    an :class:`~trainer_hooks.megatron.AgreementCounter` fed from the routers' routing maps,
-    never from the replay's own comparison.
+    forwards without an expectation (or after :meth:`close`) are not counted.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[int], top_k: int) -> None:
-        routers = moe_routers(model)
-        found = tuple(r.layer for r in routers)
-        if found != tuple(layers):
-            raise ValueError(f"the model's routers are at layers {found}, expected {tuple(layers)}")
+    def __init__(self, layers: Sequence[int], top_k: int) -> None:
         self.layers = tuple(layers)
         self._counter = AgreementCounter(self.layers, top_k)
         self._ids: torch.Tensor | None = None
         self._region: torch.Tensor | None = None
-        self._hooks = [r.module.register_forward_hook(self._hook(i))
-                       for i, r in enumerate(routers)]
+        self._hooks: list[Any] = []
 
     @property
     def counts(self) -> torch.Tensor:
@@ -59,18 +54,16 @@ class RoutingMeter:
         self._ids = torch.from_numpy(host.ids.astype(np.int64))
         self._region = torch.from_numpy(host.region.astype(np.int64))
 
-    def _hook(self, index: int) -> Any:
-        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-            if self._ids is None or self._region is None:
-                return
-            routing_map = output[1].detach()
-            if routing_map.shape[0] != self._ids.shape[0]:
-                raise ValueError(f"router {self.layers[index]} saw {routing_map.shape[0]} tokens, "
-                                 f"the laid-out rollout routing has {self._ids.shape[0]}")
-            self._counter.add_routing_map(index, routing_map, self._ids[:, index, :],
-                                          self._region)
-
-        return hook
+    def _count(self, index: int, used: torch.Tensor, routing_map: bool = False) -> None:
+        """One call at MoE layer ``index``: ``used`` is the experts the tokens went to, a
+        ``bool [tokens, experts]`` routing map or ``int64 [tokens, k]`` ids."""
+        if self._ids is None or self._region is None:
+            return
+        if used.shape[0] != self._ids.shape[0]:
+            raise ValueError(f"router {self.layers[index]} saw {used.shape[0]} tokens, "
+                             f"the laid-out rollout routing has {self._ids.shape[0]}")
+        add = self._counter.add_routing_map if routing_map else self._counter.add_topk
+        add(index, used, self._ids[:, index, :], self._region)
 
     def read(self, reset: bool = True) -> dict[str, Any]:
         """``{"blocks", "exact", "overlap", "prompt": {...}, "completion": {...},
@@ -83,6 +76,26 @@ class RoutingMeter:
             h.remove()
         self._hooks = []
         self._ids = self._region = None
+
+
+class RoutingMeter(AgreementMeter):
+    """The megatron-core meter: a forward hook on every router reads its routing map (the
+    experts each token was actually sent to)."""
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[int], top_k: int) -> None:
+        routers = moe_routers(model)
+        found = tuple(r.layer for r in routers)
+        if found != tuple(layers):
+            raise ValueError(f"the model's routers are at layers {found}, expected {tuple(layers)}")
+        super().__init__(layers, top_k)
+        self._hooks = [r.module.register_forward_hook(self._hook(i))
+                       for i, r in enumerate(routers)]
+
+    def _hook(self, index: int) -> Any:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            self._count(index, output[1].detach(), routing_map=True)
+
+        return hook
 
 
 def logp_mismatch(r: np.ndarray) -> dict[str, float]:

@@ -5,7 +5,9 @@
 3. rollouts: N prompts x G samples with routing and log-probs, checked, into shards; the engine
    is shut down once they are in;
 4. the shards validated end to end;
-5. the same weights in a megatron-core GPTModel (fp32), checked against transformers' logits;
+5. the same weights in a megatron-core GPTModel (fp32), checked against transformers' logits
+   (``train.trainer: hf``: in transformers (fp32), the replay hooks checked inert outside a
+   pass);
 6. GRPO-style training from the checkpoint with rollout routing replay off,
 7. the same with replay on;
 8. the figure.
@@ -60,6 +62,14 @@ class DemoResult:
         return self.config.collect.prompts * self.config.collect.samples_per_prompt
 
     @property
+    def trainer(self) -> str:
+        return self.config.train.trainer
+
+    @property
+    def trainer_label(self) -> str:
+        return "transformers" if self.trainer == "hf" else "megatron-core"
+
+    @property
     def ok(self) -> bool:
         """Every sample stored, the shards clean, and replay exact."""
         return (self.collect.stored == self.samples_requested and self.validation.ok
@@ -91,6 +101,7 @@ class DemoResult:
             "seconds": round(self.seconds, 2),
             "ok": self.ok,
             "engine": self.engine,
+            "trainer": self.trainer,
             "model": str(self.model_dir),
             "geometry": self.geometry.to_dict(),
             "precision": {"engine": self._engine_precision(), "trainer": "float32"},
@@ -104,7 +115,10 @@ class DemoResult:
                            "samples": self.validation.samples,
                            "tokens": self.validation.tokens,
                            "regions": self.validation.tally.to_dict()["regions"]},
-            "weights": {"converter": "trainer_hooks.megatron.convert",
+            "weights": {"converter": ("none: transformers loads the checkpoint; the figure is "
+                                      "the replay hooks' effect outside a pass"
+                                      if self.trainer == "hf"
+                                      else "trainer_hooks.megatron.convert"),
                         "parameters": self.off.parameters,
                         "max_abs_logit_diff_fp32_vs_transformers": self.max_logit_diff},
             "agreement": {
@@ -172,17 +186,33 @@ def _checkpoint(config: DemoConfig) -> Path:
     return make_tiny_model(config.out_dir / "model", seed=config.model.tiny_seed)
 
 
+@contextmanager
+def _trainer_world(config: DemoConfig) -> Iterator[None]:
+    """megatron: a one-rank CPU megatron world; hf: the thread count only."""
+    if config.train.trainer != "hf":
+        from trainer_hooks.megatron.cpu_world import megatron_cpu_world
+
+        with megatron_cpu_world(config.train.threads):
+            yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(config.train.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoResult:
     """Run every step; engines are shut down on return, on error and on Ctrl-C."""
     from trainer_hooks.megatron.convert import read_hf_config
 
     from replay_bridge.shards import ShardReader
     from .engines import running_engine
-    from trainer_hooks.megatron.cpu_world import megatron_cpu_world
     from .plot import plot_demo
     from .rollouts import collect_rollouts, demo_prompts
-    from .trainer import train_run
-    from .weights import max_logit_difference
 
     t_start = time.perf_counter()
     clock = _Clock(progress)
@@ -226,16 +256,30 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
                                config.train.micro_batch_size)
     temperature = c.temperature
 
-    with megatron_cpu_world(config.train.threads):
-        with clock.step("weights_check", "weights: megatron-core GPTModel (fp32) from the "
-                                         "checkpoint vs transformers"):
-            diff = max_logit_difference(model_dir, samples[0].tokens)
+    hf = config.train.trainer == "hf"
+    with _trainer_world(config):
+        if hf:
+            from .hf_trainer import hf_train_run as train_run
+            from .hf_trainer import hooks_inert_difference
+
+            with clock.step("weights_check", "weights: transformers (fp32) from the checkpoint, "
+                                             "replay hooks attached vs none"):
+                diff = hooks_inert_difference(model_dir, samples[0].tokens, reader,
+                                              reader.geometry)
+        else:
+            from .trainer import train_run
+            from .weights import max_logit_difference
+
+            with clock.step("weights_check", "weights: megatron-core GPTModel (fp32) from the "
+                                             "checkpoint vs transformers"):
+                diff = max_logit_difference(model_dir, samples[0].tokens)
         progress(f"      max |logit difference| {diff:.2e}")
         runs = {}
         for replay in (False, True):
             name = "on" if replay else "off"
             with clock.step(f"train_replay_{name}",
-                            f"train {config.train.steps} GRPO steps, replay {name}"):
+                            f"train {config.train.steps} GRPO steps"
+                            f"{' (transformers)' if hf else ''}, replay {name}"):
                 runs[name] = train_run(model_dir, reader, reader.geometry, micro, config.train,
                                        replay=replay, temperature=temperature)
             s0 = runs[name].steps[0]
@@ -250,7 +294,8 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
     with clock.step("plot", f"plot {result.plot}"):
         header, rows = result.validation_rows()
         plot_demo(result.plot, result.off, result.on, rows, header,
-                  title=f"rollout routing replay: {engine.label} -> megatron-core (float32), "
+                  title=f"rollout routing replay: {engine.label} -> {result.trainer_label} "
+                        "(float32), "
                         f"{summary.stored} samples, "
                         f"{result.off.steps[0].logp['tokens']:,} completion tokens")
     result.timings = clock.timings

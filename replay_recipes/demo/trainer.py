@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from ..grpo import policy_loss, token_logprobs
 from trainer_hooks.megatron.cpu_world import fresh_router_replay_list
 from .mismatch import RoutingMeter, logp_mismatch
 
-__all__ = ["RunResult", "StepFigures", "train_run"]
+__all__ = ["RunResult", "StepFigures", "run_steps", "train_run"]
 
 
 @dataclass
@@ -73,6 +73,64 @@ def _forward(batch: MicroBatch, model: torch.nn.Module) -> torch.Tensor:
                  attention_mask=batch.attention_mask)
 
 
+def run_steps(
+    model: torch.nn.Module,
+    micro_batches: list[MicroBatch],
+    hosts: list[Any],
+    meter: Any,
+    config: TrainConfig,
+    result: RunResult,
+    *,
+    forward: Callable[[MicroBatch], torch.Tensor],
+    temperature: float,
+    step_pass: Callable[[], Any] = contextlib.nullcontext,
+    micro_pass: Callable[[int], Any] = lambda _i: contextlib.nullcontext(),
+    router_own: Callable[[], dict[str, float]] = dict,
+) -> None:
+    """``config.steps`` GRPO-style steps over all ``micro_batches`` (one optimizer step each,
+    gradients accumulated over micro-batches), appending each step's figures to ``result``;
+    the same loop for every trainer. ``hosts``: each micro-batch's laid-out rollout routing
+    for the ``meter``; ``forward(mb)``: the model's logits ``[b, L, vocab]``; ``step_pass()``
+    wraps a step's micro-batches, ``micro_pass(i)`` micro-batch ``i``'s forward and backward
+    (where a replay pass goes); ``router_own()``: the replay's metrics after a step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    total_tokens = sum(mb.completion_tokens for mb in micro_batches)
+    model.train()
+    for step in range(config.steps):
+        ts = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        diffs: list[np.ndarray] = []
+        loss_sum = ratio_sum = 0.0
+        clipped = 0
+        with step_pass():
+            for i, (mb, host) in enumerate(zip(micro_batches, hosts)):
+                with micro_pass(i):
+                    meter.expect(host)
+                    logits = forward(mb)
+                    logp = token_logprobs(logits, mb.targets, temperature)
+                    pl = policy_loss(logp, mb.rollout_logp, mb.advantages, mb.completion,
+                                     config.clip_eps)
+                    (pl.loss / total_tokens).backward()
+                loss_sum += float(pl.loss.detach())
+                clipped += pl.clipped
+                ratio_sum += pl.ratio_sum
+                diffs.append((logp.detach() - mb.rollout_logp)[mb.completion].numpy())
+        optimizer.step()
+        r = np.concatenate(diffs)
+        if step == 0:
+            result.first_step_diffs = r
+        result.steps.append(StepFigures(
+            step=step,
+            routing_used=meter.read(),
+            router_own=router_own(),
+            logp=logp_mismatch(r),
+            loss=loss_sum / total_tokens,
+            clip_fraction=clipped / total_tokens,
+            mean_ratio=ratio_sum / total_tokens,
+            seconds=time.perf_counter() - ts,
+        ))
+
+
 def train_run(
     model_dir: Path,
     source: Mapping[str, RoutedSample],
@@ -84,8 +142,8 @@ def train_run(
     temperature: float,
 ) -> RunResult:
     """Build the model from ``model_dir`` and run ``config.steps`` steps over all
-    ``micro_batches`` (one optimizer step each, gradients accumulated over micro-batches).
-    ``source`` holds the rollout routing (a shard reader) in ``geometry``.
+    ``micro_batches`` (:func:`run_steps`). ``source`` holds the rollout routing (a shard
+    reader) in ``geometry``.
 
     Needs a megatron world (:func:`~trainer_hooks.megatron.cpu_world.megatron_cpu_world`).
     """
@@ -98,9 +156,7 @@ def train_run(
     controller = RoutingReplay(model, geometry, source=source)
     meter = RoutingMeter(model, controller.layers, geometry.top_k)
     step_fn = controller.wrap_forward_step(_forward)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     result = RunResult(replay=replay, parameters=sum(p.numel() for p in model.parameters()))
-    total_tokens = sum(mb.completion_tokens for mb in micro_batches)
     try:
         # Every step trains on the same micro-batches: their routing is laid out (and, replay
         # on, uploaded) once.
@@ -108,41 +164,13 @@ def train_run(
                    if replay else None)
         hosts = ([r.host for r in routing] if routing is not None
                  else [controller.layout(mb.samples, mb.packing) for mb in micro_batches])
-        model.train()
-        for step in range(config.steps):
-            ts = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            diffs: list[np.ndarray] = []
-            loss_sum = ratio_sum = 0.0
-            clipped = 0
-            ctx: Any = (controller.replaying(routing) if routing is not None
-                        else contextlib.nullcontext())
-            with ctx:
-                for mb, host in zip(micro_batches, hosts):
-                    meter.expect(host)
-                    logits = step_fn(mb, model)
-                    logp = token_logprobs(logits, mb.targets, temperature)
-                    pl = policy_loss(logp, mb.rollout_logp, mb.advantages, mb.completion,
-                                     config.clip_eps)
-                    (pl.loss / total_tokens).backward()
-                    loss_sum += float(pl.loss.detach())
-                    clipped += pl.clipped
-                    ratio_sum += pl.ratio_sum
-                    diffs.append((logp.detach() - mb.rollout_logp)[mb.completion].numpy())
-            optimizer.step()
-            r = np.concatenate(diffs)
-            if step == 0:
-                result.first_step_diffs = r
-            result.steps.append(StepFigures(
-                step=step,
-                routing_used=meter.read(),
-                router_own=controller.metrics() if replay else {},
-                logp=logp_mismatch(r),
-                loss=loss_sum / total_tokens,
-                clip_fraction=clipped / total_tokens,
-                mean_ratio=ratio_sum / total_tokens,
-                seconds=time.perf_counter() - ts,
-            ))
+        run_steps(
+            model, micro_batches, hosts, meter, config, result,
+            forward=lambda mb: step_fn(mb, model), temperature=temperature,
+            step_pass=((lambda: controller.replaying(routing)) if routing is not None
+                       else contextlib.nullcontext),
+            router_own=controller.metrics if replay else dict,
+        )
     finally:
         meter.close()
         controller.close()
