@@ -8,9 +8,12 @@ forward + backward (cross-entropy on the input ids; no auxiliary loss; no optimi
 unless ``--optimizer``), gradients set to None first.
 
 The routing replayed is valid for every token: the model's own routing, recorded once with
-replay off, with one of the k ids of a fraction ``--perturb`` of rows per layer swapped for an
-expert not in that row's set (so replay really changes experts, at nearly the same load per
-expert). Arms, interleaved in rotating order every round after warm-up:
+replay off, perturbed so that replay really changes experts while every expert keeps exactly
+its native token count per layer: a fraction ``--perturb`` of rows per layer is paired at
+random and each pair exchanges one id (one the other row does not hold). Keeping the load
+matters: the grouped expert GEMMs' time depends on how tokens spread over experts, and a
+perturbation that moves load (``--perturb-mode random``: one id of a row replaced by a random
+unused expert) times the experts' new load, not the hook. Arms, interleaved in rotating order every round after warm-up:
 
 - ``off``: the same model with no ``RoutingReplay`` attached (closed before the step);
 - ``on``: a ``RoutingReplay`` attached, the micro-batch laid out and uploaded (``prepare``)
@@ -74,6 +77,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--optimizer", action="store_true", help="add an AdamW step to each step")
     ap.add_argument("--perturb", type=float, default=0.1,
                     help="fraction of rows per layer with one replayed id changed")
+    ap.add_argument("--perturb-mode", choices=("swap", "random"), default="swap",
+                    help="swap: pairs of rows exchange one id (per-expert load kept); random: "
+                         "one id replaced by a random expert the row does not use")
     ap.add_argument("--steps", type=int, default=40, help="timed rounds (one step per arm)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up rounds")
     ap.add_argument("--profile-steps", type=int, default=3, help="profiled steps per arm (CUDA)")
@@ -147,18 +153,32 @@ def record_routing(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 def make_samples(args: argparse.Namespace, geometry: Any, own: np.ndarray,
                  tokens: np.ndarray, lengths: list[int], rng: np.random.Generator):
-    """One ``RoutedSample`` per sequence from the recorded routing, perturbed: in a fraction
-    of rows per layer one id is replaced by an expert the row does not use."""
+    """One ``RoutedSample`` per sequence from the recorded routing, perturbed (see the module
+    docstring); also the fraction of (row, layer) routings changed."""
     from replay_bridge.sample import RoutedSample
 
     flat_tokens = tokens.reshape(-1)
     routed_all = own.transpose(1, 0, 2).copy()              # [rows, layers, k]
     rows, layers, k = routed_all.shape
-    hit = rng.random((rows, layers)) < args.perturb
-    for r, l in zip(*np.nonzero(hit)):
-        row = routed_all[r, l]
-        free = np.setdiff1d(np.arange(geometry.num_experts), row)
-        row[rng.integers(k)] = free[rng.integers(free.size)]
+    changed = np.zeros((rows, layers), bool)
+    for layer in range(layers):
+        pick = np.flatnonzero(rng.random(rows) < args.perturb)
+        if args.perturb_mode == "random":
+            for r in pick:
+                row = routed_all[r, layer]
+                free = np.setdiff1d(np.arange(geometry.num_experts), row)
+                row[rng.integers(k)] = free[rng.integers(free.size)]
+                changed[r, layer] = True
+            continue
+        rng.shuffle(pick)
+        for a, b in zip(pick[0::2], pick[1::2]):
+            ra, rb = routed_all[a, layer], routed_all[b, layer]
+            xa = np.flatnonzero(~np.isin(ra, rb))
+            xb = np.flatnonzero(~np.isin(rb, ra))
+            if xa.size and xb.size:
+                i, j = xa[rng.integers(xa.size)], xb[rng.integers(xb.size)]
+                ra[i], rb[j] = rb[j], ra[i]
+                changed[a, layer] = changed[b, layer] = True
     samples, start = [], 0
     for i, n in enumerate(lengths):
         samples.append(RoutedSample(
@@ -166,7 +186,15 @@ def make_samples(args: argparse.Namespace, geometry: Any, own: np.ndarray,
             prompt_len=max(1, n // 4),
             routed=routed_all[start:start + n - 1].astype(geometry.id_dtype)))
         start += n
-    return samples, float(hit.mean())
+    return samples, float(changed.mean()), routed_all
+
+
+def expert_load(ids: np.ndarray, experts: int) -> dict[str, Any]:
+    """Per layer, the busiest expert's tokens over the mean, and the experts with no token."""
+    counts = np.stack([np.bincount(ids[:, layer].ravel(), minlength=experts)
+                       for layer in range(ids.shape[1])])
+    return {"max_over_mean": [round(float(c.max() / c.mean()), 3) for c in counts],
+            "idle_experts": [int((c == 0).sum()) for c in counts]}
 
 
 def pct(v: list[float], q: float) -> float:
@@ -182,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     rng = np.random.default_rng(args.seed)
@@ -193,8 +223,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                else {"position_ids": batch["position_ids"]})
 
     own = record_routing(model, batch).cpu().numpy()
-    samples, perturbed = make_samples(args, geometry, own, batch["input_ids"].cpu().numpy(),
-                                      lengths, rng)
+    samples, perturbed, replayed_ids = make_samples(
+        args, geometry, own, batch["input_ids"].cpu().numpy(), lengths, rng)
+    load = {name: expert_load(ids, geometry.num_experts)
+            for name, ids in (("native", own.transpose(1, 0, 2)), ("replayed", replayed_ids))}
     opt = torch.optim.AdamW(model.parameters(), lr=0.0) if args.optimizer else None
 
     def sync() -> None:
@@ -293,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             syncs[a] = sum("synchroniz" in str(x.message) for x in w)
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         per_op: dict[str, dict[str, tuple[int, float]]] = {}
@@ -302,7 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
                     step(a)
                 ka = prof.key_averages()
-                per.append(sum(e.self_device_time_total for e in ka) / 1e3)
+                # kernels and copies only (CPU ops' device time would count them twice)
+                per.append(sum(e.self_device_time_total for e in ka
+                               if e.device_type == DeviceType.CUDA) / 1e3)
                 ops = {e.key: (e.count, e.self_device_time_total) for e in ka}
             kernel_ms[a] = statistics.median(per)
             per_op[a] = ops
@@ -337,6 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         grad_ckpt=args.grad_ckpt,
         optimizer=opt is not None,
         perturbed_row_fraction=perturbed,
+        perturb_mode=args.perturb_mode,
+        expert_load=load,
         steps=args.steps,
         warmup=args.warmup,
         arms=list(ARMS),

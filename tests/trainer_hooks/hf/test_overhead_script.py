@@ -35,7 +35,7 @@ def test_tiny_cpu_run_writes_the_json(tmp_path: Path, extra: list[str]) -> None:
                 "timer", "median_ms", "p10_ms", "p90_ms", "overhead_pct", "paired_overhead_pct",
                 "paired_overhead_p10_p90_pct", "wall_median_ms", "kernel_ms_per_step",
                 "host_syncs_per_step", "prepare_ms", "agreement", "step_ms",
-                "perturbed_row_fraction"):
+                "perturbed_row_fraction", "expert_load"):
         assert key in saved, key
     assert saved["arms"] == ARMS
     assert set(saved["median_ms"]) == set(ARMS)
