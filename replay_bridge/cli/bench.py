@@ -1,4 +1,4 @@
-"""``replay-bridge bench ingest | shards | collect | memory | dataset | cluster | layout``: the benchmarks, each printing one JSON
+"""``replay-bridge bench ingest | shards | shard-layouts | collect | memory | dataset | cluster | layout``: the benchmarks, each printing one JSON
 object (the measuring code lives in :mod:`replay_bridge.benchmarks`)."""
 
 from __future__ import annotations
@@ -58,6 +58,48 @@ def bench_shards(
     try:
         result = run(tokens=tokens, preset=model, samples_per_shard=samples_per_shard,
                      batch_bytes=batch_bytes, repeats=repeats, lookups=lookups, workdir=workdir)
+    except GeometryError as e:
+        die(str(e), as_json=True)
+    emit_json(result)
+
+
+@bench_app.command("shard-layouts")
+def bench_shard_layouts(
+    tokens: int = typer.Option(100_000, min=64, help="Routing rows (tokens) per data set."),
+    models: str = typer.Option("qwen3-30b-a3b,deepseek-v3", "--models",
+                               help="Geometry presets, comma-separated."),
+    data: str = typer.Option("realistic,uniform", "--data",
+                             help="Data sets: realistic (skewed, correlated) and/or uniform."),
+    layouts: Optional[str] = typer.Option(
+        None, "--layouts", help="Only these layouts, comma-separated (default: all)."),
+    repeats: int = typer.Option(5, min=1, help="Interleaved rounds; figures are medians."),
+    zipf_s: float = typer.Option(0.5, help="Realistic routing: Zipf exponent per layer."),
+    stickiness: float = typer.Option(0.3, help="Realistic routing: p(keep previous id)."),
+    seed: int = typer.Option(0),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="JSON (always printed)."),
+) -> None:
+    """A study, not the stored format: the same routing in candidate layouts (flat, layer-major,
+    per-layer columns, sorted + permutation, bitmap, 7-bit packing, bit planes, repeat flags)
+    x codecs, as ~2 MiB Arrow IPC record batches; bytes per token vs int32, write MB/s, read
+    GB/s back to [rows, layers, k] in engine order (medians of interleaved rounds)."""
+    from ..benchmarks.shard_layouts import DEFAULT_VARIANTS, LAYOUTS, run
+    from ..geometry import GeometryError
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    sets = tuple(d.strip() for d in data.split(",") if d.strip())
+    if not names:
+        die(f"--models must name at least one preset, got {models!r}", as_json=True)
+    if not sets or set(sets) - {"realistic", "uniform"}:
+        die(f"--data must be realistic and/or uniform, got {data!r}", as_json=True)
+    variants = DEFAULT_VARIANTS
+    if layouts is not None:
+        want = {x.strip() for x in layouts.split(",") if x.strip()}
+        if not want or want - set(LAYOUTS):
+            die(f"--layouts must be among {', '.join(LAYOUTS)}, got {layouts!r}", as_json=True)
+        variants = tuple(v for v in DEFAULT_VARIANTS if v[0] in want)
+    try:
+        result = run(tokens=tokens, models=names, datasets=sets, repeats=repeats,
+                     variants=variants, zipf_s=zipf_s, stickiness=stickiness, seed=seed)
     except GeometryError as e:
         die(str(e), as_json=True)
     emit_json(result)

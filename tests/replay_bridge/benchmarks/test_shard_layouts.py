@@ -1,0 +1,84 @@
+"""bench shard-layouts: every layout decodes back to exactly the input ids in engine order;
+JSON keys; never a timing threshold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from replay_bridge.benchmarks.routing_model import RoutingModel
+from replay_bridge.benchmarks.shard_layouts import (
+    DEFAULT_VARIANTS, LAYOUTS, decode, encode, run, uniform_routing)
+from replay_bridge.geometry import RoutingGeometry
+from tests.support.processes import child_env, cli
+
+MODELS = ("qwen3-30b-a3b", "deepseek-v3", "tiny-qwen3-moe")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_round_trips_exactly_in_engine_order(model: str, layout: str) -> None:
+    g = RoutingGeometry.resolve(model)
+    if not LAYOUTS[layout].applies(g):
+        pytest.skip(f"{layout} does not apply to {model}")
+    rows = 701  # record batches of 200, 200, 200 and 101 rows
+    for r in (RoutingModel(g, seed=3).routing(rows), uniform_routing(g, rows, seed=3)):
+        # engine order matters: a block in reverse order is a different input
+        assert not np.array_equal(r, r[..., ::-1])
+        for codec, level in (("zstd", 3), ("lz4", None), ("none", None)):
+            data = encode(r, g, layout, codec, level, rows_per_batch=200)
+            for threads in (True, False):
+                out = decode(data, g, layout, [200, 200, 200, 101], use_threads=threads)
+                assert [o.shape for o in out] == [(n, g.num_moe_layers, g.top_k)
+                                                  for n in (200, 200, 200, 101)]
+                assert all(o.dtype == g.id_dtype for o in out)
+                np.testing.assert_array_equal(np.concatenate(out), r)
+
+
+def test_uniform_routing_is_valid_and_flat() -> None:
+    g = RoutingGeometry.resolve("qwen3-30b-a3b")
+    r = uniform_routing(g, 2000, seed=1)
+    s = np.sort(r, axis=-1)
+    assert (np.diff(s.astype(int), axis=-1) > 0).all() and r.max() < g.num_experts
+    load = np.bincount(r[:, 0].ravel(), minlength=g.num_experts)
+    assert load.max() / load.mean() < 1.5
+
+
+def test_small_run_reports_every_variant_and_each_decodes_exactly() -> None:
+    out = run(tokens=300, models=("qwen3-30b-a3b", "deepseek-v3"), repeats=1,
+              batch_bytes=32 << 10)
+    assert out["benchmark"] == "shard-layouts" and out["tokens"] == 300
+    assert {(d["model"], d["data"]) for d in out["data"]} == {
+        (m, d) for m in ("qwen3-30b-a3b", "deepseek-v3") for d in ("realistic", "uniform")}
+    for d in out["data"]:
+        assert d["entropy_bits_per_id_per_layer"] > 0 and d["load_max_over_mean_per_layer"] >= 1
+    keys = {"model", "data", "variant", "layout", "codec", "level", "bytes", "bytes_per_token",
+            "ratio_to_int32", "ratio_to_wire_int32", "bits_per_id", "write_mb_s", "read_gb_s",
+            "read_1thread_gb_s", "write_rounds", "engine_order_kept", "decodes_exactly"}
+    for r in out["results"]:
+        assert set(r) == keys
+        assert r["decodes_exactly"] is True and r["engine_order_kept"] is True
+        assert r["bytes"] > 0 and r["read_gb_s"] > 0 and r["write_mb_s"] > 0
+    qwen = {r["variant"] for r in out["results"]
+            if r["model"] == "qwen3-30b-a3b" and r["data"] == "realistic"}
+    assert len(qwen) == len(DEFAULT_VARIANTS)
+    assert {"flat/zstd-1", "layer-major/zstd-3", "packed7/none", "repeat-mask/zstd-3"} <= qwen
+    assert set(out["target"]) == {"ratio_to_int32_max", "read_gb_s_min", "met_by"}
+
+
+def test_command_line_prints_json() -> None:
+    p = subprocess.run(cli("bench", "shard-layouts", "--tokens", "200", "--models",
+                           "tiny-qwen3-moe", "--data", "uniform", "--layouts",
+                           "flat,repeat-mask", "--repeats", "1"),
+                       capture_output=True, text=True, env=child_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["benchmark"] == "shard-layouts"
+    assert {r["layout"] for r in doc["results"]} == {"flat", "repeat-mask"}
+    assert all(r["decodes_exactly"] for r in doc["results"])
+    bad = subprocess.run(cli("bench", "shard-layouts", "--layouts", "nope"),
+                         capture_output=True, text=True, env=child_env(), timeout=300)
+    assert bad.returncode != 0
