@@ -10,8 +10,10 @@ each micro-batch's forward and backward run inside its own replay pass.
 The routing used is measured independently of the hook (:class:`ExpertsMeter`): forward
 pre-hooks on every MoE layer's ``experts`` module read the expert ids the sparse block really
 hands them and compare them with the rollout's ids laid out for that micro-batch, through the
-Megatron hook's ``AgreementCounter`` (native rows counted apart). Single process on the CPU;
-FSDP2 is not wired into the demo.
+Megatron hook's ``AgreementCounter`` (native rows counted apart). The model is sharded with
+FSDP2 (``fully_shard`` on every decoder layer and the root) over a gloo world of one process:
+the demo runs the FSDP2 code path on one CPU; two ranks are exercised by the tests
+(``tests/trainer_hooks/hf/test_fsdp2.py``) and on GPUs (``docs/multi-gpu.md``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,32 @@ def padding_mask(mb: MicroBatch) -> torch.Tensor:
     return (torch.arange(length)[None, :] < n[:, None]).long().expand(b, length).contiguous()
 
 
+@contextlib.contextmanager
+def _fsdp_world() -> Any:
+    """A gloo process group of one (an in-memory store, no port) unless one is set up already;
+    removed on the way out."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` on every decoder layer, then on the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
 def _load(model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -106,12 +134,21 @@ def hf_train_run(
     temperature: float,
 ) -> RunResult:
     """:func:`~replay_recipes.demo.trainer.train_run` for a ``transformers`` model: the same
-    steps, micro-batches and figures; replay through ``trainer_hooks.hf``."""
+    steps, micro-batches and figures; replay through ``trainer_hooks.hf``; the model sharded
+    with FSDP2 over a gloo world of one."""
+    t0 = time.perf_counter()
+    with _fsdp_world():
+        return _train(model_dir, source, geometry, micro_batches, config, replay=replay,
+                      temperature=temperature, t0=t0)
+
+
+def _train(model_dir: Path, source: Mapping[str, RoutedSample], geometry: RoutingGeometry,
+           micro_batches: list[MicroBatch], config: TrainConfig, *, replay: bool,
+           temperature: float, t0: float) -> RunResult:
     import trainer_hooks
     from trainer_hooks.hf import RoutingReplay
 
-    t0 = time.perf_counter()
-    model = _load(model_dir)
+    model = _shard(_load(model_dir))
     options = trainer_hooks.ReplayOptions(enabled=True, trainer="hf", packing="bshd")
     controller: RoutingReplay = trainer_hooks.build_routing_replay(
         options, model, source=source, geometry=geometry)

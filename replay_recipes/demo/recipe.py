@@ -188,7 +188,8 @@ def _checkpoint(config: DemoConfig) -> Path:
 
 @contextmanager
 def _trainer_world(config: DemoConfig) -> Iterator[None]:
-    """megatron: a one-rank CPU megatron world; hf: the thread count only."""
+    """megatron: a one-rank CPU megatron world; hf: the thread count only (each hf run sets
+    up its own FSDP2 world of one)."""
     if config.train.trainer != "hf":
         from trainer_hooks.megatron.cpu_world import megatron_cpu_world
 
@@ -279,7 +280,7 @@ def run_demo(config: DemoConfig, progress: Progress = lambda _m: None) -> DemoRe
             name = "on" if replay else "off"
             with clock.step(f"train_replay_{name}",
                             f"train {config.train.steps} GRPO steps"
-                            f"{' (transformers)' if hf else ''}, replay {name}"):
+                            f"{' (transformers, FSDP2)' if hf else ''}, replay {name}"):
                 runs[name] = train_run(model_dir, reader, reader.geometry, micro, config.train,
                                        replay=replay, temperature=temperature)
             s0 = runs[name].steps[0]

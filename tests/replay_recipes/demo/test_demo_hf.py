@@ -57,7 +57,7 @@ def test_json_keys_are_the_megatron_paths(demo_run):
     assert fig["precision"] == {"engine": "bfloat16", "trainer": "float32"}
     assert orjson.loads((out / "demo.json").read_bytes()) == fig
     assert fig["samples_stored"] == N * G and fig["validation"]["ok"] is True
-    assert "[6/8] train 2 GRPO steps (transformers), replay off" in err
+    assert "[6/8] train 2 GRPO steps (transformers, FSDP2), replay off" in err
     assert "[8/8] plot" in err and "engine stopped" in err
     # The replay hooks attached but outside a pass change no logit.
     assert fig["weights"]["max_abs_logit_diff_fp32_vs_transformers"] == 0.0
