@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ._options import (
+from .options import (
     TRAINERS,
     ReplayOptions,
     add_routing_replay_args,

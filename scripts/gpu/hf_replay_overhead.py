@@ -137,7 +137,7 @@ def make_batch(args: argparse.Namespace, device: torch.device, rng: np.random.Ge
 
 def record_routing(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own top-k ids per router, ``[routers, batch * seq, k]``, replay off."""
-    from trainer_hooks.hf._families import adapter_for
+    from trainer_hooks.hf import adapter_for
 
     sites = adapter_for(model.config).routers(model)
     got: dict[int, torch.Tensor] = {}

@@ -25,14 +25,15 @@ Families: see :data:`FAMILIES` (Qwen3-MoE, Qwen2-MoE, Mixtral, DeepSeek-V3, GLM-
 from replay_bridge.layout import COMPLETION, NATIVE, PAD, PROMPT, LayoutError, MissingSample
 from trainer_hooks.megatron import AgreementCounter, ReplayConfigError, ReplayStateError
 
-from trainer_hooks._options import (
+from trainer_hooks.options import (
     ReplayOptions,
     add_routing_replay_args,
     options_from_args,
     options_from_config,
 )
 
-from ._families import FAMILIES, FamilyAdapter, GroupedSigmoidTopK, RouterSite, SoftmaxTopK
+from ._families import (FAMILIES, FamilyAdapter, GroupedSigmoidTopK, RouterSite, SoftmaxTopK,
+                        adapter_for)
 from ._grid import Spans, grid_routing, packed_spans, padded_spans
 from ._flag import build_routing_replay
 from ._replay import MicroBatchRouting, RoutingReplay, model_geometry
@@ -56,6 +57,7 @@ __all__ = [
     "RoutingReplay",
     "SoftmaxTopK",
     "Spans",
+    "adapter_for",
     "add_routing_replay_args",
     "build_routing_replay",
     "grid_routing",

@@ -1,4 +1,4 @@
-"""The shared switch (:mod:`trainer_hooks._options`: ``--routing-replay ...``,
+"""The shared switch (:mod:`trainer_hooks.options`: ``--routing-replay ...``,
 ``routing_replay:``) building the ``transformers`` hook, when it says ``trainer: hf``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
-from trainer_hooks._options import ReplayOptions, replay_source
+from trainer_hooks.options import ReplayOptions, replay_source
 from trainer_hooks.megatron import ReplayConfigError
 
 from ._replay import RoutingReplay

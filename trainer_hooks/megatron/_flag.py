@@ -1,6 +1,6 @@
 """One switch for trainers: ``--routing-replay`` (argparse) or ``routing_replay:`` (YAML).
 
-The options are parsed in :mod:`trainer_hooks._options` (shared with the ``transformers`` hook)
+The options are parsed in :mod:`trainer_hooks.options` (shared with the ``transformers`` hook)
 and re-exported here; this module builds the megatron-core hook from them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.sample import RoutedSample
-from trainer_hooks._options import (
+from trainer_hooks.options import (
     ReplayOptions,
     add_routing_replay_args,
     args_from_options,
