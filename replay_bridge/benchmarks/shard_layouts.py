@@ -23,6 +23,11 @@ one row, so each is one compressed Arrow buffer):
 - ``bitshuffle``: layer-major bytes, transposed into bit planes (the top plane is 0).
 - ``repeat0`` (< 256 experts): layer-slot-major, ``0`` where a slot repeats the previous
   token's id of that layer and slot, else ``id + 1``.
+- ``repeat-lm``: the same as ``repeat-mask`` in layer-major order, decoded straight into
+  ``[rows, layers, k]`` by a small C kernel built at run time (what a reader would ship).
+- ``ref-lm``: like ``repeat-lm`` but an id found anywhere in the previous token's block is a
+  reference to that slot (stored as (slot - own slot) mod k, one byte per reference): robust to
+  shared experts that change slot between tokens.
 - ``repeat-mask``: a bit per id (``packbits``) for "repeats the previous token's id of this
   layer and slot" plus the ids that do not repeat, layer-slot-major.
 """
@@ -296,9 +301,236 @@ class RepeatMask(Layout):
         return np.ascontiguousarray(_ffill(full, keep).transpose(2, 0, 1))
 
 
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__BMI2__) || defined(__SSSE3__)
+#include <immintrin.h>
+#endif
+/* repeat-lm: mask bit i (bitorder little) set = same id as the previous token's id of this
+   layer and slot; ids in [L, n, k] order; out is [n, L, k], written row by row. For k = 8 a
+   block's mask is one byte: its new ids are scattered into place with one pdep (BMI2). */
+static uint64_t expand[256];
+
+void repeat_decode(const uint8_t *mask, const uint8_t *changed, int64_t nchanged,
+                   uint8_t *out, int64_t L, int64_t n, int64_t k) {
+    int64_t *cur = malloc(sizeof(int64_t) * L), c = 0, row = L * k;
+    for (int64_t l = 0; l < L; l++) {  /* where each layer's changed ids start */
+        cur[l] = c;
+        if ((n * k) % 8 == 0)
+            for (int64_t b = l * n * k / 8, e = (l + 1) * n * k / 8; b < e; b++)
+                c += 8 - __builtin_popcount(mask[b]);
+        else
+            for (int64_t i = l * n * k, e = (l + 1) * n * k; i < e; i++)
+                c += !((mask[i >> 3] >> (i & 7)) & 1);
+    }
+    if (!expand[255])
+        for (int m = 0; m < 256; m++) {
+            uint64_t x = 0;
+            for (int b = 0; b < 8; b++) if (m >> b & 1) x |= (uint64_t)0xFF << (8 * b);
+            expand[m] = x;
+        }
+    for (int64_t t = 0; t < n; t++) {
+        uint8_t *o = out + t * row;
+        for (int64_t l = 0; l < L; l++) {
+            int64_t i = (l * n + t) * k, cl = cur[l];
+#if defined(__BMI2__)
+            if (k == 8 && t > 0 && cl + 8 <= nchanged) {
+                uint64_t keep = expand[mask[i >> 3]], prev, src, v;
+                memcpy(&prev, o + l * 8 - row, 8);
+                memcpy(&src, changed + cl, 8);
+                v = (prev & keep) | _pdep_u64(src, ~keep);
+                memcpy(o + l * 8, &v, 8);
+                cur[l] = cl + 8 - __builtin_popcount(mask[i >> 3]);
+                continue;
+            }
+#endif
+            for (int64_t s = 0; s < k; s++, i++) {
+                int r = (mask[i >> 3] >> (i & 7)) & 1;
+                o[l * k + s] = r ? o[l * k + s - row] : changed[cl];
+                cl += !r;
+            }
+            cur[l] = cl;
+        }
+    }
+    free(cur);
+}
+
+/* ref-lm: per id (layer-major [L, n, k] order) a mask bit (little) = the id is in the previous
+   token's block of this layer, at slot (s + d) % k with d from `refs` (one byte per such id);
+   else the next of `changed`. out is [n, L, k], written row by row. */
+void ref_decode(const uint8_t *restrict mask, const uint8_t *restrict refs, int64_t nrefs,
+                const uint8_t *restrict changed, int64_t nchanged, uint8_t *restrict out,
+                int64_t L, int64_t n, int64_t k) {
+    if (!expand[255])
+        for (int m = 0; m < 256; m++) {
+            uint64_t x = 0;
+            for (int b = 0; b < 8; b++) if (m >> b & 1) x |= (uint64_t)0xFF << (8 * b);
+            expand[m] = x;
+        }
+    int64_t *cur = malloc(sizeof(int64_t) * 2 * L), c = 0, f = 0, row = L * k;
+    for (int64_t l = 0; l < L; l++) {
+        cur[2 * l] = c; cur[2 * l + 1] = f;
+        if ((n * k) % 8 == 0)
+            for (int64_t b = l * n * k / 8, e = (l + 1) * n * k / 8; b < e; b++) {
+                int p = __builtin_popcount(mask[b]);
+                f += p; c += 8 - p;
+            }
+        else
+            for (int64_t i = l * n * k, e = (l + 1) * n * k; i < e; i++) {
+                int r = (mask[i >> 3] >> (i & 7)) & 1;
+                f += r; c += !r;
+            }
+    }
+    for (int64_t t = 0; t < n; t++) {
+        uint8_t *o = out + t * row;
+        for (int64_t l = 0; l < L; l++) {
+            int64_t i = (l * n + t) * k, cl = cur[2 * l], fl = cur[2 * l + 1];
+            uint8_t *b = o + l * k;
+#if defined(__BMI2__) && defined(__SSSE3__)
+            if (k == 8 && t > 0 && cl + 8 <= nchanged && fl + 8 <= nrefs) {
+                /* refs scattered into their slots with pdep, + slot index, & 7: a pshufb
+                   index into the previous block; new ids scattered with pdep; blend. */
+                int m = mask[i >> 3], p = __builtin_popcount(m);
+                uint64_t keep = expand[m], src, rf, prev, v;
+                memcpy(&src, changed + cl, 8);
+                memcpy(&rf, refs + fl, 8);
+                memcpy(&prev, b - row, 8);
+                uint64_t idx = (_pdep_u64(rf, keep) + 0x0706050403020100ULL)
+                               & 0x0707070707070707ULL;
+                __m128i sh = _mm_shuffle_epi8(_mm_cvtsi64_si128((long long)prev),
+                                              _mm_cvtsi64_si128((long long)idx));
+                v = ((uint64_t)_mm_cvtsi128_si64(sh) & keep) | _pdep_u64(src, ~keep);
+                memcpy(b, &v, 8);
+                cur[2 * l] = cl + 8 - p; cur[2 * l + 1] = fl + p;
+                continue;
+            }
+#endif
+            for (int64_t s = 0; s < k; s++, i++) {
+                if ((mask[i >> 3] >> (i & 7)) & 1) {  /* never on the first row */
+                    int64_t j = s + refs[fl++];
+                    j -= (j >= k) ? k : 0;
+                    b[s] = b[j - row];
+                } else {
+                    b[s] = changed[cl++];
+                }
+            }
+            cur[2 * l] = cl; cur[2 * l + 1] = fl;
+        }
+    }
+    free(cur);
+}
+"""
+_C_LIB: list[Any] = []
+
+
+def c_decoder() -> Any:
+    """The compiled decoder of ``repeat-lm`` (built once with the system C compiler; ``None``
+    when there is none): what a format's reader kernel would cost, measured, not assumed."""
+    if not _C_LIB:
+        import ctypes
+        import shutil
+        import subprocess
+        import tempfile
+
+        lib = None
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc:
+            d = tempfile.mkdtemp(prefix="shard-layouts-")
+            src, so = f"{d}/repeat.c", f"{d}/repeat.so"
+            with open(src, "w") as f:
+                f.write(_C_SOURCE)
+            if subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", so, src],
+                              capture_output=True).returncode == 0:
+                lib = ctypes.CDLL(so)
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                lib.repeat_decode.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64]
+                lib.repeat_decode.restype = None
+                lib.ref_decode.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64]
+                lib.ref_decode.restype = None
+        _C_LIB.append(lib)
+    return _C_LIB[0]
+
+
+class RepeatLM(Layout):
+    name, doc = "repeat-lm", ("layer-major [layers, rows, k]; a bit per id for 'same as the "
+                              "previous token's id of this layer and slot' + the ids that "
+                              "change; decoded by a 12-line C kernel (NumPy where no compiler)")
+
+    def applies(self, g):
+        return g.id_dtype == np.uint8
+
+    def encode(self, ids, g):
+        lmk = np.ascontiguousarray(ids.transpose(1, 0, 2))
+        rep = np.zeros(lmk.shape, dtype=bool)
+        np.equal(lmk[:, 1:], lmk[:, :-1], out=rep[:, 1:])
+        return {"mask": np.packbits(rep.reshape(-1), bitorder="little"), "changed": lmk[~rep]}
+
+    def decode(self, bufs, n, g):
+        L, k = g.num_moe_layers, g.top_k
+        lib = c_decoder()
+        if lib is None:
+            rep = np.unpackbits(bufs["mask"], count=L * n * k, bitorder="little"
+                                ).view(bool).reshape(L, n, k)
+            full = np.empty((L, n, k), dtype=np.uint8)
+            keep = ~rep
+            full[keep] = bufs["changed"]
+            idx = np.where(keep, np.arange(n, dtype=np.int32)[None, :, None], 0)
+            np.maximum.accumulate(idx, axis=1, out=idx)
+            return _to_rows(np.take_along_axis(full, idx, axis=1))
+        out = np.empty((n, L, k), dtype=np.uint8)
+        mask, changed = bufs["mask"], bufs["changed"]
+        lib.repeat_decode(mask.ctypes.data, changed.ctypes.data, changed.size, out.ctypes.data,
+                          L, n, k)
+        return out
+
+
+class RefLM(Layout):
+    name, doc = "ref-lm", ("layer-major; a bit per id for 'in the previous token's block "
+                           "(any slot)', its slot as (slot - own slot) mod k (one byte each), "
+                           "+ the ids that are new; decoded by a C kernel (NumPy fallback: slow)")
+
+    def applies(self, g):
+        return g.id_dtype == np.uint8
+
+    def encode(self, ids, g):
+        lmk = np.ascontiguousarray(ids.transpose(1, 0, 2))
+        L, n, k = lmk.shape
+        hit = np.zeros((L, n, k, k), dtype=bool)  # [.., s, j]: id at s == previous id at j
+        np.equal(lmk[:, 1:, :, None], lmk[:, :-1, None, :], out=hit[:, 1:])
+        ref = hit.any(-1)
+        j = hit.argmax(-1)
+        d = (j - np.arange(k)) % k
+        return {"mask": np.packbits(ref.reshape(-1), bitorder="little"),
+                "refs": d[ref].astype(np.uint8), "changed": lmk[~ref]}
+
+    def decode(self, bufs, n, g):
+        L, k = g.num_moe_layers, g.top_k
+        lib = c_decoder()
+        if lib is None:  # row by row in NumPy: slow, for machines without a C compiler
+            ref = np.unpackbits(bufs["mask"], count=L * n * k, bitorder="little"
+                                ).view(bool).reshape(L, n, k)
+            out = np.empty((L, n, k), dtype=np.uint8)
+            out[~ref] = bufs["changed"]
+            d = np.zeros((L, n, k), dtype=np.intp)
+            d[ref] = bufs["refs"]
+            src = (np.arange(k) + d) % k
+            for t in range(1, n):
+                r = ref[:, t]
+                row = np.take_along_axis(out[:, t - 1], src[:, t], axis=1)
+                out[:, t][r] = row[r]
+            return _to_rows(out)
+        out = np.empty((n, L, k), dtype=np.uint8)
+        refs, changed = bufs["refs"], bufs["changed"]
+        lib.ref_decode(bufs["mask"].ctypes.data, refs.ctypes.data, refs.size,
+                       changed.ctypes.data, changed.size, out.ctypes.data, L, n, k)
+        return out
+
+
 LAYOUTS: dict[str, Layout] = {c.name: c() for c in (
     Flat, LayerMajor, LayerSlotMajor, PerLayer, SortedPerm, SortedDeltaPerm, BitmapPerm,
-    Packed7, BitShuffle, Repeat0, RepeatMask)}
+    Packed7, BitShuffle, Repeat0, RepeatMask, RepeatLM, RefLM)}
 
 # (layout, codec, level)
 DEFAULT_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
@@ -315,6 +547,9 @@ DEFAULT_VARIANTS: tuple[tuple[str, str, int | None], ...] = (
     ("bitshuffle", "zstd", 3),
     ("repeat0", "zstd", 1), ("repeat0", "zstd", 3), ("repeat0", "zstd", 9),
     ("repeat-mask", "zstd", 1), ("repeat-mask", "zstd", 3),
+    ("repeat-lm", "lz4", None), ("repeat-lm", "zstd", 1), ("repeat-lm", "zstd", 3),
+    ("repeat-lm", "zstd", 9),
+    ("ref-lm", "zstd", 1), ("ref-lm", "zstd", 3),
 )
 
 
@@ -418,7 +653,8 @@ def _median(v: list[float]) -> float:
 
 def study(g: RoutingGeometry, routing: np.ndarray,
           variants: tuple[tuple[str, str, int | None], ...], repeats: int,
-          batch_bytes: int = BATCH_BYTES, slow_level: int = 19) -> list[dict[str, Any]]:
+          batch_bytes: int = BATCH_BYTES, slow_level: int = 19, write_rounds: int = 3
+          ) -> list[dict[str, Any]]:
     """Encode/decode ``routing`` with each variant over interleaved rounds."""
     rows = routing.shape[0]
     raw = routing.nbytes
@@ -435,7 +671,7 @@ def study(g: RoutingGeometry, routing: np.ndarray,
     for rnd in range(repeats):
         for v in vs:
             layout, codec, level = v
-            if rnd == 0 or (level or 0) < slow_level:
+            if rnd == 0 or (rnd < write_rounds and (level or 0) < slow_level):
                 t0 = time.perf_counter()
                 data[v] = encode(routing, g, layout, codec, level, rpb)
                 t[v]["write"].append(time.perf_counter() - t0)
@@ -471,13 +707,45 @@ def study(g: RoutingGeometry, routing: np.ndarray,
     return results
 
 
-def run(tokens: int = 100_000, models: tuple[str, ...] = ("qwen3-30b-a3b", "deepseek-v3"),
+def _synthetic_routing(g: RoutingGeometry, ds: str, tokens: int, zipf_s: float,
+                       stickiness: float, seed: int) -> np.ndarray:
+    if ds in ("realistic", "reordered"):
+        r = RoutingModel(g, zipf_s=zipf_s, stickiness=stickiness, seed=seed).routing(tokens)
+        if ds == "reordered":  # the same sets, each block in a random order
+            flat = r.reshape(-1, g.top_k)
+            np.random.default_rng(seed + 1).permuted(flat, axis=1, out=flat)
+        return r
+    if ds == "uniform":
+        return uniform_routing(g, tokens, seed)
+    raise ValueError(f"unknown data set {ds!r} (realistic | reordered | uniform)")
+
+
+def _stored_routing(dataset: str, tokens: int) -> tuple[RoutingGeometry, np.ndarray]:
+    """The first ``tokens`` routing rows of a stored dataset, in storage order."""
+    from ..shards import ShardReader
+
+    reader = ShardReader(dataset, verify=False)
+    parts, have = [], 0
+    for sample in reader:
+        parts.append(sample.routed)
+        have += sample.routed.shape[0]
+        if have >= tokens:
+            break
+    if not parts:
+        raise ValueError(f"{dataset}: no stored samples")
+    return reader.geometry, np.ascontiguousarray(np.concatenate(parts)[:tokens])
+
+
+def run(tokens: int = 50_000, models: tuple[str, ...] = ("qwen3-30b-a3b", "deepseek-v3"),
         datasets: tuple[str, ...] = ("realistic", "uniform"), repeats: int = 5,
         variants: tuple[tuple[str, str, int | None], ...] = DEFAULT_VARIANTS,
         batch_bytes: int = BATCH_BYTES, zipf_s: float = 0.5, stickiness: float = 0.3,
-        seed: int = 0, slow_level: int = 19,
+        seed: int = 0, slow_level: int = 19, dataset: str | None = None,
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The study over each geometry and data set; one JSON-ready dict."""
+    """The study over each geometry and data set; one JSON-ready dict. ``dataset``: a stored
+    dataset (path or URI) whose routing (its first ``tokens`` rows, storage order) is studied
+    instead of synthetic data (``models`` and ``datasets`` are then ignored): real engine
+    routing is what should decide the next format."""
     out: dict[str, Any] = {
         "benchmark": "shard-layouts",
         "tokens": tokens,
@@ -487,37 +755,37 @@ def run(tokens: int = 100_000, models: tuple[str, ...] = ("qwen3-30b-a3b", "deep
             "io": "Arrow IPC file format in memory (like a shard in the page cache); each "
                   "buffer one list<uint> column of one row, compressed by Arrow per buffer",
             "timing": "median over interleaved rounds (each round: every variant writes, then "
-                      "reads threaded and single-threaded); zstd level >= "
-                      f"{slow_level} writes once",
+                      "reads threaded and single-threaded); writes timed in the first "
+                      f"{min(3, repeats)} rounds, zstd level >= {slow_level} in the first only",
             "read": "every record batch decoded to a [rows, layers, k] ndarray in engine "
                     "order; GB/s of those arrays",
         },
         "routing_model": {"zipf_s": zipf_s, "stickiness": stickiness, "how": (
             "per layer, expert popularity Zipf(s) over a random permutation of the experts; "
             "each (token, layer, slot) keeps the previous token's id with p = stickiness, else "
-            "draws by popularity; repeats within a block redrawn; draw order kept")},
+            "draws by popularity; repeats within a block redrawn; draw order kept. "
+            "'reordered': the same routing with every block's k ids in a random order (the "
+            "sets and their neighbour overlap kept, the slot alignment of repeats lost)")},
         "layouts": {name: lay.doc for name, lay in LAYOUTS.items()},
         "results": [],
         "data": [],
     }
-    for model in models:
-        g = RoutingGeometry.resolve(model)
-        for ds in datasets:
-            if ds == "realistic":
-                r = RoutingModel(g, zipf_s=zipf_s, stickiness=stickiness, seed=seed
-                                 ).routing(tokens)
-            elif ds == "uniform":
-                r = uniform_routing(g, tokens, seed)
-            else:
-                raise ValueError(f"unknown data set {ds!r} (realistic | uniform)")
-            if progress:
-                progress(f"{model} {ds}")
-            out["data"].append({"model": model, "data": ds, "geometry": g.to_dict(),
-                                "int32_bytes_per_token": g.ids_per_token * 4,
-                                "wire_int32_bytes_per_token": g.wire_ids_per_token * 4,
-                                **routing_stats(r, g)})
-            for res in study(g, r, variants, repeats, batch_bytes, slow_level):
-                out["results"].append({"model": model, "data": ds, **res})
+    jobs = [(m, ds) for m in models for ds in datasets] if dataset is None else [("", "")]
+    for model, ds in jobs:
+        if dataset is not None:
+            g, r = _stored_routing(dataset, tokens)
+            model, ds = g.name or "dataset", "stored"
+        else:
+            g = RoutingGeometry.resolve(model)
+            r = _synthetic_routing(g, ds, tokens, zipf_s, stickiness, seed)
+        if progress:
+            progress(f"{model} {ds}")
+        out["data"].append({"model": model, "data": ds, "geometry": g.to_dict(),
+                            "int32_bytes_per_token": g.ids_per_token * 4,
+                            "wire_int32_bytes_per_token": g.wire_ids_per_token * 4,
+                            **routing_stats(r, g)})
+        for res in study(g, r, variants, repeats, batch_bytes, slow_level):
+            out["results"].append({"model": model, "data": ds, **res})
     target = 0.20
     out["target"] = {"ratio_to_int32_max": target, "read_gb_s_min": 1.0,
                      "met_by": [f"{x['model']} {x['data']} {x['variant']}"

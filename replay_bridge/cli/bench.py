@@ -65,17 +65,21 @@ def bench_shards(
 
 @bench_app.command("shard-layouts")
 def bench_shard_layouts(
-    tokens: int = typer.Option(100_000, min=64, help="Routing rows (tokens) per data set."),
+    tokens: int = typer.Option(50_000, min=64, help="Routing rows (tokens) per data set."),
     models: str = typer.Option("qwen3-30b-a3b,deepseek-v3", "--models",
                                help="Geometry presets, comma-separated."),
     data: str = typer.Option("realistic,uniform", "--data",
-                             help="Data sets: realistic (skewed, correlated) and/or uniform."),
+                             help="Data sets: realistic (skewed, correlated), reordered (the "
+                                  "same with each block's ids shuffled), uniform."),
     layouts: Optional[str] = typer.Option(
         None, "--layouts", help="Only these layouts, comma-separated (default: all)."),
     repeats: int = typer.Option(5, min=1, help="Interleaved rounds; figures are medians."),
     zipf_s: float = typer.Option(0.5, help="Realistic routing: Zipf exponent per layer."),
     stickiness: float = typer.Option(0.3, help="Realistic routing: p(keep previous id)."),
     seed: int = typer.Option(0),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="Study the routing of this stored dataset (path or URI) "
+                                "instead of synthetic data."),
     as_json: bool = typer.Option(True, "--json/--no-json", help="JSON (always printed)."),
 ) -> None:
     """A study, not the stored format: the same routing in candidate layouts (flat, layer-major,
@@ -84,13 +88,14 @@ def bench_shard_layouts(
     GB/s back to [rows, layers, k] in engine order (medians of interleaved rounds)."""
     from ..benchmarks.shard_layouts import DEFAULT_VARIANTS, LAYOUTS, run
     from ..geometry import GeometryError
+    from ..shards import ShardError
 
     names = tuple(m.strip() for m in models.split(",") if m.strip())
     sets = tuple(d.strip() for d in data.split(",") if d.strip())
     if not names:
         die(f"--models must name at least one preset, got {models!r}", as_json=True)
-    if not sets or set(sets) - {"realistic", "uniform"}:
-        die(f"--data must be realistic and/or uniform, got {data!r}", as_json=True)
+    if not sets or set(sets) - {"realistic", "reordered", "uniform"}:
+        die(f"--data must be among realistic, reordered, uniform, got {data!r}", as_json=True)
     variants = DEFAULT_VARIANTS
     if layouts is not None:
         want = {x.strip() for x in layouts.split(",") if x.strip()}
@@ -99,8 +104,9 @@ def bench_shard_layouts(
         variants = tuple(v for v in DEFAULT_VARIANTS if v[0] in want)
     try:
         result = run(tokens=tokens, models=names, datasets=sets, repeats=repeats,
-                     variants=variants, zipf_s=zipf_s, stickiness=stickiness, seed=seed)
-    except GeometryError as e:
+                     variants=variants, zipf_s=zipf_s, stickiness=stickiness, seed=seed,
+                     dataset=dataset)
+    except (GeometryError, ShardError, ValueError) as e:
         die(str(e), as_json=True)
     emit_json(result)
 

@@ -71,14 +71,52 @@ def test_small_run_reports_every_variant_and_each_decodes_exactly() -> None:
 
 def test_command_line_prints_json() -> None:
     p = subprocess.run(cli("bench", "shard-layouts", "--tokens", "200", "--models",
-                           "tiny-qwen3-moe", "--data", "uniform", "--layouts",
+                           "tiny-qwen3-moe", "--data", "uniform,reordered", "--layouts",
                            "flat,repeat-mask", "--repeats", "1"),
                        capture_output=True, text=True, env=child_env(), timeout=300)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["benchmark"] == "shard-layouts"
     assert {r["layout"] for r in doc["results"]} == {"flat", "repeat-mask"}
+    assert {r["data"] for r in doc["results"]} == {"uniform", "reordered"}
     assert all(r["decodes_exactly"] for r in doc["results"])
     bad = subprocess.run(cli("bench", "shard-layouts", "--layouts", "nope"),
                          capture_output=True, text=True, env=child_env(), timeout=300)
     assert bad.returncode != 0
+
+
+@pytest.mark.parametrize("layout", ["repeat-lm", "ref-lm"])
+def test_c_kernels_and_their_numpy_fallbacks_decode_the_same(monkeypatch, layout: str) -> None:
+    import replay_bridge.benchmarks.shard_layouts as sl
+
+    for model in ("qwen3-30b-a3b", "deepseek-v3", "tiny-qwen3-moe"):
+        g = RoutingGeometry.resolve(model)
+        r = RoutingModel(g, seed=5).routing(333)
+        shuffled = r.copy()  # shared experts that change slot between tokens
+        np.random.default_rng(0).permuted(shuffled.reshape(-1, g.top_k), axis=1,
+                                          out=shuffled.reshape(-1, g.top_k))
+        for x in (r, shuffled):
+            data = encode(x, g, layout, "zstd", 1, rows_per_batch=100)
+            with_c = np.concatenate(decode(data, g, layout, [100, 100, 100, 33]))
+            monkeypatch.setattr(sl, "_C_LIB", [None])
+            without = np.concatenate(decode(data, g, layout, [100, 100, 100, 33]))
+            monkeypatch.undo()
+            np.testing.assert_array_equal(with_c, x)
+            np.testing.assert_array_equal(without, x)
+
+
+def test_the_study_reads_a_stored_dataset(tmp_path) -> None:
+    from replay_bridge.benchmarks.shards import synthetic_samples
+    from replay_bridge.shards import ShardWriter
+
+    g = RoutingGeometry.resolve("qwen3-30b-a3b")
+    samples = synthetic_samples(g, 600, seed=2)
+    with ShardWriter(tmp_path / "ds", g) as w:
+        for s in samples:
+            w.add(s)
+    out = run(tokens=500, dataset=str(tmp_path / "ds"), repeats=1,
+              variants=(("flat", "zstd", 1), ("repeat-lm", "zstd", 1)))
+    assert [d["data"] for d in out["data"]] == ["stored"]
+    assert out["data"][0]["geometry"]["num_experts"] == 128
+    assert [r["variant"] for r in out["results"]] == ["flat/zstd-1", "repeat-lm/zstd-1"]
+    assert all(r["decodes_exactly"] for r in out["results"])
