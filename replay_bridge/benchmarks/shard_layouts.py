@@ -437,13 +437,15 @@ def c_decoder() -> Any:
         lib = None
         cc = shutil.which("cc") or shutil.which("gcc")
         if cc:
-            d = tempfile.mkdtemp(prefix="shard-layouts-")
-            src, so = f"{d}/repeat.c", f"{d}/repeat.so"
-            with open(src, "w") as f:
-                f.write(_C_SOURCE)
-            if subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", so, src],
-                              capture_output=True).returncode == 0:
-                lib = ctypes.CDLL(so)
+            # Built in a temporary folder, removed once loaded (the mapping outlives the file).
+            with tempfile.TemporaryDirectory(prefix="shard-layouts-") as d:
+                src, so = f"{d}/repeat.c", f"{d}/repeat.so"
+                with open(src, "w") as f:
+                    f.write(_C_SOURCE)
+                if subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", so,
+                                   src], capture_output=True).returncode == 0:
+                    lib = ctypes.CDLL(so)
+            if lib is not None:
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 lib.repeat_decode.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64]
                 lib.repeat_decode.restype = None
