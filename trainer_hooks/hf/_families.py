@@ -94,6 +94,14 @@ class FamilyAdapter:
         the dtype the family's router returns its weights in."""
         raise NotImplementedError
 
+    def combine_is_own(self, logits: torch.Tensor) -> bool:
+        """Whether :meth:`combine` at the router's own ids returns the router's own weights bit
+        for bit, with the router's own gradient (the same ops on the same values as the
+        router's ``forward``), for ``logits`` of this dtype. Then the replay hook takes the
+        combine's weights at every row and needs no ``where`` between them and the router's
+        own; the default, ``False``, keeps it."""
+        return False
+
     def describe(self) -> str:
         raise NotImplementedError
 
@@ -103,19 +111,28 @@ class SoftmaxTopK(FamilyAdapter):
     """Softmax over every expert's logit (in float32), gathered at the ids; divided by their
     sum when the router's ``norm_topk_prob`` is set (``always_norm``: always, as Mixtral);
     cast back to the logits' dtype when ``cast_back`` (Qwen2/Qwen3-MoE; Mixtral returns
-    float32). Mixtral's normalised top-k softmax equals a softmax over the top-k logits."""
+    float32). Mixtral's normalised top-k softmax equals a softmax over the top-k logits.
+    ``float_first``: the router takes ``softmax(logits.float())`` (Mixtral), not
+    ``softmax(logits, dtype=float)``: the same op only for float32 logits."""
 
     always_norm: bool = False
     cast_back: bool = True
+    float_first: bool = False
 
     def combine(
         self, router: torch.nn.Module, logits: torch.Tensor, ids: torch.Tensor
     ) -> torch.Tensor:
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        w = probs.gather(1, ids)
+        w = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, ids)
         if self.always_norm or router.norm_topk_prob:
             w = w / w.sum(dim=-1, keepdim=True)
-        return w.to(logits.dtype) if self.cast_back else w
+        if self.cast_back and logits.dtype != torch.float:
+            w = w.to(logits.dtype)
+        return w
+
+    def combine_is_own(self, logits: torch.Tensor) -> bool:
+        # The router's own softmax(dtype=float), top-k values (= the gather at its ids),
+        # /= sum, cast back.
+        return not self.float_first or logits.dtype == torch.float
 
     def describe(self) -> str:
         norm = "always normalised" if self.always_norm else "normalised if norm_topk_prob"
@@ -137,6 +154,10 @@ class GroupedSigmoidTopK(FamilyAdapter):
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return w * router.routed_scaling_factor
 
+    def combine_is_own(self, logits: torch.Tensor) -> bool:
+        # The router's own sigmoid, gather at its ids, / (sum + 1e-20), * scaling.
+        return True
+
     def describe(self) -> str:
         return ("sigmoid scores gathered at the ids (no correction bias), normalised if "
                 "norm_topk_prob, times routed_scaling_factor")
@@ -149,7 +170,7 @@ FAMILIES: Mapping[str, FamilyAdapter] = {
         SoftmaxTopK("qwen3_moe", f"{_T}.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeTopKRouter"),
         SoftmaxTopK("qwen2_moe", f"{_T}.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeTopKRouter"),
         SoftmaxTopK("mixtral", f"{_T}.mixtral.modeling_mixtral", "MixtralTopKRouter",
-                    always_norm=True, cast_back=False),
+                    always_norm=True, cast_back=False, float_first=True),
         GroupedSigmoidTopK("deepseek_v3", f"{_T}.deepseek_v3.modeling_deepseek_v3",
                            "DeepseekV3TopkRouter"),
         GroupedSigmoidTopK("glm4_moe", f"{_T}.glm4_moe.modeling_glm4_moe", "Glm4MoeTopkRouter"),

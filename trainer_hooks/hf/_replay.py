@@ -95,9 +95,15 @@ def _upload(host: HostRouting, shape: tuple[int, int], device: torch.device) -> 
 
 @dataclass
 class _Pass:
+    """One active pass: the micro-batch and what the hook reads of it at every call."""
+
     mb: MicroBatchRouting
-    measure: bool
     calls: list[int]
+    counter: AgreementCounter | None  # None: agreement not counted in this pass
+    tokens: int
+    replayed: torch.Tensor
+    region: torch.Tensor
+    targets: tuple[torch.Tensor, ...]  # one [tokens, top_k] per router
 
 
 class RoutingReplay:
@@ -246,7 +252,9 @@ class RoutingReplay:
                 f"the micro-batch was laid out for layers {micro_batch.host.layers}, the "
                 f"model's routers are at {self.layers}"
             )
-        self._pass = _Pass(micro_batch, measure, [0] * len(self._sites))
+        mb = micro_batch
+        self._pass = _Pass(mb, [0] * len(self._sites), self._agreement if measure else None,
+                           mb.num_tokens, mb.replayed, mb.region, mb.targets.unbind(0))
         try:
             yield self
         finally:
@@ -303,28 +311,35 @@ class RoutingReplay:
                 )
 
     def _hook_for(self, index: int, site: RouterSite) -> Any:
-        adapter = self.adapter
+        # Hot path: one call per router per forward (and recompute); everything it reads is
+        # bound here or taken from the pass, which holds the micro-batch's tensors.
+        combine = self.adapter.combine
+        combine_is_own = self.adapter.combine_is_own
         moe_index = self.geometry.moe_layers.index(site.layer)
+        where = torch.where
+        replay = self
 
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            p = self._pass
+            p = replay._pass
             if p is None:
                 return None
             logits, weights, own = output
-            mb = p.mb
-            if logits.shape[0] != mb.num_tokens:
+            if logits.shape[0] != p.tokens:
+                mb = p.mb
                 raise ReplayStateError(
                     f"router at layer {site.layer} ({site.name}) sees {logits.shape[0]} tokens, "
                     f"the micro-batch was laid out for {mb.num_tokens} ({mb.shape[0]} x "
                     f"{mb.shape[1]}): the batch passed to the model is not the one prepared"
                 )
-            target = mb.targets[index]
-            ids = torch.where(mb.replayed, target, own)
-            w = torch.where(mb.replayed, adapter.combine(module, logits, ids), weights)
-            first = p.calls[index] == 0
-            p.calls[index] += 1
-            if first and p.measure and self._agreement is not None:
-                self._agreement.add_topk(moe_index, own, ids, mb.region)
+            replayed = p.replayed
+            ids = where(replayed, p.targets[index], own)
+            w = combine(module, logits, ids)
+            if not combine_is_own(logits):  # else the combine at own ids is `weights`, bit for bit
+                w = where(replayed, w, weights)
+            calls = p.calls
+            calls[index] += 1
+            if calls[index] == 1 and p.counter is not None:
+                p.counter.add_topk(moe_index, own, ids, p.region)
             return logits, w, ids
 
         return hook

@@ -141,6 +141,32 @@ def test_combine_weights_are_the_familys_own_and_reach_the_router(family: str) -
     replay.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_where_the_adapter_says_so_its_combine_at_own_ids_is_the_routers_own(
+        family: str, dtype: torch.dtype) -> None:
+    """The hook skips the ``where`` between the combine's weights and the router's own when
+    ``combine_is_own``: at the router's own ids the combine then gives its weights bit for bit,
+    and the router weight's gradient through them bit for bit too."""
+    model = S.build_model(family).to(dtype)
+    replay = RoutingReplay(model, model_geometry(model))
+    adapter = replay.adapter
+    replay.close()
+    torch.manual_seed(5)
+    for site in adapter.routers(model):
+        router = site.module
+        hidden = torch.randn(24, model.config.hidden_size, dtype=dtype)
+        logits, own_w, own_ids = router(hidden)
+        if not adapter.combine_is_own(logits):
+            assert family == "mixtral" and dtype != torch.float32
+            continue
+        w = adapter.combine(router, logits, own_ids)
+        assert w.dtype == own_w.dtype and torch.equal(w, own_w)
+        g = torch.randn(own_w.shape, dtype=own_w.dtype)
+        (g_own,) = torch.autograd.grad((own_w * g).sum(), router.weight, retain_graph=True)
+        (g_comb,) = torch.autograd.grad((w * g).sum(), router.weight)
+        assert g_own.abs().sum() > 0 and torch.equal(g_comb, g_own)
+
+
 def test_a_training_step_puts_gradients_on_every_router(family: str) -> None:
     model = S.build_model(family)
     geometry = model_geometry(model)
