@@ -49,6 +49,10 @@ class AgreementCounter:
         self.top_k = int(top_k)
         self.counts = torch.zeros(len(self.layers), _NUM_REGIONS, 3, dtype=torch.int64,
                                   device=device)
+        # Per-call host work: a view per layer row, and a ones column kept between calls of
+        # the same token count (each op is a launch, and the hooks run it at every router).
+        self._rows = self.counts.unbind(0)
+        self._ones = torch.ones(0, dtype=torch.int64, device=device)
 
     def add(
         self, index: int, overlap: torch.Tensor, region: torch.Tensor,
@@ -58,8 +62,14 @@ class AgreementCounter:
         ``int64 [tokens]``, ``exact`` ``bool [tokens]`` (default: ``overlap == top_k``)."""
         if exact is None:
             exact = overlap == self.top_k
-        stats = torch.stack((torch.ones_like(overlap), exact.long(), overlap.long()), dim=1)
-        self.counts[index].index_add_(0, region, stats.to(self.counts.dtype))
+        ones = self._ones
+        if ones.shape[0] != overlap.shape[0]:
+            ones = self._ones = torch.ones(overlap.shape[0], dtype=torch.int64,
+                                           device=self.counts.device)
+        stats = torch.stack((ones, exact, overlap), dim=1)  # promoted: int64 for int64 overlap
+        if stats.dtype != torch.int64:
+            stats = stats.long()
+        self._rows[index].index_add_(0, region, stats)
 
     def add_topk(
         self, index: int, ids: torch.Tensor, reference: torch.Tensor, region: torch.Tensor
