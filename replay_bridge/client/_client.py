@@ -55,10 +55,12 @@ class SampleResult:
 
 @dataclass(slots=True)
 class Exchange:
-    """One request and its raw answer (``body``), or the error that ended it."""
+    """One request and its raw answer (``body``: ``bytes``, or a ``memoryview`` of a buffer
+    the transport pools, valid until :meth:`RolloutClient.recycle`), or the error that ended
+    it."""
 
     call: EngineCall
-    body: bytes | None = None
+    body: bytes | memoryview | None = None
     error: str | None = None
     group_id: str | None = None
     policy_version: int | None = None
@@ -169,7 +171,7 @@ class RolloutClient:
             self._slots = asyncio.Semaphore(self.concurrency)
         async with self._slots:
             try:
-                body = await self.transport.post(call.path, call.payload)
+                body = await self.transport.post_view(call.path, call.payload)
             except TransportError as e:
                 error = str(e)
             except Exception as e:  # noqa: BLE001 - a transport's surprise fails this request only
@@ -178,6 +180,14 @@ class RolloutClient:
                 return Exchange(call, body=body, group_id=group_id, policy_version=version)
         return Exchange(call, error=self.transport.redact(error), group_id=group_id,
                         policy_version=version)
+
+    def recycle(self, exchanges: Sequence[Exchange]) -> None:
+        """Give the exchanges' bodies back to the transport for reuse (after :meth:`finish`);
+        their bodies are not to be read again. Decoded samples own their memory, so they stay
+        valid."""
+        for ex in exchanges:
+            if ex.body is not None:
+                self.transport.recycle(ex.body)
 
     # ---- CPU half: decode and check ------------------------------------------------------
 
@@ -246,7 +256,11 @@ class RolloutClient:
         Decoding and checking run on the calling thread; a rollout loop that wants them off
         the event loop calls :meth:`fetch` and runs :meth:`finish` in an executor.
         """
-        return self.finish(await self.fetch(prompt, samples=samples, params=params))
+        exchanges = await self.fetch(prompt, samples=samples, params=params)
+        try:
+            return self.finish(exchanges)
+        finally:
+            self.recycle(exchanges)
 
     async def continue_sample(
         self,
@@ -268,7 +282,10 @@ class RolloutClient:
                         prev.policy_version)
         exchanges = await self.fetch(prompt, sample_ids=[prev.sample_id], params=params,
                                      routed_start=start)
-        (result,) = self.finish(exchanges)
+        try:
+            (result,) = self.finish(exchanges)
+        finally:
+            self.recycle(exchanges)
         if result.sample is None:
             return result
         try:

@@ -101,7 +101,10 @@ class _Store:
         self.client, self.sink, self.summary, self.on_result = client, sink, summary, on_result
 
     def __call__(self, exchanges: list[Exchange]) -> None:
-        results = self.client.finish(exchanges)
+        try:
+            results = self.client.finish(exchanges)
+        finally:
+            self.client.recycle(exchanges)
         s, sink = self.summary, self.sink
         for r in results:
             verdict = self._store(r)

@@ -1,4 +1,4 @@
-"""HTTP transport: one aiohttp session, per-request timeout, retries with exponential backoff and
+"""HTTP transport: keep-alive connections, per-request timeout, retries with exponential backoff and
 full jitter (from :class:`~._transport.BaseTransport`), a cap on response size, and a bearer
 token read from the environment.
 
@@ -8,6 +8,11 @@ response, a response that is not what the caller can read. The token goes into t
 message and never stored. Credentials in the endpoint URL (``http://user:pass@host``) are sent
 as HTTP Basic auth (unless a token is set: one ``Authorization`` header) and are cut from the
 URL every message names; both secrets are redacted from every error, echoed bodies included.
+
+Answers are read by the buffered HTTP/1.1 reader (``_h1.py``, ``reader="buffer"``): the
+kernel copies each answer into a warm pooled buffer and the body comes back as a
+``memoryview`` of it, which :meth:`HTTPTransport.recycle` hands back once decoded.
+``reader="aiohttp"`` reads with an aiohttp session instead (chunks joined into ``bytes``).
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from ._h1 import BufferPool, H1Client, TooLarge
 from ._redact import Redactor, split_userinfo
 from ._transport import BaseTransport, RetryPolicy, TransportError
 
@@ -67,7 +74,13 @@ class ResponseTooLarge(TransportError):
 
 
 class HTTPTransport(BaseTransport):
-    """POST JSON over HTTP, get bytes back: the only place the client touches the network."""
+    """POST JSON over HTTP, get the answer's bytes back: the only place the client touches the
+    network.
+
+    ``reader="buffer"`` (the default) returns each body as a ``memoryview`` of a pooled buffer;
+    :meth:`recycle` gives the buffer back for the next answer once nothing views it.
+    ``reader="aiohttp"`` returns ``bytes`` read by aiohttp.
+    """
 
     def __init__(
         self,
@@ -80,7 +93,10 @@ class HTTPTransport(BaseTransport):
         connection_limit: int = 0,
         read_bufsize: int = 4194304,
         seed: int | None = None,
+        reader: Literal["buffer", "aiohttp"] = "buffer",
     ) -> None:
+        if reader not in ("buffer", "aiohttp"):
+            raise ValueError(f"reader must be 'buffer' or 'aiohttp', got {reader!r}")
         key = os.environ.get(api_key_env) if api_key_env else None
         clean, user, password = split_userinfo(endpoint)
         # A lone user name (``http://TOKEN@host``) is a token too.
@@ -102,14 +118,38 @@ class HTTPTransport(BaseTransport):
             self._auth = aiohttp.BasicAuth(user, password or "")
         self._connection_limit = connection_limit
         self.read_bufsize = read_bufsize
+        self.reader = reader
         self._session: aiohttp.ClientSession | None = None
+        self._h1: H1Client | None = None
+        self._pool = BufferPool()
+        self._head: tuple[str, str] | None = None
 
     def __repr__(self) -> str:
         auth = "bearer" if "Authorization" in self._headers else \
             "basic" if self._auth is not None else "none"
         return f"HTTPTransport({self.url('')!r}, auth={auth})"
 
+    def _request_head(self) -> tuple[str, str]:
+        """The request line's path prefix and the fixed header lines (``reader="buffer"``);
+        ``ValueError`` when a header value holds a line break."""
+        parts = urlsplit(self.endpoint)
+        headers = {"Host": parts.netloc, **self._headers, "Accept-Encoding": "identity"}
+        if self._auth is not None:
+            headers["Authorization"] = self._auth.encode()
+        if any(c in v for v in headers.values() for c in "\r\n\0"):
+            raise ValueError("a request header value holds a line break or NUL")
+        return parts.path, "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
     async def open(self) -> None:
+        if self.reader == "buffer":
+            if self._h1 is None:
+                parts = urlsplit(self.endpoint)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise ValueError(f"not an http(s) endpoint: {self.url('')!r}")
+                tls = parts.scheme == "https"
+                self._h1 = H1Client(parts.hostname, parts.port or (443 if tls else 80),
+                                    tls=tls, pool=self._pool)
+            return
         if self._session is None:
             conn = aiohttp.TCPConnector(limit=self._connection_limit, force_close=False)
             self._session = aiohttp.ClientSession(connector=conn, headers=self._headers,
@@ -118,6 +158,9 @@ class HTTPTransport(BaseTransport):
             # aiohttp logs nothing of headers; our own log lines never carry them either.
 
     async def close(self) -> None:
+        if self._h1 is not None:
+            self._h1.close()
+            self._h1 = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -136,11 +179,45 @@ class HTTPTransport(BaseTransport):
         await self.open()
         url = self.url(path)
         try:
+            if self.reader == "buffer":
+                return await self._post_buffered(path, url, orjson.dumps(payload))
             return await self._post_once(self.endpoint + path, url, orjson.dumps(payload))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             kind = "timeout" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
             raise TransportError(f"{kind} on POST {url}: {e}".rstrip(": "),
                                  retryable=True) from None
+
+    def recycle(self, body: bytes | memoryview | None) -> None:
+        """Hand a body this transport returned back to its buffer pool; the body must not be
+        used again (a ``memoryview`` is released). A buffer still viewed elsewhere is left
+        alone, never reused."""
+        if isinstance(body, memoryview):
+            self._pool.give(body)
+
+    async def _post_buffered(self, path: str, url: str, data: bytes) -> memoryview:
+        """POST ``data`` to ``endpoint + path`` with the buffered reader; messages call it
+        ``url``."""
+        assert self._h1 is not None
+        cap = self.max_response_bytes
+        if self._head is None:
+            self._head = self._request_head()
+        base, headers = self._head
+        target = urlsplit(base + path)
+        line = target.path + (f"?{target.query}" if target.query else "")
+        request = (f"POST {line or '/'} HTTP/1.1\r\n{headers}Content-Length: {len(data)}\r\n"
+                   "\r\n").encode("latin-1") + data
+        try:
+            async with asyncio.timeout(self.timeout):
+                resp = await self._h1.post(request, cap)
+        except TooLarge as e:
+            size = f"is {e.length} bytes, over" if e.length is not None else "exceeds"
+            raise ResponseTooLarge(f"response from {url} {size} the {cap}-byte cap",
+                                   retryable=False) from None
+        if resp.status >= 400:
+            snippet = bytes(resp.body[:4096])
+            self._pool.give(resp.body)
+            raise HTTPError(resp.status, url, snippet, redact=self.redact)
+        return resp.body
 
     async def _post_once(self, target: str, url: str, data: bytes) -> bytes:
         """POST ``data`` to ``target``; messages call it ``url``."""

@@ -120,12 +120,29 @@ class BaseTransport:
         userinfo, bearer / basic tokens, authorization headers) replaced by ``***``."""
         return self._redactor(text)
 
-    async def send_once(self, path: str, payload: Any) -> bytes:
+    async def send_once(self, path: str, payload: Any) -> bytes | memoryview:
         """One attempt; raise :class:`TransportError` (``retryable`` set) on failure."""
         raise NotImplementedError
 
+    def recycle(self, body: bytes | memoryview | None) -> None:
+        """Take back a body :meth:`post` returned, once its caller is done with it (a
+        transport that pools receive buffers reuses it; the body must not be used again)."""
+
     async def post(self, path: str, payload: Any) -> bytes:
-        """POST ``payload`` to ``path``; return the raw response body.
+        """POST ``payload`` to ``path``; return the raw response body as ``bytes``.
+
+        Raises :class:`TransportError` as :meth:`post_view` does.
+        """
+        body = await self.post_view(path, payload)
+        if isinstance(body, bytes):
+            return body
+        out = bytes(body)
+        self.recycle(body)
+        return out
+
+    async def post_view(self, path: str, payload: Any) -> bytes | memoryview:
+        """POST ``payload`` to ``path``; return the raw response body: ``bytes``, or a
+        ``memoryview`` of a buffer the transport reuses once given back with :meth:`recycle`.
 
         Raises :class:`TransportError` (or a subclass), its message redacted, once the request
         has failed for good: on a failure that is not retryable, or when ``retry`` says to

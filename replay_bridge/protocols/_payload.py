@@ -17,10 +17,12 @@ an escaped quote ends the scan's slice early) falls back to parsing the body as 
 from __future__ import annotations
 
 import binascii
+import mmap
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import pybase64
 
@@ -76,18 +78,34 @@ class Payloads:
             raise ValueError(f"invalid base64 ({len(text)} chars): {e}") from None
 
 
+def _base(body: Any, start: int, end: int | None) -> tuple[Any, int, int]:
+    """``(buf, start, end)`` with ``buf`` searchable (``find``): a byte ``memoryview`` of a
+    ``bytes``, ``bytearray`` or ``mmap`` becomes that object and the view's place in it (no
+    copy); any other view is copied once."""
+    if isinstance(body, memoryview):
+        owner = body.obj
+        if (isinstance(owner, (bytes, bytearray, mmap.mmap)) and body.c_contiguous
+                and body.itemsize == 1 and len(body)):
+            off = (np.frombuffer(body, np.uint8).__array_interface__["data"][0]
+                   - np.frombuffer(owner, np.uint8).__array_interface__["data"][0])
+            n = len(body) if end is None else end
+            return owner, off + start, off + n
+        body = bytes(body)
+    return body, start, len(body) if end is None else end
+
+
 def split(
     body: bytes | bytearray | memoryview | Any, start: int = 0, end: int | None = None,
     key: bytes = b'"routed_experts"',
 ) -> tuple[bytes, Payloads]:
     """Split ``body[start:end]`` into a skeleton and the string payloads of every ``key``.
 
-    ``body`` is ``bytes`` or anything with ``bytes``-like ``find`` and indexing (an ``mmap``):
-    payloads stay views of it.
+    ``body`` is ``bytes``, ``bytearray``, a ``memoryview`` of one, or anything with
+    ``bytes``-like ``find`` and indexing (an ``mmap``): payloads stay views of it, never
+    copies.
     """
-    buf = bytes(body) if isinstance(body, (bytearray, memoryview)) else body
+    buf, start, n = _base(body, start, end)
     mv = memoryview(buf)
-    n = len(buf) if end is None else end
     parts: list[bytes | memoryview] = []
     payloads = Payloads()
     pos = last = start
@@ -116,7 +134,8 @@ def split(
         payloads.views.append(mv[first:close])
         last = pos = close
     if not payloads.views:
-        return bytes(mv[start:n]) if (start or n != len(buf) or not isinstance(buf, bytes)) else buf, payloads
+        whole = not start and n == len(buf) and isinstance(buf, bytes)
+        return buf if whole else bytes(mv[start:n]), payloads
     parts.append(mv[last:n])
     return b"".join(parts), payloads
 
@@ -132,11 +151,11 @@ def loads(
     """
     if isinstance(body, str):
         body = body.encode()
-    skeleton, payloads = split(body, start, end)
+    buf, start, n = _base(body, start, end)
+    skeleton, payloads = split(buf, start, n)
     try:
         return orjson.loads(skeleton), payloads
     except orjson.JSONDecodeError:
         if not payloads.views:
             raise
-    n = len(body) if end is None else end
-    return orjson.loads(memoryview(body)[start:n]), Payloads()
+    return orjson.loads(memoryview(buf)[start:n]), Payloads()

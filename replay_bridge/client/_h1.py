@@ -1,0 +1,337 @@
+"""A small HTTP/1.1 client for the transport's hot path: POST a body, read the answer straight
+into a reused buffer.
+
+The kernel copies each answer into a ``bytearray`` taken from a :class:`BufferPool`
+(``asyncio.BufferedProtocol``: ``recv_into``, no intermediate ``bytes``), so a warm buffer costs
+no page faults and no copy beyond the kernel's. The answer's body comes back as a
+``memoryview`` of that buffer; :meth:`BufferPool.give` takes the buffer back once nothing views
+it any more (a buffer still viewed, by a ``memoryview`` or a NumPy array, is never reused).
+
+Scope: ``Content-Length``, ``chunked`` and read-until-close bodies, keep-alive connections (one
+request at a time each), ``http`` and ``https``; no proxies, redirects or content codings (it
+asks for ``identity`` and refuses anything else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from typing import Any
+
+__all__ = ["BufferPool", "H1Client", "H1Error", "H1Response", "TooLarge"]
+
+MAX_HEAD = 64 * 1024
+"""The most bytes a status line and headers may take."""
+
+FIRST_BUFFER = 256 * 1024
+
+
+class H1Error(ConnectionError):
+    """The answer could not be read: a broken connection or an answer that is not HTTP/1.1."""
+
+
+class TooLarge(Exception):
+    """The answer's body is over the cap (``length``: its declared size, or ``None``)."""
+
+    def __init__(self, length: int | None) -> None:
+        super().__init__(length)
+        self.length = length
+
+
+class BufferPool:
+    """Receive buffers kept warm between answers: at most ``keep`` are held while idle. Safe to
+    share between threads (a decoding thread gives back what the event loop took)."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        """The largest idle buffer, or a new one."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(FIRST_BUFFER)
+
+    def give(self, buf: bytearray | memoryview | Any) -> bool:
+        """Take ``buf`` (a buffer from :meth:`take`, or a ``memoryview`` of one, which is
+        released) back for reuse; ``False`` when it is still viewed elsewhere and so is left
+        alone."""
+        if isinstance(buf, memoryview):
+            owner = buf.obj
+            buf.release()
+            buf = owner
+        if not isinstance(buf, bytearray) or not buf:
+            return False
+        try:  # a bytearray with live exports (views, arrays) cannot be resized
+            buf.append(buf.pop())
+        except BufferError:
+            return False
+        with self._lock:
+            if len(self._free) < self.keep and all(b is not buf for b in self._free):
+                self._free.append(buf)
+                self._free.sort(key=len)
+        return True
+
+
+class H1Response:
+    """A complete answer: status, headers (lower-case names) and the body, a view of a pooled
+    buffer."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: memoryview) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One connection; reads one answer at a time into ``buf``."""
+
+    def __init__(self, pool: BufferPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.reusable = True
+        self.buf: bytearray | None = None
+        self._junk = bytearray(4096)
+        self._waiter: asyncio.Future[H1Response] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self.cap = 0
+
+    # ---- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(H1Error("connection lost while sending"))
+        self._fail(H1Error(f"connection closed by the server{f': {exc}' if exc else ''}"))
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self.buf
+        if buf is None:  # bytes nobody asked for: the connection is not reused
+            self.reusable = False
+            return memoryview(self._junk)
+        if self.n == len(buf):
+            self._grow(2 * len(buf))
+        return memoryview(self.buf)[self.n:]  # type: ignore[index]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.buf is None:
+            return
+        self.n += nbytes
+        try:
+            self._parse()
+        except Exception as e:  # noqa: BLE001 - the request fails, the loop goes on
+            self.reusable = False
+            self._fail(e)
+
+    def eof_received(self) -> bool:
+        self.reusable = False
+        if self.buf is not None and self.mode == "close" and self.head_end >= 0:
+            self._done(self.n)
+        else:
+            self._fail(H1Error("the server closed the connection before the answer ended"))
+        return False
+
+    # ---- one exchange --------------------------------------------------------------------
+
+    async def exchange(self, request: bytes, cap: int) -> H1Response:
+        """Send ``request`` (a whole HTTP/1.1 request) and read the answer."""
+        assert self.transport is not None and self.buf is None
+        loop = asyncio.get_running_loop()
+        self.buf, self.n, self.cap = self.pool.take(), 0, cap
+        self.head_end, self.mode, self.status, self.headers = -1, "", 0, {}
+        self._scan = 0
+        self._waiter = waiter = loop.create_future()
+        self.transport.write(request)
+        if self._drain is not None and not self._drain.done():
+            await self._drain
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if self.buf is not None:  # failed or cancelled: the buffer goes back unviewed
+                self.pool.give(self.buf)
+                self.buf = None
+                self.reusable = False
+
+    def _fail(self, e: BaseException) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(e)
+
+    def _done(self, end: int) -> None:
+        buf, self.buf = self.buf, None
+        assert buf is not None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(H1Response(self.status, self.headers,
+                                               memoryview(buf)[self.body_start:end]))
+
+    def _grow(self, size: int) -> None:
+        """A larger buffer holding what was read so far (views may pin the old one)."""
+        old = self.buf
+        assert old is not None
+        new = bytearray(max(size, len(old)))
+        new[:self.n] = memoryview(old)[:self.n]
+        self.buf = new
+
+    def _parse(self) -> None:
+        buf = self.buf
+        assert buf is not None
+        while self.head_end < 0:
+            end = buf.find(b"\r\n\r\n", max(self._scan - 3, 0), self.n)
+            if end < 0:
+                if self.n > MAX_HEAD:
+                    raise H1Error(f"the answer's headers exceed {MAX_HEAD} bytes")
+                self._scan = self.n
+                return
+            if not self._head(bytes(buf[:end])):  # 1xx: drop it, read the next head
+                rest = self.n - end - 4
+                buf[:rest] = buf[end + 4:self.n]
+                self.n, self._scan = rest, 0
+                continue
+            self.head_end = self.body_start = end + 4
+            self._pos = self._out = self.body_start
+            self._left = -1
+        if self.mode == "length":
+            if self.n >= self.need:
+                if self.n > self.need:
+                    self.reusable = False
+                self._done(self.need)
+        elif self.mode == "chunked":
+            self._chunks()
+        elif self.n - self.body_start > self.cap:
+            raise TooLarge(None)
+
+    def _head(self, head: bytes) -> bool:
+        """Read the status line and headers; ``False`` for an interim (1xx) answer."""
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise H1Error(f"not an HTTP/1.1 answer: {lines[0][:80]!r}")
+        status = int(parts[1])
+        if 100 <= status < 200:
+            return False
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise H1Error(f"malformed header line {line[:80]!r}")
+            key = name.strip().lower().decode("latin-1")
+            v = value.strip().decode("latin-1")
+            headers[key] = f"{headers[key]}, {v}" if key in headers else v
+        self.status, self.headers = status, headers
+        if "close" in headers.get("connection", "").lower():
+            self.reusable = False
+        coding = headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            raise H1Error(f"the answer is {coding}-encoded; identity was asked for")
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self.mode = "chunked"
+        elif status in (204, 304):
+            self.mode, self.need = "length", len(head) + 4
+        elif "content-length" in headers:
+            text = headers["content-length"].strip()
+            if not text.isdigit():
+                raise H1Error(f"bad Content-Length {text[:40]!r}")
+            length = int(text)
+            if length > self.cap:
+                raise TooLarge(length)
+            self.mode, self.need = "length", len(head) + 4 + length
+            if len(self.buf) < self.need:  # type: ignore[arg-type]
+                self._grow(self.need)
+        else:
+            self.mode, self.reusable = "close", False
+        return True
+
+    def _chunks(self) -> None:
+        """Decode the chunked body read so far in place: chunk data moves down over the size
+        lines; ``_out`` is where the body ends, ``_pos`` where reading resumes."""
+        buf = self.buf
+        assert buf is not None
+        while True:
+            if self._left < 0:  # at a size line
+                eol = buf.find(b"\r\n", self._pos, self.n)
+                if eol < 0:
+                    return
+                size_text = bytes(buf[self._pos:eol]).split(b";")[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise H1Error(f"bad chunk size {size_text[:20]!r}") from None
+                if size == 0:  # trailers (if any) end at an empty line
+                    if buf.find(b"\r\n\r\n", eol, self.n) >= 0:
+                        self._done(self._out)
+                    return
+                if self._out - self.body_start + size > self.cap:
+                    raise TooLarge(None)
+                self._pos, self._left = eol + 2, size
+            k = min(self._left, self.n - self._pos)
+            if k > 0 and self._out != self._pos:
+                buf[self._out:self._out + k] = buf[self._pos:self._pos + k]
+            self._out += k
+            self._pos += k
+            self._left -= k
+            if self._left:
+                return
+            if self.n - self._pos < 2:  # the CRLF after the data
+                self._left = 0
+                return
+            self._pos += 2
+            self._left = -1
+
+
+class H1Client:
+    """Keep-alive connections to one ``host:port`` (``https`` when ``tls``), each used by one
+    request at a time; buffers from ``pool``."""
+
+    def __init__(self, host: str, port: int, *, tls: bool = False,
+                 pool: BufferPool | None = None) -> None:
+        self.host, self.port = host, port
+        self.pool = pool or BufferPool()
+        self._ssl = ssl.create_default_context() if tls else None
+        self._idle: list[_Conn] = []
+
+    async def post(self, request: bytes, cap: int) -> H1Response:
+        """Send ``request`` on an idle connection (or a new one) and read the answer; raises
+        :class:`H1Error` / ``OSError`` on a broken exchange, :class:`TooLarge` over ``cap``."""
+        conn = None
+        while self._idle:
+            c = self._idle.pop()
+            if not c.closed and c.transport is not None and not c.transport.is_closing():
+                conn = c
+                break
+        if conn is None:
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(
+                lambda: _Conn(self.pool), self.host, self.port, ssl=self._ssl,
+                server_hostname=self.host if self._ssl else None)
+        ok = False
+        try:
+            resp = await conn.exchange(request, cap)
+            ok = True
+            return resp
+        finally:
+            if ok and conn.reusable and not conn.closed:
+                self._idle.append(conn)
+            elif conn.transport is not None:
+                conn.transport.abort()
+
+    def close(self) -> None:
+        """Close the idle connections (those in use close when their exchange ends)."""
+        while self._idle:
+            c = self._idle.pop()
+            if c.transport is not None:
+                c.transport.close()
