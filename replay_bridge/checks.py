@@ -57,7 +57,7 @@ BLOCK_KINDS = ("out_of_range", "all_zero", "duplicate_ids")
 REGIONS = ("prompt", "completion")
 
 # Blocks per vectorised step of the duplicate scan: small enough to stay in cache.
-_CHUNK_BLOCKS = 1 << 16
+_CHUNK_BLOCKS = 1 << 14
 
 
 @dataclass
@@ -328,22 +328,31 @@ def _scan_blocks(report: CheckReport, moe: np.ndarray, routed_start: int,
     if rows == 0:
         return moe.astype(geometry.id_dtype)
 
-    # Range: one pass. Viewing signed ids as unsigned of the same width maps negatives above
-    # any expert count.
+    # Range, narrowing and the repeated-id scan run together over cache-sized runs of rows,
+    # so that each wire id is read from memory once. Viewing signed ids as unsigned of the
+    # same width maps negatives above any expert count.
     unsigned = moe.view(np.dtype(f"u{moe.dtype.itemsize}")) if moe.dtype.kind == "i" else moe
-    in_range = int(unsigned.max()) < n_experts
+    if moe.dtype == geometry.id_dtype and moe.flags.c_contiguous:
+        narrow = moe
+    else:
+        narrow = np.empty(moe.shape, geometry.id_dtype)
+    step = max(_CHUNK_BLOCKS // m, 1)
+    top, repeats = 0, False
+    for lo in range(0, rows, step):
+        top = max(top, int(unsigned[lo : lo + step].max()))
+        if narrow is not moe:
+            np.copyto(narrow[lo : lo + step], moe[lo : lo + step], casting="unsafe")
+        if not repeats and top < n_experts:
+            repeats = has_repeated_ids(narrow[lo : lo + step])
+    in_range = top < n_experts
     oor_mask = None
     if not in_range:
         oor_mask = (unsigned >= n_experts).any(axis=-1)
-
-    # Narrow (the stored form); exact for every in-range block.
-    narrow = moe.astype(geometry.id_dtype, copy=False)
-    if not narrow.flags.c_contiguous:
-        narrow = np.ascontiguousarray(narrow)
+        repeats = has_repeated_ids(narrow)
     blocks = narrow.reshape(rows * m, k)
 
     zero_mask = dup_mask = None
-    if has_repeated_ids(blocks):
+    if repeats:
         zero_mask = ~blocks.any(axis=1)
         dup_mask = repeated_ids(blocks) & ~zero_mask
         zero_mask = zero_mask.reshape(rows, m)

@@ -168,3 +168,31 @@ def test_moe_layers_kept_for_every_layer_pattern(rng, moe_layers, dtype):
     report = check_sample(_sample(r), g)
     assert report.kinds == ("duplicate_ids",)
     assert report.first["duplicate_ids"] == (5, moe_layers[-1])
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 1 << 14])
+def test_faults_found_in_every_run_of_the_chunked_scan(rng, monkeypatch, chunk):
+    """Range, narrowing and the repeated-id scan go over runs of rows: a fault in any run,
+    and faults of different kinds in different runs, are all found and located."""
+    import replay_bridge.checks as checks
+
+    monkeypatch.setattr(checks, "_CHUNK_BLOCKS", chunk)  # runs of 1-2 rows, or the whole
+    rows = 40
+    tokens = np.arange(rows + 1, dtype=np.int32)
+    good = routing(rng, rows, G)
+    for row, layer, kind in [(0, 1, "duplicate_ids"), (17, 4, "duplicate_ids"),
+                             (39, 5, "duplicate_ids"), (23, 2, "all_zero")]:
+        r = good.copy()
+        r[row, layer] = [3, 3, 8, 9] if kind == "duplicate_ids" else 0
+        report, routed = accept(WireSample("s", tokens, 10, routing=r), G)
+        assert report.kinds == (kind,) and routed is None
+        assert report.first[kind] == (row, layer)
+    r = good.copy()
+    r[30, 3, 2] = 64      # out of range in a late run
+    r[2, 2] = [7, 1, 7, 0]  # a repeat in an early run
+    report = check_sample(WireSample("s", tokens, 10, routing=r), G)
+    assert report.kinds == ("out_of_range", "duplicate_ids")
+    assert report.first["out_of_range"] == (30, 3) and report.first["duplicate_ids"] == (2, 2)
+    report, routed = accept(WireSample("s", tokens, 10, routing=good), G)
+    assert report.ok
+    np.testing.assert_array_equal(routed.routed, good[:, 1:, :].astype(np.uint8))
