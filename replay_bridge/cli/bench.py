@@ -29,13 +29,17 @@ def bench_ingest(
     model: str = typer.Option("qwen3-30b-a3b", help="Model preset, directory or config.json."),
     repeats: int = typer.Option(3, min=1, help="Rounds; figures are medians."),
     peer: bool = typer.Option(True, help="Also time the usual torch-based peer chain."),
+    busy: bool = typer.Option(True, help="Also time floor and ingest while another process "
+                                         "keeps one core busy."),
     workdir: Optional[Path] = typer.Option(None, help="Where to put temporary files."),
     as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
 ) -> None:
-    """Ingest time vs pybase64 b64decode of the same payloads (the floor) vs a peer chain."""
+    """Ingest time vs pybase64 b64decode of the same payloads (the floor) vs a peer chain,
+    quiet and with one core busy."""
     from ..benchmarks.ingest import run
 
-    emit_json(run(tokens=tokens, model=model, repeats=repeats, peer=peer, workdir=workdir))
+    emit_json(run(tokens=tokens, model=model, repeats=repeats, peer=peer, busy=busy,
+                  workdir=workdir))
 
 
 @bench_app.command("shards")
