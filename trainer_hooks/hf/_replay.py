@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 
 from replay_bridge.geometry import RoutingGeometry
-from replay_bridge.layout import PAD, HostRouting, LayoutError, lookup_samples
+from replay_bridge.layout import HostRouting, LayoutError, lookup_samples
 from replay_bridge.sample import RoutedSample
 from trainer_hooks.megatron import (
     AgreementCounter,
@@ -34,6 +34,7 @@ from trainer_hooks.megatron import (
     ReplayStateError,
     flat_figures,
 )
+from trainer_hooks.upload import upload_routing
 
 from ._families import FamilyAdapter, RouterSite, adapter_for
 from ._grid import grid_routing, packed_spans, padded_spans, sequence_slice
@@ -74,23 +75,12 @@ class MicroBatchRouting:
 
 
 def _upload(host: HostRouting, shape: tuple[int, int], device: torch.device) -> MicroBatchRouting:
-    ids = torch.from_numpy(host.ids)
-    region = torch.from_numpy(host.region)
-    staging: tuple[torch.Tensor, ...] = ()
-    if device.type == "cuda":
-        ids, region = ids.pin_memory(), region.pin_memory()
-        staging = (ids, region)
-    d_ids = ids.to(device, non_blocking=True)
-    d_region = region.to(device, non_blocking=True).long()
-    uint16 = d_ids.dtype == torch.uint16
-    if uint16:  # widened through int16 (uint16 casts are not supported everywhere)
-        d_ids = d_ids.view(torch.int16)
-    wide = d_ids.permute(1, 0, 2).to(torch.int64, memory_format=torch.contiguous_format)
-    if uint16:
-        wide.bitwise_and_(0xFFFF)
-    replayed = (d_region < PAD).unsqueeze(1)
-    wide.masked_fill_(~replayed.unsqueeze(0), -1)
-    return MicroBatchRouting(host, shape, wide, replayed, d_region, staging)
+    """``host`` on ``device`` (:func:`~trainer_hooks.upload.upload_routing`): ``-1`` at pad and
+    native rows, the other rows marked ``replayed``."""
+    up = upload_routing(host, device, fill_pad=True)
+    assert up.filled is not None
+    replayed = (~up.filled).unsqueeze(1)
+    return MicroBatchRouting(host, shape, up.targets, replayed, up.region, up.staging)
 
 
 @dataclass

@@ -22,7 +22,6 @@ import torch
 
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.layout import (
-    NATIVE,
     HostRouting,
     Packing,
     RankSlice,
@@ -30,6 +29,7 @@ from replay_bridge.layout import (
     lookup_samples,
 )
 from replay_bridge.sample import RoutedSample
+from trainer_hooks.upload import upload_routing
 
 from ._metrics import AgreementCounter, flat_figures
 from ._routers import ReplayConfigError, RouterSlot, find_routers
@@ -62,27 +62,11 @@ class MicroBatchRouting:
 
 
 def _upload(host: HostRouting, device: torch.device) -> MicroBatchRouting:
-    """Narrow ids to the device (pinned, non-blocking when it is a GPU), widened there; ``-1``
-    at native tokens."""
-    ids = torch.from_numpy(host.ids)
-    region = torch.from_numpy(host.region)
-    staging: tuple[torch.Tensor, ...] = ()
-    if device.type == "cuda":
-        ids, region = ids.pin_memory(), region.pin_memory()
-        staging = (ids, region)
-    d_ids = ids.to(device, non_blocking=True)
-    d_region = region.to(device, non_blocking=True).long()
-    uint16 = d_ids.dtype == torch.uint16
-    if uint16:  # widened through int16 (uint16 casts are not supported everywhere)
-        d_ids = d_ids.view(torch.int16)
-    # [tokens, routers, k] -> [routers, tokens, k] int64, widened and transposed in one copy
-    wide = d_ids.permute(1, 0, 2).to(torch.int64, memory_format=torch.contiguous_format)
-    if uint16:
-        wide.bitwise_and_(0xFFFF)
-    has_native = host.has_native
-    if has_native:
-        wide.masked_fill_((d_region == NATIVE).view(1, -1, 1), -1)
-    return MicroBatchRouting(host, wide, d_region, list(wide.unbind(0)), has_native, staging)
+    """``host`` on ``device`` (:func:`~trainer_hooks.upload.upload_routing`): ``-1`` at native
+    tokens, one target view per router."""
+    up = upload_routing(host, device)
+    return MicroBatchRouting(host, up.targets, up.region, list(up.targets.unbind(0)),
+                             up.filled is not None, up.staging)
 
 
 @dataclass
