@@ -1,0 +1,159 @@
+"""The buffered HTTP/1.1 reader: answers land in pooled buffers that are reused only when nothing
+views them, so a recycled buffer never changes a sample decoded earlier; bodies of every
+framing (length, chunked, until close), interim answers, refused codings."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from replay_bridge.client import (HTTPTransport, Prompt, RetryPolicy, RolloutClient,
+                                  SamplingParams, TransportError)
+from replay_bridge.client._h1 import BufferPool
+from replay_bridge.geometry import RoutingGeometry
+from replay_bridge.protocols import Completion, get_protocol
+from reference_engine.loopback import synthetic_routing
+
+from .conftest import running
+
+ONCE = RetryPolicy(max_attempts=1, max_elapsed=0.0)
+
+
+@asynccontextmanager
+async def raw_server(answers: list[list[bytes]]) -> AsyncIterator[tuple[str, list[int]]]:
+    """Answer the i-th request (on any connection) with the pieces ``answers[i]``, written one
+    at a time with a pause between them, and close the connection after the last answer;
+    yields the URL and the client ports seen, one per request."""
+    ports: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while len(ports) < len(answers):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length"))
+                await reader.readexactly(length)
+                ports.append(writer.get_extra_info("peername")[1])
+                for piece in answers[len(ports) - 1]:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+            writer.close()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", ports
+    finally:
+        server.close()
+
+
+def test_chunked_body_read_in_small_pieces() -> None:
+    body = b'{"a": "' + b"x" * 3000 + b'"}'
+    chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(body[i:i + 700]), body[i:i + 700])
+                      for i in range(0, len(body), 700))
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\nT: 1\r\n\r\n"
+    pieces = [wire[i:i + 37] for i in range(0, len(wire), 37)]  # sizes and CRLFs cut apart
+
+    async def go() -> None:
+        async with raw_server([pieces]) as (url, _), HTTPTransport(url, retry=ONCE) as t:
+            assert await t.post("/generate", {}) == body
+    asyncio.run(go())
+
+
+def test_interim_answer_skipped_and_keep_alive_reused() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond"
+
+    async def go() -> None:
+        async with raw_server([[ok[:20], ok[20:]], [interim]]) as (url, ports), \
+                HTTPTransport(url, retry=ONCE) as t:
+            assert await t.post("/generate", {}) == b"first"
+            assert await t.post("/generate", {}) == b"second"
+            assert ports[0] == ports[1]  # one keep-alive connection
+    asyncio.run(go())
+
+
+def test_body_until_close_and_empty_204() -> None:
+    async def go() -> None:
+        async with raw_server([[b"HTTP/1.1 204 No Content\r\n\r\n"],
+                               [b"HTTP/1.1 200 OK\r\n\r\nto the", b" end"]]) as (url, ports), \
+                HTTPTransport(url, retry=ONCE) as t:
+            assert await t.post("/generate", {}) == b""
+            assert await t.post("/generate", {}) == b"to the end"
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("answer, match", [
+    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc",
+     "gzip-encoded; identity was asked for"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut short", "before the answer ended"),
+    (b"SMTP ready\r\n\r\n", "not an HTTP/1.1 answer"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+])
+def test_unreadable_answers_are_retryable_errors(answer: bytes, match: str) -> None:
+    async def go() -> None:
+        async with raw_server([[answer]]) as (url, _), HTTPTransport(url, retry=ONCE) as t:
+            with pytest.raises(TransportError, match=match) as ei:
+                await t.post("/generate", {})
+            assert ei.value.retryable
+    asyncio.run(go())
+
+
+def test_pool_reuses_only_buffers_nothing_views() -> None:
+    pool = BufferPool()
+    buf = pool.take()
+    held = np.frombuffer(buf, np.uint8)[:4]  # an array still reading the buffer
+    assert not pool.give(memoryview(buf)[10:20])
+    assert pool.take() is not buf
+    del held
+    body = memoryview(buf)[10:20]
+    assert pool.give(body)
+    with pytest.raises(ValueError):
+        bytes(body)  # a recycled body is released: reading it fails loudly
+    assert pool.take() is buf
+
+
+def test_recycled_buffer_never_changes_an_earlier_sample(tiny: RoutingGeometry) -> None:
+    """Two answers read through one connection and one pooled buffer: the first sample,
+    decoded and kept, must be unchanged after its buffer held the second answer."""
+    sglang = get_protocol("sglang")
+
+    async def handler(request: web.Request) -> web.Response:
+        payload = await request.json()
+        out = np.arange(4, dtype=np.int32) + 7
+        tokens = np.concatenate([np.asarray(payload["input_ids"]), out])
+        answer = sglang.encode_response(payload, [Completion(out, synthetic_routing(tokens,
+                                                                                    tiny))])
+        return web.json_response(answer)
+
+    app = web.Application()
+    app.router.add_post("/generate", handler)
+
+    async def go() -> None:
+        async with running(app) as url, RolloutClient(
+                url, "sglang", tiny, params=SamplingParams(max_new_tokens=4),
+                concurrency=1) as client:
+            first = await client.fetch(Prompt("p0", list(range(1, 40))))
+            buf = first[0].body.obj  # type: ignore[union-attr]
+            (r0,) = client.finish(first)
+            assert r0.sample is not None
+            kept = r0.sample.routed.copy()
+            client.recycle(first)
+            second = await client.fetch(Prompt("p1", list(range(2, 41))))
+            assert second[0].body.obj is buf  # type: ignore[union-attr]  # the same buffer
+            (r1,) = client.finish(second)
+            client.recycle(second)
+            assert r1.sample is not None
+            assert not np.array_equal(r1.sample.routed, kept)
+            np.testing.assert_array_equal(r0.sample.routed, kept)
+            for r in (r0, r1):
+                assert not np.may_share_memory(r.sample.routed, np.frombuffer(buf, np.uint8))
+    asyncio.run(go())
