@@ -27,7 +27,7 @@ from ..checks import accept
 from ..geometry import RoutingGeometry
 from ..shards import ShardWriter
 from ..protocols import decode_response, get_protocol
-from ..client import Prompt, RolloutClient, SamplingParams, collect
+from ..client import HTTPTransport, Prompt, RolloutClient, SamplingParams, collect
 from .responder import start_responder, stop_responder
 
 __all__ = ["run"]
@@ -90,17 +90,26 @@ class _Setup:
     params: SamplingParams
     concurrency: int
 
-    def client(self) -> RolloutClient:
+    def client(self, reader: str = "buffer") -> RolloutClient:
+        """A client reading answers with ``reader`` (the transport's ``buffer`` or
+        ``aiohttp``)."""
         return RolloutClient(self.url, self.engine, self.geometry, params=self.params,
-                             concurrency=self.concurrency)
+                             concurrency=self.concurrency,
+                             transport=HTTPTransport(self.url, reader=reader))  # type: ignore[arg-type]
 
 
-def _collect_round(setup: _Setup, prompts: list[Prompt], out: Path, r: int) -> dict[str, Any]:
-    """Round ``r``: the whole collection into ``out``, timed (CPU of this process, wall)."""
+READERS = ("buffer", "aiohttp")
+"""The transport's readers, measured side by side: the first is the client's default."""
+
+
+def _collect_round(setup: _Setup, prompts: list[Prompt], out: Path, r: int,
+                   reader: str = "buffer") -> dict[str, Any]:
+    """Round ``r``: the whole collection into ``out`` with ``reader``, timed (CPU of this
+    process, wall)."""
     writer = ShardWriter(out, setup.geometry)
 
     async def go() -> Any:
-        async with setup.client() as client:
+        async with setup.client(reader) as client:
             return await collect(client, prompts, writer)
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -110,21 +119,27 @@ def _collect_round(setup: _Setup, prompts: list[Prompt], out: Path, r: int) -> d
     if summary.stored != len(prompts):
         raise RuntimeError(f"round {r}: {summary.stored} of {len(prompts)} stored: "
                            f"{summary.totals()}")
-    return {"cpu_s": round(cpu, 4), "wall_s": round(wall, 4), "tokens": summary.tokens,
+    return {"reader": reader, "cpu_s": round(cpu, 4), "wall_s": round(wall, 4),
+            "tokens": summary.tokens,
             "cpu_ns_per_token": cpu / summary.tokens * 1e9,
             "tokens_per_s": summary.tokens / wall}
 
 
-def _receive_only(setup: _Setup, prompts: list[Prompt]) -> tuple[float, int]:
-    """Receiving alone: the same requests, answers read and dropped; (CPU s, body bytes)."""
+def _receive_only(setup: _Setup, prompts: list[Prompt], reader: str = "buffer"
+                  ) -> tuple[float, int]:
+    """Receiving alone with ``reader``: the same requests, answers read and given back
+    unread; (CPU s, body bytes)."""
     async def go() -> int:
         n = 0
-        async with setup.client() as client:
+        async with setup.client(reader) as client:
             sem = asyncio.Semaphore(setup.concurrency)
 
             async def one(p: Prompt) -> int:
                 async with sem:
-                    return sum(len(ex.body or b"") for ex in await client.fetch(p))
+                    exchanges = await client.fetch(p)
+                    size = sum(len(ex.body or b"") for ex in exchanges)
+                    client.recycle(exchanges)
+                    return size
 
             for size in await asyncio.gather(*(one(p) for p in prompts)):
                 n += size
@@ -140,7 +155,7 @@ def _fetch_bodies(setup: _Setup, prompts: list[Prompt]) -> list[tuple[dict[str, 
     async def go() -> list[tuple[dict[str, Any], bytes]]:
         async with setup.client() as client:
             exchanges = await asyncio.gather(*(client.fetch(p) for p in prompts))
-        return [(ex[0].call.payload, ex[0].body or b"") for ex in exchanges]
+        return [(ex[0].call.payload, bytes(ex[0].body or b"")) for ex in exchanges]
 
     return asyncio.run(go())
 
@@ -195,12 +210,15 @@ def run(
     setup = _Setup(url, engine, geometry, params, concurrency)
     tmp = tempfile.TemporaryDirectory(dir=workdir)
     try:
-        rounds = [_collect_round(setup, prompt_list, Path(tmp.name) / f"round-{r}", r)
-                  for r in range(repeats)]
-        receive_cpu = []
+        # Interleaved: each round runs every reader, so a busy machine weighs on both alike.
+        rounds = [_collect_round(setup, prompt_list, Path(tmp.name) / f"round-{r}-{reader}", r,
+                                 reader)
+                  for r in range(repeats) for reader in READERS]
+        receive_cpu: dict[str, list[float]] = {reader: [] for reader in READERS}
         for _ in range(repeats):
-            cpu, body_bytes = _receive_only(setup, prompt_list)
-            receive_cpu.append(cpu)
+            for reader in READERS:
+                cpu, body_bytes = _receive_only(setup, prompt_list, reader)
+                receive_cpu[reader].append(cpu)
 
         # The same answers again, kept whole, for the floor and the per-stage split.
         sub = prompt_list[:floor_samples]
@@ -226,7 +244,7 @@ class _Measured:
     """CPU seconds as measured; ``sub_tokens``: tokens of the samples the stages ran on."""
 
     rounds: list[dict[str, Any]]
-    receive_cpu: list[float]
+    receive_cpu: dict[str, list[float]]
     body_bytes: int
     raw_recv: float
     payloads: list[bytes]
@@ -242,11 +260,15 @@ def _report(setup: _Setup, model: str, prompts: int, tokens_per_sample: int,
             m: _Measured) -> dict[str, Any]:
     """The figures, per token, from the measured CPU seconds."""
     rounds, sub_tokens = m.rounds, m.sub_tokens
-    per_tok = statistics.median(x["cpu_ns_per_token"] for x in rounds)
+    per_reader = {reader: statistics.median(x["cpu_ns_per_token"] for x in rounds
+                                            if x["reader"] == reader) for reader in READERS}
+    per_tok = per_reader[READERS[0]]
     floor_ns = m.floor / sub_tokens * 1e9
     discard_ns = m.floor_discard / sub_tokens * 1e9
     tokens_total = rounds[0]["tokens"]
-    stages = {"receive": statistics.median(m.receive_cpu) / tokens_total * 1e9,
+    receive = {reader: statistics.median(cpu) / tokens_total * 1e9
+               for reader, cpu in m.receive_cpu.items()}
+    stages = {"receive": receive[READERS[0]],
               "decode": m.decode / sub_tokens * 1e9, "check": m.check / sub_tokens * 1e9,
               "store": m.stored / sub_tokens * 1e9}
     stages_sum = sum(stages.values())
@@ -265,6 +287,12 @@ def _report(setup: _Setup, model: str, prompts: int, tokens_per_sample: int,
         "client_cpu_ns_per_token": round(per_tok, 1),
         "floor_b64decode_ns_per_token": round(floor_ns, 1),
         "ratio_client_vs_floor": round(per_tok / floor_ns, 2),
+        "by_reader": {reader: {
+            "client_cpu_ns_per_token": round(ns, 1),
+            "ratio_client_vs_floor": round(ns / floor_ns, 2),
+            "receive_ns_per_token": round(receive[reader], 1),
+            "ratio_receive_vs_raw_socket": round(receive[reader] / raw_ns, 2)}
+            for reader, ns in per_reader.items()},
         "floor_b64decode_discard_ns_per_token": round(discard_ns, 1),
         "ratio_client_vs_discard_floor": round(per_tok / discard_ns, 2),
         "stages_ns_per_token": {k: round(v, 1) for k, v in stages.items()},
@@ -276,7 +304,8 @@ def _report(setup: _Setup, model: str, prompts: int, tokens_per_sample: int,
         "cpus": os.cpu_count(),
         "client_cpu_us_per_sample": round(per_tok * tokens_per_sample / 1e3, 1),
         "note": "client CPU = time.process_time of the collecting process (all threads, kernel "
-                "time included) over the whole collection; the responder runs in another "
+                "time included) over the whole collection, with the transport's default reader "
+                "(by_reader: each reader, rounds interleaved); the responder runs in another "
                 "process. Floor = pybase64 b64decode (validate=True, results kept, as bench "
                 "ingest) of the same payloads as bytes, on the first samples; the discard "
                 "floor drops each result at once. Stages: receive = the same "
