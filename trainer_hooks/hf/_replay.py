@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -43,6 +43,13 @@ __all__ = ["MicroBatchRouting", "RoutingReplay", "model_geometry"]
 
 Layout = Literal["padded", "packed"]
 _OWNER = "_replay_bridge_hf_replay"
+
+
+def _checked_packing(packing: str) -> Layout:
+    """``packing`` if it is a layout this hook knows, else ``ValueError``."""
+    if packing not in ("padded", "packed"):
+        raise ValueError(f"packing must be 'padded' or 'packed', got {packing!r}")
+    return cast(Layout, packing)
 
 
 def model_geometry(model: torch.nn.Module) -> RoutingGeometry:
@@ -117,12 +124,10 @@ class RoutingReplay:
         agreement: bool = True,
         validate_ids: bool = True,
     ) -> None:
-        if packing not in ("padded", "packed"):
-            raise ValueError(f"packing must be 'padded' or 'packed', got {packing!r}")
         self.model = model
         self.geometry = geometry
         self.source = source
-        self.packing: Layout = packing
+        self.packing: Layout = _checked_packing(packing)
         self.validate_ids = validate_ids
         self.adapter: FamilyAdapter = adapter_for(model.config)
         own = model_geometry(model)
@@ -201,17 +206,14 @@ class RoutingReplay:
         self, items: Sequence[RoutedSample | str], attention_mask: Any, position_ids: Any,
         packing: Layout | None, sp_size: int = 1, sp_rank: int = 0,
     ) -> tuple[HostRouting, tuple[int, int]]:
-        packing = packing or self.packing
-        if packing == "padded":
+        if _checked_packing(packing or self.packing) == "padded":
             if attention_mask is None:
                 raise LayoutError("a padded micro-batch needs its attention_mask")
             spans = padded_spans(attention_mask)
-        elif packing == "packed":
+        else:
             if position_ids is None:
                 raise LayoutError("a packed micro-batch needs its position_ids")
             spans = packed_spans(position_ids, attention_mask)
-        else:
-            raise ValueError(f"packing must be 'padded' or 'packed', got {packing!r}")
         samples = lookup_samples(items, self.source)
         host = grid_routing(samples, self.geometry, self.layers, spans,
                             validate=self.validate_ids)
