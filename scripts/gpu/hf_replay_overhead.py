@@ -36,16 +36,15 @@ replay, and host syncs per step (``torch.cuda.set_sync_debug_mode``).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from arm_timing import host_syncs, interleaved_rounds
 
 ARMS = ("off", "on", "on_prelaid", "on_no_agreement")
 
@@ -282,19 +281,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wall = (time.perf_counter() - t0) * 1e3
         return wall, wall
 
-    for _ in range(args.warmup):
-        for a in ARMS:
-            step(a)
-    dev: dict[str, list[float]] = {a: [] for a in ARMS}
-    wall: dict[str, list[float]] = {a: [] for a in ARMS}
-    gc.collect()
-    gc.disable()
-    for r in range(args.steps):
-        for a in ARMS[r % len(ARMS):] + ARMS[: r % len(ARMS)]:
-            d, w = step(a)
-            dev[a].append(d)
-            wall[a].append(w)
-    gc.enable()
+    timed = interleaved_rounds(step, ARMS, args.steps, args.warmup)
+    dev = {a: [d for d, _ in v] for a, v in timed.items()}
+    wall = {a: [w for _, w in v] for a, v in timed.items()}
 
     # Agreement of one replayed step (own top-k against the ids routed).
     detach()
@@ -316,15 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kernel_ms: dict[str, float] = {}
     op_growth: list[dict[str, Any]] = []
     if cuda:
-        for a in ARMS:
-            with warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    step(a)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            syncs[a] = sum("synchroniz" in str(x.message) for x in w)
+        syncs = host_syncs(step, ARMS)
         from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 

@@ -18,12 +18,10 @@ Prints one JSON object (and writes it to ``--out``)::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from arm_timing import host_syncs, interleaved_rounds
 from replay_bridge.sample import RoutedSample
 from trainer_hooks.megatron import Packing, RoutingReplay, model_geometry, moe_routers
 from trainer_hooks.megatron.steps import make_forward_step
@@ -152,34 +151,14 @@ def main() -> None:
         return time.perf_counter() - t0
 
     arms = ["off", "on", "on_no_agreement"]
-    for _ in range(args.warmup):
-        for a in arms:
-            step(a)
-    replay_a.metrics()  # drop warm-up counts
-    times: dict[str, list[float]] = {a: [] for a in arms}
-    gc.collect()
-    gc.disable()
-    for r in range(args.rounds):
-        order = arms[r % 3:] + arms[: r % 3]
-        for a in order:
-            times[a].append(step(a))
-    gc.enable()
+    # replay_a.metrics() after warm-up drops the warm-up counts
+    times = interleaved_rounds(step, arms, args.rounds, args.warmup, replay_a.metrics)
     metrics = replay_a.metrics()
     ratios = {a: statistics.median(x / y for x, y in zip(times[a], times["off"]))
               for a in arms[1:]}
 
     # Host syncs per step, by arm (megatron's all-to-all dispatcher syncs on its own).
-    syncs: dict[str, int] = {}
-    if not args.cpu:
-        for a in arms:
-            with warnings.catch_warnings(record=True) as w:
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    step(a)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-            syncs[a] = sum("synchroniz" in str(x.message) for x in w)
+    syncs = host_syncs(step, arms) if not args.cpu else {}
 
     # Device (kernel + copy) time per step, by arm, from the profiler: noise-free figure of
     # the GPU work the hook adds.

@@ -16,7 +16,8 @@ SCRIPT = ROOT / "scripts" / "gpu" / "hf_replay_overhead.py"
 ARMS = ["off", "on", "on_prelaid", "on_no_agreement"]
 
 
-def _load():
+def _load(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run: its folder's modules import
     spec = importlib.util.spec_from_file_location("hf_replay_overhead", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -25,9 +26,10 @@ def _load():
 
 @pytest.mark.parametrize("extra", [[], ["--packing", "packed", "--grad-ckpt", "--optimizer"]],
                          ids=["padded", "packed-ckpt-adamw"])
-def test_tiny_cpu_run_writes_the_json(tmp_path: Path, extra: list[str]) -> None:
+def test_tiny_cpu_run_writes_the_json(tmp_path: Path, extra: list[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "o.json"
-    result = _load().main(["--device", "cpu", "--tiny", "--dtype", "fp32", "--steps", "2",
+    result = _load(monkeypatch).main(["--device", "cpu", "--tiny", "--dtype", "fp32", "--steps", "2",
                            "--json", str(out), *extra])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(result))
