@@ -26,7 +26,13 @@ def test_small_run_reports_every_figure(engine: str, tmp_path: Path) -> None:
                   max_new_tokens=8, concurrency=2, repeats=2, workdir=tmp_path,
                   floor_samples=4)
     assert r["engine"] == engine and r["tokens_per_sample"] == 24
-    assert [x["tokens"] for x in r["rounds"]] == [6 * 24, 6 * 24]  # every sample stored
+    # every sample stored, in each round by each reader (interleaved)
+    assert [(x["reader"], x["tokens"]) for x in r["rounds"]] == [
+        (reader, 6 * 24) for _ in range(2) for reader in bench.READERS]
+    assert set(r["by_reader"]) == set(bench.READERS) == {"buffer", "aiohttp"}
+    assert r["by_reader"]["buffer"]["client_cpu_ns_per_token"] == r["client_cpu_ns_per_token"]
+    for figures in r["by_reader"].values():
+        assert figures["client_cpu_ns_per_token"] > 0 and figures["receive_ns_per_token"] > 0
     assert set(r["stages_ns_per_token"]) == {"receive", "decode", "check", "store"}
     assert all(v > 0 for v in r["stages_ns_per_token"].values())
     assert r["stages_sum_ns_per_token"] == pytest.approx(
