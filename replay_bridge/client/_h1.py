@@ -40,19 +40,23 @@ class TooLarge(Exception):
 
 
 class BufferPool:
-    """Receive buffers kept warm between answers: at most ``keep`` are held while idle. Safe to
-    share between threads (a decoding thread gives back what the event loop took)."""
+    """Receive buffers kept warm between answers: at most ``keep`` buffers and ``keep_bytes``
+    bytes are held while idle. Safe to share between threads (a decoding thread gives back
+    what the event loop took)."""
 
-    def __init__(self, keep: int = 64) -> None:
-        self.keep = keep
+    def __init__(self, keep: int = 64, keep_bytes: int = 512 << 20) -> None:
+        self.keep, self.keep_bytes = keep, keep_bytes
         self._free: list[bytearray] = []
+        self._held = 0
         self._lock = threading.Lock()
 
     def take(self) -> bytearray:
         """The largest idle buffer, or a new one."""
         with self._lock:
             if self._free:
-                return self._free.pop()
+                buf = self._free.pop()
+                self._held -= len(buf)
+                return buf
         return bytearray(FIRST_BUFFER)
 
     def give(self, buf: bytearray | memoryview | Any) -> bool:
@@ -70,9 +74,11 @@ class BufferPool:
         except BufferError:
             return False
         with self._lock:
-            if len(self._free) < self.keep and all(b is not buf for b in self._free):
+            if (len(self._free) < self.keep and self._held + len(buf) <= self.keep_bytes
+                    and all(b is not buf for b in self._free)):
                 self._free.append(buf)
                 self._free.sort(key=len)
+                self._held += len(buf)
         return True
 
 
@@ -295,18 +301,25 @@ class _Conn(asyncio.BufferedProtocol):
 
 class H1Client:
     """Keep-alive connections to one ``host:port`` (``https`` when ``tls``), each used by one
-    request at a time; buffers from ``pool``."""
+    request at a time, at most ``limit`` at once (0: no limit); buffers from ``pool``."""
 
     def __init__(self, host: str, port: int, *, tls: bool = False,
-                 pool: BufferPool | None = None) -> None:
+                 pool: BufferPool | None = None, limit: int = 0) -> None:
         self.host, self.port = host, port
         self.pool = pool or BufferPool()
         self._ssl = ssl.create_default_context() if tls else None
         self._idle: list[_Conn] = []
+        self._slots = asyncio.Semaphore(limit) if limit > 0 else None
 
     async def post(self, request: bytes, cap: int) -> H1Response:
         """Send ``request`` on an idle connection (or a new one) and read the answer; raises
         :class:`H1Error` / ``OSError`` on a broken exchange, :class:`TooLarge` over ``cap``."""
+        if self._slots is None:
+            return await self._post(request, cap)
+        async with self._slots:
+            return await self._post(request, cap)
+
+    async def _post(self, request: bytes, cap: int) -> H1Response:
         conn = None
         while self._idle:
             c = self._idle.pop()

@@ -79,7 +79,8 @@ class HTTPTransport(BaseTransport):
 
     ``reader="buffer"`` (the default) returns each body as a ``memoryview`` of a pooled buffer;
     :meth:`recycle` gives the buffer back for the next answer once nothing views it.
-    ``reader="aiohttp"`` returns ``bytes`` read by aiohttp.
+    ``reader="aiohttp"`` returns ``bytes`` read by aiohttp (``read_bufsize`` is its stream
+    buffer). ``connection_limit`` caps the connections open at once (0: no cap).
     """
 
     def __init__(
@@ -148,7 +149,7 @@ class HTTPTransport(BaseTransport):
                     raise ValueError(f"not an http(s) endpoint: {self.url('')!r}")
                 tls = parts.scheme == "https"
                 self._h1 = H1Client(parts.hostname, parts.port or (443 if tls else 80),
-                                    tls=tls, pool=self._pool)
+                                    tls=tls, pool=self._pool, limit=self._connection_limit)
             return
         if self._session is None:
             conn = aiohttp.TCPConnector(limit=self._connection_limit, force_close=False)

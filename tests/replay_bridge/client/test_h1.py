@@ -121,6 +121,15 @@ def test_pool_reuses_only_buffers_nothing_views() -> None:
     assert pool.take() is buf
 
 
+def test_pool_holds_at_most_its_byte_bound() -> None:
+    pool = BufferPool(keep_bytes=3 * (1 << 20))
+    bufs = [bytearray(1 << 20) for _ in range(5)]
+    for b in bufs:
+        assert pool.give(b)  # taken back, but only three are kept
+    kept = [pool.take() for _ in range(4)]
+    assert sum(any(k is b for b in bufs) for k in kept) == 3
+
+
 def test_recycled_buffer_never_changes_an_earlier_sample(tiny: RoutingGeometry) -> None:
     """Two answers read through one connection and one pooled buffer: the first sample,
     decoded and kept, must be unchanged after its buffer held the second answer."""
