@@ -3,8 +3,9 @@ trainer's packing of a micro-batch, rollout routing made by a perturbed copy of 
 own routers, and an agreement count that reads the routers' actual choices.
 
 Not part of the bridge: the examples build by hand the tensors each framework holds, feed them
-to the bridge's adapters and replay them with :class:`trainer_hooks.megatron.RoutingReplay`;
-this module is the scaffolding around that. The agreement is counted here from the framework's
+to the bridge's adapters and pick the trainer's packing; this module is the scaffolding around
+that: each example's command line (:func:`run_example`) and its replay-off and replay-on passes
+with :class:`trainer_hooks.megatron.RoutingReplay` (:func:`replay_result`). The agreement is counted here from the framework's
 own tensor and the experts each router actually used (its routing map, read by a forward hook),
 never from the bridge's layout or metrics, so a misaligned adapter or layout shows up as
 disagreement.
@@ -16,7 +17,7 @@ import argparse
 import contextlib
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -299,6 +300,36 @@ def run_passes(model: Any, batch: TrainerBatch, expected: Expected, replay_facto
     finally:
         probe.close()
     return out
+
+
+def replay_result(framework: str, layout: str, model: Any, batch: TrainerBatch, packing: Any,
+                  expected: Expected, adapted: Any, no_replay: bool,
+                  **extra: Any) -> dict[str, Any]:
+    """An example's result: the framework and the layout of its tensors, the trainer's packing,
+    how many samples the bridge's adapter (``adapted``) accepted, ``extra`` fields, and
+    :func:`run_passes` of the accepted samples with a
+    :class:`~trainer_hooks.megatron.RoutingReplay` over ``packing`` (a ``Packing``)."""
+    from trainer_hooks.megatron import RoutingReplay
+
+    return {
+        "framework": framework, "layout": layout, "packing": batch.packing,
+        "samples": len(adapted.reports), "accepted": len(adapted.accepted), **extra,
+        **run_passes(model, batch, expected,
+                     lambda: RoutingReplay(model, GEOMETRY, packing=packing),
+                     adapted.accepted, no_replay),
+    }
+
+
+def run_example(example: Callable[[argparse.Namespace, Any], dict[str, Any]], description: str,
+                packings: Sequence[str] = ("thd",),
+                extra: Sequence[tuple[str, dict[str, Any]]] = ()) -> None:
+    """An example's command line: its arguments (:func:`parse_args`), then ``example(args,
+    model)`` in a CPU world (:func:`cpu_world`) over the tiny model (:func:`build_model`), and
+    its result printed (:func:`report`)."""
+    args = parse_args(description, packings, extra)
+    with cpu_world(args.threads):
+        result = example(args, build_model(args.seed))
+    report(result, args.json)
 
 
 def report(result: dict[str, Any], as_json: bool) -> None:

@@ -26,12 +26,15 @@ top-k; the two are counted apart.
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 import numpy as np
 import torch
 
 import _tiny as T
 from replay_bridge import from_padded_batch
-from trainer_hooks.megatron import Packing, RoutingReplay
+from trainer_hooks.megatron import Packing
 
 PAD_TO_MULTIPLE = 4
 MISSING = -1  # nemo_rl ROUTED_EXPERTS_MISSING_ROUTE_SENTINEL
@@ -73,42 +76,34 @@ def expected(batch: dict[str, torch.Tensor], tb: T.TrainerBatch) -> T.Expected:
     return e
 
 
-def main() -> None:
-    args = T.parse_args(__doc__.splitlines()[0])
+def example(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """NeMo-RL's batch for the tiny ``model`` (``-1`` rows included), the bridge's adapter over
+    it, NeMo-RL's THD packing, and the replay-off / replay-on result."""
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(1, T.VOCAB, int(rng.integers(4, 10))) for _ in range(3)]
     responses = [rng.integers(1, T.VOCAB, int(rng.integers(6, 14))) for _ in range(3)]
     sequences = [np.concatenate(pr) for pr in zip(prompts, responses)]
-    with T.cpu_world(args.threads):
-        model = T.build_model(args.seed)
-        rollout = [r[:-1] for r in T.rollout_routing(model, sequences, seed=args.seed + 1)]
-        batch = nemo_batch(prompts, responses, rollout)
+    rollout = [r[:-1] for r in T.rollout_routing(model, sequences, seed=args.seed + 1)]
+    batch = nemo_batch(prompts, responses, rollout)
 
-        # The bridge: -1 rows become native rows; every other row is checked as usual.
-        lengths = batch["input_lengths"]
-        attention_mask = torch.arange(batch["input_ids"].shape[1])[None] < lengths[:, None]
-        adapted = from_padded_batch(
-            batch["routed_experts"], attention_mask, batch["input_ids"],
-            [len(p) for p in prompts], [f"traj-{i}" for i in range(len(prompts))],
-            T.GEOMETRY, mark=MISSING)
-        adapted.raise_for_rejects()
+    # The bridge: -1 rows become native rows; every other row is checked as usual.
+    lengths = batch["input_lengths"]
+    attention_mask = torch.arange(batch["input_ids"].shape[1])[None] < lengths[:, None]
+    adapted = from_padded_batch(
+        batch["routed_experts"], attention_mask, batch["input_ids"],
+        [len(p) for p in prompts], [f"traj-{i}" for i in range(len(prompts))],
+        T.GEOMETRY, mark=MISSING)
+    adapted.raise_for_rejects()
 
-        tb = T.trainer_batch(sequences, "thd", pad_multiple=PAD_TO_MULTIPLE)
-        packing = Packing.thd(pad_multiple=PAD_TO_MULTIPLE)
-        result = {
-            "framework": "nemo-rl",
-            "layout": f"routed_experts int8 [{len(prompts)}, {batch['input_ids'].shape[1]}, "
-                      f"{T.GEOMETRY.num_moe_layers}, {T.TOP_K}] (MoE layers), right padded, "
-                      f"-1 rows without a route; trainer THD padded to {PAD_TO_MULTIPLE}",
-            "packing": "thd",
-            "samples": len(adapted.reports), "accepted": len(adapted.accepted),
-            "native_rows": int(sum(r.native_rows for r in adapted.reports)),
-            **T.run_passes(model, tb, expected(batch, tb),
-                           lambda: RoutingReplay(model, T.GEOMETRY, packing=packing),
-                           adapted.accepted, args.no_replay),
-        }
-    T.report(result, args.json)
+    tb = T.trainer_batch(sequences, "thd", pad_multiple=PAD_TO_MULTIPLE)
+    packing = Packing.thd(pad_multiple=PAD_TO_MULTIPLE)
+    layout = (f"routed_experts int8 [{len(prompts)}, {batch['input_ids'].shape[1]}, "
+              f"{T.GEOMETRY.num_moe_layers}, {T.TOP_K}] (MoE layers), right padded, "
+              f"-1 rows without a route; trainer THD padded to {PAD_TO_MULTIPLE}")
+    return T.replay_result("nemo-rl", layout, model, tb, packing, expected(batch, tb), adapted,
+                           args.no_replay,
+                           native_rows=int(sum(r.native_rows for r in adapted.reports)))
 
 
 if __name__ == "__main__":
-    main()
+    T.run_example(example, __doc__.splitlines()[0])

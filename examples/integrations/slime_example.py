@@ -21,14 +21,16 @@ slime's ``get_batch`` does (``slime/backends/megatron_utils/data.py``): sequence
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 import _tiny as T
 from replay_bridge import from_sample_arrays
-from trainer_hooks.megatron import Packing, RoutingReplay
+from trainer_hooks.megatron import Packing
 
 DATA_PAD_SIZE_MULTIPLIER = 128  # slime's default; tp = 1 here
 PROMPTS, N = 2, 3  # 2 prompts x --n-samples-per-prompt 3
@@ -68,46 +70,38 @@ def expected(samples: list[Sample], tb: T.TrainerBatch) -> T.Expected:
     return e
 
 
-def main() -> None:
-    args = T.parse_args(__doc__.splitlines()[0])
+def example(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """slime's samples for the tiny ``model``, the bridge's adapter over them, slime's THD
+    packing, and the replay-off / replay-on result."""
     samples = rollout(np.random.default_rng(args.seed))
     sequences = [np.asarray(s.tokens) for s in samples]
-    with T.cpu_world(args.threads):
-        model = T.build_model(args.seed)
-        for s, full in zip(samples, T.rollout_routing(model, sequences, seed=args.seed + 1)):
-            # What Sample keeps from SGLang's answer: int32, every layer, len(tokens) - 1 rows.
-            s.rollout_routed_experts = torch.from_numpy(full[:-1].astype(np.int32))
+    for s, full in zip(samples, T.rollout_routing(model, sequences, seed=args.seed + 1)):
+        # What Sample keeps from SGLang's answer: int32, every layer, len(tokens) - 1 rows.
+        s.rollout_routed_experts = torch.from_numpy(full[:-1].astype(np.int32))
 
-        # rollout_data as slime's trainer receives it, and the bridge's adapter over it.
-        rollout_data = {
-            "tokens": [torch.tensor(s.tokens) for s in samples],
-            "response_lengths": [s.response_length for s in samples],
-            "total_lengths": [len(s.tokens) for s in samples],
-            "rollout_routed_experts": [s.rollout_routed_experts for s in samples],
-        }
-        adapted = from_sample_arrays(
-            rollout_data["rollout_routed_experts"], rollout_data["tokens"],
-            [t - r for t, r in zip(rollout_data["total_lengths"],
-                                   rollout_data["response_lengths"])],
-            [f"sample-{s.index}" for s in samples], T.GEOMETRY,
-            group_ids=[f"group-{s.group_index}" for s in samples])
-        adapted.raise_for_rejects()
+    # rollout_data as slime's trainer receives it, and the bridge's adapter over it.
+    rollout_data = {
+        "tokens": [torch.tensor(s.tokens) for s in samples],
+        "response_lengths": [s.response_length for s in samples],
+        "total_lengths": [len(s.tokens) for s in samples],
+        "rollout_routed_experts": [s.rollout_routed_experts for s in samples],
+    }
+    adapted = from_sample_arrays(
+        rollout_data["rollout_routed_experts"], rollout_data["tokens"],
+        [t - r for t, r in zip(rollout_data["total_lengths"],
+                               rollout_data["response_lengths"])],
+        [f"sample-{s.index}" for s in samples], T.GEOMETRY,
+        group_ids=[f"group-{s.group_index}" for s in samples])
+    adapted.raise_for_rejects()
 
-        tb = T.trainer_batch(sequences, "thd", pad_total_multiple=DATA_PAD_SIZE_MULTIPLIER)
-        packing = Packing.thd(pad_total_multiple=DATA_PAD_SIZE_MULTIPLIER)
-        result = {
-            "framework": "slime",
-            "layout": f"{len(samples)} x Sample.rollout_routed_experts int32 "
-                      f"[len(tokens) - 1, {T.NUM_LAYERS}, {T.TOP_K}]; trainer THD, pack padded "
-                      f"to {DATA_PAD_SIZE_MULTIPLIER}",
-            "packing": "thd",
-            "samples": len(adapted.reports), "accepted": len(adapted.accepted),
-            **T.run_passes(model, tb, expected(samples, tb),
-                           lambda: RoutingReplay(model, T.GEOMETRY, packing=packing),
-                           adapted.accepted, args.no_replay),
-        }
-    T.report(result, args.json)
+    tb = T.trainer_batch(sequences, "thd", pad_total_multiple=DATA_PAD_SIZE_MULTIPLIER)
+    packing = Packing.thd(pad_total_multiple=DATA_PAD_SIZE_MULTIPLIER)
+    layout = (f"{len(samples)} x Sample.rollout_routed_experts int32 "
+              f"[len(tokens) - 1, {T.NUM_LAYERS}, {T.TOP_K}]; trainer THD, pack padded "
+              f"to {DATA_PAD_SIZE_MULTIPLIER}")
+    return T.replay_result("slime", layout, model, tb, packing, expected(samples, tb), adapted,
+                           args.no_replay)
 
 
 if __name__ == "__main__":
-    main()
+    T.run_example(example, __doc__.splitlines()[0])

@@ -31,13 +31,16 @@ today.
 
 from __future__ import annotations
 
+import argparse
+from typing import Any
+
 import numpy as np
 import torch
 
 import _tiny as T
 from replay_bridge import from_padded_batch, merge_prefill_decode
 from replay_bridge.sample import WireSample
-from trainer_hooks.megatron import Packing, RoutingReplay
+from trainer_hooks.megatron import Packing
 
 PROMPT_LENGTH, RESPONSE_LENGTH = 8, 10  # rollout.prompt_length, rollout.response_length
 PROMPTS, N = 2, 2  # 2 prompts x rollout.n = 2
@@ -123,50 +126,41 @@ def expected(batch: dict[str, torch.Tensor], tb: T.TrainerBatch) -> T.Expected:
     return e
 
 
-def main() -> None:
-    args = T.parse_args(__doc__.splitlines()[0], packings=("thd", "bshd"), extra=[
-        ("--pd", dict(choices=["none", "merged", "decode-only"], default="none",
-                      help="the rollout came from prefill/decode workers"))])
-    rng = np.random.default_rng(args.seed)
-    pairs = rollouts(rng)
+def example(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """verl's batch for the tiny ``model`` (``--pd``: from PD workers), the bridge's adapter over
+    it, the trainer's ``--packing``, and the replay-off / replay-on result."""
+    pairs = rollouts(np.random.default_rng(args.seed))
     sequences = [np.concatenate(p) for p in pairs]
-    with T.cpu_world(args.threads):
-        model = T.build_model(args.seed)
-        # Rollout: every hidden layer, len(tokens) - 1 rows per sample (the engine has no
-        # routing for the last token it sampled).
-        truth = [r[:-1] for r in T.rollout_routing(model, sequences, seed=args.seed + 1)]
-        rows = truth if args.pd == "none" else pd_rows(pairs, truth, args.pd)
-        batch = verl_batch(pairs, rows)
+    # Rollout: every hidden layer, len(tokens) - 1 rows per sample (the engine has no
+    # routing for the last token it sampled).
+    truth = [r[:-1] for r in T.rollout_routing(model, sequences, seed=args.seed + 1)]
+    rows = truth if args.pd == "none" else pd_rows(pairs, truth, args.pd)
+    batch = verl_batch(pairs, rows)
 
-        # The bridge: verl's batch -> checked samples (same verdicts as the engine path).
-        prompt_lengths = batch["attention_mask"][:, :PROMPT_LENGTH].sum(1)
-        sample_ids = [f"uid{i // N}-{i % N}" for i in range(len(pairs))]
-        adapted = from_padded_batch(
-            batch["routed_experts"], batch["attention_mask"], batch["input_ids"],
-            prompt_lengths, sample_ids, T.GEOMETRY, group_ids=[f"uid{i // N}" for i in
-                                                                range(len(pairs))])
-        adapted.raise_for_rejects()
+    # The bridge: verl's batch -> checked samples (same verdicts as the engine path).
+    prompt_lengths = batch["attention_mask"][:, :PROMPT_LENGTH].sum(1)
+    sample_ids = [f"uid{i // N}-{i % N}" for i in range(len(pairs))]
+    adapted = from_padded_batch(
+        batch["routed_experts"], batch["attention_mask"], batch["input_ids"],
+        prompt_lengths, sample_ids, T.GEOMETRY, group_ids=[f"uid{i // N}" for i in
+                                                            range(len(pairs))])
+    adapted.raise_for_rejects()
 
-        # The trainer's micro-batch: padding removed (THD), or right-padded rows (bshd).
-        real = [s[m] for s, m in zip(batch["input_ids"].numpy(),
-                                     batch["attention_mask"].bool().numpy())]
-        s_len = PROMPT_LENGTH + RESPONSE_LENGTH
-        tb = T.trainer_batch(real, args.packing, seq_length=s_len)
-        packing = Packing.thd() if args.packing == "thd" else Packing.bshd(s_len)
-        truth_batch = verl_batch(pairs, truth)  # what the engine actually routed
-        result = {
-            "framework": "verl",
-            "layout": f"DataProto routed_experts int16 [{len(pairs)}, {s_len}, "
-                      f"{T.NUM_LAYERS}, {T.TOP_K}], left/right padded; trainer {args.packing}"
-                      + ("" if args.pd == "none" else f"; PD {args.pd}"),
-            "packing": args.packing, "pd": args.pd,
-            "samples": len(adapted.reports), "accepted": len(adapted.accepted),
-            **T.run_passes(model, tb, expected(truth_batch, tb),
-                           lambda: RoutingReplay(model, T.GEOMETRY, packing=packing),
-                           adapted.accepted, args.no_replay),
-        }
-    T.report(result, args.json)
+    # The trainer's micro-batch: padding removed (THD), or right-padded rows (bshd).
+    real = [s[m] for s, m in zip(batch["input_ids"].numpy(),
+                                 batch["attention_mask"].bool().numpy())]
+    s_len = PROMPT_LENGTH + RESPONSE_LENGTH
+    tb = T.trainer_batch(real, args.packing, seq_length=s_len)
+    packing = Packing.thd() if args.packing == "thd" else Packing.bshd(s_len)
+    truth_batch = verl_batch(pairs, truth)  # what the engine actually routed
+    layout = (f"DataProto routed_experts int16 [{len(pairs)}, {s_len}, "
+              f"{T.NUM_LAYERS}, {T.TOP_K}], left/right padded; trainer {args.packing}"
+              + ("" if args.pd == "none" else f"; PD {args.pd}"))
+    return T.replay_result("verl", layout, model, tb, packing, expected(truth_batch, tb),
+                           adapted, args.no_replay, pd=args.pd)
 
 
 if __name__ == "__main__":
-    main()
+    T.run_example(example, __doc__.splitlines()[0], packings=("thd", "bshd"), extra=[
+        ("--pd", dict(choices=["none", "merged", "decode-only"], default="none",
+                      help="the rollout came from prefill/decode workers"))])
