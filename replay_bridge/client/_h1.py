@@ -186,10 +186,11 @@ class _Conn(asyncio.BufferedProtocol):
                                                memoryview(buf)[self.body_start:end]))
 
     def _grow(self, size: int) -> None:
-        """A larger buffer holding what was read so far (views may pin the old one)."""
+        """A larger buffer (``size`` and an eighth more, so that the next answer, a little
+        longer, still fits) holding what was read so far (views may pin the old one)."""
         old = self.buf
         assert old is not None
-        new = bytearray(max(size, len(old)))
+        new = bytearray(max(size + (size >> 3), len(old)))
         new[:self.n] = memoryview(old)[:self.n]
         self.buf = new
 
