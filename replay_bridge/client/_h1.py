@@ -24,7 +24,9 @@ __all__ = ["BufferPool", "H1Client", "H1Error", "H1Response", "TooLarge"]
 MAX_HEAD = 64 * 1024
 """The most bytes a status line and headers may take."""
 
-FIRST_BUFFER = 256 * 1024
+FIRST_BUFFER = 16 * 1024
+"""A new buffer's size: headers and a small answer; it grows to the answer's length once
+known, so memory follows the answers in flight."""
 
 
 class H1Error(ConnectionError):
