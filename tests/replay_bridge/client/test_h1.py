@@ -5,8 +5,11 @@ framing (length, chunked, until close), interim answers, refused codings."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,4 +168,53 @@ def test_recycled_buffer_never_changes_an_earlier_sample(tiny: RoutingGeometry) 
             np.testing.assert_array_equal(r0.sample.routed, kept)
             for r in (r0, r1):
                 assert not np.may_share_memory(r.sample.routed, np.frombuffer(buf, np.uint8))
+    asyncio.run(go())
+
+
+def test_https_answer_read_through_the_buffer(tmp_path: Path) -> None:
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    body = bytes(range(256)) * 1200
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(body=body)
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_post("/generate", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(cert_file, key_file)
+        site = web.TCPSite(runner, "localhost", 0, ssl_context=server_ctx)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with HTTPTransport(f"https://localhost:{port}", retry=ONCE) as t:
+                assert t._h1 is not None and t._h1._ssl is not None
+                t._h1._ssl.load_verify_locations(cert_file)  # trust the test's own certificate
+                for _ in range(2):
+                    got = await t.post_view("/generate", {})
+                    assert isinstance(got, memoryview) and got == body
+                    t.recycle(got)
+        finally:
+            await runner.cleanup()
     asyncio.run(go())
