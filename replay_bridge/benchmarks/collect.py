@@ -15,7 +15,7 @@ import socket
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,20 +82,26 @@ def _cpu(fn: Any, *args: Any) -> float:
 
 @dataclass(frozen=True)
 class _Setup:
-    """One benchmark's client settings against the running responder."""
+    """One benchmark's client settings against the running responder, and one transport per
+    reader, kept for every round as ``collect`` keeps one for a whole run (its receive
+    buffers stay warm after the first round)."""
 
     url: str
     engine: str
     geometry: RoutingGeometry
     params: SamplingParams
     concurrency: int
+    transports: dict[str, HTTPTransport] = field(default_factory=dict)
 
     def client(self, reader: str = "buffer") -> RolloutClient:
         """A client reading answers with ``reader`` (the transport's ``buffer`` or
         ``aiohttp``)."""
+        transport = self.transports.get(reader)
+        if transport is None:
+            transport = HTTPTransport(self.url, reader=reader)  # type: ignore[arg-type]
+            self.transports[reader] = transport
         return RolloutClient(self.url, self.engine, self.geometry, params=self.params,
-                             concurrency=self.concurrency,
-                             transport=HTTPTransport(self.url, reader=reader))  # type: ignore[arg-type]
+                             concurrency=self.concurrency, transport=transport)
 
 
 READERS = ("buffer", "aiohttp")
@@ -305,7 +311,8 @@ def _report(setup: _Setup, model: str, prompts: int, tokens_per_sample: int,
         "client_cpu_us_per_sample": round(per_tok * tokens_per_sample / 1e3, 1),
         "note": "client CPU = time.process_time of the collecting process (all threads, kernel "
                 "time included) over the whole collection, with the transport's default reader "
-                "(by_reader: each reader, rounds interleaved); the responder runs in another "
+                "(by_reader: each reader, rounds interleaved, one transport per reader for every "
+                "round, so the first round warms its buffers); the responder runs in another "
                 "process. Floor = pybase64 b64decode (validate=True, results kept, as bench "
                 "ingest) of the same payloads as bytes, on the first samples; the discard "
                 "floor drops each result at once. Stages: receive = the same "
