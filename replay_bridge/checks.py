@@ -57,7 +57,7 @@ BLOCK_KINDS = ("out_of_range", "all_zero", "duplicate_ids")
 REGIONS = ("prompt", "completion")
 
 # Blocks per vectorised step of the duplicate scan: small enough to stay in cache.
-_CHUNK_BLOCKS = 1 << 14
+_CHUNK_BLOCKS = 1 << 15
 
 
 @dataclass
@@ -379,24 +379,25 @@ def _scan_blocks(report: CheckReport, moe: np.ndarray, routed_start: int,
 
 
 def has_repeated_ids(blocks: np.ndarray) -> bool:
-    """Whether any block of ``blocks [..., k]`` (k ids on the last axis) repeats an id:
-    pairwise XOR of columns, bytewise minimum, over cache-sized chunks (no sort)."""
+    """Whether any block of ``blocks [..., k]`` (k ids on the last axis) repeats an id.
+
+    Over cache-sized chunks of blocks, transposed to one row per slot: each slot's row is
+    XORed with the rows of every later slot in one call, and a zero in the result is a
+    repeat (k - 1 XORs and k - 1 minima per chunk, no sort).
+    """
     k = blocks.shape[-1]
     if k < 2 or blocks.size == 0:
         return False
     flat = blocks.reshape(-1, k)
+    diff = np.empty((k - 1, min(_CHUNK_BLOCKS, flat.shape[0])), dtype=flat.dtype)
     for lo in range(0, flat.shape[0], _CHUNK_BLOCKS):
         cols = np.ascontiguousarray(flat[lo : lo + _CHUNK_BLOCKS].T)
-        acc = np.bitwise_xor(cols[0], cols[1])
-        tmp = np.empty_like(acc)
-        for i in range(k):
-            for j in range(i + 1, k):
-                if i == 0 and j == 1:
-                    continue
-                np.bitwise_xor(cols[i], cols[j], out=tmp)
-                np.minimum(acc, tmp, out=acc)
-        if int(acc.min()) == 0:
-            return True
+        n = cols.shape[1]
+        for i in range(k - 1):
+            d = diff[: k - 1 - i, :n]
+            np.bitwise_xor(cols[i + 1 :], cols[i], out=d)
+            if int(d.min()) == 0:
+                return True
     return False
 
 
