@@ -34,6 +34,8 @@ one row, so each is one compressed Arrow buffer):
 
 from __future__ import annotations
 
+import functools
+
 import io
 import itertools
 import math
@@ -422,37 +424,34 @@ void ref_decode(const uint8_t *restrict mask, const uint8_t *restrict refs, int6
     free(cur);
 }
 """
-_C_LIB: list[Any] = []
-
-
+@functools.cache
 def c_decoder() -> Any:
-    """The compiled decoder of ``repeat-lm`` (built once with the system C compiler; ``None``
-    when there is none): what a format's reader kernel would cost, measured, not assumed."""
-    if not _C_LIB:
-        import ctypes
-        import shutil
-        import subprocess
-        import tempfile
+    """The compiled decoder of ``repeat-lm`` (built on first use with the system C compiler;
+    ``None`` when there is none): what a format's reader kernel would cost, measured, not
+    assumed."""
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
 
-        lib = None
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc:
-            # Built in a temporary folder, removed once loaded (the mapping outlives the file).
-            with tempfile.TemporaryDirectory(prefix="shard-layouts-") as d:
-                src, so = f"{d}/repeat.c", f"{d}/repeat.so"
-                with open(src, "w") as f:
-                    f.write(_C_SOURCE)
-                if subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", so,
-                                   src], capture_output=True).returncode == 0:
-                    lib = ctypes.CDLL(so)
-            if lib is not None:
-                i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                lib.repeat_decode.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64]
-                lib.repeat_decode.restype = None
-                lib.ref_decode.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64]
-                lib.ref_decode.restype = None
-        _C_LIB.append(lib)
-    return _C_LIB[0]
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    # Built in a temporary folder, removed once loaded (the mapping outlives the file).
+    with tempfile.TemporaryDirectory(prefix="shard-layouts-") as d:
+        src, so = f"{d}/repeat.c", f"{d}/repeat.so"
+        with open(src, "w") as f:
+            f.write(_C_SOURCE)
+        if subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", so, src],
+                          capture_output=True).returncode != 0:
+            return None
+        lib = ctypes.CDLL(so)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.repeat_decode.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64]
+    lib.repeat_decode.restype = None
+    lib.ref_decode.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, i64, i64]
+    lib.ref_decode.restype = None
+    return lib
 
 
 class RepeatLM(Layout):
