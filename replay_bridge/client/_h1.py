@@ -19,7 +19,7 @@ import ssl
 import threading
 from typing import Any
 
-__all__ = ["BufferPool", "H1Client", "H1Error", "H1Response", "TooLarge"]
+__all__ = ["BufferPool", "H1Client", "H1Error", "H1Response", "TooLarge", "give_back"]
 
 MAX_HEAD = 64 * 1024
 """The most bytes a status line and headers may take."""
@@ -41,6 +41,25 @@ class TooLarge(Exception):
         self.length = length
 
 
+class _Buffer(bytearray):
+    """A receive buffer made by a :class:`BufferPool`: only these go back to one, each to its
+    own (never a ``bytearray`` that someone else may still write to)."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, size: int, pool: BufferPool) -> None:
+        super().__init__(size)
+        self.pool = pool
+
+
+def give_back(body: object) -> bool:
+    """Hand ``body`` (an answer's ``memoryview`` from :class:`H1Client`) back to the pool its
+    buffer came from; ``False``, and nothing done, for anything else or a buffer still
+    viewed."""
+    owner = body.obj if isinstance(body, memoryview) else body
+    return isinstance(owner, _Buffer) and owner.pool.give(body)
+
+
 class BufferPool:
     """Receive buffers kept warm between answers: at most ``keep`` buffers and ``keep_bytes``
     bytes are held while idle. Safe to share between threads (a decoding thread gives back
@@ -59,18 +78,22 @@ class BufferPool:
                 buf = self._free.pop()
                 self._held -= len(buf)
                 return buf
-        return bytearray(FIRST_BUFFER)
+        return self.new(FIRST_BUFFER)
+
+    def new(self, size: int) -> bytearray:
+        """A new buffer of ``size`` bytes that :meth:`give` takes back."""
+        return _Buffer(size, self)
 
     def give(self, buf: bytearray | memoryview | Any) -> bool:
-        """Take ``buf`` (a buffer from :meth:`take`, or a ``memoryview`` of one, which is
-        released) back for reuse; ``False`` when it is still viewed elsewhere and so is left
-        alone."""
-        if isinstance(buf, memoryview):
-            owner = buf.obj
-            buf.release()
-            buf = owner
-        if not isinstance(buf, bytearray) or not buf:
+        """Take ``buf`` (a buffer from :meth:`take` or :meth:`new`, or a ``memoryview`` of one,
+        which is released) back for reuse; ``False`` when it is another pool's or anyone
+        else's, or still viewed elsewhere, and so is left alone."""
+        owner = buf.obj if isinstance(buf, memoryview) else buf
+        if not isinstance(owner, _Buffer) or owner.pool is not self or not owner:
             return False
+        if isinstance(buf, memoryview):
+            buf.release()
+        buf = owner
         try:  # a bytearray with live exports (views, arrays) cannot be resized
             buf.append(buf.pop())
         except BufferError:
@@ -192,7 +215,7 @@ class _Conn(asyncio.BufferedProtocol):
         longer, still fits) holding what was read so far (views may pin the old one)."""
         old = self.buf
         assert old is not None
-        new = bytearray(max(size + (size >> 3), len(old)))
+        new = self.pool.new(max(size + (size >> 3), len(old)))
         new[:self.n] = memoryview(old)[:self.n]
         self.buf = new
 

@@ -188,13 +188,6 @@ class HTTPTransport(BaseTransport):
             raise TransportError(f"{kind} on POST {url}: {e}".rstrip(": "),
                                  retryable=True) from None
 
-    def recycle(self, body: bytes | memoryview | None) -> None:
-        """Hand a body this transport returned back to its buffer pool; the body must not be
-        used again (a ``memoryview`` is released). A buffer still viewed elsewhere is left
-        alone, never reused."""
-        if isinstance(body, memoryview):
-            self._pool.give(body)
-
     async def _post_buffered(self, path: str, url: str, data: bytes) -> memoryview:
         """POST ``data`` to ``endpoint + path`` with the buffered reader; messages call it
         ``url``."""

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from ._h1 import give_back
 from ._redact import Redactor
 
 __all__ = ["BaseTransport", "Handler", "MockTransport", "RetryPolicy", "TransportError"]
@@ -125,8 +126,10 @@ class BaseTransport:
         raise NotImplementedError
 
     def recycle(self, body: bytes | memoryview | None) -> None:
-        """Take back a body :meth:`post` returned, once its caller is done with it (a
-        transport that pools receive buffers reuses it; the body must not be used again)."""
+        """Take back a body :meth:`post_view` returned, once its caller is done with it: a
+        body read into a pooled receive buffer (by an :class:`HTTPTransport`, also one this
+        transport delegates to) goes back to its pool; the body must not be used again."""
+        give_back(body)
 
     async def post(self, path: str, payload: Any) -> bytes:
         """POST ``payload`` to ``path``; return the raw response body as ``bytes``.

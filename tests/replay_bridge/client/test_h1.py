@@ -10,14 +10,15 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from aiohttp import web
 
-from replay_bridge.client import (HTTPTransport, Prompt, RetryPolicy, RolloutClient,
-                                  SamplingParams, TransportError)
-from replay_bridge.client._h1 import BufferPool
+from replay_bridge.client import (BaseTransport, HTTPTransport, Prompt, RetryPolicy,
+                                  RolloutClient, SamplingParams, TransportError)
+from replay_bridge.client._h1 import BufferPool, give_back
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.protocols import Completion, get_protocol
 from reference_engine.loopback import synthetic_routing
@@ -124,18 +125,48 @@ def test_pool_reuses_only_buffers_nothing_views() -> None:
     assert pool.take() is buf
 
 
+def test_pool_takes_back_only_its_own_buffers() -> None:
+    pool, other = BufferPool(), BufferPool()
+    foreign = bytearray(1 << 16)  # someone else's: they may write to it again
+    assert not pool.give(foreign) and not give_back(memoryview(foreign))
+    theirs = other.take()
+    assert not pool.give(theirs)
+    assert give_back(memoryview(theirs)[:5])  # to its own pool
+    assert other.take() is theirs and pool.take() is not theirs
+
+
 def test_pool_holds_at_most_its_byte_bound() -> None:
     pool = BufferPool(keep_bytes=3 * (1 << 20))
-    bufs = [bytearray(1 << 20) for _ in range(5)]
+    bufs = [pool.new(1 << 20) for _ in range(5)]
     for b in bufs:
         assert pool.give(b)  # taken back, but only three are kept
     kept = [pool.take() for _ in range(4)]
     assert sum(any(k is b for b in bufs) for k in kept) == 3
 
 
-def test_recycled_buffer_never_changes_an_earlier_sample(tiny: RoutingGeometry) -> None:
+class Delegating(BaseTransport):
+    """A transport that sends through an inner HTTP transport (as a round-robin one does)."""
+
+    def __init__(self, inner: HTTPTransport) -> None:
+        super().__init__()
+        self.inner = inner
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    async def send_once(self, path: str, payload: Any) -> bytes | memoryview:
+        return await self.inner.send_once(path, payload)
+
+
+@pytest.mark.parametrize("delegated", [False, True])
+def test_recycled_buffer_never_changes_an_earlier_sample(tiny: RoutingGeometry,
+                                                          delegated: bool) -> None:
     """Two answers read through one connection and one pooled buffer: the first sample,
-    decoded and kept, must be unchanged after its buffer held the second answer."""
+    decoded and kept, must be unchanged after its buffer held the second answer. A transport
+    that delegates to an HTTP one gets its buffers back to that one's pool too."""
     sglang = get_protocol("sglang")
 
     async def handler(request: web.Request) -> web.Response:
@@ -151,8 +182,8 @@ def test_recycled_buffer_never_changes_an_earlier_sample(tiny: RoutingGeometry) 
 
     async def go() -> None:
         async with running(app) as url, RolloutClient(
-                url, "sglang", tiny, params=SamplingParams(max_new_tokens=4),
-                concurrency=1) as client:
+                url, "sglang", tiny, params=SamplingParams(max_new_tokens=4), concurrency=1,
+                transport=Delegating(HTTPTransport(url)) if delegated else None) as client:
             first = await client.fetch(Prompt("p0", list(range(1, 40))))
             buf = first[0].body.obj  # type: ignore[union-attr]
             (r0,) = client.finish(first)
