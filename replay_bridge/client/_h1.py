@@ -140,7 +140,8 @@ class _Conn(asyncio.BufferedProtocol):
         self.closed = True
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(H1Error("connection lost while sending"))
-        self._fail(H1Error(f"connection closed by the server{f': {exc}' if exc else ''}"))
+        self._fail(H1Error(f"the connection closed before the answer ended"
+                           f"{f': {exc}' if exc else ''}"))
 
     def pause_writing(self) -> None:
         if self._drain is None or self._drain.done():
@@ -265,7 +266,8 @@ class _Conn(asyncio.BufferedProtocol):
             v = value.strip().decode("latin-1")
             headers[key] = f"{headers[key]}, {v}" if key in headers else v
         self.status, self.headers = status, headers
-        if "close" in headers.get("connection", "").lower():
+        connection = headers.get("connection", "").lower()
+        if "close" in connection or (parts[0] == b"HTTP/1.0" and "keep-alive" not in connection):
             self.reusable = False
         coding = headers.get("content-encoding", "identity").strip().lower()
         if coding not in ("", "identity"):
@@ -335,6 +337,7 @@ class H1Client:
         self.pool = pool or BufferPool()
         self._ssl = ssl.create_default_context() if tls else None
         self._idle: list[_Conn] = []
+        self._open: set[_Conn] = set()
         self._slots = asyncio.Semaphore(limit) if limit > 0 else None
 
     async def post(self, request: bytes, cap: int) -> H1Response:
@@ -349,28 +352,37 @@ class H1Client:
         conn = None
         while self._idle:
             c = self._idle.pop()
-            if not c.closed and c.transport is not None and not c.transport.is_closing():
+            if c.reusable and not c.closed and c.transport is not None \
+                    and not c.transport.is_closing():
                 conn = c
                 break
+            self._drop(c)
         if conn is None:
             loop = asyncio.get_running_loop()
             _, conn = await loop.create_connection(
                 lambda: _Conn(self.pool), self.host, self.port, ssl=self._ssl,
                 server_hostname=self.host if self._ssl else None)
+            self._open.add(conn)
         ok = False
         try:
             resp = await conn.exchange(request, cap)
             ok = True
             return resp
         finally:
-            if ok and conn.reusable and not conn.closed:
+            if ok and conn.reusable and not conn.closed and conn in self._open:
                 self._idle.append(conn)
-            elif conn.transport is not None:
-                conn.transport.abort()
+            else:
+                self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        self._open.discard(conn)
+        if conn.transport is not None:
+            conn.transport.abort()
 
     def close(self) -> None:
-        """Close the idle connections (those in use close when their exchange ends)."""
-        while self._idle:
-            c = self._idle.pop()
-            if c.transport is not None:
-                c.transport.close()
+        """Close every connection; an exchange still in flight fails (:class:`H1Error`)."""
+        self._idle.clear()
+        for conn in list(self._open):
+            self._open.discard(conn)
+            if conn.transport is not None:
+                conn.transport.close()

@@ -85,6 +85,35 @@ def test_interim_answer_skipped_and_keep_alive_reused() -> None:
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("head, reused", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n", False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n", False),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n", True),
+])
+def test_connection_kept_only_when_the_answer_allows(head: bytes, reused: bool) -> None:
+    async def go() -> None:
+        async with raw_server([[head + b"ok"], [head + b"ok"]]) as (url, ports), \
+                HTTPTransport(url, retry=ONCE) as t:
+            assert await t.post("/generate", {}) == b"ok"
+            assert await t.post("/generate", {}) == b"ok"
+            assert (ports[0] == ports[1]) is reused
+    asyncio.run(go())
+
+
+def test_close_fails_an_exchange_in_flight() -> None:
+    async def go() -> None:
+        half = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\npart"
+        async with raw_server([[half], [half]]) as (url, _):  # the server keeps it open
+            t = HTTPTransport(url, retry=ONCE)
+            pending = asyncio.ensure_future(t.post("/generate", {}))
+            await asyncio.sleep(0.2)  # the answer is half read
+            await t.close()
+            with pytest.raises(TransportError, match="connection closed before the answer"):
+                await pending
+    asyncio.run(go())
+
+
 def test_body_until_close_and_empty_204() -> None:
     async def go() -> None:
         async with raw_server([[b"HTTP/1.1 204 No Content\r\n\r\n"],
