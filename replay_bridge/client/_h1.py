@@ -188,13 +188,15 @@ class _Conn(asyncio.BufferedProtocol):
         self.head_end, self.mode, self.status, self.headers = -1, "", 0, {}
         self._scan = 0
         self._waiter = waiter = loop.create_future()
-        self.transport.write(request)
-        if self._drain is not None and not self._drain.done():
-            await self._drain
         try:
+            self.transport.write(request)
+            if self._drain is not None and not self._drain.done():
+                await self._drain
             return await waiter
         finally:
             self._waiter = None
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # retrieved, also when sending failed first
             if self.buf is not None:  # failed or cancelled: the buffer goes back unviewed
                 self.pool.give(self.buf)
                 self.buf = None
