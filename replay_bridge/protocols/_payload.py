@@ -84,8 +84,8 @@ def _base(body: Any, start: int, end: int | None) -> tuple[Any, int, int]:
     copy); any other view is copied once."""
     if isinstance(body, memoryview):
         owner = body.obj
-        if (isinstance(owner, (bytes, bytearray, mmap.mmap)) and body.c_contiguous
-                and body.itemsize == 1 and len(body)):
+        if (isinstance(owner, (bytes, bytearray, mmap.mmap)) and body.ndim == 1
+                and body.c_contiguous and body.itemsize == 1 and len(body)):
             off = (np.frombuffer(body, np.uint8).__array_interface__["data"][0]
                    - np.frombuffer(owner, np.uint8).__array_interface__["data"][0])
             n = len(body) if end is None else end

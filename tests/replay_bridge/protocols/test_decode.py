@@ -139,6 +139,32 @@ def test_payload_stays_bytes(tiny, rng):
     assert payloads.resolve(placeholder) is payloads.views[0]
 
 
+def test_body_as_a_view_of_a_larger_buffer(tiny, rng):
+    """A body given as a memoryview of a receive buffer (bytes before and after it) decodes as
+    the bytes do; its payloads are views of that buffer, never a copy; the decoded routing is
+    its own memory, unchanged when the buffer is overwritten."""
+    r = routing(rng, 6, tiny)
+    req, body = sglang_generate([1, 2, 3], [4, 5, 6, 7], r)
+    buf = bytearray(b'"routed_experts": "QUJD"' + body + b'x"}]' * 3)
+    view = memoryview(buf)[24:24 + len(body)]
+    _, payloads = split(view)
+    assert payloads.views[0].obj is buf
+    payloads.views[0].release()
+    [ws] = decode_response("sglang", req, view, tiny, "v")
+    [expected] = decode_response("sglang", req, body, tiny, "v")
+    routed = accept(ws, tiny)[1].routed
+    np.testing.assert_array_equal(routed, accept(expected, tiny)[1].routed)
+    del view
+    buf[:] = bytes(len(buf))  # the buffer reused for another answer
+    np.testing.assert_array_equal(routed, accept(expected, tiny)[1].routed)
+    np.testing.assert_array_equal(ws.routing, expected.routing)
+    # A view that is not a flat run of bytes is read from a copy, with the same result.
+    flat = bytearray(body + b" " * (len(body) % 2))
+    [two_d] = decode_response("sglang", req, memoryview(flat).cast("B", (2, len(flat) // 2)),
+                              tiny, "v")
+    np.testing.assert_array_equal(two_d.routing, expected.routing)
+
+
 @pytest.mark.parametrize(
     "mutate, kind, needle",
     [
