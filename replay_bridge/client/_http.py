@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Callable
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
@@ -41,6 +41,8 @@ SNIPPET_CHARS = 200
 log = logging.getLogger("replay_bridge.client")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\s]+")
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+"""What a request target keeps as it is; anything else is percent-encoded."""
 
 
 def _snippet(body: bytes, redact: Callable[[str], str]) -> str:
@@ -197,7 +199,8 @@ class HTTPTransport(BaseTransport):
             self._head = self._request_head()
         base, headers = self._head
         target = urlsplit(base + path)
-        line = target.path + (f"?{target.query}" if target.query else "")
+        line = quote(target.path, safe=_PATH_SAFE) + (
+            f"?{quote(target.query, safe=_PATH_SAFE + '?')}" if target.query else "")
         request = (f"POST {line or '/'} HTTP/1.1\r\n{headers}Content-Length: {len(data)}\r\n"
                    "\r\n").encode("latin-1") + data
         try:

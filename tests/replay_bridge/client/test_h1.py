@@ -59,6 +59,23 @@ async def raw_server(answers: list[list[bytes]]) -> AsyncIterator[tuple[str, lis
         server.close()
 
 
+def test_request_line_keeps_the_base_path_and_encodes_the_rest() -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        await request.read()
+        return web.Response(body=b"{}")
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handler)
+        async with running(app) as url, HTTPTransport(url + "/api/é v1/", retry=ONCE) as t:
+            assert await t.post("/generate", {}) == b"{}"
+    asyncio.run(go())
+    assert seen == ["/api/%C3%A9%20v1/generate"]
+
+
 def test_chunked_body_read_in_small_pieces() -> None:
     body = b'{"a": "' + b"x" * 3000 + b'"}'
     chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(body[i:i + 700]), body[i:i + 700])
