@@ -9,14 +9,16 @@ its slice, anything else (a field the scan did not split, e.g. under a key spell
 escape) is taken as it is.
 
 The split is an optimisation that never changes a result. A placeholder is
-``"@<nonce>:<i>"`` with a nonce drawn at random for each body after it was received, so no text
-in a body can name another value's payload; and a skeleton that does not parse (a value holding
+``"@<nonce>:<i>"`` with a nonce no body can know: a random key drawn once per process (it never
+leaves the process) followed by the body's own number, so no text in a body can name another
+value's payload; and a skeleton that does not parse (a value holding
 an escaped quote ends the scan's slice early) falls back to parsing the body as it is.
 """
 
 from __future__ import annotations
 
 import binascii
+import itertools
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -29,8 +31,14 @@ import pybase64
 _WS = b" \t\r\n"
 
 
+_KEY = os.urandom(12).hex()
+_BODIES = itertools.count()
+
+
 def _nonce() -> str:
-    return os.urandom(12).hex()
+    """Unique to each body and unknowable to its sender: the process's random key and the
+    body's number (no system call per body)."""
+    return f"{_KEY}{next(_BODIES):x}"
 
 
 @dataclass

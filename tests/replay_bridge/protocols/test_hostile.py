@@ -335,11 +335,13 @@ def test_an_escaped_key_cannot_borrow_another_items_payload(tiny, rng):
     np.testing.assert_array_equal(routed0.routed, r0)
     report1 = check_sample(w1, tiny)
     assert report1.kinds == ("malformed",) and "base64" in report1.message
-    # The placeholder the scan uses now is random per body: whatever text item 1 carries,
-    # the decoded result is what parsing the body without the scan gives.
+    # The placeholder the scan uses is unique to each body and unknowable to its sender:
+    # whatever text item 1 carries, the decoded result is what parsing the body without the
+    # scan gives.
     skeleton, payloads = split_payloads(body)
     placeholder = orjson.loads(skeleton)[0]["meta_info"]["routed_experts"]
     assert placeholder != "#0" and len(placeholder) > 16
+    assert split_payloads(body)[1].prefix != payloads.prefix  # each body has its own nonce
     forged = body.replace(b'"#0"', orjson.dumps(placeholder))
     w0, w1 = decode_response("sglang", req, forged, tiny, "b")
     assert check_sample(w1, tiny).kinds == ("malformed",)
