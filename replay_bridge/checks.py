@@ -389,6 +389,8 @@ def has_repeated_ids(blocks: np.ndarray) -> bool:
     if k < 2 or blocks.size == 0:
         return False
     flat = blocks.reshape(-1, k)
+    if flat.dtype.kind == "i":  # unsigned: a XOR of negatives is negative and hides a zero
+        flat = flat.view(np.dtype(f"u{flat.dtype.itemsize}"))
     diff = np.empty((k - 1, min(_CHUNK_BLOCKS, flat.shape[0])), dtype=flat.dtype)
     for lo in range(0, flat.shape[0], _CHUNK_BLOCKS):
         cols = np.ascontiguousarray(flat[lo : lo + _CHUNK_BLOCKS].T)

@@ -196,3 +196,14 @@ def test_faults_found_in_every_run_of_the_chunked_scan(rng, monkeypatch, chunk):
     report, routed = accept(WireSample("s", tokens, 10, routing=good), G)
     assert report.ok
     np.testing.assert_array_equal(routed.routed, good[:, 1:, :].astype(np.uint8))
+
+
+def test_repeat_scan_of_signed_ids_with_negatives():
+    """A XOR of two different negative ids is negative in a signed dtype: the scan must still
+    see the zero of a repeat elsewhere in the same chunk."""
+    from replay_bridge.checks import has_repeated_ids
+
+    blocks = np.array([[-1, -2, 3, 4], [5, 6, 5, 7]], dtype=np.int32)
+    assert has_repeated_ids(blocks)
+    assert not has_repeated_ids(blocks[:1])
+    assert has_repeated_ids(np.array([[-3, 1, -3, 2]], dtype=np.int16))
