@@ -43,14 +43,15 @@ def _cpu() -> float:
 
 
 def _timed_ingest(path: Path, out: Path, geometry: RoutingGeometry, samples: int
-                  ) -> tuple[float, float, Any]:
-    """``(wall seconds, CPU seconds, result)`` of one ingest into ``out``."""
+                  ) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds)`` of one ingest into ``out``, which must store every
+    sample."""
     c0, t0 = _cpu(), time.perf_counter()
     result = ingest(path, geometry, "sglang", out)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     if result.stored != samples:
         raise RuntimeError(f"bench ingest stored {result.stored} of {samples} samples")
-    return wall, cpu, result
+    return wall, cpu
 
 
 def _floor(payloads: list[bytes]) -> float:
@@ -113,7 +114,7 @@ def run(tokens: int = 400_000, model: str = "qwen3-30b-a3b", prompt_len: int = 5
             floor_s.append(_floor(payloads))
             discard_s.append(_floor_discard(payloads))
             out = root / f"shards-{r}"
-            wall, cpu, _ = _timed_ingest(path, out, geometry, samples)
+            wall, cpu = _timed_ingest(path, out, geometry, samples)
             ingest_s.append(wall)
             cpu_s.append(cpu)
             manifest = Manifest.read(out)
@@ -122,7 +123,7 @@ def run(tokens: int = 400_000, model: str = "qwen3-30b-a3b", prompt_len: int = 5
             if busy:
                 with _one_core_busy():
                     busy_floor_s.append(_floor(payloads))
-                    wall, cpu, _ = _timed_ingest(path, out, geometry, samples)
+                    wall, cpu = _timed_ingest(path, out, geometry, samples)
                 busy_ingest_s.append(wall)
                 busy_cpu_s.append(cpu)
                 shutil.rmtree(out)

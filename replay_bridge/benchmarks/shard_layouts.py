@@ -58,6 +58,11 @@ BATCH_BYTES = 2 << 20
 # layouts: encode [n, L, k] -> {name: 1-D array}; decode back to [n, L, k] in engine order
 
 
+def _layer_major(ids: np.ndarray) -> np.ndarray:
+    """``[n, L, k]`` -> contiguous ``[L, n, k]`` (the inverse of :func:`_to_rows`)."""
+    return np.ascontiguousarray(ids.transpose(1, 0, 2))
+
+
 def _to_rows(lmk: np.ndarray) -> np.ndarray:
     """``[L, n, k]`` -> contiguous ``[n, L, k]`` (blocks moved as whole 8- or 16-byte words)."""
     L, n, k = lmk.shape
@@ -151,7 +156,7 @@ class LayerMajor(Layout):
     name, doc = "layer-major", "[layers, rows, k] within a record batch"
 
     def encode(self, ids, g):
-        return {"routed": np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(-1)}
+        return {"routed": _layer_major(ids).reshape(-1)}
 
     def decode(self, bufs, n, g):
         return _to_rows(bufs["routed"].reshape(g.num_moe_layers, n, g.top_k))
@@ -187,7 +192,7 @@ class SortedPerm(Layout):
     delta = False
 
     def encode(self, ids, g):
-        lmk = np.ascontiguousarray(ids.transpose(1, 0, 2))
+        lmk = _layer_major(ids)
         s = np.sort(lmk, axis=-1)
         if self.delta:
             d = s.copy()
@@ -213,7 +218,7 @@ class BitmapPerm(Layout):
     name, doc = "bitmap+perm", "num_experts-bit set per block (layer-major) + Lehmer code"
 
     def encode(self, ids, g):
-        lmk = np.ascontiguousarray(ids.transpose(1, 0, 2))
+        lmk = _layer_major(ids)
         L, n, k = lmk.shape
         onehot = np.zeros((L, n, g.num_experts), dtype=bool)
         np.put_along_axis(onehot, lmk.astype(np.intp), True, axis=-1)
@@ -234,7 +239,7 @@ class Packed7(Layout):
         return g.num_experts <= 128 and g.top_k == 8
 
     def encode(self, ids, g):
-        lmk = np.ascontiguousarray(ids.transpose(1, 0, 2)).astype(np.uint64)
+        lmk = _layer_major(ids).astype(np.uint64)
         word = np.zeros(lmk.shape[:2], dtype=np.uint64)
         for j in range(8):
             word |= lmk[..., j] << np.uint64(7 * j)
@@ -255,7 +260,7 @@ class BitShuffle(Layout):
     name, doc = "bitshuffle", "layer-major bytes transposed into bit planes"
 
     def encode(self, ids, g):
-        b = np.ascontiguousarray(ids.transpose(1, 0, 2)).reshape(-1).view(np.uint8)
+        b = _layer_major(ids).reshape(-1).view(np.uint8)
         bits = np.unpackbits(b).reshape(-1, 8)
         return {"planes": np.packbits(bits.T.reshape(-1))}
 
@@ -463,7 +468,7 @@ class RepeatLM(Layout):
         return g.id_dtype == np.uint8
 
     def encode(self, ids, g):
-        lmk = np.ascontiguousarray(ids.transpose(1, 0, 2))
+        lmk = _layer_major(ids)
         rep = np.zeros(lmk.shape, dtype=bool)
         np.equal(lmk[:, 1:], lmk[:, :-1], out=rep[:, 1:])
         return {"mask": np.packbits(rep.reshape(-1), bitorder="little"), "changed": lmk[~rep]}
@@ -496,7 +501,7 @@ class RefLM(Layout):
         return g.id_dtype == np.uint8
 
     def encode(self, ids, g):
-        lmk = np.ascontiguousarray(ids.transpose(1, 0, 2))
+        lmk = _layer_major(ids)
         L, n, k = lmk.shape
         hit = np.zeros((L, n, k, k), dtype=bool)  # [.., s, j]: id at s == previous id at j
         np.equal(lmk[:, 1:, :, None], lmk[:, :-1, None, :], out=hit[:, 1:])
