@@ -173,7 +173,7 @@ def run(sizes: tuple[int, ...] = (1_000, 10_000, 100_000), tokens: int = 16, ran
             "settings": {"sizes": list(sizes), "tokens_per_sample": tokens, "ranks": ranks,
                          "rank": "0: every ranks-th sample of the index", "repeats": repeats,
                          "samples_per_record_batch": samples_per_batch,
-                         "samples_per_shard": 1024, "verify": "read (CRC-32 per batch)",
+                         "samples_per_shard": 1024, "verify": "read (XXH3-64 per record batch)",
                          "timing": "median of interleaved rounds (open: best of 3 per round); "
                                    "local files in page cache; s3 = moto server on loopback"},
             "target": {"open_largest_over_smallest_max": 2.0},

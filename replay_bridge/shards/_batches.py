@@ -32,7 +32,7 @@ def to_record_batch(samples: Sequence[RoutedSample], geometry: RoutingGeometry
 
 def from_record_batch(batch: pa.RecordBatch, geometry: RoutingGeometry,
                       where: str = "record batch") -> list[RoutedSample]:
-    """The samples of a record batch in the shard schema (format 3, or format 2: ``native``
+    """The samples of a record batch in the shard schema (formats 3 and 4, or format 2: ``native``
     ``None``); :class:`ShardError` naming the row and the storage rule when one breaks it
     (arrays are views of the batch)."""
     try:

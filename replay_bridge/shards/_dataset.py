@@ -3,7 +3,6 @@ their indexes, with the one rule for an id that two writers stored."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -14,8 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..geometry import GeometryMismatch
+from ._checksum import object_digest
 from ._errors import ShardError
-from ._index import INDEX_SCHEMA, OUTCOME_CODES, parse_index
+from ._index import LOADED_SCHEMA, OUTCOME_CODES, parse_index
 from ._manifest import FOLDER, MANIFEST_DIR, MANIFEST_RE, MAX_MANIFEST_BYTES, Manifest
 from ._store import Store
 
@@ -75,8 +75,8 @@ class DatasetView:
         if not names:
             if store.info(LEGACY_MANIFEST) is not None:
                 raise ShardError(f"{store.display} is a format-1 shard directory "
-                                 f"({LEGACY_MANIFEST}); this release reads format 2 and 3 "
-                                 f"datasets (manifests under {FOLDER}/): re-ingest it",
+                                 f"({LEGACY_MANIFEST}); this release reads formats 2 to 4 "
+                                 f"(manifests under {FOLDER}/): re-ingest it",
                                  kind="manifest")
             what = "does not exist" if not store.exists() else "holds no published manifest"
             raise ShardError(f"{store.display} is not a routing-replay dataset: it {what}",
@@ -174,18 +174,20 @@ def _load_writer(store: Store, name: str) -> tuple[Manifest, pa.Table]:
     for attempt in range(_INDEX_RETRIES):
         man = _read_manifest(store, name)
         if man.index is None:
-            return man, INDEX_SCHEMA.empty_table()
+            return man, LOADED_SCHEMA.empty_table()
         try:
             data = store.read(man.index.file, MAX_MANIFEST_BYTES)
         except ShardError as e:
             if e.kind == "missing" and attempt + 1 < _INDEX_RETRIES:
                 continue
             raise
-        if len(data) != man.index.bytes or hashlib.sha256(data).hexdigest() != man.index.sha256:
-            raise ShardError(f"{man.index.file}: {len(data)} bytes whose sha256 does not match "
-                             f"{name} (the index is corrupted or was replaced)",
+        if (len(data) != man.index.bytes
+                or object_digest(data, man.index.algorithm) != man.index.digest):
+            raise ShardError(f"{man.index.file}: {len(data)} bytes whose {man.index.algorithm} "
+                             f"does not match {name} (the index is corrupted or was replaced)",
                              file=man.index.file, kind="checksum")
-        return man, parse_index(data, man.index.file, len(man.shards), man.index.rows)
+        return man, parse_index(data, man.index.file, len(man.shards), man.index.rows,
+                                man.format_version)
     raise AssertionError("unreachable")
 
 

@@ -18,6 +18,7 @@ import orjson
 
 from ..geometry import GeometryError, RoutingGeometry
 from ._errors import ShardError
+from ._checksum import checksums_for
 from ._schema import FORMAT_VERSION, READ_VERSIONS
 
 __all__ = [
@@ -79,15 +80,26 @@ def writer_of(name: str) -> str | None:
 
 def check_listed(entry: ShardEntry | QuarantineEntry | IndexEntry, size: int,
                  digest: str | None = None) -> None:
-    """An object's size (and sha256, when given) against its manifest entry."""
+    """An object's size (and digest under the entry's algorithm, when given) against its
+    manifest entry."""
     if size != entry.bytes:
         what = "truncated" if size < entry.bytes else "longer than listed"
         raise ShardError(f"{entry.file}: {size} bytes, the manifest says {entry.bytes} "
                          f"({what})", file=entry.file, kind="size")
-    if digest is not None and digest != entry.sha256:
-        raise ShardError(f"{entry.file}: sha256 {digest[:16]}... does not match the manifest "
-                         f"({entry.sha256[:16]}...): the object is corrupted", file=entry.file,
-                         kind="checksum")
+    if digest is not None and digest != entry.digest:
+        raise ShardError(f"{entry.file}: {entry.algorithm} {digest[:16]}... does not match the "
+                         f"manifest ({entry.digest[:16]}...): the object is corrupted",
+                         file=entry.file, kind="checksum")
+
+
+_CURRENT = checksums_for(FORMAT_VERSION).object_algorithm
+
+
+def _entry_dict(entry: ShardEntry | QuarantineEntry | IndexEntry) -> dict[str, Any]:
+    """A manifest entry as written: the digest under its algorithm's name."""
+    doc = {k: v for k, v in vars(entry).items() if k not in ("digest", "algorithm")}
+    doc[entry.algorithm] = entry.digest
+    return doc
 
 
 @dataclass
@@ -98,7 +110,11 @@ class ShardEntry:
     tokens: int
     routed_rows: int
     bytes: int
-    sha256: str
+    digest: str
+    """Hex digest of the whole object under :attr:`algorithm`."""
+    algorithm: str = _CURRENT
+    """The digest's algorithm (its key in the manifest entry): ``xxh3_128`` from format 4,
+    ``sha256`` before."""
 
 
 @dataclass
@@ -106,7 +122,8 @@ class QuarantineEntry:
     file: str
     records: int
     bytes: int
-    sha256: str
+    digest: str
+    algorithm: str = _CURRENT
 
 
 @dataclass
@@ -114,7 +131,8 @@ class IndexEntry:
     file: str
     rows: int
     bytes: int
-    sha256: str
+    digest: str
+    algorithm: str = _CURRENT
 
 
 def _now() -> str:
@@ -188,9 +206,9 @@ class Manifest:
             "updated": _now(),
             "geometry": self.geometry.to_dict(),
             "compression": self.compression,
-            "shards": [vars(s) for s in self.shards],
-            "quarantine": [vars(q) for q in self.quarantine],
-            "index": vars(self.index) if self.index is not None else None,
+            "shards": [_entry_dict(s) for s in self.shards],
+            "quarantine": [_entry_dict(q) for q in self.quarantine],
+            "index": _entry_dict(self.index) if self.index is not None else None,
             "totals": self.totals(),
             "outcomes": dict(self.outcomes),
         }
@@ -239,11 +257,11 @@ class Manifest:
         shards = [ShardEntry(file=_member(name, writer, e, SHARD_RE), rows=_count(name, e, "rows"),
                              tokens=_count(name, e, "tokens"),
                              routed_rows=_count(name, e, "routed_rows"),
-                             bytes=_count(name, e, "bytes"), sha256=_sha(name, e))
+                             bytes=_count(name, e, "bytes"), **_digest(name, e, version))
                   for e in _get(name, doc, "shards", list)]
         quarantine = [QuarantineEntry(file=_member(name, writer, e, QUARANTINE_RE),
                                       records=_count(name, e, "records"),
-                                      bytes=_count(name, e, "bytes"), sha256=_sha(name, e))
+                                      bytes=_count(name, e, "bytes"), **_digest(name, e, version))
                       for e in _get(name, doc, "quarantine", list)]
         raw_index = doc.get("index")
         index = None
@@ -251,7 +269,7 @@ class Manifest:
             index = IndexEntry(file=_member(name, writer, raw_index, INDEX_RE),
                                rows=_count(name, raw_index, "rows"),
                                bytes=_count(name, raw_index, "bytes"),
-                               sha256=_sha(name, raw_index))
+                               **_digest(name, raw_index, version))
         elif shards or quarantine:
             raise _bad(name, "lists objects but no index")
         outcomes = _get(name, doc, "outcomes", dict)
@@ -298,11 +316,14 @@ def _count(name: str, entry: Any, key: str) -> int:
     return value
 
 
-def _sha(name: str, entry: dict[str, Any]) -> str:
-    value = entry.get("sha256")
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
-        raise _bad(name, f"bad sha256 {value!r:.80} for {entry.get('file')!r:.80}")
-    return value
+def _digest(name: str, entry: dict[str, Any], version: int) -> dict[str, str]:
+    """An entry's digest under its format's algorithm, as entry fields."""
+    checksums = checksums_for(version)
+    algo = checksums.object_algorithm
+    value = entry.get(algo)
+    if not checksums.is_digest(value):
+        raise _bad(name, f"bad {algo} {value!r:.80} for {entry.get('file')!r:.80}")
+    return {"digest": value, "algorithm": algo}
 
 
 def _member(name: str, writer: str, entry: Any, pattern: re.Pattern[str]) -> str:

@@ -17,7 +17,6 @@ latest record (chunks in manifest order, lines in order).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any
@@ -28,6 +27,7 @@ import pybase64
 
 from ..checks import CheckReport
 from ..sample import RoutedSample, WireSample
+from ._checksum import object_digest
 from ._errors import ShardError
 from ._manifest import QuarantineEntry, check_listed
 from ._store import Store
@@ -154,7 +154,7 @@ class ChunkWriter:
                              tuple(record.get("kinds") or ())))
 
     def seal(self) -> tuple[int, int, str]:
-        """Publish the chunk under its name (durably); ``(records, bytes, sha256)``."""
+        """Publish the chunk under its name (durably); ``(records, bytes, digest)``."""
         self._file.commit()
         return len(self.entries), self._file.size, self._file.hexdigest
 
@@ -212,7 +212,7 @@ class OutcomeLedger:
 def read_chunk(store: Store, name: str, listed: QuarantineEntry | None = None
                ) -> Iterator[dict[str, Any]]:
     """The records of one chunk, read once; with ``listed`` (its manifest entry), its size
-    and sha256 are checked first, on the bytes read. :class:`ShardError` naming the file and
+    and digest are checked first, on the bytes read. :class:`ShardError` naming the file and
     line on a bad one, or the file when it is not a regular file."""
     if listed is None:
         data = store.read(name)
@@ -224,7 +224,7 @@ def read_chunk(store: Store, name: str, listed: QuarantineEntry | None = None
                 raise
             raise ShardError(f"{name}: longer than the {listed.bytes} bytes the manifest "
                              "lists", file=name, kind="size") from None
-        check_listed(listed, len(data), hashlib.sha256(data).hexdigest())
+        check_listed(listed, len(data), object_digest(data, listed.algorithm))
     for lineno, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue

@@ -3,13 +3,12 @@
 Opening reads the writers' manifests and compact indexes, never a shard. A sample is found
 through the index (object, record batch, row) and its record batch is fetched as one byte
 range (a slice of a memory map locally, a ranged read on an object store), checked against
-the CRC-32 the writer recorded for it, decoded and kept in a small cache.
+the checksum the writer recorded for it, decoded and kept in a small cache.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,7 @@ import pyarrow.ipc as ipc
 
 from ..geometry import RoutingGeometry
 from ..sample import RoutedSample
+from ._checksum import checksums_for
 from ._dataset import DatasetView
 from ._errors import ShardError
 from ._manifest import Manifest, QuarantineEntry, ShardEntry, check_listed
@@ -40,7 +40,7 @@ INDEX_COLUMNS = ("sample_id", "group_id", "tokens", "prompt_len", "routed_start"
 
 
 def verify_object(store: Store, entry: ShardEntry | QuarantineEntry) -> None:
-    """Check a listed object's size and sha256 against its manifest entry."""
+    """Check a listed object's size and digest against its manifest entry."""
     info = store.info(entry.file)
     if info is None:
         raise ShardError(f"{entry.file}: listed in the manifest but missing",
@@ -48,7 +48,7 @@ def verify_object(store: Store, entry: ShardEntry | QuarantineEntry) -> None:
     if not info.regular:
         store.read(entry.file, 0)  # raises, naming what it is
     check_listed(entry, info.size)  # before hashing: a truncated object is not read
-    check_listed(entry, info.size, store.sha256(entry.file))
+    check_listed(entry, info.size, store.digest(entry.file, entry.algorithm))
 
 
 def _check_counts(view: DatasetView) -> None:
@@ -95,9 +95,9 @@ def _mode(verify: Verify) -> str | bool:
 class ShardReader:
     """A read-only view of a dataset (a local path or any ``pyarrow.fs`` URI).
 
-    ``verify="read"`` (default) checks each record batch's bytes against the CRC-32 its
+    ``verify="read"`` (default) checks each record batch's bytes against the checksum its
     writer recorded, the first time that batch is read; ``True`` (``"all"``) also hashes every
-    listed shard whole (sha256) on open; ``False`` checks nothing but sizes and Arrow's own
+    listed shard whole on open; ``False`` checks nothing but sizes and Arrow's own
     validation. Every record batch read is Arrow-validated and its rows are checked against
     the storage rules.
 
@@ -132,7 +132,7 @@ class ShardReader:
         self._row = t.column("row").to_numpy()
         self._offset = t.column("offset").to_numpy()
         self._length = t.column("length").to_numpy()
-        self._crc = t.column("crc32").to_numpy()
+        self._checksum = t.column("checksum").to_numpy()
         n = len(self._obj)
         change = np.ones(n, bool)
         if n:
@@ -265,14 +265,16 @@ class ShardReader:
         if buf.size != length:
             raise ShardError(f"{name}: record batch {bno} ends past the end of the object",
                              file=name, kind="size")
-        if self._verify and (obj, bno) not in self._checked:
-            crc = zlib.crc32(buf)
-            if crc != int(self._crc[first]):
-                raise ShardError(f"{name}: record batch {bno} (bytes {offset}..{offset + length}) "
-                                 f"has CRC-32 {crc:08x}, its index says {int(self._crc[first]):08x}"
-                                 ": the object is corrupted", file=name, kind="checksum")
-            self._checked.add((obj, bno))
         version = self._view.objects[obj][0].format_version
+        if self._verify and (obj, bno) not in self._checked:
+            checksums = checksums_for(version)
+            got, want = checksums.block(buf), int(self._checksum[first])
+            if got != want:
+                raise ShardError(f"{name}: record batch {bno} (bytes {offset}..{offset + length}) "
+                                 f"has {checksums.block_algorithm} {checksums.block_text(got)}, "
+                                 f"its index says {checksums.block_text(want)}: the object is "
+                                 "corrupted", file=name, kind="checksum")
+            self._checked.add((obj, bno))
         try:
             batch = ipc.read_record_batch(ipc.read_message(buf), self._schemas[version])
             batch.validate(full=True)

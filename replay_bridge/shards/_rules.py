@@ -253,7 +253,7 @@ def batch_breaks(batch: pa.RecordBatch, geometry: RoutingGeometry) -> list[RuleB
     n_ids = _lengths(r_off)
     flag(n_ids % per_row != 0, "routing",
          lambda row: f"has {n_ids[row]} routing ids, not a whole number of [{m}, {k}] rows")
-    if batch.schema.get_field_index("native") >= 0:  # format 3
+    if batch.schema.get_field_index("native") >= 0:  # formats 3 and 4
         _native_breaks(cols["native"], n_ids // per_row, flag)
 
     # expert_ids: one max over the batch's ids unless the id dtype holds no other values

@@ -35,9 +35,10 @@ __all__ = [
     "upgrade_batch",
 ]
 
-FORMAT_VERSION = 3
-READ_VERSIONS = (2, 3)
-"""Shard formats this release reads (and writes: only :data:`FORMAT_VERSION`)."""
+FORMAT_VERSION = 4
+READ_VERSIONS = (2, 3, 4)
+"""Shard formats this release reads (and writes: only :data:`FORMAT_VERSION`). Format 4 has
+format 3's schema; its checksums changed (:mod:`._checksum`)."""
 METADATA_KEY = "routing_replay"
 LAYOUT = "routed: [rows, num_moe_layers, top_k] row-major, MoE layers only, engine order"
 

@@ -11,11 +11,9 @@ under its name.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -23,8 +21,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ._local import create_new, fsync_dir, regular_file, remove_stray
+from ._checksum import checksums_for, object_hash
 from ._errors import ShardError
+from ._local import create_new, fsync_dir, regular_file, remove_stray
+from ._schema import FORMAT_VERSION
 
 __all__ = ["ObjectInfo", "ObjectWriter", "Store", "display_uri", "open_store"]
 
@@ -54,18 +54,20 @@ class ObjectInfo:
 
 
 class ObjectWriter:
-    """One object being written: bytes pass through a sha256 (the whole object) and a CRC-32
-    per block (:meth:`begin_block` / :meth:`end_block`); :meth:`commit` publishes it under its
-    name, :meth:`abort` leaves nothing under that name."""
+    """One object being written: bytes pass through the format's object digest (the whole
+    object) and its block checksum (per block: :meth:`begin_block` / :meth:`end_block`);
+    :meth:`commit` publishes it under its name, :meth:`abort` leaves nothing under that name."""
+
+    checksums = checksums_for(FORMAT_VERSION)
 
     def __init__(self, store: Store, name: str) -> None:
         self.store, self.name = store, name
         self.size = 0
-        self._sha = hashlib.sha256()
-        self._crc = 0
+        self._digest = self.checksums.object_hash()
+        self._block = self.checksums.block_hash()
         self._block_start = 0
         self._skip = 0
-        """Bytes still to come before the current block starts (kept out of its CRC)."""
+        """Bytes still to come before the current block starts (kept out of its checksum)."""
         self._done = False
         if store.local is not None:
             self._tmp = store.temp_path(name)
@@ -84,13 +86,13 @@ class ObjectWriter:
 
     def write(self, data) -> int:  # noqa: ANN001 - any bytes-like object
         view = memoryview(data).cast("B")
-        self._sha.update(view)
+        self._digest.update(view)
         if self._skip:
             n = min(self._skip, view.nbytes)
             self._skip -= n
-            self._crc = zlib.crc32(view[n:], self._crc)
+            self._block.update(view[n:])
         else:
-            self._crc = zlib.crc32(view, self._crc)
+            self._block.update(view)
         if self._file is not None:
             self._file.write(view)
         else:
@@ -105,15 +107,17 @@ class ObjectWriter:
     def begin_block(self, at: int | None = None) -> None:
         """Start a block here, or at byte ``at`` (ahead: what comes before it is not in it)."""
         start = self.size if at is None else max(int(at), self.size)
-        self._block_start, self._skip, self._crc = start, start - self.size, 0
+        self._block_start, self._skip = start, start - self.size
+        self._block = self.checksums.block_hash()
 
     def end_block(self) -> tuple[int, int, int]:
-        """``(offset, length, crc32)`` of the bytes written since :meth:`begin_block`."""
-        return self._block_start, self.size - self._block_start, self._crc
+        """``(offset, length, checksum)`` of the bytes written since :meth:`begin_block`."""
+        return self._block_start, self.size - self._block_start, self._block.intdigest()
 
     @property
     def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+        """The whole object's digest (:attr:`checksums`' object algorithm)."""
+        return self._digest.hexdigest()
 
     def commit(self) -> None:
         """Make the object visible under its name (durable on a local disk)."""
@@ -319,8 +323,9 @@ class Store:
         except FileNotFoundError:
             pass
 
-    def sha256(self, name: str) -> str:
-        h = hashlib.sha256()
+    def digest(self, name: str, algorithm: str) -> str:
+        """The hex digest of a whole object, read in 4 MiB pieces."""
+        h = object_hash(algorithm)
         with self.open(name) as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)

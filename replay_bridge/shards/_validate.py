@@ -1,5 +1,5 @@
 """Re-check a dataset end to end: every writer's manifest and index, every listed object's
-size and sha256, geometry, counts, duplicate ids, every stored sample's routing, the
+size and digest, geometry, counts, duplicate ids, every stored sample's routing, the
 quarantine, and what lies in the dataset unlisted.
 
 :func:`validate_dataset` raises :class:`~replay_bridge.shards.ShardError` only when the URI
@@ -10,7 +10,6 @@ else is collected as a :class:`Fault` naming the object.
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from ..checks import CheckTally, check_routed
+from ._checksum import Checksums, checksums_for
 from ._dataset import DatasetView
 from ._errors import ShardError
 from ._manifest import Manifest, ShardEntry
@@ -159,7 +159,7 @@ def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, entry
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             batch.validate(full=True)
-            _check_block(report, source, name, i, batch, idx)
+            _check_block(report, source, name, i, batch, idx, checksums_for(m.format_version))
             breaks = {b.row: b for b in batch_breaks(batch, g)}
             t_off = batch.column("tokens").offsets
             r_off = batch.column("routed").offsets
@@ -212,7 +212,7 @@ def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, entry
 class _IndexRows:
     """The index rows of each listed shard (before duplicates are resolved), grouped once."""
 
-    COLUMNS = ("sample_id", "batch", "row", "offset", "length", "crc32")
+    COLUMNS = ("sample_id", "batch", "row", "offset", "length", "checksum")
 
     def __init__(self, view: DatasetView) -> None:
         self.index = view.index
@@ -231,9 +231,9 @@ class _IndexRows:
 
 
 def _check_block(report: ValidationReport, source: pa.NativeFile, name: str, i: int,
-                 batch: pa.RecordBatch, idx: dict[str, np.ndarray]) -> None:
+                 batch: pa.RecordBatch, idx: dict[str, np.ndarray], checksums: Checksums) -> None:
     """The index's rows for record batch ``i``: its ids in order, and a byte range whose
-    CRC-32 matches and which decodes to this batch."""
+    checksum (the shard format's) matches and which decodes to this batch."""
     mine = idx["batch"] == i
     ids = batch.column("sample_id").to_pylist()
     if list(idx["sample_id"][mine]) != ids or list(idx["row"][mine]) != list(range(len(ids))):
@@ -243,12 +243,12 @@ def _check_block(report: ValidationReport, source: pa.NativeFile, name: str, i: 
     if not mine.any():
         return
     j = int(np.flatnonzero(mine)[0])
-    offset, length, crc = int(idx["offset"][j]), int(idx["length"][j]), int(idx["crc32"][j])
+    offset, length = int(idx["offset"][j]), int(idx["length"][j])
     buf = pa.py_buffer(source.read_at(length, offset))
-    if buf.size != length or zlib.crc32(buf) != crc:
+    if buf.size != length or checksums.block(buf) != int(idx["checksum"][j]):
         report.faults.append(Fault(name, "checksum", f"{name}: record batch {i}'s bytes "
                                    f"{offset}..{offset + length} do not match the index's "
-                                   "CRC-32"))
+                                   f"{checksums.block_algorithm}"))
         return
     try:
         same = ipc.read_record_batch(ipc.read_message(buf), batch.schema).equals(batch)

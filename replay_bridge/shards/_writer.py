@@ -440,8 +440,8 @@ class ShardWriter:
     def _seal_chunk(self) -> None:
         chunk, self._chunk = self._chunk, None
         assert chunk is not None
-        records, size, sha = chunk.seal()
-        self._manifest.quarantine.append(QuarantineEntry(chunk.name, records, size, sha))
+        records, size, digest = chunk.seal()
+        self._manifest.quarantine.append(QuarantineEntry(chunk.name, records, size, digest))
         for sid, outcome, kinds in chunk.entries:
             self._ledger.record(sid, outcome, stored=self._sealed(sid))
             self._quarantined[sid] = (outcome, kinds)

@@ -5,9 +5,7 @@ need is spelled here, not in the tests."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,9 @@ from typer.testing import CliRunner
 
 from replay_bridge.cli import command_line
 from replay_bridge.sample import RoutedSample
-from replay_bridge.shards import Manifest, ShardWriter
-from replay_bridge.shards._index import INDEX_SCHEMA
+from replay_bridge.shards import FORMAT_VERSION, Manifest, ShardWriter
+from replay_bridge.shards._checksum import checksums_for, object_digest
+from replay_bridge.shards._index import index_schema
 from replay_bridge.shards._manifest import (FOLDER, INDEX_DIR, INDEX_RE, MANIFEST_DIR,
                                             MANIFEST_RE, QUARANTINE_DIR, QUARANTINE_RE,
                                             SHARD_RE, index_name, manifest_name,
@@ -31,16 +30,20 @@ from replay_bridge.shards._manifest import (FOLDER, INDEX_DIR, INDEX_RE, MANIFES
 from replay_bridge.shards._store import Store, open_store
 
 __all__ = [
-    "FOLDER", "INDEX_DIR", "MANIFEST_DIR", "QUARANTINE_DIR", "SHARD_RE", "WRITER",
+    "BLOCK_CHECKSUM", "DIGEST", "FOLDER", "INDEX_DIR", "MANIFEST_DIR", "QUARANTINE_DIR", "SHARD_RE", "WRITER",
     "delete_object", "edit_index", "edit_manifest", "index_of", "index_name", "is_local",
     "listed_chunks", "listed_shards", "local_path", "manifest_doc", "manifest_name",
     "manifest_of", "manifests", "object_names", "quarantine_name", "read_object", "relist",
-    "rewrite_shard", "run_cli", "shard_name", "shard_objects", "temp_name", "write_dir",
-    "write_object", "writer_ids",
+    "rewrite_shard", "run_cli", "set_format_version", "shard_name", "shard_objects",
+    "temp_name", "write_dir", "write_object", "writer_ids",
 ]
 
 WRITER = "w0"
 """The writer id of :func:`write_dir` unless told otherwise: predictable object names."""
+DIGEST = checksums_for(FORMAT_VERSION).object_algorithm
+"""A manifest entry's key for its object's digest, in the format written today."""
+BLOCK_CHECKSUM = checksums_for(FORMAT_VERSION).block_algorithm
+"""The index column of a record batch's checksum, in the format written today."""
 
 
 # ---- writing and running ---------------------------------------------------------------------
@@ -212,21 +215,76 @@ def edit_manifest(uri: Any, fn: Callable[[dict[str, Any]], Any],
     write_object(uri, name, json.dumps(doc).encode())
 
 
+def digest_key(uri: Any, writer: str | None = None) -> str:
+    """The manifest entry key of an object's digest in a writer's manifest (its format's)."""
+    return checksums_for(manifest_doc(uri, writer)["format_version"]).object_algorithm
+
+
+def block_column(uri: Any, writer: str | None = None) -> str:
+    """The index column of a record batch's checksum in a writer's index (its format's)."""
+    return checksums_for(manifest_doc(uri, writer)["format_version"]).block_algorithm
+
+
 def relist(uri: Any, name: str, writer: str | None = None) -> None:
-    """List object ``name`` in its writer's manifest with its current size and sha256
+    """List object ``name`` in its writer's manifest with its current size and digest
     (totals kept in step): only what the object holds is wrong, not its listing."""
     data = read_object(uri, name)
-    sha = hashlib.sha256(data).hexdigest()
 
     def fn(doc: dict[str, Any]) -> None:
+        key = checksums_for(doc["format_version"]).object_algorithm
+        digest = object_digest(data, key)
         for e in doc["shards"]:
             if e["file"] == name:
                 doc["totals"]["bytes"] += len(data) - e["bytes"]
-                e.update(bytes=len(data), sha256=sha)
+                e.update({"bytes": len(data), key: digest})
         for e in doc["quarantine"] + ([doc["index"]] if doc.get("index") else []):
             if e["file"] == name:
-                e.update(bytes=len(data), sha256=sha)
+                e.update({"bytes": len(data), key: digest})
     edit_manifest(uri, fn, writer)
+
+
+def set_format_version(uri: Any, version: int, writer: str | None = None,
+                       shards: bool = True) -> None:
+    """Make a writer's dataset objects format ``version`` as far as checksums and labels go:
+    its shards' schema metadata says ``version`` (``shards=False``: left saying what they
+    say), its manifest says ``version``, every entry's digest and the index's record-batch
+    checksums are recomputed under that format's algorithms. Columns are not changed."""
+    from replay_bridge.shards._index import index_bytes
+
+    if shards:
+        for name in [e["file"] for e in manifest_doc(uri, writer)["shards"]]:
+            rewrite_shard(uri, name, lambda t: _labelled(t, version), writer)
+    doc = manifest_doc(uri, writer)
+    index = read_index(uri, writer)
+    new = checksums_for(version)
+    files = [e["file"] for e in doc["shards"]]
+    offset = index.column("offset").to_numpy()
+    length = index.column("length").to_numpy()
+    shard = index.column("shard").to_numpy()
+    datas = {i: read_object(uri, f) for i, f in enumerate(files)}
+    sums = [new.block(datas[s][o:o + n]) if s >= 0 else 0
+            for s, o, n in zip(shard.tolist(), offset.tolist(), length.tolist())]
+    at = index.schema.get_field_index(checksums_for(doc["format_version"]).block_algorithm)
+    index = index.set_column(at, pa.field(new.block_algorithm, new.block_type, nullable=False),
+                             pa.array(sums, new.block_type))
+    write_object(uri, doc["index"]["file"], index_bytes(index))
+    old_key = checksums_for(doc["format_version"]).object_algorithm
+
+    def fn(d: dict[str, Any]) -> None:
+        d["format_version"] = version
+        for e in d["shards"] + d["quarantine"] + [d["index"]]:
+            e.pop(old_key)
+            e["bytes"] = len(data := read_object(uri, e["file"]))
+            e[new.object_algorithm] = object_digest(data, new.object_algorithm)
+    edit_manifest(uri, fn, writer)
+
+
+def _labelled(table: pa.Table, version: int) -> pa.Table:
+    meta = dict(table.schema.metadata)
+    doc = orjson.loads(meta[b"routing_replay"])
+    doc["format_version"] = version
+    meta[b"routing_replay"] = orjson.dumps(doc)
+    return table.replace_schema_metadata(meta)
 
 
 def read_index(uri: Any, writer: str | None = None) -> pa.Table:
@@ -235,7 +293,7 @@ def read_index(uri: Any, writer: str | None = None) -> pa.Table:
 
 def edit_index(uri: Any, fn: Callable[[pa.Table], pa.Table], writer: str | None = None) -> None:
     """Replace a writer's index by ``fn(index)`` (same object name) and re-list it (rows,
-    bytes, sha256) in its manifest: an index consistent with its manifest, whatever it says."""
+    bytes, digest) in its manifest: an index consistent with its manifest, whatever it says."""
     from replay_bridge.shards._index import index_bytes
 
     name = index_of(uri, writer)
@@ -249,8 +307,8 @@ def rewrite_shard(uri: Any, name: str, fn: Callable[[pa.Table], pa.Table],
                   writer: str | None = None) -> None:
     """Replace a shard by ``fn(its table)`` written with plain pyarrow, then make the dataset
     consistent in every other respect: the manifest entry's size and sha256, and the writer's
-    index rows of that shard (ids, record batches, byte ranges, CRC-32s). Counts (rows, tokens)
-    in the manifest are left as they were."""
+    index rows of that shard (ids, record batches, byte ranges, checksums of the writer's
+    format). Counts (rows, tokens) in the manifest are left as they were."""
     writer = writer or SHARD_RE.fullmatch(name).group("writer")
     with ipc.open_file(pa.py_buffer(read_object(uri, name))) as f:
         table = f.read_all()
@@ -268,10 +326,11 @@ def rewrite_shard(uri: Any, name: str, fn: Callable[[pa.Table], pa.Table],
     relist(uri, name, writer)
 
     doc = manifest_doc(uri, writer)
+    checksums = checksums_for(doc["format_version"])
     pos = [e["file"] for e in doc["shards"]].index(name)
     rows = []
     for b, (batch, start, length) in enumerate(blocks):
-        crc = zlib.crc32(data[start:start + length])
+        crc = checksums.block(data[start:start + length])
         n = batch.num_rows
         ids = pc.fill_null(batch.column("sample_id"), "") if n else batch.column("sample_id")
         tokens = batch.column("tokens")
@@ -283,11 +342,11 @@ def rewrite_shard(uri: Any, name: str, fn: Callable[[pa.Table], pa.Table],
             pa.array(np.full(n, pos, np.int32)), pa.array(np.full(n, b, np.int32)),
             pa.array(np.arange(n, dtype=np.int32)),
             pa.array(np.full(n, start, np.int64)), pa.array(np.full(n, length, np.int64)),
-            pa.array(np.full(n, crc, np.uint32)),
+            pa.array(np.full(n, crc, np.uint64), checksums.block_type),
             pa.array([len(t or ()) for t in tokens.to_pylist()], pa.int32()),
             pa.array([_int32(v) for v in batch.column("prompt_len").to_pylist()], pa.int32()),
             pa.array([_int32(v) for v in batch.column("routed_start").to_pylist()], pa.int32()),
-        ], schema=INDEX_SCHEMA))
+        ], schema=index_schema(doc["format_version"])))
 
     def swap(index: pa.Table) -> pa.Table:
         shard = index.column("shard").to_numpy()

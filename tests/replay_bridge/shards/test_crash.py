@@ -64,7 +64,7 @@ def _started(child: subprocess.Popen) -> str:
 def _check_after_kill(d: str) -> set[str]:
     code, doc, _ = run_cli("validate", d, "--json")
     assert code == 0, doc
-    r = ShardReader(d, verify=True)  # every listed shard verifies: size, sha256, schema, counts
+    r = ShardReader(d, verify=True)  # every listed shard verifies: size, digest, schema, counts
     for name in shard_objects(d):  # listed or not, every object under a shard name is complete
         with pa.ipc.open_file(pa.py_buffer(read_object(d, name))) as f:
             assert sum(f.get_batch(i).num_rows for i in range(f.num_record_batches)) > 0
@@ -175,7 +175,7 @@ def _spawn_stream(d: str, stop_after: int, per_shard: int = 4) -> subprocess.Pop
 
 
 def _listed_records(d: str) -> list[str]:
-    """Validate (every listed chunk whole: size, sha256, JSON lines, record count), then the ids
+    """Validate (every listed chunk whole: size, digest, JSON lines, record count), then the ids
     of every listed record, each checked against the routing it must carry."""
     from replay_bridge.shards import decode_routing
 

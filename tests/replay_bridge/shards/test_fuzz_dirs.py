@@ -10,7 +10,6 @@ replays alone."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import random
@@ -30,10 +29,11 @@ from replay_bridge.checks import CheckReport
 from replay_bridge.cli import command_line
 from replay_bridge.geometry import RoutingGeometry
 from replay_bridge.shards import ShardError, ShardReader, ShardWriter, validate_dir
+from replay_bridge.shards._checksum import object_digest
 from tests.support.processes import child_env
 
 from .conftest import make_sample
-from .helpers import (WRITER, index_name, manifest_name, object_names, quarantine_name, relist,
+from .helpers import (DIGEST, WRITER, index_name, manifest_name, object_names, quarantine_name, relist,
                       rewrite_shard, shard_name)
 
 SHARDS = (shard_name(WRITER, 0), shard_name(WRITER, 1))
@@ -111,9 +111,9 @@ FIELDS = [
     ("format",), ("format_version",),
     *[("geometry", k) for k in ("num_layers", "moe_layers", "top_k", "num_experts", "id_dtype")],
     *[("shards", i, k) for i in (0, 1)
-      for k in ("file", "rows", "tokens", "routed_rows", "bytes", "sha256")],
-    *[("quarantine", 0, k) for k in ("file", "records", "bytes", "sha256")],
-    *[("index", k) for k in ("file", "rows", "bytes", "sha256")], ("index",), ("writer",),
+      for k in ("file", "rows", "tokens", "routed_rows", "bytes", DIGEST)],
+    *[("quarantine", 0, k) for k in ("file", "records", "bytes", DIGEST)],
+    *[("index", k) for k in ("file", "rows", "bytes", DIGEST)], ("index",), ("writer",),
     *[("totals", k) for k in ("shards", "samples", "tokens", "routed_rows", "bytes",
                               "quarantined")],
     ("outcomes", "stored"), ("geometry",), ("shards",), ("quarantine",), ("totals",),
@@ -168,7 +168,7 @@ META_EDITS: list[tuple[str, Any]] = [
     ("num_layers", 10**13), ("num_layers", "4"), ("top_k", 10**6), ("num_experts", 0),
     ("num_experts", 16), ("moe_layers", "0123"), ("moe_layers", [0, 1, 2, 9]),
     ("moe_layers", [0, 1, 2, 2.5]), ("format_version", 1), ("format_version", 2),
-    ("format_version", 4),
+    ("format_version", 3), ("format_version", 5),
     ("id_dtype", "uint16"),
     ("num_layers", None), ("name", ["x"]),
 ]
@@ -331,7 +331,7 @@ def test_fifos_in_place_of_members_are_flagged_without_hanging(source, tmp_path)
                 for e in doc["shards"] + doc["quarantine"] + [doc["index"]]:
                     if e["file"] == name:
                         doc["totals"]["bytes"] -= e["bytes"] if name in SHARDS else 0
-                        e.update(bytes=0, sha256=hashlib.sha256(b"").hexdigest())
+                        e.update({"bytes": 0, DIGEST: object_digest(b"", DIGEST)})
                 (d / MANIFEST).write_text(json.dumps(doc))
             dirs.append(d)
     before = snapshot(*(d.parent for d in dirs))

@@ -1,4 +1,4 @@
-"""Format 3: the ``native`` column (rows the trainer routes itself) through writer, reader,
+"""Formats 3 and 4: the ``native`` column (rows the trainer routes itself) through writer, reader,
 validate and the record-batch hand-off, on a local directory and on S3; hostile ``native``
 values refused naming the sample and the rule; format-2 datasets (no column) read with
 ``native`` ``None``, validated, and appended to."""
@@ -24,7 +24,7 @@ from replay_bridge.shards._rules import batch_breaks
 
 from .conftest import make_sample
 from .helpers import (edit_manifest, listed_shards, manifest_doc, read_object, rewrite_shard,
-                      run_cli, write_dir, writer_ids)
+                      run_cli, set_format_version, write_dir, writer_ids)
 
 
 def marked(g: RoutingGeometry, sid: str, num_tokens: int, rows: tuple[int, ...] = (),
@@ -72,9 +72,9 @@ def _same(got: RoutedSample, want: RoutedSample) -> None:
 def test_writer_and_reader_round_trip(dataset_uri, tiny):
     samples = mixed(tiny)
     write_dir(dataset_uri, tiny, samples, samples_per_shard=3, batch_bytes=200)
-    assert manifest_doc(dataset_uri)["format_version"] == FORMAT_VERSION == 3
+    assert manifest_doc(dataset_uri)["format_version"] == FORMAT_VERSION == 4
     r = ShardReader(dataset_uri)
-    assert r.manifest.format_version == 3
+    assert r.manifest.format_version == FORMAT_VERSION
     for s in samples:
         _same(r[s.sample_id], s)
     for got, s in zip(r.read([s.sample_id for s in samples][::-1], threads=2), samples[::-1]):
@@ -104,7 +104,7 @@ def test_validate_counts_native_rows(dataset_uri, tiny):
     rows = sum(s.rows for s in samples)
     assert int(report.tally.tokens.sum()) == rows - prompt - completion
     code, doc, _ = run_cli("validate", dataset_uri, "--json")
-    assert code == 0 and doc["format_version"] == 3
+    assert code == 0 and doc["format_version"] == FORMAT_VERSION
     assert doc["check"]["regions"]["prompt"]["native_rows"] == prompt
     assert doc["check"]["regions"]["completion"]["native_rows"] == completion
     code, _, out = run_cli("validate", dataset_uri)
@@ -245,13 +245,13 @@ def _as_format_2(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
 
 
 def make_format_2(uri: Any) -> None:
-    """Turn a dataset written without native rows into the format-2 dataset the previous
+    """Turn a dataset written without native rows into the format-2 dataset an older
     release wrote: every shard without the column (re-listed, index rows rewritten), every
-    manifest saying 2."""
+    manifest saying 2, with format 2's checksums (SHA-256, CRC-32)."""
     for name in listed_shards(uri):
         rewrite_shard(uri, name, _as_format_2)
     for writer in writer_ids(uri):
-        edit_manifest(uri, lambda doc: doc.update(format_version=2), writer)
+        set_format_version(uri, 2, writer)
 
 
 def _shard_schema(uri: Any, name: str) -> pa.Schema:
@@ -291,16 +291,16 @@ def test_appending_to_a_format_2_dataset(dataset_uri, tiny):
     write_dir(dataset_uri, tiny, new, resume=True, samples_per_shard=3)
     assert {n: read_object(dataset_uri, n) for n in before} == before  # old shards untouched
     versions = {w: manifest_doc(dataset_uri, w)["format_version"] for w in writer_ids(dataset_uri)}
-    assert versions.pop(old_writer) == 2 and list(versions.values()) == [3]
+    assert versions.pop(old_writer) == 2 and list(versions.values()) == [FORMAT_VERSION]
     r = ShardReader(dataset_uri, verify=True)
-    assert len(r) == len(old) + len(new) and r.manifest.format_version == 3
+    assert len(r) == len(old) + len(new) and r.manifest.format_version == FORMAT_VERSION
     for s in old + new:
         _same(r[s.sample_id], s)
     assert [s.sample_id for s in r] == [s.sample_id for s in old + new]
     assert all(b.schema.equals(schema_for(tiny)) for b in r.iter_batches())
     report = validate_dataset(dataset_uri)
     assert report.ok, report.faults
-    assert Manifest.read(dataset_uri).format_version == 3
+    assert Manifest.read(dataset_uri).format_version == FORMAT_VERSION
 
 
 def test_ingest_append_to_a_format_2_dataset(tmp_path, tiny):
@@ -322,9 +322,9 @@ def test_ingest_append_to_a_format_2_dataset(tmp_path, tiny):
 def test_manifest_and_shard_formats_must_agree(dataset_uri, tiny):
     write_dir(dataset_uri, tiny, mixed(tiny)[:2])
     (shard,) = listed_shards(dataset_uri)
-    edit_manifest(dataset_uri, lambda doc: doc.update(format_version=2))  # lists a format-3 shard
+    set_format_version(dataset_uri, 2, shards=False)  # lists a format-4 shard
     report = validate_dataset(dataset_uri)
-    assert any(f.file == shard and "format_version 3, its manifest says 2" in f.message
+    assert any(f.file == shard and "format_version 4, its manifest says 2" in f.message
                for f in report.faults), report.faults
     with pytest.raises(ShardError, match="its manifest says 2"):
         ShardReader(dataset_uri, verify=True)
@@ -334,17 +334,17 @@ def test_a_format_2_schema_with_a_native_column_is_refused(dataset_uri, tiny):
     write_dir(dataset_uri, tiny, mixed(tiny)[:2])
     (shard,) = listed_shards(dataset_uri)
     rewrite_shard(dataset_uri, shard, lambda t: t.replace_schema_metadata(_v2_metadata(t.schema)))
-    edit_manifest(dataset_uri, lambda doc: doc.update(format_version=2))
+    set_format_version(dataset_uri, 2)
     report = validate_dataset(dataset_uri)
     assert any("a format-2 schema with a 'native' column" in f.message for f in report.faults)
 
 
-@pytest.mark.parametrize("version", [1, 4])
+@pytest.mark.parametrize("version", [1, 5])
 def test_unknown_formats_are_refused(dataset_uri, tiny, version):
     write_dir(dataset_uri, tiny, mixed(tiny)[:2])
     edit_manifest(dataset_uri, lambda doc: doc.update(format_version=version))
     with pytest.raises(ShardError, match=f"unsupported format_version {version} "
-                                         r"\(this reader knows 2, 3\)"):
+                                         r"\(this reader knows 2, 3, 4\)"):
         ShardReader(dataset_uri)
 
 

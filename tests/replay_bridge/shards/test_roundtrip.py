@@ -15,7 +15,7 @@ from replay_bridge.shards import (ShardError, ShardReader, ShardWriter, cleanup_
                                   validate_dataset)
 
 from .conftest import make_sample
-from .helpers import (corrupt_batch, index_of, listed_shards, manifest_of, object_names,
+from .helpers import (BLOCK_CHECKSUM, DIGEST, corrupt_batch, index_of, listed_shards, manifest_of, object_names,
                       read_object, shard_name, shard_objects, temp_name, write_object)
 
 
@@ -358,16 +358,16 @@ def test_iteration_order_with_read_ahead_threads(tmp_path, tiny, samples, thread
 def test_read_ahead_surfaces_a_bad_shard_by_name(dataset_uri, tiny, samples):
     d = write_dir_small(dataset_uri, tiny, samples)
     bad = listed_shards(d)[2]
-    corrupt_batch(d, bad, 0)  # the object no longer matches its index's CRC-32
+    corrupt_batch(d, bad, 0)  # the object no longer matches its index's checksum
     r = ShardReader(d, verify="read")
     seen = []
-    with pytest.raises(ShardError, match=f"{bad}: record batch 0 .* CRC-32") as e:
+    with pytest.raises(ShardError, match=f"{bad}: record batch 0 .* {BLOCK_CHECKSUM}") as e:
         for b in r.iter_batches(threads=2):
             seen.extend(b.column("sample_id").to_pylist())
     assert e.value.kind == "checksum"
     assert set(seen) <= {s.sample_id for s in samples[:10]}
     assert r["s000"].sample_id == "s000"  # the other shards still read
-    with pytest.raises(ShardError, match="sha256"):  # verify=True hashes every shard on open
+    with pytest.raises(ShardError, match=DIGEST):  # verify=True hashes every shard on open
         ShardReader(d, verify=True)
 
 

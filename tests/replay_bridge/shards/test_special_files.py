@@ -6,7 +6,6 @@ store has no special files.)"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -17,10 +16,11 @@ import pytest
 
 from replay_bridge.checks import CheckReport
 from replay_bridge.shards import ShardWriter
+from replay_bridge.shards._checksum import object_digest
 from tests.support.processes import child_env, cli
 
 from .conftest import make_sample
-from .helpers import (WRITER, edit_manifest, index_name, index_of, local_path, manifest_name,
+from .helpers import (DIGEST, WRITER, edit_manifest, index_name, index_of, local_path, manifest_name,
                       object_names, quarantine_name, read_object, shard_name)
 
 S0, S1 = shard_name(WRITER, 0), shard_name(WRITER, 1)
@@ -90,16 +90,16 @@ def _replace(path, what: str) -> None:
 def _list_as_empty(d, name) -> None:
     """Make the manifest say ``name`` is an empty file: the size check passes, so only opening
     it can tell."""
-    empty = hashlib.sha256(b"").hexdigest()
+    empty = object_digest(b"", DIGEST)
 
     def fn(doc):
         for e in doc["shards"]:
             if e["file"] == name:
                 doc["totals"]["bytes"] -= e["bytes"]
-                e.update(bytes=0, sha256=empty)
+                e.update({"bytes": 0, DIGEST: empty})
         for e in doc["quarantine"] + [doc["index"]]:
             if e["file"] == name:
-                e.update(bytes=0, sha256=empty)
+                e.update({"bytes": 0, DIGEST: empty})
     edit_manifest(d, fn)
 
 

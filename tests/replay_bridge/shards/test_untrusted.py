@@ -12,7 +12,7 @@ import pytest
 
 from replay_bridge.shards import ShardError, ShardReader, ShardWriter
 
-from .helpers import (INDEX_DIR, WRITER, corrupt_batch, delete_object, edit_index,
+from .helpers import (BLOCK_CHECKSUM, DIGEST, INDEX_DIR, WRITER, corrupt_batch, delete_object, edit_index,
                       edit_manifest, flip_bytes, index_of, local_path,
                       manifest_name, manifest_of, read_object, relist, rewrite_shard, run_cli,
                       shard_name, write_dir, write_object)
@@ -107,12 +107,12 @@ def test_symlinked_shard_is_refused(shard_dir, tmp_path):
     assert any("symlink" in f["message"] for f in doc["faults"])
 
 
-def test_wrong_sha256_is_reported_by_name(dataset):
-    edit_manifest(dataset, lambda doc: doc["shards"][1].update(sha256="0" * 64))
-    with pytest.raises(ShardError, match=f"{S1}: sha256 .* does not match") as e:
+def test_wrong_digest_is_reported_by_name(dataset):
+    edit_manifest(dataset, lambda doc: doc["shards"][1].update({DIGEST: "0" * 32}))
+    with pytest.raises(ShardError, match=f"{S1}: {DIGEST} .* does not match") as e:
         ShardReader(dataset, verify=True)
     assert e.value.kind == "checksum"
-    reader = ShardReader(dataset)  # the default checks each record batch's CRC-32 instead
+    reader = ShardReader(dataset)  # the default checks each record batch's checksum instead
     assert reader.routing("s007").shape[1:] == (4, 2)
     code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 1
@@ -157,8 +157,10 @@ def test_wrong_per_shard_counts(dataset, field, value, message):
     (lambda d: d.update(format="something-else"), "not a routing-replay-dataset manifest"),
     (lambda d: d.update(index=None), "lists objects but no index"),
     (lambda d: d["index"].update(rows=3), "the index has 3 rows for 12 samples"),
-    (lambda d: d["index"].update(sha256="0" * 64), "sha256 does not match"),
-    (lambda d: d["index"].update(bytes=1), "sha256 does not match"),
+    (lambda d: d["index"].update({DIGEST: "0" * 32}), f"{DIGEST} does not match"),
+    (lambda d: d["index"].update(bytes=1), f"{DIGEST} does not match"),
+    (lambda d: d["index"].update({DIGEST: "0" * 64}), f"bad {DIGEST} '0000"),
+    (lambda d: d["index"].pop(DIGEST), f"bad {DIGEST} None"),
 ])
 def test_inconsistent_manifest_is_refused(shard_dir, edit, message):
     edit_manifest(shard_dir, edit)
@@ -195,7 +197,7 @@ def test_an_untrustworthy_index_is_refused_by_name(dataset, what):
         import pyarrow.ipc as ipc
 
         from .helpers import read_index
-        table = read_index(dataset).drop_columns(["crc32"])
+        table = read_index(dataset).drop_columns([BLOCK_CHECKSUM])
         sink = pa.BufferOutputStream()
         with ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
@@ -210,12 +212,13 @@ def test_an_untrustworthy_index_is_refused_by_name(dataset, what):
 
 @pytest.mark.parametrize("what", ["crc", "offset", "length", "order"])
 def test_an_index_pointing_at_the_wrong_bytes_is_caught(dataset, what):
-    """An index consistent with its manifest whose byte ranges, CRC-32s or rows are wrong: the
+    """An index consistent with its manifest whose byte ranges, checksums or rows are wrong: the
     reader refuses the record batch by name (never returns other bytes as that sample), and
     validate names the shard."""
     def edit(t):
         first = pc.equal(t.column("shard"), 1).to_numpy(zero_copy_only=False)
-        col = {"crc": "crc32", "offset": "offset", "length": "length", "order": "row"}[what]
+        col = {"crc": BLOCK_CHECKSUM, "offset": "offset", "length": "length",
+               "order": "row"}[what]
         i = t.schema.get_field_index(col)
         values = t.column(i).to_numpy().copy()
         if what == "crc":
@@ -291,8 +294,9 @@ def test_truncated_shard_reported_by_name(dataset):
 
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_corrupted_shard_reported_by_name(dataset_uri, tiny, samples, compression):
-    """Bytes flipped in an object (overwritten in place, on S3 too): the record batch's CRC-32
-    catches it on first read, sha256 on open with verify=True, validate names the shard."""
+    """Bytes flipped in an object (overwritten in place, on S3 too): the record batch's checksum
+    catches it on first read, the object digest on open with verify=True, validate names the
+    shard."""
     d = write_dir(dataset_uri, tiny, samples, samples_per_shard=5, compression=compression)
     corrupt_batch(d, S2, 0)
     code, doc, _ = run_cli("validate", d, "--json")
@@ -303,7 +307,7 @@ def test_corrupted_shard_reported_by_name(dataset_uri, tiny, samples, compressio
         ShardReader(d, verify=True)
     r = ShardReader(d)
     assert r["s009"].sample_id == "s009"
-    with pytest.raises(ShardError, match=f"{S2}: record batch 0 .* CRC-32") as e:
+    with pytest.raises(ShardError, match=f"{S2}: record batch 0 .* {BLOCK_CHECKSUM}") as e:
         r["s010"]
     assert e.value.kind == "checksum"
     # without checksums the reader still never crashes: an error or (flipped ids) data
@@ -315,13 +319,13 @@ def test_corrupted_shard_reported_by_name(dataset_uri, tiny, samples, compressio
         assert e.file == S2
 
 
-def test_corrupted_footer_is_found_by_sha256_and_validate(dataset):
+def test_corrupted_footer_is_found_by_digest_and_validate(dataset):
     """Bytes flipped outside every record batch (the footer): no read of a sample needs them,
     so only the whole-object checks see it."""
     data = read_object(dataset, S1)
     flip_bytes(dataset, S1, start=(len(data) - 20) / len(data), count=4)
     assert ShardReader(dataset)["s005"].sample_id == "s005"
-    with pytest.raises(ShardError, match=f"{S1}: sha256"):
+    with pytest.raises(ShardError, match=f"{S1}: {DIGEST}"):
         ShardReader(dataset, verify=True)
     code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 1 and (S1, "checksum") in {(f["file"], f["kind"]) for f in doc["faults"]}
@@ -509,7 +513,7 @@ _JSON = st.recursive(st.none() | st.booleans() | st.integers(-2, 2**40) | st.tex
 @_FUZZ
 @given(path=st.lists(st.sampled_from(["shards", 0, 1, "file", "rows", "tokens", "bytes",
                                       "geometry", "moe_layers", "top_k", "totals", "outcomes",
-                                      "quarantine", "sha256", "format_version", "index",
+                                      "quarantine", DIGEST, "format_version", "index",
                                       "writer", "started"]),
                      min_size=1, max_size=3),
        value=_JSON)

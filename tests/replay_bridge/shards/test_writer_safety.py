@@ -195,7 +195,7 @@ def test_object_names_take_ascii_only(tmp_path: Path, tiny: RoutingGeometry, sam
     d = write_dir(tmp_path / "d", tiny, samples[:2])
     doc = manifest_doc(d)
     doc["shards" if name.endswith(".arrow") else "quarantine"].insert(0, dict(
-        file=name, rows=0, tokens=0, routed_rows=0, records=0, bytes=0, sha256="0" * 64))
+        file=name, rows=0, tokens=0, routed_rows=0, records=0, bytes=0, xxh3_128="0" * 32))
     with pytest.raises(ShardError, match="not a"):
         Manifest.from_dict(doc, manifest_name(WRITER))
     writer = name.split("-")[1]
