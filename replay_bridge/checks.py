@@ -461,6 +461,17 @@ class CheckTally:
             if kind == "all_zero":
                 self.all_zero += counts
 
+    def add_tally(self, other: CheckTally) -> None:
+        """Add another tally of the same geometry (one worker's table into the run's)."""
+        self.samples += other.samples
+        self.good += other.good
+        for kind, n in other.by_kind.items():
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + n
+        self.tokens += other.tokens
+        self.native += other.native
+        self.bad += other.bad
+        self.all_zero += other.all_zero
+
     @property
     def blocks(self) -> np.ndarray:
         """(token, MoE layer) blocks checked per region."""

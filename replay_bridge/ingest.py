@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from .sample import WireSample, field_problem, type_name
 from .shards import ShardWriter
 from .sink import SampleSink
 
-__all__ = ["IngestResult", "ingest", "iter_lines"]
+__all__ = ["IngestResult", "ingest", "iter_lines", "line_ranges"]
 
 
 @dataclass
@@ -64,13 +65,16 @@ class IngestResult:
 _NOT_BLANK = re.compile(rb"[^ \t\r\n\x0b\x0c]")
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, Any, int, int]]:
+def iter_lines(path: str | Path, begin: int = 0,
+               stop: int | None = None) -> Iterator[tuple[int, Any, int, int]]:
     """Yield ``(line_number, buffer, start, end)`` for every line that is not whitespace only,
     zero-copy.
 
     ``buffer`` is a read-only memory map of the whole file (``bytes`` for an empty file). The
     pages of lines already yielded are handed back every 32 MiB (``MADV_DONTNEED``: read again
     from the file if touched), so resident memory follows the line at hand, not the file.
+    With ``begin`` (a line's first byte) and ``stop``, only the lines starting in
+    ``[begin, stop)`` are read, numbered from 1 at ``begin``.
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -81,9 +85,11 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, Any, int, int]]:
         mm.madvise(mmap.MADV_SEQUENTIAL)
     except (AttributeError, OSError):
         pass
-    pos, lineno, released = 0, 0, 0
+    stop = size if stop is None else min(stop, size)
+    pos, lineno = begin, 0
+    released = begin - begin % mmap.PAGESIZE
     try:
-        while pos < size:
+        while pos < stop:
             nl = mm.find(b"\n", pos)
             end = size if nl < 0 else nl
             lineno += 1
@@ -103,6 +109,62 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, Any, int, int]]:
 _RELEASE_BYTES = 32 << 20
 
 
+def line_ranges(path: str | Path, parts: int) -> list[tuple[int, int]]:
+    """Cut a file into at most ``parts`` byte ranges ``[begin, stop)`` of about equal size,
+    each starting at a line's first byte (empty ranges are left out)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return []
+    cuts = [0]
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            for i in range(1, max(parts, 1)):
+                at = max(size * i // parts, cuts[-1])
+                nl = mm.find(b"\n", at) if at < size else -1
+                cuts.append(size if nl < 0 else nl + 1)
+        finally:
+            mm.close()
+    cuts.append(size)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+class _LineNumber:
+    """The 1-based number in the whole file of a line read from a range that starts mid-file,
+    counted only when a message shows it (faulty lines are rare; counting the lines before
+    the range costs a scan of them)."""
+
+    __slots__ = ("_lines_before", "_local")
+
+    def __init__(self, lines_before: Callable[[], int], local: int) -> None:
+        self._lines_before, self._local = lines_before, local
+
+    def __int__(self) -> int:
+        return self._lines_before() + self._local
+
+    def __format__(self, spec: str) -> str:
+        return format(int(self), spec)
+
+    def __str__(self) -> str:
+        return str(int(self))
+
+
+def _lines_before(path: str | Path, begin: int) -> Callable[[], int]:
+    """A function counting the lines that start before byte ``begin`` (once, when first
+    called)."""
+    counted: list[int] = []
+
+    def count() -> int:
+        if not counted:
+            n = 0
+            with open(path, "rb") as f:
+                while (chunk := f.read(min(1 << 24, begin - f.tell()))):
+                    n += chunk.count(b"\n")
+            counted.append(n)
+        return counted[0]
+    return count
+
+
 def _release(mm: mmap.mmap, start: int, end: int) -> int:
     """Drop the mapped pages of ``[start, end)`` (page-aligned ``start``) from this process;
     return the new aligned start."""
@@ -119,7 +181,8 @@ Unanswered = list[tuple[str, str]]
 
 
 def _line_samples(
-    buf: Any, start: int, end: int, lineno: int, engine: str, geometry: RoutingGeometry
+    buf: Any, start: int, end: int, lineno: int | _LineNumber, engine: str,
+    geometry: RoutingGeometry
 ) -> tuple[list[WireSample], Unanswered]:
     def refused(message: str, sid: str | None = None) -> tuple[list[WireSample], Unanswered]:
         return [undecodable(sid or f"line-{lineno}", "malformed", message, engine)], []
@@ -162,35 +225,67 @@ def ingest(
     append: bool = False,
     writer_options: dict[str, Any] | None = None,
     on_line: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> IngestResult:
     """Decode, check and store every sample of a JSONL dump.
 
     Every sample goes through one :class:`~replay_bridge.sink.SampleSink`: good samples go to
     shards, faulty ones to the quarantine with their reasons, an id stored already is a
     ``duplicate``; a bad line is a verdict for that line, never an exception. Compression,
-    hashing and writes run on the sink's writer thread. ``on_line(lineno, byte_offset)``
-    reports progress.
+    hashing and writes run on the sink's writer thread. ``on_line(lines, byte_offset)``
+    reports progress (lines read so far, bytes of the file done).
 
     ``out`` is a dataset URI (a directory, ``file://``, ``s3://bucket/prefix``, ...). With
     ``append`` this process adds to the dataset there as a writer of its own (the first writer
     creates it; several may append at once); an id any writer stored already is a
     ``duplicate``.
+
+    ``workers > 1`` reads the file in that many byte ranges (cut at line starts) on as many
+    processes, each a writer of its own into ``out`` (``writer_id``, when given, gets
+    ``-<n>`` appended); sample ids are claimed through this process, so no id is stored
+    twice. When one id is on several lines, one copy is stored and the others are
+    ``duplicate`` verdicts: the first line's with one worker, any one of them with several.
+    Verdicts come back in file order either way.
     """
+    if workers > 1:
+        from ._ingest_pool import ingest_in_workers
+
+        return ingest_in_workers(path, geometry, engine, out, append=append,
+                                 writer_options=writer_options, on_line=on_line,
+                                 workers=workers)
     options = dict(writer_options or {})
     if append:
         options["resume"] = True
     with ShardWriter(out, geometry, **options) as writer, \
             SampleSink(writer, background=True) as sink:
         result = IngestResult(tally=sink.tally)
-        for lineno, buf, start, end in iter_lines(path):
-            result.lines += 1
-            wires, lost = _line_samples(buf, start, end, lineno, engine, geometry)
-            for ws in wires:
-                result.samples.append(sink.add(ws).to_dict())
-            for sid, message in lost:
-                result.samples.append(sink.add_failure(sid, message).to_dict())
-            if on_line is not None:
-                on_line(lineno, end)
+        read_lines(path, engine, geometry, sink, result, on_line=on_line)
+    return finish(result, sink)
+
+
+def read_lines(path: str | Path, engine: str, geometry: RoutingGeometry, sink: SampleSink,
+               result: IngestResult, *, begin: int = 0, stop: int | None = None,
+               on_line: Callable[[int, int], None] | None = None,
+               stopped: Callable[[], bool] | None = None) -> None:
+    """Hand every sample of the lines starting in ``[begin, stop)`` to ``sink``, adding the
+    lines and verdicts to ``result``; ``stopped()`` is asked before each line."""
+    number: Callable[[int], int | _LineNumber] = (
+        (lambda n: n) if begin == 0 else partial(_LineNumber, _lines_before(path, begin)))
+    for lineno, buf, start, end in iter_lines(path, begin, stop):
+        if stopped is not None and stopped():
+            return
+        result.lines += 1
+        wires, lost = _line_samples(buf, start, end, number(lineno), engine, geometry)
+        for ws in wires:
+            result.samples.append(sink.add(ws).to_dict())
+        for sid, message in lost:
+            result.samples.append(sink.add_failure(sid, message).to_dict())
+        if on_line is not None:
+            on_line(lineno, end)
+
+
+def finish(result: IngestResult, sink: SampleSink) -> IngestResult:
+    """``result`` with the closed sink's counts."""
     result.stored = sink.counts["stored"]
     result.rejected = sink.counts["rejected"] + sink.counts["duplicate"] + sink.counts["failed"]
     result.faults = sink.faults

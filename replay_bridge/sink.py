@@ -21,13 +21,13 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from .checks import CheckReport, CheckTally, accept
 from .sample import RoutedSample, WireSample
 from .shards import ShardWriter, UnstorableSample
 
-__all__ = ["OUTCOMES", "VERDICT_KINDS", "SampleSink", "Verdict"]
+__all__ = ["OUTCOMES", "VERDICT_KINDS", "RunClaims", "SampleSink", "Verdict"]
 
 OUTCOMES: Mapping[str, str] = MappingProxyType({
     "stored": "passed every check and is in a shard (listed once its shard is sealed)",
@@ -96,6 +96,20 @@ class Verdict:
         return d
 
 
+class RunClaims(Protocol):
+    """The sample ids of one run that several writers share (``ingest`` with ``workers``):
+    a sink stores a sample only once its id is claimed here, so no two writers of the run
+    store the same id."""
+
+    def claim(self, sample_id: str) -> bool:
+        """Take ``sample_id`` for this writer; False when another writer of the run has it."""
+        ...
+
+    def release(self, sample_id: str) -> None:
+        """Give back an id this writer claimed but did not store."""
+        ...
+
+
 class _WriterThread:
     """Runs writer calls on their own thread, fed through a bounded queue, so that
     compression, hashing and disk writes overlap decoding and checking (both release the GIL).
@@ -147,11 +161,15 @@ class SampleSink:
     verdict is final when returned. An error of that thread is raised by the next ``add`` or by
     :meth:`close`. Use the sink from one thread, and close it (or leave its ``with`` block)
     before flushing or closing the writer. Closing the sink does not close the writer.
+
+    ``claims`` is given when other writers store the same run's samples (:class:`RunClaims`):
+    an id one of them claimed is a ``duplicate_sample_id`` here too.
     """
 
     def __init__(self, writer: ShardWriter, *, background: bool = False,
-                 depth: int = 16) -> None:
+                 depth: int = 16, claims: RunClaims | None = None) -> None:
         self.writer = writer
+        self._claims = claims
         self.geometry = writer.geometry
         self.tally = CheckTally(writer.geometry)
         self.counts: dict[str, int] = dict.fromkeys(_SINK_OUTCOMES, 0)
@@ -185,9 +203,16 @@ class SampleSink:
                                   message=f"sample {sid!r}: duplicate_sample_id: stored "
                                           "earlier in this run; the stored copy is kept")
             return self._verdict(dup, "duplicate")
+        if self._claims is not None and not self._claims.claim(sid):
+            dup = CheckReport(sid, kinds=("duplicate_sample_id",),
+                              message=f"sample {sid!r}: duplicate_sample_id: another "
+                                      "worker of this run stored it; its copy is kept")
+            return self._verdict(dup, "duplicate")
         try:
             claimed = self.writer.claim(routed)
         except UnstorableSample as e:
+            if self._claims is not None:
+                self._claims.release(sid)
             refused = CheckReport(sid, kinds=("unstorable",), message=str(e), rows=routed.rows,
                                   expected_rows=routed.expected_rows)
             self._call(self.writer.quarantine, refused, wire if wire is not None else routed)

@@ -31,15 +31,16 @@ def bench_ingest(
     peer: bool = typer.Option(True, help="Also time the usual torch-based peer chain."),
     busy: bool = typer.Option(True, help="Also time floor and ingest while another process "
                                          "keeps one core busy."),
+    workers: int = typer.Option(2, min=1, help="Also time ingest --workers N (1: do not)."),
     workdir: Optional[Path] = typer.Option(None, help="Where to put temporary files."),
     as_json: bool = typer.Option(True, "--json/--no-json", help="JSON output (the default)."),
 ) -> None:
     """Ingest time vs pybase64 b64decode of the same payloads (the floor) vs a peer chain,
-    quiet and with one core busy."""
+    quiet and with one core busy; one process and --workers processes."""
     from ..benchmarks.ingest import run
 
     emit_json(run(tokens=tokens, model=model, repeats=repeats, peer=peer, busy=busy,
-                  workdir=workdir))
+                  workers=workers, workdir=workdir))
 
 
 @bench_app.command("shards")

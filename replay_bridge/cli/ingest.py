@@ -29,6 +29,8 @@ def ingest(
                                      "processes may append to one dataset at once."),
     compression: Optional[str] = typer.Option(None, help="zstd | lz4 | none (default: zstd)."),
     samples_per_shard: int = typer.Option(1024, min=1, help="Samples per shard file."),
+    workers: int = typer.Option(1, min=1, help="Processes, each reading a part of the file "
+                                               "into a writer of its own (pays on many cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Decode, check and store dumped engine responses; faulty samples go to quarantine.
@@ -56,14 +58,17 @@ def ingest(
     t0 = time.perf_counter()
     with progress(enabled=not as_json) as bar:
         task = bar.add_task("ingest", total=size, status="")
+        shown_at = [0.0]
 
-        def on_line(lineno: int, offset: int) -> None:
-            if lineno % 64 == 0:
-                bar.update(task, completed=offset, status=f"{lineno} lines")
+        def on_line(lines: int, done: int) -> None:
+            now = time.monotonic()
+            if now - shown_at[0] >= 0.1:
+                shown_at[0] = now
+                bar.update(task, completed=done, status=f"{lines} lines")
 
         try:
             result = run_ingest(responses, geometry, engine, out, append=append,
-                                writer_options=options, on_line=on_line)
+                                writer_options=options, on_line=on_line, workers=workers)
         except GeometryMismatch as e:
             die(f"cannot add to {shown(out)} with --append: {e}", as_json=as_json)
         except (ShardError, OSError) as e:
@@ -78,6 +83,7 @@ def ingest(
             "out": shown(out),
             "geometry": geometry.to_dict(),
             "engine": engine,
+            "workers": workers,
             "seconds": round(seconds, 3),
             "totals": result.totals(),
             "check": result.tally.to_dict(),

@@ -56,15 +56,8 @@ def merge_tallies(geometry: RoutingGeometry, tallies: Iterable[CheckTally | None
     """The sum of check tallies (each worker's table into one)."""
     out = CheckTally(geometry)
     for t in tallies:
-        if t is None:
-            continue
-        out.samples += t.samples
-        out.good += t.good
-        for k, v in t.by_kind.items():
-            out.by_kind[k] = out.by_kind.get(k, 0) + v
-        out.tokens += t.tokens
-        out.bad += t.bad
-        out.all_zero += t.all_zero
+        if t is not None:
+            out.add_tally(t)
     return out
 
 

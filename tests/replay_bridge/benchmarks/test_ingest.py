@@ -32,6 +32,11 @@ def test_tiny_run_reports_quiet_and_busy_figures_and_stops_its_spinner(
     assert set(out["targets"]) >= {"ingest_over_floor<=1.0",
                                    "one_core_busy_ingest_over_floor<=1.3"}
     assert out["shard_over_int32"] < 0.3
+    pool = out["workers"]  # ingest(workers=2), quiet and busy, beside the one-process figures
+    assert pool["workers"] == 2 and len(pool["runs_s"]["ingest"]) == 2
+    assert pool["ingest_over_floor"] > 0 and pool["one_core_busy"]["ingest_over_floor"] > 0
+    best = min(out["ingest_over_floor"], pool["ingest_over_floor"])
+    assert out["targets"]["ingest_over_floor<=1.0"] == (best <= 1.0)
     assert len(spinners) == 2  # one spinner per busy round, each gone when its round ended
     for pid in spinners:
         with pytest.raises(ProcessLookupError):
@@ -41,6 +46,6 @@ def test_tiny_run_reports_quiet_and_busy_figures_and_stops_its_spinner(
 
 def test_quiet_only_run_has_no_busy_figures(tmp_path: Path) -> None:
     out = bench.run(tokens=2048, prompt_len=64, completion_len=192, repeats=1, peer=False,
-                    busy=False, workdir=tmp_path)
-    assert "one_core_busy" not in out
+                    busy=False, workers=1, workdir=tmp_path)
+    assert "one_core_busy" not in out and "workers" not in out
     assert out["targets"]["one_core_busy_ingest_over_floor<=1.3"] is None
