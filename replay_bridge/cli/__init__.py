@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from .._allocator import keep_freed_memory
+from ..allocator import keep_freed_memory
 from ._app import app, bench_app, with_builtins
 from ._output import (
     EXIT_FAULTS,
@@ -65,6 +65,6 @@ def command_line() -> typer.Typer:
 
 def main() -> None:
     """The ``replay-bridge`` entry point: built-in commands plus every installed plugin's. The
-    process is the CLI's own, so it keeps freed memory for reuse (:mod:`.._allocator`)."""
+    process is the CLI's own, so it keeps freed memory for reuse (:mod:`replay_bridge.allocator`)."""
     keep_freed_memory()
     command_line()()

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from replay_bridge._allocator import keep_freed_memory
+from replay_bridge.allocator import keep_freed_memory
 from replay_bridge.benchmarks.ingest import run
 
 if __name__ == "__main__":  # the workers import this file

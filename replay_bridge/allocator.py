@@ -6,7 +6,8 @@ heap back to the kernel early, so the pages of each sample are faulted in (zeroe
 Serving buffers up to 32 MiB from the heap and keeping up to 128 MiB of freed heap made a
 warm ``ingest`` 13-19 % faster on its wall clock and 10-16 % on its CPU, side by side
 (docs/benchmarks.md). The settings are process-wide, so the library never makes them on its
-own in a caller's process: only the CLI and the worker processes it starts do.
+own in a caller's process: only the CLI and the worker processes it starts do. A program of
+one's own that ingests or collects in its process may call :func:`keep_freed_memory` itself.
 """
 
 from __future__ import annotations
