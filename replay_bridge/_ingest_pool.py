@@ -26,7 +26,7 @@ from typing import Any
 
 from .allocator import keep_freed_memory
 from .geometry import GeometryMismatch, RoutingGeometry
-from .ingest import IngestResult, _finish, _read_lines, line_ranges
+from .ingest import IngestResult, finish, read_lines, line_ranges
 from .shards import ShardError, ShardWriter, display_uri, is_dataset
 from .sink import SampleSink
 
@@ -189,9 +189,9 @@ def _work(conn: Connection, stop: Any, path: str, geometry: RoutingGeometry, eng
                     last[0] = now
                     conn.send(("progress", lineno, offset))
 
-            _read_lines(path, engine, geometry, sink, result, begin=begin, stop=end,
+            read_lines(path, engine, geometry, sink, result, begin=begin, stop=end,
                        on_line=progress, stopped=stop.is_set)
-        conn.send(("done", _finish(result, sink)))
+        conn.send(("done", finish(result, sink)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         try:
             conn.send(("error", type(e).__name__, str(e), getattr(e, "file", None),

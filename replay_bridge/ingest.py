@@ -259,11 +259,11 @@ def ingest(
     with ShardWriter(out, geometry, **options) as writer, \
             SampleSink(writer, background=True) as sink:
         result = IngestResult(tally=sink.tally)
-        _read_lines(path, engine, geometry, sink, result, on_line=on_line)
-    return _finish(result, sink)
+        read_lines(path, engine, geometry, sink, result, on_line=on_line)
+    return finish(result, sink)
 
 
-def _read_lines(path: str | Path, engine: str, geometry: RoutingGeometry, sink: SampleSink,
+def read_lines(path: str | Path, engine: str, geometry: RoutingGeometry, sink: SampleSink,
                result: IngestResult, *, begin: int = 0, stop: int | None = None,
                on_line: Callable[[int, int], None] | None = None,
                stopped: Callable[[], bool] | None = None) -> None:
@@ -284,7 +284,7 @@ def _read_lines(path: str | Path, engine: str, geometry: RoutingGeometry, sink: 
             on_line(lineno, end)
 
 
-def _finish(result: IngestResult, sink: SampleSink) -> IngestResult:
+def finish(result: IngestResult, sink: SampleSink) -> IngestResult:
     """``result`` with the closed sink's counts."""
     result.stored = sink.counts["stored"]
     result.rejected = sink.counts["rejected"] + sink.counts["duplicate"] + sink.counts["failed"]
