@@ -17,7 +17,6 @@ from replay_bridge.shards import ShardError, ShardReader, ShardWriter, Unstorabl
 from replay_bridge.shards._rules import RULES, batch_breaks, conform, sample_break
 from replay_bridge.shards._schema import schema_for, to_record_batch
 
-from .conftest import make_sample
 from .helpers import WRITER, rewrite_shard, run_cli, shard_name, write_dir
 
 FIRST = shard_name(WRITER, 0)

@@ -8,7 +8,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from replay_bridge.checks import CheckReport
