@@ -87,7 +87,7 @@ def ingest_in_workers(path: str | Path, geometry: RoutingGeometry, engine: str,
                 proc.terminate()
                 proc.join()
             conn.close()
-    total = IngestResult(tally=results[0].tally)
+    total = IngestResult(tally=results[0].tally, workers=len(results))
     for r in results[1:]:
         total.tally.add_tally(r.tally)
     for r in results:

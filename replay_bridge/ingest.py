@@ -32,7 +32,20 @@ from .sample import WireSample, field_problem, type_name
 from .shards import ShardWriter
 from .sink import SampleSink
 
-__all__ = ["IngestResult", "ingest", "iter_lines", "line_ranges"]
+__all__ = ["IngestResult", "default_workers", "ingest", "iter_lines", "line_ranges"]
+
+MAX_DEFAULT_WORKERS = 8
+"""Where ``--workers`` stopped paying on a 16-core host (docs/benchmarks.md)."""
+
+
+def default_workers() -> int:
+    """Workers for ``ingest(workers=0)``: one per two CPUs this process may use (each runs a
+    decoding and a writer thread), at least 1, at most :data:`MAX_DEFAULT_WORKERS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // 2))
 
 
 @dataclass
@@ -50,6 +63,8 @@ class IngestResult:
     """Samples not stored for a fault of this run (``rejected`` less ids an earlier run stored:
     :attr:`replay_bridge.sink.SampleSink.faults`)."""
     tokens_stored: int = 0
+    workers: int = 1
+    """Processes that read the file."""
 
     def totals(self) -> dict[str, Any]:
         return {
@@ -245,8 +260,10 @@ def ingest(
     ``-<n>`` appended); sample ids are claimed through this process, so no id is stored
     twice. When one id is on several lines, one copy is stored and the others are
     ``duplicate`` verdicts: the first line's with one worker, any one of them with several.
-    Verdicts come back in file order either way.
+    Verdicts come back in file order either way. ``workers=0`` picks :func:`default_workers`.
     """
+    if workers == 0:
+        workers = default_workers()
     if workers > 1:
         from ._ingest_pool import ingest_in_workers
 

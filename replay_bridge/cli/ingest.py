@@ -29,8 +29,9 @@ def ingest(
                                      "processes may append to one dataset at once."),
     compression: Optional[str] = typer.Option(None, help="zstd | lz4 | none (default: zstd)."),
     samples_per_shard: int = typer.Option(1024, min=1, help="Samples per shard file."),
-    workers: int = typer.Option(1, min=1, help="Processes, each reading a part of the file "
-                                               "into a writer of its own (pays on many cores)."),
+    workers: int = typer.Option(1, min=0, help="Processes, each reading a part of the file "
+                                               "into a writer of its own (pays on many cores); "
+                                               "0: one per two CPUs, at most 8."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Decode, check and store dumped engine responses; faulty samples go to quarantine.
@@ -83,7 +84,7 @@ def ingest(
             "out": shown(out),
             "geometry": geometry.to_dict(),
             "engine": engine,
-            "workers": workers,
+            "workers": result.workers,
             "seconds": round(seconds, 3),
             "totals": result.totals(),
             "check": result.tally.to_dict(),

@@ -141,3 +141,28 @@ def test_cli_workers_json(tmp_path, tiny, rng):
     doc = orjson.loads(res.stdout)
     assert doc["workers"] == 2 and doc["totals"]["stored"] == len(routings)
     assert len(ShardReader(tmp_path / "out").manifests) == 2
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 1), (3, 1), (5, 2), (16, 8), (64, 8)])
+def test_default_workers_is_one_per_two_cpus_at_most_8(monkeypatch, cpus, expected):
+    import replay_bridge.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module.os, "sched_getaffinity", lambda pid: set(range(cpus)),
+                        raising=False)
+    assert ingest_module.default_workers() == expected
+
+
+def test_workers_0_picks_the_default_and_reports_it(tmp_path, tiny, rng, monkeypatch):
+    import replay_bridge.ingest as ingest_module
+
+    path = tmp_path / "t.jsonl"
+    _dump(path, tiny, rng)
+    monkeypatch.setattr(ingest_module, "default_workers", lambda: 2)
+    result = ingest(path, tiny, "sglang", tmp_path / "lib", workers=0)
+    assert result.workers == 2 and len(ShardReader(tmp_path / "lib").manifests) == 2
+    res = runner.invoke(command_line(), ["ingest", str(path), "-m", "tiny-qwen3-moe",
+                                         "-e", "sglang", "-o", str(tmp_path / "cli"),
+                                         "--workers", "0", "--json"])
+    assert orjson.loads(res.stdout)["workers"] == 2, res.output
+    one = ingest(path, tiny, "sglang", tmp_path / "one")
+    assert one.workers == 1
