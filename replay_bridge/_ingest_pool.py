@@ -135,10 +135,6 @@ def _serve(pool: list[tuple[Connection, Any]], ranges: list[tuple[int, int]], st
                     on_line(sum(lines), sum(done))
             elif kind == "ready":
                 waiting.append(i)
-                if len(waiting) == n or error is not None:
-                    for j in waiting:
-                        pool[j][0].send("go")
-                    waiting.clear()
             elif kind == "done":
                 results[i] = args[0]
                 del live[conn]
@@ -146,7 +142,8 @@ def _serve(pool: list[tuple[Connection, Any]], ranges: list[tuple[int, int]], st
                 error = error or _rebuild(i, *args)
                 stop.set()
                 del live[conn]
-            if error is not None and waiting:  # workers held at the start: let them stop
+            # Workers wait at the start until every writer is open, or, after an error, to stop.
+            if waiting and (len(waiting) == n or error is not None):
                 for j in waiting:
                     pool[j][0].send("go")
                 waiting.clear()

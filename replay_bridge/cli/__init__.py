@@ -65,6 +65,7 @@ def command_line() -> typer.Typer:
 
 def main() -> None:
     """The ``replay-bridge`` entry point: built-in commands plus every installed plugin's. The
-    process is the CLI's own, so it keeps freed memory for reuse (:mod:`replay_bridge.allocator`)."""
+    process is the CLI's own, so it keeps freed memory for reuse
+    (:mod:`replay_bridge.allocator`)."""
     keep_freed_memory()
     command_line()()

@@ -25,6 +25,8 @@ __all__ = ["Checksums", "ObjectHash", "checksums_for", "object_digest", "object_
 
 
 class ObjectHash(Protocol):
+    digest_size: int
+
     def update(self, data: object, /) -> None: ...
 
     def hexdigest(self) -> str: ...
@@ -52,6 +54,8 @@ class _Crc32:
 
 
 _OBJECT_HASHES = {"sha256": hashlib.sha256, "xxh3_128": xxhash.xxh3_128}
+_BLOCK_HASHES = {"crc32": _Crc32, "xxh3_64": xxhash.xxh3_64}
+_BLOCK_SUMS = {"crc32": zlib.crc32, "xxh3_64": xxhash.xxh3_64_intdigest}
 
 
 @dataclass(frozen=True)
@@ -69,20 +73,19 @@ class Checksums:
         return object_hash(self.object_algorithm)
 
     def block_hash(self) -> BlockHash:
-        return xxhash.xxh3_64() if self.block_algorithm == "xxh3_64" else _Crc32()
+        return _BLOCK_HASHES[self.block_algorithm]()
 
     def block(self, data: object) -> int:
         """The checksum of one record batch's bytes."""
-        if self.block_algorithm == "xxh3_64":
-            return xxhash.xxh3_64_intdigest(data)  # type: ignore[arg-type]
-        return zlib.crc32(data)  # type: ignore[arg-type]
+        return _BLOCK_SUMS[self.block_algorithm](data)  # type: ignore[operator]
 
     def block_text(self, value: int) -> str:
         """A block checksum as messages show it (zero-padded hex of its width)."""
         return f"{value:0{self.block_type.bit_width // 4}x}"
 
     def is_digest(self, text: object) -> bool:
-        width = 64 if self.object_algorithm == "sha256" else 32
+        """Whether ``text`` is a hex digest of the object algorithm (its length included)."""
+        width = 2 * object_hash(self.object_algorithm).digest_size
         return isinstance(text, str) and re.fullmatch(f"[0-9a-f]{{{width}}}", text) is not None
 
 

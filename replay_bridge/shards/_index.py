@@ -2,8 +2,9 @@
 quarantined, enough to find a sample's record batch without opening any shard.
 
 Stored rows say where the sample is (shard, record batch, row), the byte range of that record
-batch's IPC message in the shard with its checksum (XXH3-64 from format 4, CRC-32 before: the
-column is named after it; a reader fetches and checks exactly that range), and what a loader plans with (group, token count, prompt length, first routed row).
+batch's IPC message in the shard with its checksum (XXH3-64 from format 4, CRC-32 before; the
+column is named after it), so a reader fetches and checks exactly that range, and what a loader
+plans with (group, token count, prompt length, first routed row).
 Quarantined rows carry the id's latest outcome and kinds (so a resumed writer need not read
 the quarantine).
 """
@@ -30,8 +31,8 @@ def index_schema(version: int) -> pa.Schema:
     """The index of format ``version``: its block checksum column is named after the
     algorithm (``xxh3_64`` uint64 from format 4, ``crc32`` uint32 before)."""
     c = checksums_for(version)
-    return LOADED_SCHEMA.set(LOADED_SCHEMA.get_field_index("checksum"),
-                     pa.field(c.block_algorithm, c.block_type, nullable=False))
+    return LOADED_SCHEMA.set(_CHECKSUM, pa.field(c.block_algorithm, c.block_type,
+                                                 nullable=False))
 
 
 LOADED_SCHEMA = pa.schema([  # what parse_index returns, for every format
@@ -49,9 +50,10 @@ LOADED_SCHEMA = pa.schema([  # what parse_index returns, for every format
     pa.field("prompt_len", pa.int32(), nullable=False),
     pa.field("routed_start", pa.int32(), nullable=False),
 ])
+_CHECKSUM = LOADED_SCHEMA.get_field_index("checksum")
 INDEX_SCHEMA = index_schema(FORMAT_VERSION)
 """What a writer of this release writes."""
-_CHECKSUM = LOADED_SCHEMA.get_field_index("checksum")
+_CHECKSUM_TYPE = INDEX_SCHEMA.field(_CHECKSUM).type
 
 
 def stored_rows(batch: pa.RecordBatch, shard: int, batch_no: int,
@@ -68,7 +70,7 @@ def stored_rows(batch: pa.RecordBatch, shard: int, batch_no: int,
         full(shard, np.int32), full(batch_no, np.int32),
         pa.array(np.arange(n, dtype=np.int32)),
         full(block[0], np.int64), full(block[1], np.int64),
-        pa.array(np.full(n, block[2], np.uint64), INDEX_SCHEMA.field(_CHECKSUM).type),
+        pa.array(np.full(n, block[2], np.uint64), _CHECKSUM_TYPE),
         pa.array(np.diff(offsets).astype(np.int32)),
         batch.column("prompt_len"), batch.column("routed_start"),
     ], schema=INDEX_SCHEMA)
@@ -85,7 +87,7 @@ def quarantine_rows(entries: Sequence[tuple[str, str, tuple[str, ...]]]) -> pa.T
         pa.nulls(n, pa.string()),
         pa.array(np.full(n, -1, np.int32)), zeros, zeros,
         pa.array(np.zeros(n, np.int64)), pa.array(np.zeros(n, np.int64)),
-        pa.array(np.zeros(n, np.uint64), INDEX_SCHEMA.field(_CHECKSUM).type), zeros, zeros, zeros,
+        pa.array(np.zeros(n, np.uint64), _CHECKSUM_TYPE), zeros, zeros, zeros,
     ], schema=INDEX_SCHEMA)
 
 

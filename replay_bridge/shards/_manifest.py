@@ -17,8 +17,8 @@ from typing import Any
 import orjson
 
 from ..geometry import GeometryError, RoutingGeometry
-from ._errors import ShardError
 from ._checksum import checksums_for
+from ._errors import ShardError
 from ._schema import FORMAT_VERSION, READ_VERSIONS
 
 __all__ = [

@@ -155,11 +155,12 @@ def _check_shard(report: ValidationReport, view: DatasetView, m: Manifest, entry
         return False
     rows = tokens = routed_rows = 0
     per_row = g.ids_per_token
+    checksums = checksums_for(m.format_version)
     try:
         for i in range(reader.num_record_batches):
             batch = reader.get_batch(i)
             batch.validate(full=True)
-            _check_block(report, source, name, i, batch, idx, checksums_for(m.format_version))
+            _check_block(report, source, name, i, batch, idx, checksums)
             breaks = {b.row: b for b in batch_breaks(batch, g)}
             t_off = batch.column("tokens").offsets
             r_off = batch.column("routed").offsets
@@ -231,7 +232,8 @@ class _IndexRows:
 
 
 def _check_block(report: ValidationReport, source: pa.NativeFile, name: str, i: int,
-                 batch: pa.RecordBatch, idx: dict[str, np.ndarray], checksums: Checksums) -> None:
+                 batch: pa.RecordBatch, idx: dict[str, np.ndarray],
+                 checksums: Checksums) -> None:
     """The index's rows for record batch ``i``: its ids in order, and a byte range whose
     checksum (the shard format's) matches and which decodes to this batch."""
     mine = idx["batch"] == i

@@ -30,12 +30,12 @@ from replay_bridge.shards._manifest import (FOLDER, INDEX_DIR, INDEX_RE, MANIFES
 from replay_bridge.shards._store import Store, open_store
 
 __all__ = [
-    "BLOCK_CHECKSUM", "DIGEST", "FOLDER", "INDEX_DIR", "MANIFEST_DIR", "QUARANTINE_DIR", "SHARD_RE", "WRITER",
-    "delete_object", "edit_index", "edit_manifest", "index_of", "index_name", "is_local",
-    "listed_chunks", "listed_shards", "local_path", "manifest_doc", "manifest_name",
+    "BLOCK_CHECKSUM", "DIGEST", "FOLDER", "INDEX_DIR", "MANIFEST_DIR", "QUARANTINE_DIR",
+    "SHARD_RE", "WRITER", "delete_object", "edit_index", "edit_manifest", "index_of", "index_name",
+    "is_local", "listed_chunks", "listed_shards", "local_path", "manifest_doc", "manifest_name",
     "manifest_of", "manifests", "object_names", "quarantine_name", "read_object", "relist",
-    "rewrite_shard", "run_cli", "set_format_version", "shard_name", "shard_objects",
-    "temp_name", "write_dir", "write_object", "writer_ids",
+    "rewrite_shard", "run_cli", "set_format_version", "shard_name", "shard_objects", "temp_name",
+    "with_format_label", "write_dir", "write_object", "writer_ids",
 ]
 
 WRITER = "w0"
@@ -215,16 +215,6 @@ def edit_manifest(uri: Any, fn: Callable[[dict[str, Any]], Any],
     write_object(uri, name, json.dumps(doc).encode())
 
 
-def digest_key(uri: Any, writer: str | None = None) -> str:
-    """The manifest entry key of an object's digest in a writer's manifest (its format's)."""
-    return checksums_for(manifest_doc(uri, writer)["format_version"]).object_algorithm
-
-
-def block_column(uri: Any, writer: str | None = None) -> str:
-    """The index column of a record batch's checksum in a writer's index (its format's)."""
-    return checksums_for(manifest_doc(uri, writer)["format_version"]).block_algorithm
-
-
 def relist(uri: Any, name: str, writer: str | None = None) -> None:
     """List object ``name`` in its writer's manifest with its current size and digest
     (totals kept in step): only what the object holds is wrong, not its listing."""
@@ -253,17 +243,14 @@ def set_format_version(uri: Any, version: int, writer: str | None = None,
 
     if shards:
         for name in [e["file"] for e in manifest_doc(uri, writer)["shards"]]:
-            rewrite_shard(uri, name, lambda t: _labelled(t, version), writer)
+            rewrite_shard(uri, name, lambda t: with_format_label(t, version), writer)
     doc = manifest_doc(uri, writer)
     index = read_index(uri, writer)
     new = checksums_for(version)
-    files = [e["file"] for e in doc["shards"]]
-    offset = index.column("offset").to_numpy()
-    length = index.column("length").to_numpy()
-    shard = index.column("shard").to_numpy()
-    datas = {i: read_object(uri, f) for i, f in enumerate(files)}
+    datas = [read_object(uri, e["file"]) for e in doc["shards"]]
     sums = [new.block(datas[s][o:o + n]) if s >= 0 else 0
-            for s, o, n in zip(shard.tolist(), offset.tolist(), length.tolist())]
+            for s, o, n in zip(*(index.column(c).to_pylist()
+                                 for c in ("shard", "offset", "length")))]
     at = index.schema.get_field_index(checksums_for(doc["format_version"]).block_algorithm)
     index = index.set_column(at, pa.field(new.block_algorithm, new.block_type, nullable=False),
                              pa.array(sums, new.block_type))
@@ -279,12 +266,15 @@ def set_format_version(uri: Any, version: int, writer: str | None = None,
     edit_manifest(uri, fn, writer)
 
 
-def _labelled(table: pa.Table, version: int) -> pa.Table:
-    meta = dict(table.schema.metadata)
+def with_format_label(data: pa.Table | pa.RecordBatch, version: int
+                      ) -> pa.Table | pa.RecordBatch:
+    """``data`` whose schema metadata says ``format_version`` ``version`` (nothing else
+    changed)."""
+    meta = dict(data.schema.metadata)
     doc = orjson.loads(meta[b"routing_replay"])
     doc["format_version"] = version
     meta[b"routing_replay"] = orjson.dumps(doc)
-    return table.replace_schema_metadata(meta)
+    return data.replace_schema_metadata(meta)
 
 
 def read_index(uri: Any, writer: str | None = None) -> pa.Table:

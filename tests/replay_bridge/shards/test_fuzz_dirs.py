@@ -33,8 +33,8 @@ from replay_bridge.shards._checksum import object_digest
 from tests.support.processes import child_env
 
 from .conftest import make_sample
-from .helpers import (DIGEST, WRITER, index_name, manifest_name, object_names, quarantine_name, relist,
-                      rewrite_shard, shard_name)
+from .helpers import (DIGEST, WRITER, index_name, manifest_name, object_names, quarantine_name,
+                      relist, rewrite_shard, shard_name)
 
 SHARDS = (shard_name(WRITER, 0), shard_name(WRITER, 1))
 CHUNK = quarantine_name(WRITER, 0)

@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
@@ -24,7 +23,7 @@ from replay_bridge.shards._rules import batch_breaks
 
 from .conftest import make_sample
 from .helpers import (edit_manifest, listed_shards, manifest_doc, read_object, rewrite_shard,
-                      run_cli, set_format_version, write_dir, writer_ids)
+                      run_cli, set_format_version, with_format_label, write_dir, writer_ids)
 
 
 def marked(g: RoutingGeometry, sid: str, num_tokens: int, rows: tuple[int, ...] = (),
@@ -228,20 +227,11 @@ def test_native_column_of_another_type_in_a_dataset(dataset_uri, tiny):
 # ---- format 2 ----------------------------------------------------------------------------------
 
 
-def _v2_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
-    meta = dict(schema.metadata)
-    doc = orjson.loads(meta[b"routing_replay"])
-    doc["format_version"] = 2
-    meta[b"routing_replay"] = orjson.dumps(doc)
-    return meta
-
-
 def _as_format_2(data: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
     """A format-3 table or batch without native rows as format 2 wrote it: no ``native``
     column, ``format_version`` 2 in the schema metadata."""
     assert data.column("native").null_count == data.num_rows, "native rows: not format 2"
-    data = data.drop_columns(["native"])
-    return data.replace_schema_metadata(_v2_metadata(data.schema))
+    return with_format_label(data.drop_columns(["native"]), 2)
 
 
 def make_format_2(uri: Any) -> None:
@@ -333,7 +323,7 @@ def test_manifest_and_shard_formats_must_agree(dataset_uri, tiny):
 def test_a_format_2_schema_with_a_native_column_is_refused(dataset_uri, tiny):
     write_dir(dataset_uri, tiny, mixed(tiny)[:2])
     (shard,) = listed_shards(dataset_uri)
-    rewrite_shard(dataset_uri, shard, lambda t: t.replace_schema_metadata(_v2_metadata(t.schema)))
+    rewrite_shard(dataset_uri, shard, lambda t: with_format_label(t, 2))
     set_format_version(dataset_uri, 2)
     report = validate_dataset(dataset_uri)
     assert any("a format-2 schema with a 'native' column" in f.message for f in report.faults)

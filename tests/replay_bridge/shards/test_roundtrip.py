@@ -15,8 +15,8 @@ from replay_bridge.shards import (ShardError, ShardReader, ShardWriter, cleanup_
                                   validate_dataset)
 
 from .conftest import make_sample
-from .helpers import (BLOCK_CHECKSUM, DIGEST, corrupt_batch, index_of, listed_shards, manifest_of, object_names,
-                      read_object, shard_name, shard_objects, temp_name, write_object)
+from .helpers import (BLOCK_CHECKSUM, DIGEST, corrupt_batch, index_of, listed_shards, manifest_of,
+                      object_names, read_object, shard_name, shard_objects, temp_name, write_object)
 
 
 def assert_same(a: RoutedSample, b: RoutedSample) -> None:

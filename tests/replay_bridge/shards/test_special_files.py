@@ -20,8 +20,8 @@ from replay_bridge.shards._checksum import object_digest
 from tests.support.processes import child_env, cli
 
 from .conftest import make_sample
-from .helpers import (DIGEST, WRITER, edit_manifest, index_name, index_of, local_path, manifest_name,
-                      object_names, quarantine_name, read_object, shard_name)
+from .helpers import (DIGEST, WRITER, edit_manifest, index_name, index_of, local_path,
+                      manifest_name, object_names, quarantine_name, read_object, shard_name)
 
 S0, S1 = shard_name(WRITER, 0), shard_name(WRITER, 1)
 CHUNK = quarantine_name(WRITER, 0)

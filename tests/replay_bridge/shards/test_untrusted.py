@@ -12,10 +12,10 @@ import pytest
 
 from replay_bridge.shards import ShardError, ShardReader, ShardWriter
 
-from .helpers import (BLOCK_CHECKSUM, DIGEST, INDEX_DIR, WRITER, corrupt_batch, delete_object, edit_index,
-                      edit_manifest, flip_bytes, index_of, local_path,
-                      manifest_name, manifest_of, read_object, relist, rewrite_shard, run_cli,
-                      shard_name, write_dir, write_object)
+from .helpers import (BLOCK_CHECKSUM, DIGEST, INDEX_DIR, WRITER, corrupt_batch, delete_object,
+                      edit_index, edit_manifest, flip_bytes, index_of, local_path, manifest_name,
+                      manifest_of, read_object, relist, rewrite_shard, run_cli, shard_name,
+                      write_dir, write_object)
 
 S0, S1, S2 = (shard_name(WRITER, i) for i in range(3))
 
