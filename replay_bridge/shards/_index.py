@@ -120,5 +120,9 @@ def parse_index(data: bytes, name: str, shards: int, rows: int, version: int) ->
     if ((shard[stored] < 0) | (shard[stored] >= shards)).any() or (shard[~stored] != -1).any():
         raise ShardError(f"{name}: names a shard the manifest does not list", file=name,
                          kind="counts")
+    offset, length = table.column("offset").to_numpy(), table.column("length").to_numpy()
+    if (offset[stored] < 0).any() or (length[stored] <= 0).any():
+        raise ShardError(f"{name}: a record batch with a negative offset or no length",
+                         file=name, kind="counts")
     return table.set_column(_CHECKSUM, LOADED_SCHEMA.field(_CHECKSUM),
                             table.column(_CHECKSUM).cast(pa.uint64()))

@@ -244,9 +244,14 @@ class ShardReader:
         return f
 
     def _range(self, obj: int, offset: int, length: int) -> pa.Buffer:
+        """Bytes ``offset`` to ``offset + length`` of object ``obj``, cut at its end (a short
+        buffer, which the caller refuses)."""
         f = self._file(obj)
+        size = f.size if isinstance(f, pa.Buffer) else f.size()
+        offset = min(offset, size)
+        length = max(min(length, size - offset), 0)
         if isinstance(f, pa.Buffer):
-            return f.slice(offset, max(min(length, f.size - offset), 0))
+            return f.slice(offset, length)
         return pa.py_buffer(f.read_at(length, offset))
 
     def _name(self, obj: int) -> str:
@@ -278,8 +283,13 @@ class ShardReader:
         try:
             batch = ipc.read_record_batch(ipc.read_message(buf), self._schemas[version])
             batch.validate(full=True)
-        except (OSError, pa.ArrowException, ValueError) as e:
+        except (OSError, EOFError, pa.ArrowException, ValueError) as e:
             raise ShardError(f"{name}: unreadable record batch {bno} ({e})", file=name) from None
+        rows = self._row[first:self._block_end(first)]
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= batch.num_rows):
+            raise ShardError(f"{name}: the index lists rows {int(rows.min())}..{int(rows.max())} "
+                             f"of record batch {bno}, which holds {batch.num_rows}", file=name,
+                             kind="index")
         return upgrade_batch(batch, self._schemas[FORMAT_VERSION])
 
     def _batch(self, first: int) -> pa.RecordBatch:
@@ -389,8 +399,12 @@ class ShardReader:
     def _kept_rows(self, j: int) -> np.ndarray:
         """The rows of block ``j`` that are read (all but copies of a duplicated id)."""
         a = int(self._block_starts[j])
-        b = int(self._block_starts[j + 1]) if j + 1 < len(self._block_starts) else len(self._obj)
-        return self._row[a:b]
+        return self._row[a:self._block_end(a)]
+
+    def _block_end(self, first: int) -> int:
+        """One past the last stored row of the block starting at stored row ``first``."""
+        j = int(np.searchsorted(self._block_starts, first, side="right"))
+        return int(self._block_starts[j]) if j < len(self._block_starts) else len(self._obj)
 
     def _checked_block(self, j: int) -> tuple[pa.RecordBatch, Breaks]:
         first = int(self._block_starts[j])

@@ -246,6 +246,11 @@ def _check_block(report: ValidationReport, source: pa.NativeFile, name: str, i: 
         return
     j = int(np.flatnonzero(mine)[0])
     offset, length = int(idx["offset"][j]), int(idx["length"][j])
+    if offset + length > source.size():
+        report.faults.append(Fault(name, "index", f"{name}: the index's byte range for record "
+                                   f"batch {i}, {offset}..{offset + length}, ends past the "
+                                   f"object's {source.size()} bytes"))
+        return
     buf = pa.py_buffer(source.read_at(length, offset))
     if buf.size != length or checksums.block(buf) != int(idx["checksum"][j]):
         report.faults.append(Fault(name, "checksum", f"{name}: record batch {i}'s bytes "
@@ -254,7 +259,7 @@ def _check_block(report: ValidationReport, source: pa.NativeFile, name: str, i: 
         return
     try:
         same = ipc.read_record_batch(ipc.read_message(buf), batch.schema).equals(batch)
-    except (OSError, pa.ArrowException):
+    except (OSError, EOFError, pa.ArrowException):
         same = False
     if not same:
         report.faults.append(Fault(name, "index", f"{name}: the index's byte range for record "

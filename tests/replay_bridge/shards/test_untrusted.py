@@ -177,10 +177,11 @@ def _shard_column(t: pa.Table, fn) -> pa.Table:
 
 
 @pytest.mark.parametrize("what", ["not arrow", "wrong rows", "shard out of range",
-                                  "wrong schema"])
+                                  "negative offset", "wrong schema"])
 def test_an_untrustworthy_index_is_refused_by_name(dataset, what):
     """The compact index is untrusted too: not an Arrow file, a row count other than the
-    manifest's, a shard number the manifest does not list, another schema."""
+    manifest's, a shard number the manifest does not list, a negative byte offset, another
+    schema."""
     name = index_of(dataset)
     if what == "not arrow":
         write_object(dataset, name, b"not an index")
@@ -193,6 +194,12 @@ def test_an_untrustworthy_index_is_refused_by_name(dataset, what):
     elif what == "shard out of range":
         edit_index(dataset, lambda t: _shard_column(t, lambda s: s + 3))
         message = "names a shard the manifest does not list"
+    elif what == "negative offset":
+        def edit(t):
+            i = t.schema.get_field_index("offset")
+            return t.set_column(i, t.schema.field(i), pa.array(t.column(i).to_numpy() - 2**40))
+        edit_index(dataset, edit)
+        message = "negative offset"
     else:
         import pyarrow.ipc as ipc
 
@@ -210,21 +217,26 @@ def test_an_untrustworthy_index_is_refused_by_name(dataset, what):
     assert code == 2 and name in doc["error"]
 
 
-@pytest.mark.parametrize("what", ["crc", "offset", "length", "order"])
+@pytest.mark.parametrize("what", ["crc", "offset", "past the end", "length", "order",
+                                  "row past the batch"])
 def test_an_index_pointing_at_the_wrong_bytes_is_caught(dataset, what):
     """An index consistent with its manifest whose byte ranges, checksums or rows are wrong: the
     reader refuses the record batch by name (never returns other bytes as that sample), and
     validate names the shard."""
     def edit(t):
         first = pc.equal(t.column("shard"), 1).to_numpy(zero_copy_only=False)
-        col = {"crc": BLOCK_CHECKSUM, "offset": "offset", "length": "length",
-               "order": "row"}[what]
+        col = {"crc": BLOCK_CHECKSUM, "offset": "offset", "past the end": "offset",
+               "length": "length", "order": "row", "row past the batch": "row"}[what]
         i = t.schema.get_field_index(col)
         values = t.column(i).to_numpy().copy()
         if what == "crc":
             values[first] ^= 1
         elif what == "offset":
             values[first] += 8
+        elif what == "past the end":
+            values[first] += 2**40
+        elif what == "row past the batch":
+            values[first] += 100
         elif what == "length":
             values[first] = values[first] + 10**6
         else:
@@ -238,11 +250,11 @@ def test_an_index_pointing_at_the_wrong_bytes_is_caught(dataset, what):
     else:
         with pytest.raises(ShardError, match=S1) as e:
             r["s005"]
-        assert e.value.kind in ("checksum", "size")
+        assert e.value.kind in ("checksum", "size", "index")
     code, doc, _ = run_cli("validate", dataset, "--json")
     assert code == 1
     assert {f["file"] for f in doc["faults"]} == {S1}
-    assert {f["kind"] for f in doc["faults"]} <= {"checksum", "index"}
+    assert {f["kind"] for f in doc["faults"]} <= {"checksum", "index"}, doc["faults"]
 
 
 def test_writers_whose_geometries_differ(dataset_uri, tiny, samples):
