@@ -31,6 +31,11 @@ import numpy as np
 from .geometry import RoutingGeometry
 from .sample import RoutedSample, WireSample, type_name, with_routing
 
+try:  # the compiled block scan; without it (no C compiler at install) NumPy gives the same
+    from ._blockscan import scan as _compiled_scan
+except ImportError:  # pragma: no cover - depends on the install
+    _compiled_scan = None
+
 __all__ = [
     "BLOCK_KINDS",
     "KINDS",
@@ -42,6 +47,7 @@ __all__ = [
     "check_sample",
     "has_repeated_ids",
     "repeated_ids",
+    "scan_is_compiled",
 ]
 
 KINDS = (
@@ -255,6 +261,8 @@ def _check_wire(
                      f"[rows, {want[0]}, {want[1]}] (num_layers x top_k){hint}"), None
     if not np.issubdtype(r.dtype, np.integer):
         return _fail(report, "malformed", f"routing dtype {r.dtype} is not an integer type"), None
+    if not r.dtype.isnative:  # ids are compared as the machine reads them
+        r = r.astype(r.dtype.newbyteorder("="))
     problem = _native_problem(sample.native, report.rows)
     if problem is not None:
         return _fail(report, "malformed", problem), None
@@ -328,22 +336,13 @@ def _scan_blocks(report: CheckReport, moe: np.ndarray, routed_start: int,
     if rows == 0:
         return moe.astype(geometry.id_dtype)
 
-    # Range, narrowing and the repeated-id scan run together over cache-sized runs of rows,
-    # so that each wire id is read from memory once. Viewing signed ids as unsigned of the
-    # same width maps negatives above any expert count.
+    # Viewing signed ids as unsigned of the same width maps negatives above any expert count.
     unsigned = moe.view(np.dtype(f"u{moe.dtype.itemsize}")) if moe.dtype.kind == "i" else moe
     if moe.dtype == geometry.id_dtype and moe.flags.c_contiguous:
         narrow = moe
     else:
         narrow = np.empty(moe.shape, geometry.id_dtype)
-    step = max(_CHUNK_BLOCKS // m, 1)
-    top, repeats = 0, False
-    for lo in range(0, rows, step):
-        top = max(top, int(unsigned[lo : lo + step].max()))
-        if narrow is not moe:
-            np.copyto(narrow[lo : lo + step], moe[lo : lo + step], casting="unsafe")
-        if not repeats and top < n_experts:
-            repeats = has_repeated_ids(narrow[lo : lo + step])
+    top, repeats = _first_pass(moe, unsigned, narrow, n_experts)
     in_range = top < n_experts
     oor_mask = None
     if not in_range:
@@ -376,6 +375,34 @@ def _scan_blocks(report: CheckReport, moe: np.ndarray, routed_start: int,
                               int(layers[j]))
 
     return narrow if in_range else None
+
+
+def scan_is_compiled() -> bool:
+    """Whether the block checks run the compiled scan (``replay_bridge._blockscan``, built at
+    install where a C compiler is found) rather than the NumPy path; the results are the same."""
+    return _compiled_scan is not None
+
+
+def _first_pass(moe: np.ndarray, unsigned: np.ndarray, narrow: np.ndarray,
+                n_experts: int) -> tuple[int, bool]:
+    """Range, narrowing (into ``narrow`` unless it is ``moe``) and the repeated-id scan in
+    one pass over ``moe [rows, m, k]``: ``(largest id as unsigned, whether a block repeats an
+    id)``; the second is meaningful only when the first is below ``n_experts``."""
+    rows, m, k = moe.shape
+    size = moe.dtype.itemsize
+    if (_compiled_scan is not None and moe.dtype.isnative and moe.strides[2] == size
+            and moe.strides[1] == k * size):
+        return _compiled_scan(moe, None if narrow is moe else narrow)
+    # NumPy: cache-sized runs of rows, so that each wire id is read from memory once.
+    step = max(_CHUNK_BLOCKS // m, 1)
+    top, repeats = 0, False
+    for lo in range(0, rows, step):
+        top = max(top, int(unsigned[lo : lo + step].max()))
+        if narrow is not moe:
+            np.copyto(narrow[lo : lo + step], moe[lo : lo + step], casting="unsafe")
+        if not repeats and top < n_experts:
+            repeats = has_repeated_ids(narrow[lo : lo + step])
+    return top, repeats
 
 
 def has_repeated_ids(blocks: np.ndarray) -> bool:

@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 import pybase64
 
-from ..checks import accept
+from ..checks import accept, scan_is_compiled
 from ..geometry import RoutingGeometry
 from ..shards import ShardWriter
 from ..protocols import decode_response, get_protocol
@@ -308,6 +308,7 @@ def _report(setup: _Setup, model: str, prompts: int, tokens_per_sample: int,
         "wall_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in rounds)),
         "rounds": rounds,
         "cpus": os.cpu_count(),
+        "compiled_checks": scan_is_compiled(),
         "client_cpu_us_per_sample": round(per_tok * tokens_per_sample / 1e3, 1),
         "note": "client CPU = time.process_time of the collecting process (all threads, kernel "
                 "time included) over the whole collection, with the transport's default reader "

@@ -16,6 +16,7 @@ from typing import Any
 
 import pybase64
 
+from ..checks import scan_is_compiled
 from ..geometry import RoutingGeometry
 from ..ingest import ingest
 from ..shards import Manifest
@@ -168,6 +169,7 @@ def run(tokens: int = 400_000, model: str = "qwen3-30b-a3b", prompt_len: int = 5
             "ingest_over_discard_floor": round(ours / statistics.median(discard_s), 3),
             "ingest_cpu_s": round(statistics.median(cpu_s), 4),
             "ingest_cpu_over_floor": round(statistics.median(cpu_s) / floor, 3),
+            "compiled_checks": scan_is_compiled(),
             "runs_s": {"floor": floor_s, "floor_discard": discard_s, "ingest": ingest_s,
                        "ingest_cpu": cpu_s},
         }
