@@ -218,7 +218,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     packed_fn packed = (n * narrow) % 8 == 0 ? pick_packed(k, narrow) : NULL;
     shifted_fn shifted = pick_shifted(narrow);
     void *keep = NULL;
-    if (packed == NULL && k > 1 && (keep = shift_masks(n, k, narrow)) == NULL) {
+    if (packed == NULL && k > 1 && n > 0 && (keep = shift_masks(n, k, narrow)) == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -239,7 +239,7 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             t = top_of(row, n);
         }
         top = t > top ? t : top;
-        if (!repeats && k > 1)
+        if (!repeats && k > 1 && n > 0)
             repeats = packed ? packed(ids, n * narrow / 8) : shifted(ids, n, k, keep);
     }
     Py_END_ALLOW_THREADS

@@ -408,13 +408,17 @@ def _first_pass(moe: np.ndarray, unsigned: np.ndarray, narrow: np.ndarray,
 def has_repeated_ids(blocks: np.ndarray) -> bool:
     """Whether any block of ``blocks [..., k]`` (k ids on the last axis) repeats an id.
 
-    Over cache-sized chunks of blocks, transposed to one row per slot: each slot's row is
+    Compiled (``[..., blocks, k]`` C-contiguous ids): one pass per row of blocks. NumPy: over
+    cache-sized chunks of blocks, transposed to one row per slot: each slot's row is
     XORed with the rows of every later slot in one call, and a zero in the result is a
     repeat (k - 1 XORs and k - 1 minima per chunk, no sort).
     """
     k = blocks.shape[-1]
     if k < 2 or blocks.size == 0:
         return False
+    if (_compiled_scan is not None and blocks.ndim >= 3 and blocks.flags.c_contiguous
+            and blocks.dtype.kind in "iu" and blocks.dtype.isnative):
+        return _compiled_scan(blocks.reshape(-1, *blocks.shape[-2:]), None)[1]
     flat = blocks.reshape(-1, k)
     if flat.dtype.kind == "i":  # unsigned: a XOR of negatives is negative and hides a zero
         flat = flat.view(np.dtype(f"u{flat.dtype.itemsize}"))

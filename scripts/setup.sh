@@ -23,4 +23,7 @@ fi
     echo "setup: moto[server], boto3, ray or pyarrow's S3 support is missing from .venv" >&2
     exit 1
 }
+"$VPY" -c "import replay_bridge._blockscan" 2>/dev/null || \
+    echo "setup: the checks' compiled scan was not built (no C compiler or Python headers?);" \
+         "the checks run on NumPy" >&2
 echo "setup: ready ($("$VPY" -c 'import torch, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__}")'))" >&2

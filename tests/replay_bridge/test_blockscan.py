@@ -60,6 +60,13 @@ def test_scan_matches_the_reference(dtype, narrow, rows, blocks, k, extra_layers
         np.testing.assert_array_equal(out, want_out)
 
 
+def test_scan_of_empty_shapes():
+    for shape in [(0, 3, 8), (3, 0, 8), (3, 2, 0), (0, 0, 0)]:
+        ids = np.zeros(shape, np.int32)
+        assert scan(ids, np.zeros(shape, np.uint8)) == (0, False)
+        assert scan(ids, None) == (0, False)
+
+
 def test_scan_refuses_what_it_cannot_read():
     ids = np.zeros((2, 3, 4), np.int32)
     with pytest.raises(ValueError, match="contiguous"):
