@@ -12,14 +12,15 @@
  * Repeats: a block of k ids of w bits that fills a 64-bit word evenly (k * w divides 64) is
  * compared with itself rotated by 1 .. k/2 ids within each block; a zero lane in the XOR is a
  * repeat. Other shapes compare each id with the ids d places on, masked to stay in the block.
- * On x86-64 Linux the functions are also built for AVX2 and picked at load time.
+ * On x86-64 with glibc the functions are also built for AVX2 and picked at load time.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && \
+/* target_clones needs GNU ifuncs: glibc on x86-64, GCC >= 6 or clang >= 14 */
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && \
     (defined(__clang__) ? __clang_major__ >= 14 : __GNUC__ >= 6)
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -29,7 +30,9 @@
 /* ---- narrowing copy with the running maximum ---------------------------------------------- */
 
 #define DEFINE_COPY(SRC, DST)                                                                  \
-    CLONES static uint64_t copy_##SRC##_##DST(const SRC *src, DST *dst, Py_ssize_t n) {        \
+    CLONES static uint64_t copy_##SRC##_##DST(const void *from, void *to, Py_ssize_t n) {      \
+        const SRC *src = from;                                                                 \
+        DST *dst = to;                                                                         \
         SRC top = 0;                                                                           \
         for (Py_ssize_t j = 0; j < n; j++) {                                                   \
             SRC v = src[j];                                                                    \
@@ -49,7 +52,8 @@ DEFINE_COPY(uint32_t, uint16_t)
 DEFINE_COPY(uint64_t, uint16_t)
 
 #define DEFINE_MAX(T)                                                                          \
-    CLONES static uint64_t max_##T(const T *src, Py_ssize_t n) {                               \
+    CLONES static uint64_t max_##T(const void *from, Py_ssize_t n) {                           \
+        const T *src = from;                                                                   \
         T top = 0;                                                                             \
         for (Py_ssize_t j = 0; j < n; j++) top = src[j] > top ? src[j] : top;                  \
         return (uint64_t)top;                                                                  \
@@ -66,7 +70,7 @@ typedef uint64_t (*max_fn)(const void *, Py_ssize_t);
 static copy_fn pick_copy(int src_size, int dst_size) {
 #define CASE(S, SRC)                                                                           \
     case S:                                                                                    \
-        return dst_size == 1 ? (copy_fn)copy_##SRC##_uint8_t : (copy_fn)copy_##SRC##_uint16_t;
+        return dst_size == 1 ? copy_##SRC##_uint8_t : copy_##SRC##_uint16_t;
     switch (src_size) {
         CASE(1, uint8_t)
         CASE(2, uint16_t)
@@ -79,10 +83,10 @@ static copy_fn pick_copy(int src_size, int dst_size) {
 
 static max_fn pick_max(int size) {
     switch (size) {
-        case 1: return (max_fn)max_uint8_t;
-        case 2: return (max_fn)max_uint16_t;
-        case 4: return (max_fn)max_uint32_t;
-        case 8: return (max_fn)max_uint64_t;
+        case 1: return max_uint8_t;
+        case 2: return max_uint16_t;
+        case 4: return max_uint32_t;
+        case 8: return max_uint64_t;
     }
     return NULL;
 }
@@ -139,7 +143,9 @@ static packed_fn pick_packed(Py_ssize_t k, int size) {
 /* Any other shape: each id against the id d places on, for d = 1 .. k-1, where both lie in one
  * block (keep[d-1][j] is all ones there); branch-free, so it vectorises over the row. */
 #define DEFINE_SHIFTED(T)                                                                      \
-    CLONES static int shifted_##T(const T *x, Py_ssize_t n, Py_ssize_t k, const T *keep) {     \
+    CLONES static int shifted_##T(const void *ids, Py_ssize_t n, Py_ssize_t k,                 \
+                                  const void *mask) {                                          \
+        const T *x = ids, *keep = mask;                                                        \
         T acc = 0;                                                                             \
         for (Py_ssize_t d = 1; d < k; d++, keep += n)                                          \
             for (Py_ssize_t j = 0; j + d < n; j++) acc |= (T)(x[j] == x[j + d]) & keep[j];     \
@@ -155,10 +161,10 @@ typedef int (*shifted_fn)(const void *, Py_ssize_t, Py_ssize_t, const void *);
 
 static shifted_fn pick_shifted(int size) {
     switch (size) {
-        case 1: return (shifted_fn)shifted_uint8_t;
-        case 2: return (shifted_fn)shifted_uint16_t;
-        case 4: return (shifted_fn)shifted_uint32_t;
-        default: return (shifted_fn)shifted_uint64_t;
+        case 1: return shifted_uint8_t;
+        case 2: return shifted_uint16_t;
+        case 4: return shifted_uint32_t;
+        default: return shifted_uint64_t;
     }
 }
 
