@@ -270,7 +270,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from trainer_hooks.megatron import cpu_compat
 
@@ -281,13 +280,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cpu_compat.apply_te_gemm_fix()  # megatron-core 0.16.x without Transformer Engine
         device, backend = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), "nccl"
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_world = not dist.is_initialized()
+    if owns_world:
         if "WORLD_SIZE" in os.environ:  # launched by torchrun
             dist.init_process_group(backend)
         else:  # a single process: in-process store, no port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
+    owns_parallel_state = not ps.model_parallel_is_initialized()
+    if owns_parallel_state:
         ps.initialize_model_parallel()
+    try:
+        return _train(args, device)
+    finally:  # what this call set up, torn down on every rank together: a process group left
+        # to the interpreter's exit can abort in its threads' destructors
+        if owns_parallel_state:
+            ps.destroy_model_parallel()
+        if owns_world:
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """The recipe's steps in an initialised world and parallel state."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
     first = dist.get_rank() == 0
     if args.make_demo_shards:
         if first:
