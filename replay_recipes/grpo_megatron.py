@@ -290,13 +290,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if owns_parallel_state:
         ps.initialize_model_parallel()
     try:
-        return _train(args, device)
-    finally:  # what this call set up, torn down on every rank together: a process group left
-        # to the interpreter's exit can abort in its threads' destructors
+        metrics = _train(args, device)
+        if owns_world:  # every rank done before any tears down (not after an error: the
+            dist.barrier()  # others may never arrive, and must fail rather than wait)
+        return metrics
+    finally:  # what this call set up: a process group left to the interpreter's exit can
+        # abort in its threads' destructors
         if owns_parallel_state:
             ps.destroy_model_parallel()
         if owns_world:
-            dist.barrier()
             dist.destroy_process_group()
 
 

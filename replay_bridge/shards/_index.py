@@ -123,6 +123,6 @@ def parse_index(data: bytes, name: str, shards: int, rows: int, version: int) ->
     offset, length = table.column("offset").to_numpy(), table.column("length").to_numpy()
     if (offset[stored] < 0).any() or (length[stored] <= 0).any():
         raise ShardError(f"{name}: a record batch with a negative offset or no length",
-                         file=name, kind="counts")
+                         file=name, kind="index")
     return table.set_column(_CHECKSUM, LOADED_SCHEMA.field(_CHECKSUM),
                             table.column(_CHECKSUM).cast(pa.uint64()))
